@@ -1,0 +1,858 @@
+/*
+ * The configuration file.
+ *
+ * libconfig parses the syntax; everything after that is driven by the one
+ * table below (pgbouncer's cf_parameters, redis' standardConfig): each key
+ * names its type, range, default, whether SIGHUP may change it and where it
+ * lives in struct bw_config.  Loading walks the parsed tree once, checks
+ * every setting against the table and reports every problem it finds, so
+ * an operator fixes a file in one pass rather than one error per restart.
+ */
+
+#include "config/config.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <libconfig.h>
+
+enum opt_type {
+	OPT_INT,
+	OPT_STRING,
+	OPT_ENUM,
+};
+
+#define RELOAD  true
+#define RESTART false
+
+/*
+ * A string check returns NULL when VALUE is acceptable, else the rest of a
+ * message that follows the quoted key ("must not be empty").
+ */
+typedef const char *string_check(const char *value);
+
+struct opt {
+	const char *key;            /* "group.name" */
+	enum opt_type type;
+	long long min;              /* OPT_INT: inclusive bounds */
+	long long max;
+	long long def;              /* OPT_INT, OPT_ENUM: the default */
+	const char *def_str;        /* OPT_STRING: the default; NULL = required */
+	string_check *check;        /* OPT_STRING: extra validation, or NULL */
+	const char *const *names;   /* OPT_ENUM: value i is names[i]; NULL ends */
+	bool reloadable;            /* may change on SIGHUP without a restart */
+	size_t offset;              /* of the field in struct bw_config */
+};
+
+#define INT_OPT(k, lo, hi, d, rl, field) { .key = (k), .type = OPT_INT, \
+	.min = (lo), .max = (hi), .def = (d), .reloadable = (rl), \
+	.offset = offsetof(struct bw_config, field) }
+#define STR_OPT(k, d, chk, rl, field) { .key = (k), .type = OPT_STRING, \
+	.def_str = (d), .check = (chk), .reloadable = (rl), \
+	.offset = offsetof(struct bw_config, field) }
+#define ENUM_OPT(k, nm, d, rl, field) { .key = (k), .type = OPT_ENUM, \
+	.names = (nm), .def = (d), .reloadable = (rl), \
+	.offset = offsetof(struct bw_config, field) }
+
+/* Enum fields are written through an int *; make sure that is what they are. */
+_Static_assert(sizeof(enum lock_mode) == sizeof(int), "enum lock_mode is not int-sized");
+_Static_assert(sizeof(enum log_level) == sizeof(int), "enum log_level is not int-sized");
+
+/* Indexed by the enum values in config.h: keep the order. */
+static const char *const lock_mode_names[] = { "redis", "skip-locked", "auto", NULL };
+static const char *const log_level_names[] = { "debug", "info", "warn", "error", NULL };
+
+static string_check check_nonempty;
+static string_check check_url;
+
+/*
+ * Every key the file may hold, in the order the documentation and the
+ * example file list them; config_restart_needed reports in this order too.
+ */
+static const struct opt opts[] = {
+	STR_OPT("worker.id", "", NULL, RESTART, worker.id),
+	INT_OPT("worker.concurrency", 1, 10000, 64, RELOAD, worker.concurrency),
+	INT_OPT("worker.batch_size", 1, 10000, 100, RELOAD, worker.batch_size),
+	INT_OPT("worker.poll_interval_ms", 10, 3600000, 1000, RELOAD, worker.poll_interval_ms),
+	INT_OPT("worker.shutdown_timeout_ms", 0, 3600000, 30000, RELOAD, worker.shutdown_timeout_ms),
+
+	STR_OPT("database.conninfo", NULL, check_nonempty, RESTART, database.conninfo),
+
+	STR_OPT("redis.host", "127.0.0.1", NULL, RESTART, redis.host),
+	INT_OPT("redis.port", 1, 65535, 6379, RESTART, redis.port),
+	STR_OPT("redis.socket", "", NULL, RESTART, redis.socket),
+	STR_OPT("redis.password_file", "", NULL, RESTART, redis.password_file),
+	INT_OPT("redis.connect_timeout_ms", 1, 60000, 500, RESTART, redis.connect_timeout_ms),
+	INT_OPT("redis.command_timeout_ms", 1, 60000, 2000, RESTART, redis.command_timeout_ms),
+
+	ENUM_OPT("locks.mode", lock_mode_names, LOCK_MODE_REDIS, RESTART, locks.mode),
+	INT_OPT("locks.ttl_ms", 100, 86400000, 30000, RELOAD, locks.ttl_ms),
+	INT_OPT("locks.renew_interval_ms", 10, 86400000, 10000, RELOAD, locks.renew_interval_ms),
+
+	STR_OPT("billing_api.base_url", NULL, check_url, RESTART, billing_api.base_url),
+	STR_OPT("billing_api.token_file", "/etc/billing-worker/api-token", NULL, RESTART,
+	    billing_api.token_file),
+	INT_OPT("billing_api.timeout_ms", 1, 600000, 10000, RELOAD, billing_api.timeout_ms),
+	INT_OPT("billing_api.connect_timeout_ms", 1, 600000, 2000, RELOAD,
+	    billing_api.connect_timeout_ms),
+	INT_OPT("billing_api.max_attempts", 1, 1000, 8, RELOAD, billing_api.max_attempts),
+	INT_OPT("billing_api.backoff_initial_ms", 1, 86400000, 1000, RELOAD,
+	    billing_api.backoff_initial_ms),
+	INT_OPT("billing_api.backoff_max_ms", 1, 86400000, 300000, RELOAD,
+	    billing_api.backoff_max_ms),
+
+	ENUM_OPT("log.level", log_level_names, LOG_LEVEL_INFO, RELOAD, log.level),
+};
+
+#define N_OPTS (sizeof(opts) / sizeof(opts[0]))
+
+enum rule_op {
+	RULE_LT,
+	RULE_LE,
+	RULE_GE,
+};
+
+/*
+ * Rules between two integer keys: "left op right" must hold.  The error
+ * points at LEFT's line when the file sets it, since that is usually the
+ * one to change.
+ */
+static const struct rule {
+	const char *left;
+	enum rule_op op;
+	const char *right;
+} rules[] = {
+	/* a lock renewed no sooner than it expires is lost between renewals */
+	{ "locks.renew_interval_ms", RULE_LT, "locks.ttl_ms" },
+	{ "billing_api.connect_timeout_ms", RULE_LE, "billing_api.timeout_ms" },
+	{ "billing_api.backoff_max_ms", RULE_GE, "billing_api.backoff_initial_ms" },
+};
+
+/* The state of one load: the struct being built and the errors so far. */
+struct loader {
+	const char *name;               /* FILE in messages */
+	FILE *out;                      /* open_memstream over text/len, or NULL */
+	char *text;
+	size_t len;
+	int nerrors;
+	const config_setting_t *seen[N_OPTS];   /* where the file sets each key */
+	bool bad[N_OPTS];               /* set but invalid: skip rules using it */
+	struct bw_config cfg;
+};
+
+static int *
+int_field(struct bw_config *cfg, const struct opt *o)
+{
+	return (int *)(void *)((char *)cfg + o->offset);
+}
+
+static const int *
+int_field_const(const struct bw_config *cfg, const struct opt *o)
+{
+	return (const int *)(const void *)((const char *)cfg + o->offset);
+}
+
+static char **
+str_field(struct bw_config *cfg, const struct opt *o)
+{
+	return (char **)(void *)((char *)cfg + o->offset);
+}
+
+static const char *
+str_value(const struct bw_config *cfg, const struct opt *o)
+{
+	const char *s = *(char *const *)(const void *)((const char *)cfg + o->offset);
+
+	/* A zeroed struct compares equal to an empty string. */
+	return s != NULL ? s : "";
+}
+
+static int
+find_opt(const char *group, const char *name)
+{
+	size_t glen = strlen(group);
+	int found = -1;
+
+	for (size_t i = 0; i < N_OPTS && found < 0; i++) {
+		const char *key = opts[i].key;
+
+		if (strncmp(key, group, glen) == 0 && key[glen] == '.' &&
+		    strcmp(key + glen + 1, name) == 0)
+			found = (int)i;
+	}
+	return found;
+}
+
+static int
+find_key(const char *key)
+{
+	int found = -1;
+
+	for (size_t i = 0; i < N_OPTS && found < 0; i++)
+		if (strcmp(opts[i].key, key) == 0)
+			found = (int)i;
+	return found;
+}
+
+static bool
+is_group(const char *name)
+{
+	size_t len = strlen(name);
+	bool found = false;
+
+	for (size_t i = 0; i < N_OPTS && !found; i++)
+		found = strncmp(opts[i].key, name, len) == 0 && opts[i].key[len] == '.';
+	return found;
+}
+
+static void verror(struct loader *ld, const char *file, unsigned line,
+    const char *fmt, va_list ap) __attribute__((format(printf, 4, 0)));
+static void error_at(struct loader *ld, const char *file, unsigned line,
+    const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+static void error_in(struct loader *ld, const config_setting_t *s,
+    const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+/* Counts the error even when there is no memory left to word it. */
+static void
+verror(struct loader *ld, const char *file, unsigned line, const char *fmt,
+    va_list ap)
+{
+	ld->nerrors++;
+	if (ld->out != NULL) {
+		fprintf(ld->out, "%s:%u: ", file, line);
+		vfprintf(ld->out, fmt, ap);
+		fputc('\n', ld->out);
+	}
+}
+
+static void
+error_at(struct loader *ld, const char *file, unsigned line, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	verror(ld, file, line, fmt, ap);
+	va_end(ap);
+}
+
+/*
+ * An error about setting S, or about the file as a whole when S is NULL.
+ * A setting from an @include'd file carries that file's name; the main
+ * file's settings carry none, since it is handed to libconfig as text.
+ */
+static void
+error_in(struct loader *ld, const config_setting_t *s, const char *fmt, ...)
+{
+	const char *file = ld->name;
+	unsigned line = 0;
+	va_list ap;
+
+	if (s != NULL) {
+		if (config_setting_source_file(s) != NULL)
+			file = config_setting_source_file(s);
+		line = config_setting_source_line(s);
+	}
+	va_start(ap, fmt);
+	verror(ld, file, line, fmt, ap);
+	va_end(ap);
+}
+
+static const char *
+check_nonempty(const char *value)
+{
+	return value[0] != '\0' ? NULL : "must not be empty";
+}
+
+/*
+ * Accepts AUTHORITY[/...] where AUTHORITY is [userinfo@]host[:port] and
+ * host is a name, an IPv4 address or a bracketed IPv6 address.  libcurl
+ * does the real parsing; this catches the typos that would otherwise only
+ * show on the first API call.
+ */
+static bool
+url_authority_ok(const char *rest)
+{
+	size_t alen = strcspn(rest, "/?#");
+	const char *host = rest;
+	const char *at = memchr(rest, '@', alen);
+	const char *end = rest + alen;
+	const char *port = NULL;
+	bool ok = false;
+
+	if (at != NULL)
+		host = at + 1;
+	if (host[0] == '[') {
+		const char *close = memchr(host, ']', (size_t)(end - host));
+
+		if (close != NULL && close > host + 1 &&
+		    (close + 1 == end || close[1] == ':')) {
+			ok = true;
+			port = close + 1 == end ? NULL : close + 2;
+		}
+	} else {
+		const char *colon = memchr(host, ':', (size_t)(end - host));
+		const char *hend = colon != NULL ? colon : end;
+
+		ok = hend > host;
+		port = colon != NULL ? colon + 1 : NULL;
+	}
+	if (ok && port != NULL) {
+		long n = 0;
+
+		ok = port < end && end - port <= 5;
+		for (const char *p = port; ok && p < end; p++) {
+			ok = isdigit((unsigned char)*p);
+			n = n * 10 + (*p - '0');
+		}
+		ok = ok && n >= 1 && n <= 65535;
+	}
+	return ok;
+}
+
+static const char *
+check_url(const char *value)
+{
+	const char *rest = NULL;
+	const char *msg = "must be an http:// or https:// URL with a host";
+	bool clean = true;
+
+	/* Spaces and control characters are never right in a URL. */
+	for (const unsigned char *p = (const unsigned char *)value; *p != '\0'; p++)
+		if (*p <= ' ' || *p == 0x7f)
+			clean = false;
+	if (strncmp(value, "http://", 7) == 0)
+		rest = value + 7;
+	else if (strncmp(value, "https://", 8) == 0)
+		rest = value + 8;
+	if (clean && rest != NULL && url_authority_ok(rest))
+		msg = NULL;
+	return msg;
+}
+
+/*
+ * Returns the end of the number starting at P (digits, maybe signed) and
+ * sets *wide when it is an integer literal without an L suffix whose value
+ * does not fit in an int.
+ */
+static const char *
+scan_number(const char *p, bool *wide)
+{
+	const char *q = p;
+	unsigned long long mag = 0;
+	unsigned long long limit = INT_MAX;
+	bool overflow = false;
+	bool is_int = true;
+	int base = 10;
+
+	if (*q == '-' || *q == '+') {
+		if (*q == '-')
+			limit = (unsigned long long)INT_MAX + 1;
+		q++;
+	}
+	if (q == p && q[0] == '0' && (q[1] == 'x' || q[1] == 'X') &&
+	    isxdigit((unsigned char)q[2])) {
+		/* libconfig reads hex as unsigned bits: 0xFFFFFFFF is -1 */
+		base = 16;
+		q += 2;
+	}
+	for (; base == 16 ? isxdigit((unsigned char)*q) : isdigit((unsigned char)*q); q++) {
+		int d = isdigit((unsigned char)*q) ? *q - '0' :
+		    tolower((unsigned char)*q) - 'a' + 10;
+
+		if (mag > (ULLONG_MAX - (unsigned long long)d) / (unsigned long long)base)
+			overflow = true;
+		else
+			mag = mag * (unsigned long long)base + (unsigned long long)d;
+	}
+	if (base == 10 && (*q == '.' || *q == 'e' || *q == 'E')) {
+		/* a float: its digits and exponent never need widening */
+		is_int = false;
+		while (isdigit((unsigned char)*q) || *q == '.')
+			q++;
+		if (*q == 'e' || *q == 'E') {
+			q++;
+			if (*q == '-' || *q == '+')
+				q++;
+			while (isdigit((unsigned char)*q))
+				q++;
+		}
+	} else if (isalnum((unsigned char)*q) || *q == '_') {
+		/* already 64-bit (L), or not a number libconfig accepts */
+		is_int = false;
+	}
+	*wide = is_int && (overflow || mag > limit);
+	return q;
+}
+
+/*
+ * libconfig 1.5 (Debian 12) reads an integer without an L suffix with
+ * atoi(), so 4294967396 silently becomes 100 and passes range checks.
+ * Appending the L to such literals makes libconfig read them as 64-bit
+ * values, which the range checks then reject with the number the operator
+ * wrote.  Comments and strings are skipped; no newline is added, so line
+ * numbers are unchanged.  Returns a malloc'd copy, or NULL without memory.
+ */
+static char *
+widen_integers(const char *in)
+{
+	size_t len = strlen(in);
+	char *out = NULL;
+	char *o;
+	const char *p = in;
+
+	/* At most one 'L' per input character. */
+	if (len < SIZE_MAX / 2)
+		out = malloc(2 * len + 1);
+	o = out;
+	while (out != NULL && *p != '\0') {
+		const char *start = p;
+		bool wide = false;
+
+		if (p[0] == '#' || (p[0] == '/' && p[1] == '/')) {
+			p += strcspn(p, "\n");
+		} else if (p[0] == '/' && p[1] == '*') {
+			const char *end = strstr(p + 2, "*/");
+
+			p = end != NULL ? end + 2 : p + strlen(p);
+		} else if (p[0] == '"') {
+			for (p++; *p != '\0' && *p != '"'; p++)
+				if (*p == '\\' && p[1] != '\0')
+					p++;
+			if (*p == '"')
+				p++;
+		} else if (isalpha((unsigned char)*p) || *p == '*') {
+			/* a name, as libconfig's scanner reads one: digits inside are not numbers */
+			for (p++; isalnum((unsigned char)*p) || *p == '-' || *p == '_' || *p == '*'; p++)
+				;
+		} else if (isdigit((unsigned char)*p) ||
+		    ((*p == '-' || *p == '+') && isdigit((unsigned char)p[1]))) {
+			p = scan_number(p, &wide);
+		} else {
+			p++;
+		}
+		memcpy(o, start, (size_t)(p - start));
+		o += p - start;
+		if (wide)
+			*o++ = 'L';
+	}
+	if (out != NULL)
+		*o = '\0';
+	return out;
+}
+
+static void
+set_string(struct loader *ld, const struct opt *o, const config_setting_t *s,
+    const char *value)
+{
+	char *copy = strdup(value);
+	char **field = str_field(&ld->cfg, o);
+
+	if (copy == NULL) {
+		error_in(ld, s, "out of memory");
+	} else {
+		free(*field);
+		*field = copy;
+	}
+}
+
+static bool
+apply_int(struct loader *ld, const struct opt *o, const config_setting_t *s)
+{
+	int type = config_setting_type(s);
+	long long v;
+	bool ok = false;
+
+	if (type != CONFIG_TYPE_INT && type != CONFIG_TYPE_INT64) {
+		error_in(ld, s, "\"%s\" must be an integer", o->key);
+	} else {
+		v = config_setting_get_int64(s);
+		if (v < o->min || v > o->max) {
+			error_in(ld, s, "\"%s\" must be between %lld and %lld, not %lld",
+			    o->key, o->min, o->max, v);
+		} else {
+			*int_field(&ld->cfg, o) = (int)v;
+			ok = true;
+		}
+	}
+	return ok;
+}
+
+static bool
+apply_string(struct loader *ld, const struct opt *o, const config_setting_t *s)
+{
+	const char *v;
+	const char *problem = NULL;
+	bool ok = false;
+
+	if (config_setting_type(s) != CONFIG_TYPE_STRING) {
+		error_in(ld, s, "\"%s\" must be a string", o->key);
+	} else {
+		v = config_setting_get_string(s);
+		if (o->check != NULL)
+			problem = o->check(v);
+		if (problem != NULL) {
+			error_in(ld, s, "\"%s\" %s", o->key, problem);
+		} else {
+			set_string(ld, o, s, v);
+			ok = true;
+		}
+	}
+	return ok;
+}
+
+static bool
+apply_enum(struct loader *ld, const struct opt *o, const config_setting_t *s)
+{
+	const char *v;
+	char list[128] = "";
+	size_t used = 0;
+	int found = -1;
+	bool ok = false;
+
+	if (config_setting_type(s) != CONFIG_TYPE_STRING) {
+		error_in(ld, s, "\"%s\" must be a string", o->key);
+	} else {
+		v = config_setting_get_string(s);
+		for (int i = 0; o->names[i] != NULL && found < 0; i++)
+			if (strcmp(o->names[i], v) == 0)
+				found = i;
+		if (found >= 0) {
+			*int_field(&ld->cfg, o) = found;
+			ok = true;
+		} else {
+			for (int i = 0; o->names[i] != NULL && used < sizeof(list); i++)
+				used += (size_t)snprintf(list + used, sizeof(list) - used,
+				    "%s%s", i > 0 ? ", " : "", o->names[i]);
+			error_in(ld, s, "\"%s\" must be one of %s, not \"%s\"",
+			    o->key, list, v);
+		}
+	}
+	return ok;
+}
+
+static void
+walk_group(struct loader *ld, const config_setting_t *group)
+{
+	const char *gname = config_setting_name(group);
+	int n = config_setting_length(group);
+
+	for (int i = 0; i < n; i++) {
+		const config_setting_t *s = config_setting_get_elem(group, (unsigned)i);
+		const char *name = config_setting_name(s);
+		int idx = find_opt(gname, name);
+		const struct opt *o;
+		bool ok = false;
+
+		if (idx < 0) {
+			error_in(ld, s, "unknown setting \"%s.%s\"", gname, name);
+			continue;
+		}
+		o = &opts[idx];
+		ld->seen[idx] = s;
+		switch (o->type) {
+		case OPT_INT:
+			ok = apply_int(ld, o, s);
+			break;
+		case OPT_STRING:
+			ok = apply_string(ld, o, s);
+			break;
+		case OPT_ENUM:
+			ok = apply_enum(ld, o, s);
+			break;
+		}
+		ld->bad[idx] = !ok;
+	}
+}
+
+static void
+walk_root(struct loader *ld, const config_setting_t *root)
+{
+	int n = config_setting_length(root);
+
+	for (int i = 0; i < n; i++) {
+		const config_setting_t *s = config_setting_get_elem(root, (unsigned)i);
+		const char *name = config_setting_name(s);
+
+		if (!is_group(name))
+			error_in(ld, s, "unknown setting \"%s\"", name);
+		else if (!config_setting_is_group(s))
+			error_in(ld, s, "\"%s\" must be a group", name);
+		else
+			walk_group(ld, s);
+	}
+}
+
+static void
+check_required(struct loader *ld)
+{
+	for (size_t i = 0; i < N_OPTS; i++)
+		if (opts[i].type == OPT_STRING && opts[i].def_str == NULL &&
+		    ld->seen[i] == NULL)
+			error_in(ld, NULL, "missing required setting \"%s\"", opts[i].key);
+}
+
+static void
+check_rules(struct loader *ld)
+{
+	static const char *const wording[] = {
+		[RULE_LT] = "less than",
+		[RULE_LE] = "less than or equal to",
+		[RULE_GE] = "greater than or equal to",
+	};
+
+	for (size_t i = 0; i < sizeof(rules) / sizeof(rules[0]); i++) {
+		const struct rule *r = &rules[i];
+		int li = find_key(r->left);
+		int ri = find_key(r->right);
+		int lv, rv;
+		bool holds = false;
+		const config_setting_t *where;
+
+		/* A key already reported as invalid would only add noise here. */
+		if (li < 0 || ri < 0 || ld->bad[li] || ld->bad[ri])
+			continue;
+		lv = *int_field(&ld->cfg, &opts[li]);
+		rv = *int_field(&ld->cfg, &opts[ri]);
+		switch (r->op) {
+		case RULE_LT:
+			holds = lv < rv;
+			break;
+		case RULE_LE:
+			holds = lv <= rv;
+			break;
+		case RULE_GE:
+			holds = lv >= rv;
+			break;
+		}
+		if (!holds) {
+			where = ld->seen[li] != NULL ? ld->seen[li] : ld->seen[ri];
+			error_in(ld, where, "\"%s\" (%d) must be %s \"%s\" (%d)",
+			    r->left, lv, wording[r->op], r->right, rv);
+		}
+	}
+}
+
+static void
+set_defaults(struct loader *ld)
+{
+	for (size_t i = 0; i < N_OPTS; i++) {
+		const struct opt *o = &opts[i];
+
+		if (o->type == OPT_STRING && o->def_str != NULL)
+			set_string(ld, o, NULL, o->def_str);
+		else if (o->type != OPT_STRING)
+			*int_field(&ld->cfg, o) = (int)o->def;
+	}
+}
+
+static void
+loader_init(struct loader *ld, const char *name)
+{
+	memset(ld, 0, sizeof(*ld));
+	ld->name = name;
+	ld->out = open_memstream(&ld->text, &ld->len);
+	ld->cfg.path = strdup(name);
+	if (ld->cfg.path == NULL)
+		error_in(ld, NULL, "out of memory");
+	set_defaults(ld);
+}
+
+/* Parses TEXT, then checks and stores every setting it holds. */
+static void
+load_text(struct loader *ld, const char *text)
+{
+	config_t lc;
+	char *widened = widen_integers(text);
+
+	config_init(&lc);
+	if (widened == NULL) {
+		error_in(ld, NULL, "out of memory");
+	} else if (config_read_string(&lc, widened) != CONFIG_TRUE) {
+		error_at(ld, config_error_file(&lc) != NULL ? config_error_file(&lc) : ld->name,
+		    (unsigned)config_error_line(&lc), "%s", config_error_text(&lc));
+	} else {
+		walk_root(ld, config_root_setting(&lc));
+		check_required(ld);
+		check_rules(ld);
+	}
+	config_destroy(&lc);
+	free(widened);
+}
+
+/*
+ * Reads PATH whole.  Reading it ourselves rather than through libconfig
+ * gives errno for the message, and keeps a directory from reaching
+ * libconfig's scanner, which exits the process on a read error.
+ */
+static char *
+read_file(struct loader *ld, const char *path)
+{
+	FILE *f = fopen(path, "r");
+	char *buf = NULL;
+	size_t len = 0;
+	size_t cap = 0;
+	bool failed = false;
+	bool done = false;
+
+	if (f == NULL) {
+		error_at(ld, path, 0, "could not open file: %s", strerror(errno));
+		failed = true;
+	}
+	while (!failed && !done) {
+		char *bigger = buf;
+		size_t n;
+
+		/* Keep room for the terminating NUL. */
+		if (cap - len < 2) {
+			cap = cap == 0 ? 4096 : cap * 2;
+			bigger = realloc(buf, cap);
+		}
+		if (bigger == NULL) {
+			error_at(ld, path, 0, "out of memory");
+			failed = true;
+		} else {
+			buf = bigger;
+			n = fread(buf + len, 1, cap - len - 1, f);
+			len += n;
+			if (n == 0 && ferror(f)) {
+				error_at(ld, path, 0, "could not read file: %s", strerror(errno));
+				failed = true;
+			}
+			done = n == 0;
+		}
+	}
+	if (!failed) {
+		buf[len] = '\0';
+		/* libconfig would stop at a NUL and silently ignore the rest */
+		if (strlen(buf) != len) {
+			unsigned line = 1;
+
+			for (const char *p = buf; *p != '\0'; p++)
+				line += *p == '\n';
+			error_at(ld, path, line, "file contains a null byte");
+			failed = true;
+		}
+	}
+	if (failed) {
+		free(buf);
+		buf = NULL;
+	}
+	if (f != NULL)
+		fclose(f);
+	return buf;
+}
+
+/*
+ * Hands the result to the caller: the struct on success, the error text
+ * otherwise.  Returns the number of errors.
+ */
+static int
+loader_finish(struct loader *ld, struct bw_config *cfg, char **errors)
+{
+	int n = ld->nerrors;
+	char *text = NULL;
+
+	if (ld->out != NULL && fclose(ld->out) == 0)
+		text = ld->text;
+	else
+		free(ld->text);
+	ld->text = NULL;
+	*errors = NULL;
+	if (n == 0) {
+		free(text);
+		*cfg = ld->cfg;
+	} else {
+		config_free(&ld->cfg);
+		memset(cfg, 0, sizeof(*cfg));
+		*errors = text != NULL ? text : strdup("out of memory\n");
+	}
+	return n;
+}
+
+int
+config_load(const char *path, struct bw_config *cfg, char **errors)
+{
+	struct loader ld;
+	char *text;
+
+	loader_init(&ld, path);
+	text = read_file(&ld, path);
+	if (text != NULL)
+		load_text(&ld, text);
+	free(text);
+	return loader_finish(&ld, cfg, errors);
+}
+
+int
+config_load_string(const char *text, const char *name, struct bw_config *cfg,
+    char **errors)
+{
+	struct loader ld;
+
+	loader_init(&ld, name);
+	load_text(&ld, text);
+	return loader_finish(&ld, cfg, errors);
+}
+
+void
+config_free(struct bw_config *cfg)
+{
+	if (cfg != NULL) {
+		for (size_t i = 0; i < N_OPTS; i++)
+			if (opts[i].type == OPT_STRING)
+				free(*str_field(cfg, &opts[i]));
+		free(cfg->path);
+		memset(cfg, 0, sizeof(*cfg));
+	}
+}
+
+int
+config_restart_needed(const struct bw_config *running,
+    const struct bw_config *loaded, char **names)
+{
+	char *buf = NULL;
+	size_t len = 0;
+	FILE *out = open_memstream(&buf, &len);
+	int n = 0;
+
+	*names = NULL;
+	for (size_t i = 0; i < N_OPTS; i++) {
+		const struct opt *o = &opts[i];
+		bool same;
+
+		if (o->reloadable)
+			continue;
+		if (o->type == OPT_STRING)
+			same = strcmp(str_value(running, o), str_value(loaded, o)) == 0;
+		else
+			same = *int_field_const(running, o) == *int_field_const(loaded, o);
+		if (!same) {
+			if (out != NULL)
+				fprintf(out, "%s%s", n > 0 ? ", " : "", o->key);
+			n++;
+		}
+	}
+	if (out != NULL && fclose(out) == 0 && n > 0) {
+		*names = buf;
+		buf = NULL;
+	}
+	free(buf);
+	return n;
+}
+
+const char *
+config_lock_mode_name(enum lock_mode mode)
+{
+	const char *name = "unknown";
+
+	if ((unsigned)mode < sizeof(lock_mode_names) / sizeof(lock_mode_names[0]) - 1)
+		name = lock_mode_names[mode];
+	return name;
+}

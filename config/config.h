@@ -1,0 +1,95 @@
+#ifndef BW_CONFIG_H
+#define BW_CONFIG_H
+
+#include <stdbool.h>
+
+/*
+ * The parsed configuration file.  A value type the caller embeds: fill it
+ * with config_load(), release it with config_free().  Strings are owned by
+ * the struct and never NULL after a successful load (empty means unset).
+ */
+
+enum lock_mode {
+	LOCK_MODE_REDIS,
+	LOCK_MODE_SKIP_LOCKED,
+	LOCK_MODE_AUTO,
+};
+
+enum log_level {
+	LOG_LEVEL_DEBUG,
+	LOG_LEVEL_INFO,
+	LOG_LEVEL_WARN,
+	LOG_LEVEL_ERROR,
+};
+
+struct bw_config {
+	char *path;                 /* the file this came from */
+	struct {
+		char *id;               /* "" means hostname:pid, resolved by the caller */
+		int concurrency;
+		int batch_size;
+		int poll_interval_ms;
+		int shutdown_timeout_ms;
+	} worker;
+	struct {
+		char *conninfo;         /* required; may hold a password: never log it */
+	} database;
+	struct {
+		char *host;
+		int port;
+		char *socket;           /* "" means TCP host:port */
+		char *password_file;    /* "" means no AUTH */
+		int connect_timeout_ms;
+		int command_timeout_ms;
+	} redis;
+	struct {
+		enum lock_mode mode;
+		int ttl_ms;
+		int renew_interval_ms;
+	} locks;
+	struct {
+		char *base_url;         /* required */
+		char *token_file;
+		int timeout_ms;
+		int connect_timeout_ms;
+		int max_attempts;
+		int backoff_initial_ms;
+		int backoff_max_ms;
+	} billing_api;
+	struct {
+		enum log_level level;
+	} log;
+};
+
+/*
+ * Loads FILE, applies defaults for every key it does not set and validates
+ * the result.  Returns 0 when the file is valid.  Otherwise returns the
+ * number of errors found and sets *errors to a malloc'd string holding one
+ * line per error, "FILE:LINE: message" (LINE is 0 when no line applies,
+ * e.g. a missing required key or an unreadable file); the caller frees it.
+ * On error *cfg is left empty (safe to config_free) and *errors is set; on
+ * success *errors is NULL.  Every error is reported, not just the first.
+ */
+int config_load(const char *path, struct bw_config *cfg, char **errors)
+	__attribute__((warn_unused_result));
+
+/* The same for text held in memory; NAME stands for the file in messages. */
+int config_load_string(const char *text, const char *name,
+    struct bw_config *cfg, char **errors)
+	__attribute__((warn_unused_result));
+
+/* Releases what config_load allocated; accepts a zeroed or freed struct. */
+void config_free(struct bw_config *cfg);
+
+/*
+ * Compares a running configuration with a freshly loaded one.  Returns the
+ * number of settings that differ but cannot change without a restart and
+ * sets *names to a malloc'd comma-separated list of their keys
+ * ("database.conninfo, redis.host"), or NULL when there are none.
+ */
+int config_restart_needed(const struct bw_config *running,
+    const struct bw_config *loaded, char **names);
+
+const char *config_lock_mode_name(enum lock_mode mode);
+
+#endif

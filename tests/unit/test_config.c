@@ -1,0 +1,680 @@
+/*
+ * Unit tests for config/config.c.
+ *
+ * Most cases are data: a config text, how many errors it must produce and
+ * pieces of the error text, each with its exact "NAME:LINE:" prefix.  Each
+ * row runs as its own cmocka test so a failure names the row.
+ */
+
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "config/config.h"
+
+#define NAME "t.conf"
+
+/* The two required keys, one line each, so case lines start at 3. */
+#define DB  "database = { conninfo = \"postgresql:///billing\"; };\n"
+#define API "billing_api = { base_url = \"https://billing.example.com\"; };\n"
+#define API_OPEN "billing_api = {\n\tbase_url = \"https://billing.example.com\";\n"
+
+#define EXAMPLE_PATH "config/billing-worker.conf.example"
+
+struct load_case {
+	const char *name;
+	const char *text;
+	int nerrors;
+	const char *expect[6];  /* substrings of the error text; NULL ends */
+};
+
+static struct load_case cases[] = {
+	{ "minimal file is valid", DB API, 0, { NULL } },
+	{ "syntax error has its line",
+	  DB API "worker = {\n\tconcurrency = ;\n};\n", 1,
+	  { NAME ":4: syntax error\n" } },
+	{ "duplicate key is a syntax error",
+	  DB API "worker = {\n\tconcurrency = 1;\n\tconcurrency = 2;\n};\n", 1,
+	  { NAME ":5: duplicate setting name\n" } },
+	{ "unknown key in a group",
+	  DB API "worker = {\n\tconcurency = 3;\n};\n", 1,
+	  { NAME ":4: unknown setting \"worker.concurency\"\n" } },
+	{ "unknown group",
+	  DB API "wroker = { concurrency = 3; };\n", 1,
+	  { NAME ":3: unknown setting \"wroker\"\n" } },
+	{ "unknown top-level scalar",
+	  DB API "concurrency = 3;\n", 1,
+	  { NAME ":3: unknown setting \"concurrency\"\n" } },
+	{ "unknown nested group",
+	  DB API "worker = {\n\ttuning = { level = 1; };\n};\n", 1,
+	  { NAME ":4: unknown setting \"worker.tuning\"\n" } },
+	{ "digits in a name are not widened",
+	  DB API "worker = { x99999999999 = 1; };\n", 1,
+	  { NAME ":3: unknown setting \"worker.x99999999999\"\n" } },
+	{ "group given as a scalar",
+	  DB API "worker = 3;\n", 1,
+	  { NAME ":3: \"worker\" must be a group\n" } },
+	{ "group given as a list",
+	  DB API "log = ( \"info\" );\n", 1,
+	  { NAME ":3: \"log\" must be a group\n" } },
+	{ "integer given as a string",
+	  DB API "worker = { concurrency = \"64\"; };\n", 1,
+	  { NAME ":3: \"worker.concurrency\" must be an integer\n" } },
+	{ "integer given as a float",
+	  DB API "worker = { concurrency = 64.0; };\n", 1,
+	  { NAME ":3: \"worker.concurrency\" must be an integer\n" } },
+	{ "integer given as a bool",
+	  DB API "worker = { batch_size = true; };\n", 1,
+	  { NAME ":3: \"worker.batch_size\" must be an integer\n" } },
+	{ "integer given as a group",
+	  DB API "redis = { port = { }; };\n", 1,
+	  { NAME ":3: \"redis.port\" must be an integer\n" } },
+	{ "string given as an integer",
+	  DB API "redis = { host = 127; };\n", 1,
+	  { NAME ":3: \"redis.host\" must be a string\n" } },
+	{ "enum given as an integer",
+	  DB API "locks = { mode = 1; };\n", 1,
+	  { NAME ":3: \"locks.mode\" must be a string\n" } },
+	{ "below range",
+	  DB API "worker = { concurrency = 0; };\n", 1,
+	  { NAME ":3: \"worker.concurrency\" must be between 1 and 10000, not 0\n" } },
+	{ "above range",
+	  DB API "redis = {\n\tport = 65536;\n};\n", 1,
+	  { NAME ":4: \"redis.port\" must be between 1 and 65535, not 65536\n" } },
+	{ "negative",
+	  DB API "worker = { poll_interval_ms = -5; };\n", 1,
+	  { NAME ":3: \"worker.poll_interval_ms\" must be between 10 and 3600000, not -5\n" } },
+	{ "int64 literal is accepted", DB API "locks = { ttl_ms = 60000L; };\n", 0, { NULL } },
+	{ "int64 literal out of range",
+	  DB API "locks = { ttl_ms = 99999999999L; };\n", 1,
+	  { NAME ":3: \"locks.ttl_ms\" must be between 100 and 86400000, not 99999999999\n" } },
+	{ "wide literal without L is not truncated",
+	  DB API "locks = { ttl_ms = 4294967396; };\n", 1,
+	  { NAME ":3: \"locks.ttl_ms\" must be between 100 and 86400000, not 4294967396\n" } },
+	{ "wide negative literal is not truncated",
+	  DB API "worker = { shutdown_timeout_ms = -4294967296; };\n", 1,
+	  { "not -4294967296\n" } },
+	{ "wide hex literal is not truncated",
+	  DB API "redis = { port = 0x100000000; };\n", 1,
+	  { NAME ":3: \"redis.port\" must be between 1 and 65535, not 4294967296\n" } },
+	{ "INT_MAX + 1 is not truncated",
+	  DB API "worker = { shutdown_timeout_ms = 2147483648; };\n", 1,
+	  { "between 0 and 3600000, not 2147483648\n" } },
+	{ "INT_MIN needs no widening",
+	  DB API "worker = { shutdown_timeout_ms = -2147483648; };\n", 1,
+	  { "between 0 and 3600000, not -2147483648\n" } },
+	{ "hex literal in range", DB API "redis = { port = 0x18EB; };\n", 0, { NULL } },
+	{ "numbers in comments are left alone",
+	  "# 99999999999\n/* 4294967396 */ " DB "// 1e99999 4294967396\n" API, 0, { NULL } },
+	{ "bad lock mode",
+	  DB API "locks = { mode = \"fast\"; };\n", 1,
+	  { NAME ":3: \"locks.mode\" must be one of redis, skip-locked, auto, not \"fast\"\n" } },
+	{ "enum is case-sensitive",
+	  DB API "locks = { mode = \"Redis\"; };\n", 1,
+	  { "not \"Redis\"\n" } },
+	{ "bad log level",
+	  DB API "log = { level = \"verbose\"; };\n", 1,
+	  { NAME ":3: \"log.level\" must be one of debug, info, warn, error, not \"verbose\"\n" } },
+	{ "renew equal to ttl points at renew",
+	  DB API "locks = {\n\tttl_ms = 30000;\n\trenew_interval_ms = 30000;\n};\n", 1,
+	  { NAME ":5: \"locks.renew_interval_ms\" (30000) must be less than \"locks.ttl_ms\" (30000)\n" } },
+	{ "renew default against a short ttl points at ttl",
+	  DB API "locks = { ttl_ms = 5000; };\n", 1,
+	  { NAME ":3: \"locks.renew_interval_ms\" (10000) must be less than \"locks.ttl_ms\" (5000)\n" } },
+	{ "cross-key rule skipped when a key is already wrong",
+	  DB API "locks = {\n\tttl_ms = 50;\n\trenew_interval_ms = 40000;\n};\n", 1,
+	  { NAME ":4: \"locks.ttl_ms\" must be between 100 and 86400000, not 50\n" } },
+	{ "connect timeout above timeout",
+	  DB API_OPEN "\ttimeout_ms = 1000;\n\tconnect_timeout_ms = 2000;\n};\n", 1,
+	  { NAME ":5: \"billing_api.connect_timeout_ms\" (2000) must be less than or equal to "
+	    "\"billing_api.timeout_ms\" (1000)\n" } },
+	{ "connect timeout equal to timeout",
+	  DB API_OPEN "\ttimeout_ms = 2000;\n\tconnect_timeout_ms = 2000;\n};\n", 0, { NULL } },
+	{ "backoff max below initial",
+	  DB API_OPEN "\tbackoff_max_ms = 500;\n};\n", 1,
+	  { NAME ":4: \"billing_api.backoff_max_ms\" (500) must be greater than or equal to "
+	    "\"billing_api.backoff_initial_ms\" (1000)\n" } },
+	{ "missing conninfo", API, 1,
+	  { NAME ":0: missing required setting \"database.conninfo\"\n" } },
+	{ "missing base_url", DB, 1,
+	  { NAME ":0: missing required setting \"billing_api.base_url\"\n" } },
+	{ "empty file", "", 2,
+	  { NAME ":0: missing required setting \"database.conninfo\"\n",
+	    NAME ":0: missing required setting \"billing_api.base_url\"\n" } },
+	{ "empty conninfo",
+	  "database = {\n\tconninfo = \"\";\n};\n" API, 1,
+	  { NAME ":2: \"database.conninfo\" must not be empty\n" } },
+	{ "base_url given as an integer",
+	  DB "billing_api = { base_url = 8080; };\n", 1,
+	  { NAME ":2: \"billing_api.base_url\" must be a string\n" } },
+	{ "base_url with another scheme",
+	  DB "billing_api = { base_url = \"ftp://billing.example.com\"; };\n", 1,
+	  { NAME ":2: \"billing_api.base_url\" must be an http:// or https:// URL with a host\n" } },
+	{ "base_url without a scheme",
+	  DB "billing_api = { base_url = \"billing.example.com\"; };\n", 1,
+	  { NAME ":2: \"billing_api.base_url\" must be an http" } },
+	{ "base_url scheme is lowercase",
+	  DB "billing_api = { base_url = \"HTTPS://billing.example.com\"; };\n", 1,
+	  { NAME ":2: \"billing_api.base_url\" must be an http" } },
+	{ "base_url without a host",
+	  DB "billing_api = { base_url = \"https://\"; };\n", 1,
+	  { NAME ":2: \"billing_api.base_url\" must be an http" } },
+	{ "base_url with an empty host and a path",
+	  DB "billing_api = { base_url = \"http:///v1\"; };\n", 1,
+	  { NAME ":2: \"billing_api.base_url\" must be an http" } },
+	{ "base_url with only a port",
+	  DB "billing_api = { base_url = \"http://:8080\"; };\n", 1,
+	  { NAME ":2: \"billing_api.base_url\" must be an http" } },
+	{ "base_url with a bad port",
+	  DB "billing_api = { base_url = \"https://billing.example.com:99999\"; };\n", 1,
+	  { NAME ":2: \"billing_api.base_url\" must be an http" } },
+	{ "base_url with an empty port",
+	  DB "billing_api = { base_url = \"https://billing.example.com:\"; };\n", 1,
+	  { NAME ":2: \"billing_api.base_url\" must be an http" } },
+	{ "base_url with a space",
+	  DB "billing_api = { base_url = \"https://billing example.com\"; };\n", 1,
+	  { NAME ":2: \"billing_api.base_url\" must be an http" } },
+	{ "base_url with an unclosed IPv6 host",
+	  DB "billing_api = { base_url = \"http://[::1\"; };\n", 1,
+	  { NAME ":2: \"billing_api.base_url\" must be an http" } },
+	{ "base_url on loopback with a port",
+	  DB "billing_api = { base_url = \"http://127.0.0.1:8080\"; };\n", 0, { NULL } },
+	{ "base_url on IPv6 with a path",
+	  DB "billing_api = { base_url = \"https://[::1]:8443/billing/\"; };\n", 0, { NULL } },
+	{ "several errors are all reported",
+	  "worker = {\n"
+	  "\tconcurrency = 0;\n"                 /* 2: range */
+	  "\tbatch_size = \"many\";\n"           /* 3: type */
+	  "\tthreads = 4;\n"                     /* 4: unknown */
+	  "};\n"
+	  "locks = { mode = \"fast\"; };\n"      /* 6: enum */
+	  "cache = { size = 1; };\n"             /* 7: unknown group */
+	  API, 6,                                /* and conninfo missing */
+	  { NAME ":2: \"worker.concurrency\" must be between 1 and 10000, not 0\n"
+	    NAME ":3: \"worker.batch_size\" must be an integer\n"
+	    NAME ":4: unknown setting \"worker.threads\"\n"
+	    NAME ":6: \"locks.mode\" must be one of redis, skip-locked, auto, not \"fast\"\n"
+	    NAME ":7: unknown setting \"cache\"\n"
+	    NAME ":0: missing required setting \"database.conninfo\"\n" } },
+};
+
+#define N_CASES (sizeof(cases) / sizeof(cases[0]))
+
+static int
+count_lines(const char *s)
+{
+	int n = 0;
+
+	for (; *s != '\0'; s++)
+		n += *s == '\n';
+	return n;
+}
+
+static void
+test_case(void **state)
+{
+	const struct load_case *c = *state;
+	struct bw_config cfg;
+	char *errors = (char *)"unset";
+	int n;
+
+	n = config_load_string(c->text, NAME, &cfg, &errors);
+	if (n != c->nerrors)
+		print_message("errors:\n%s", errors != NULL ? errors : "(none)\n");
+	assert_int_equal(n, c->nerrors);
+	if (c->nerrors == 0) {
+		assert_null(errors);
+		assert_string_equal(cfg.path, NAME);
+	} else {
+		assert_non_null(errors);
+		assert_int_equal(count_lines(errors), c->nerrors);
+		for (size_t i = 0; c->expect[i] != NULL; i++) {
+			if (strstr(errors, c->expect[i]) == NULL)
+				print_message("missing: %s\nerrors:\n%s", c->expect[i], errors);
+			assert_non_null(strstr(errors, c->expect[i]));
+		}
+		/* A failed load leaves nothing to free. */
+		assert_null(cfg.path);
+		assert_null(cfg.database.conninfo);
+	}
+	config_free(&cfg);
+	free(errors);
+}
+
+static void
+load_ok(const char *text, struct bw_config *cfg)
+{
+	char *errors = NULL;
+	int n = config_load_string(text, NAME, cfg, &errors);
+
+	if (n != 0)
+		print_message("errors:\n%s", errors);
+	assert_int_equal(n, 0);
+	assert_null(errors);
+}
+
+static void
+assert_defaults(const struct bw_config *cfg)
+{
+	assert_string_equal(cfg->worker.id, "");
+	assert_int_equal(cfg->worker.concurrency, 64);
+	assert_int_equal(cfg->worker.batch_size, 100);
+	assert_int_equal(cfg->worker.poll_interval_ms, 1000);
+	assert_int_equal(cfg->worker.shutdown_timeout_ms, 30000);
+	assert_string_equal(cfg->database.conninfo, "postgresql:///billing");
+	assert_string_equal(cfg->redis.host, "127.0.0.1");
+	assert_int_equal(cfg->redis.port, 6379);
+	assert_string_equal(cfg->redis.socket, "");
+	assert_string_equal(cfg->redis.password_file, "");
+	assert_int_equal(cfg->redis.connect_timeout_ms, 500);
+	assert_int_equal(cfg->redis.command_timeout_ms, 2000);
+	assert_int_equal(cfg->locks.mode, LOCK_MODE_REDIS);
+	assert_int_equal(cfg->locks.ttl_ms, 30000);
+	assert_int_equal(cfg->locks.renew_interval_ms, 10000);
+	assert_string_equal(cfg->billing_api.base_url, "https://billing.example.com");
+	assert_string_equal(cfg->billing_api.token_file, "/etc/billing-worker/api-token");
+	assert_int_equal(cfg->billing_api.timeout_ms, 10000);
+	assert_int_equal(cfg->billing_api.connect_timeout_ms, 2000);
+	assert_int_equal(cfg->billing_api.max_attempts, 8);
+	assert_int_equal(cfg->billing_api.backoff_initial_ms, 1000);
+	assert_int_equal(cfg->billing_api.backoff_max_ms, 300000);
+	assert_int_equal(cfg->log.level, LOG_LEVEL_INFO);
+}
+
+static void
+test_defaults(void **state)
+{
+	struct bw_config cfg;
+
+	(void)state;
+	load_ok(DB API, &cfg);
+	assert_string_equal(cfg.path, NAME);
+	assert_defaults(&cfg);
+	config_free(&cfg);
+}
+
+static const char all_keys[] =
+	"worker = {\n"
+	"\tid = \"w-1\";\n"
+	"\tconcurrency = 10000;\n"
+	"\tbatch_size = 1;\n"
+	"\tpoll_interval_ms = 10;\n"
+	"\tshutdown_timeout_ms = 0;\n"
+	"};\n"
+	"database = { conninfo = \"host=db dbname=billing user=worker\"; };\n"
+	"redis = {\n"
+	"\thost = \"redis.internal\";\n"
+	"\tport = 6380;\n"
+	"\tsocket = \"/run/redis/redis.sock\";\n"
+	"\tpassword_file = \"/etc/billing-worker/redis-password\";\n"
+	"\tconnect_timeout_ms = 1;\n"
+	"\tcommand_timeout_ms = 60000L;\n"
+	"};\n"
+	"locks = {\n"
+	"\tmode = \"auto\";\n"
+	"\tttl_ms = 86400000;\n"
+	"\trenew_interval_ms = 10;\n"
+	"};\n"
+	"billing_api = {\n"
+	"\tbase_url = \"http://127.0.0.1:8080\";\n"
+	"\ttoken_file = \"/run/token\";\n"
+	"\ttimeout_ms = 600000;\n"
+	"\tconnect_timeout_ms = 1;\n"
+	"\tmax_attempts = 1000;\n"
+	"\tbackoff_initial_ms = 86400000;\n"
+	"\tbackoff_max_ms = 86400000;\n"
+	"};\n"
+	"log = { level = \"debug\"; };\n";
+
+static void
+test_all_keys(void **state)
+{
+	struct bw_config cfg;
+
+	(void)state;
+	load_ok(all_keys, &cfg);
+	assert_string_equal(cfg.worker.id, "w-1");
+	assert_int_equal(cfg.worker.concurrency, 10000);
+	assert_int_equal(cfg.worker.batch_size, 1);
+	assert_int_equal(cfg.worker.poll_interval_ms, 10);
+	assert_int_equal(cfg.worker.shutdown_timeout_ms, 0);
+	assert_string_equal(cfg.database.conninfo, "host=db dbname=billing user=worker");
+	assert_string_equal(cfg.redis.host, "redis.internal");
+	assert_int_equal(cfg.redis.port, 6380);
+	assert_string_equal(cfg.redis.socket, "/run/redis/redis.sock");
+	assert_string_equal(cfg.redis.password_file, "/etc/billing-worker/redis-password");
+	assert_int_equal(cfg.redis.connect_timeout_ms, 1);
+	assert_int_equal(cfg.redis.command_timeout_ms, 60000);
+	assert_int_equal(cfg.locks.mode, LOCK_MODE_AUTO);
+	assert_int_equal(cfg.locks.ttl_ms, 86400000);
+	assert_int_equal(cfg.locks.renew_interval_ms, 10);
+	assert_string_equal(cfg.billing_api.base_url, "http://127.0.0.1:8080");
+	assert_string_equal(cfg.billing_api.token_file, "/run/token");
+	assert_int_equal(cfg.billing_api.timeout_ms, 600000);
+	assert_int_equal(cfg.billing_api.connect_timeout_ms, 1);
+	assert_int_equal(cfg.billing_api.max_attempts, 1000);
+	assert_int_equal(cfg.billing_api.backoff_initial_ms, 86400000);
+	assert_int_equal(cfg.billing_api.backoff_max_ms, 86400000);
+	assert_int_equal(cfg.log.level, LOG_LEVEL_DEBUG);
+	config_free(&cfg);
+}
+
+static void
+test_enum_values(void **state)
+{
+	static const struct {
+		const char *text;
+		enum lock_mode mode;
+		enum log_level level;
+	} rows[] = {
+		{ DB API "locks = { mode = \"redis\"; };\nlog = { level = \"info\"; };\n",
+		  LOCK_MODE_REDIS, LOG_LEVEL_INFO },
+		{ DB API "locks = { mode = \"skip-locked\"; };\nlog = { level = \"warn\"; };\n",
+		  LOCK_MODE_SKIP_LOCKED, LOG_LEVEL_WARN },
+		{ DB API "locks = { mode = \"auto\"; };\nlog = { level = \"error\"; };\n",
+		  LOCK_MODE_AUTO, LOG_LEVEL_ERROR },
+	};
+
+	(void)state;
+	for (size_t i = 0; i < sizeof(rows) / sizeof(rows[0]); i++) {
+		struct bw_config cfg;
+
+		load_ok(rows[i].text, &cfg);
+		assert_int_equal(cfg.locks.mode, rows[i].mode);
+		assert_int_equal(cfg.log.level, rows[i].level);
+		config_free(&cfg);
+	}
+}
+
+/* Widening integer literals must not reach into strings. */
+static void
+test_digits_in_strings_untouched(void **state)
+{
+	struct bw_config cfg;
+
+	(void)state;
+	load_ok(DB API "worker = { id = \"4294967396 \\\" 99999999999\"; };\n", &cfg);
+	assert_string_equal(cfg.worker.id, "4294967396 \" 99999999999");
+	config_free(&cfg);
+}
+
+static void
+test_restart_needed(void **state)
+{
+	struct bw_config running, loaded;
+	char *names = (char *)"unset";
+
+	(void)state;
+	load_ok(DB API, &running);
+
+	load_ok("database = { conninfo = \"postgresql:///billing2\"; };\n" API
+	    "redis = { host = \"10.0.0.2\"; };\n", &loaded);
+	assert_int_equal(config_restart_needed(&running, &loaded, &names), 2);
+	assert_non_null(names);
+	assert_string_equal(names, "database.conninfo, redis.host");
+	free(names);
+	config_free(&loaded);
+
+	names = (char *)"unset";
+	load_ok(DB API "worker = { concurrency = 8; };\n", &loaded);
+	assert_int_equal(config_restart_needed(&running, &loaded, &names), 0);
+	assert_null(names);
+	config_free(&loaded);
+
+	/* Every reloadable key changed at once still needs no restart. */
+	names = (char *)"unset";
+	load_ok(DB API_OPEN
+	    "\ttimeout_ms = 20000;\n\tconnect_timeout_ms = 3000;\n\tmax_attempts = 3;\n"
+	    "\tbackoff_initial_ms = 50;\n\tbackoff_max_ms = 5000;\n};\n"
+	    "worker = {\n\tconcurrency = 8;\n\tbatch_size = 5;\n\tpoll_interval_ms = 50;\n"
+	    "\tshutdown_timeout_ms = 1;\n};\n"
+	    "locks = {\n\tttl_ms = 5000;\n\trenew_interval_ms = 1000;\n};\n"
+	    "log = { level = \"debug\"; };\n", &loaded);
+	assert_int_equal(config_restart_needed(&running, &loaded, &names), 0);
+	assert_null(names);
+	config_free(&loaded);
+
+	/* And every other key does. */
+	names = NULL;
+	load_ok(all_keys, &loaded);
+	assert_int_equal(config_restart_needed(&running, &loaded, &names), 11);
+	assert_string_equal(names, "worker.id, database.conninfo, redis.host, redis.port, "
+	    "redis.socket, redis.password_file, redis.connect_timeout_ms, "
+	    "redis.command_timeout_ms, locks.mode, billing_api.base_url, "
+	    "billing_api.token_file");
+	free(names);
+	config_free(&loaded);
+
+	config_free(&running);
+}
+
+static void
+test_load_missing_file(void **state)
+{
+	struct bw_config cfg;
+	char *errors = NULL;
+
+	(void)state;
+	assert_int_equal(config_load("/nonexistent/billing-worker.conf", &cfg, &errors), 1);
+	assert_string_equal(errors,
+	    "/nonexistent/billing-worker.conf:0: could not open file: No such file or directory\n");
+	assert_null(cfg.path);
+	free(errors);
+	config_free(&cfg);
+}
+
+/* libconfig's scanner would exit the process reading a directory. */
+static void
+test_load_directory(void **state)
+{
+	struct bw_config cfg;
+	char *errors = NULL;
+
+	(void)state;
+	assert_int_equal(config_load("config", &cfg, &errors), 1);
+	assert_string_equal(errors, "config:0: could not read file: Is a directory\n");
+	free(errors);
+	config_free(&cfg);
+}
+
+static char *
+write_temp(const char *text, size_t len)
+{
+	char tmpl[] = "/tmp/test_config.XXXXXX";
+	int fd = mkstemp(tmpl);
+	char *path;
+
+	assert_true(fd >= 0);
+	assert_int_equal(write(fd, text, len), (ssize_t)len);
+	assert_int_equal(close(fd), 0);
+	path = strdup(tmpl);
+	assert_non_null(path);
+	return path;
+}
+
+static void
+test_load_file(void **state)
+{
+	static const char text[] = DB API "worker = {\n\tconcurrency = 0;\n};\n";
+	char *path = write_temp(text, sizeof(text) - 1);
+	char expect[256];
+	struct bw_config cfg;
+	char *errors = NULL;
+
+	(void)state;
+	assert_int_equal(config_load(path, &cfg, &errors), 1);
+	snprintf(expect, sizeof(expect),
+	    "%s:4: \"worker.concurrency\" must be between 1 and 10000, not 0\n", path);
+	assert_string_equal(errors, expect);
+	free(errors);
+	config_free(&cfg);
+	unlink(path);
+	free(path);
+}
+
+static void
+test_load_file_syntax_error(void **state)
+{
+	static const char text[] = DB API "worker = {\n\tconcurrency = 3\n\tbatch_size = ;\n};\n";
+	char *path = write_temp(text, sizeof(text) - 1);
+	char expect[256];
+	struct bw_config cfg;
+	char *errors = NULL;
+
+	(void)state;
+	assert_int_equal(config_load(path, &cfg, &errors), 1);
+	snprintf(expect, sizeof(expect), "%s:5: syntax error\n", path);
+	assert_string_equal(errors, expect);
+	free(errors);
+	config_free(&cfg);
+	unlink(path);
+	free(path);
+}
+
+/* A NUL would make libconfig ignore the rest of the file. */
+static void
+test_load_null_byte(void **state)
+{
+	static const char text[] = DB API "\0worker = { concurrency = 0; };\n";
+	char *path = write_temp(text, sizeof(text) - 1);
+	char expect[256];
+	struct bw_config cfg;
+	char *errors = NULL;
+
+	(void)state;
+	assert_int_equal(config_load(path, &cfg, &errors), 1);
+	snprintf(expect, sizeof(expect), "%s:3: file contains a null byte\n", path);
+	assert_string_equal(errors, expect);
+	free(errors);
+	config_free(&cfg);
+	unlink(path);
+	free(path);
+}
+
+/* Larger than one read buffer, with the settings at the end. */
+static void
+test_load_large_file(void **state)
+{
+	static const char tail[] = DB API "worker = { concurrency = 7; };\n";
+	size_t pad = 20000;
+	char *text = malloc(pad + sizeof(tail));
+	char *path;
+	struct bw_config cfg;
+	char *errors = NULL;
+
+	(void)state;
+	assert_non_null(text);
+	for (size_t i = 0; i < pad; i += 100) {
+		memset(text + i, '#', 99);
+		text[i + 99] = '\n';
+	}
+	memcpy(text + pad, tail, sizeof(tail));
+	path = write_temp(text, pad + sizeof(tail) - 1);
+	assert_int_equal(config_load(path, &cfg, &errors), 0);
+	assert_null(errors);
+	assert_int_equal(cfg.worker.concurrency, 7);
+	config_free(&cfg);
+	unlink(path);
+	free(path);
+	free(text);
+}
+
+/* The file operators copy must load and hold exactly the defaults. */
+static void
+test_load_example(void **state)
+{
+	struct bw_config cfg;
+	char *errors = NULL;
+	int n;
+
+	(void)state;
+	n = config_load(EXAMPLE_PATH, &cfg, &errors);
+	if (n != 0)
+		print_message("errors:\n%s", errors);
+	assert_int_equal(n, 0);
+	assert_null(errors);
+	assert_string_equal(cfg.path, EXAMPLE_PATH);
+	assert_defaults(&cfg);
+	config_free(&cfg);
+}
+
+/* Whatever *cfg held before, a failed load leaves it zeroed. */
+static void
+test_error_leaves_cfg_empty(void **state)
+{
+	struct bw_config cfg, zero;
+	char *errors = NULL;
+
+	(void)state;
+	memset(&cfg, 0xa5, sizeof(cfg));
+	memset(&zero, 0, sizeof(zero));
+	assert_int_equal(config_load_string("worker = 3;\n", NAME, &cfg, &errors), 3);
+	assert_memory_equal(&cfg, &zero, sizeof(cfg));
+	free(errors);
+}
+
+static void
+test_free_twice(void **state)
+{
+	struct bw_config cfg;
+
+	(void)state;
+	load_ok(DB API, &cfg);
+	config_free(&cfg);
+	config_free(&cfg);
+	config_free(NULL);
+}
+
+static void
+test_lock_mode_name(void **state)
+{
+	(void)state;
+	assert_string_equal(config_lock_mode_name(LOCK_MODE_REDIS), "redis");
+	assert_string_equal(config_lock_mode_name(LOCK_MODE_SKIP_LOCKED), "skip-locked");
+	assert_string_equal(config_lock_mode_name(LOCK_MODE_AUTO), "auto");
+	assert_string_equal(config_lock_mode_name((enum lock_mode)42), "unknown");
+}
+
+static const struct CMUnitTest fixed_tests[] = {
+	cmocka_unit_test(test_defaults),
+	cmocka_unit_test(test_all_keys),
+	cmocka_unit_test(test_enum_values),
+	cmocka_unit_test(test_digits_in_strings_untouched),
+	cmocka_unit_test(test_restart_needed),
+	cmocka_unit_test(test_load_missing_file),
+	cmocka_unit_test(test_load_directory),
+	cmocka_unit_test(test_load_file),
+	cmocka_unit_test(test_load_file_syntax_error),
+	cmocka_unit_test(test_load_null_byte),
+	cmocka_unit_test(test_load_large_file),
+	cmocka_unit_test(test_load_example),
+	cmocka_unit_test(test_error_leaves_cfg_empty),
+	cmocka_unit_test(test_free_twice),
+	cmocka_unit_test(test_lock_mode_name),
+};
+
+#define N_FIXED (sizeof(fixed_tests) / sizeof(fixed_tests[0]))
+
+int
+main(void)
+{
+	struct CMUnitTest tests[N_CASES + N_FIXED];
+
+	/* One test per table row, named after it, then the rest. */
+	for (size_t i = 0; i < N_CASES; i++)
+		tests[i] = (struct CMUnitTest){
+			.name = cases[i].name,
+			.test_func = test_case,
+			.initial_state = &cases[i],
+		};
+	for (size_t i = 0; i < N_FIXED; i++)
+		tests[N_CASES + i] = fixed_tests[i];
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
