@@ -1,0 +1,411 @@
+#include "billing/api.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <curl/curl.h>
+#include <jansson.h>
+
+#include "common/log.h"
+
+/* An answer larger than this is cut off and treated as ambiguous. */
+#define BODY_CAP (64 * 1024)
+#define REQUEST_MAX 4096
+
+struct call {
+	CURL *easy;
+	int tag;
+	int active;
+	struct curl_slist *headers;
+	char key[ITEM_KEY_MAX];
+	char request[REQUEST_MAX];
+	char *body;                 /* reused across calls, grows up to BODY_CAP */
+	size_t body_len, body_cap;
+	int too_large;
+	char retry_after[64];
+	char errbuf[CURL_ERROR_SIZE];
+};
+
+struct api_client {
+	CURLM *multi;
+	char *url_charges;
+	char *url_redemptions;
+	char *auth_header;          /* "Authorization: Bearer ..." */
+	int https;
+	long timeout_ms, connect_timeout_ms;
+	struct call **calls;
+	int ncalls, cap, in_flight;
+};
+
+static int curl_ready;
+
+static size_t
+on_body(char *data, size_t size, size_t nmemb, void *userp)
+{
+	struct call *c = userp;
+	size_t n = size * nmemb, cap;
+	char *p;
+
+	if (c->body_len + n > BODY_CAP) {
+		c->too_large = 1;
+		return 0;           /* aborts the transfer with CURLE_WRITE_ERROR */
+	}
+	if (c->body_len + n > c->body_cap) {
+		cap = c->body_cap ? c->body_cap : 1024;
+		while (cap < c->body_len + n)
+			cap *= 2;
+		if ((p = realloc(c->body, cap)) == NULL)
+			return 0;
+		c->body = p;
+		c->body_cap = cap;
+	}
+	memcpy(c->body + c->body_len, data, n);
+	c->body_len += n;
+	return n;
+}
+
+static size_t
+on_header(char *data, size_t size, size_t nmemb, void *userp)
+{
+	struct call *c = userp;
+	size_t n = size * nmemb, v, len;
+
+	if (n > 12 && strncasecmp(data, "retry-after:", 12) == 0) {
+		v = 12;
+		while (v < n && (data[v] == ' ' || data[v] == '\t'))
+			v++;
+		len = n - v;
+		while (len > 0 && (data[v + len - 1] == '\r' || data[v + len - 1] == '\n'))
+			len--;
+		if (len >= sizeof(c->retry_after))
+			len = sizeof(c->retry_after) - 1;
+		memcpy(c->retry_after, data + v, len);
+		c->retry_after[len] = '\0';
+	}
+	return n;
+}
+
+static char *
+join(const char *a, const char *b)
+{
+	size_t la = strlen(a), lb = strlen(b);
+	char *p = malloc(la + lb + 1);
+
+	if (p != NULL) {
+		memcpy(p, a, la);
+		memcpy(p + la, b, lb + 1);
+	}
+	return p;
+}
+
+int
+api_client_new(const struct api_options *o, api_client **ret, char *err, size_t errlen)
+{
+	api_client *api = NULL;
+	char base[2048];
+	size_t n;
+
+	if (!curl_ready) {
+		if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
+			snprintf(err, errlen, "could not initialize libcurl");
+			return -1;
+		}
+		curl_ready = 1;
+	}
+	snprintf(base, sizeof(base), "%s", o->base_url);
+	n = strlen(base);
+	while (n > 0 && base[n - 1] == '/')
+		base[--n] = '\0';
+	if ((api = calloc(1, sizeof(*api))) == NULL)
+		goto oom;
+	api->https = strncmp(base, "https://", 8) == 0;
+	api->url_charges = join(base, "/v1/charges");
+	api->url_redemptions = join(base, "/v1/redemptions");
+	api->auth_header = join("Authorization: Bearer ", o->token);
+	api->multi = curl_multi_init();
+	if (api->url_charges == NULL || api->url_redemptions == NULL ||
+	    api->auth_header == NULL || api->multi == NULL)
+		goto oom;
+	api_client_set_limits(api, o->timeout_ms, o->connect_timeout_ms, o->max_connections);
+	*ret = api;
+	return 0;
+oom:
+	snprintf(err, errlen, "out of memory");
+	api_client_free(api);
+	return -1;
+}
+
+void
+api_client_set_limits(api_client *api, long timeout_ms, long connect_timeout_ms,
+    int max_connections)
+{
+	api->timeout_ms = timeout_ms;
+	api->connect_timeout_ms = connect_timeout_ms;
+	/* One connection per call in flight, all kept alive for the next ones. */
+	curl_multi_setopt(api->multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long)max_connections);
+	curl_multi_setopt(api->multi, CURLMOPT_MAXCONNECTS, (long)max_connections);
+}
+
+void
+api_client_free(api_client *api)
+{
+	if (api == NULL)
+		return;
+	for (int i = 0; i < api->ncalls; i++) {
+		struct call *c = api->calls[i];
+
+		if (c->easy != NULL) {
+			if (c->active)
+				curl_multi_remove_handle(api->multi, c->easy);
+			curl_easy_cleanup(c->easy);
+		}
+		curl_slist_free_all(c->headers);
+		free(c->body);
+		free(c);
+	}
+	free(api->calls);
+	if (api->multi != NULL)
+		curl_multi_cleanup(api->multi);
+	free(api->url_charges);
+	free(api->url_redemptions);
+	if (api->auth_header != NULL) {
+		explicit_bzero(api->auth_header, strlen(api->auth_header));
+		free(api->auth_header);
+	}
+	free(api);
+}
+
+/*
+ * A free call slot.  Calls are allocated one by one and never move: libcurl
+ * keeps pointers into them (request body, error buffer) while in flight.
+ * Slots are reused, so steady state allocates nothing per call.
+ */
+static struct call *
+call_slot(api_client *api)
+{
+	struct call **p, *c;
+	int n;
+
+	for (int i = 0; i < api->ncalls; i++)
+		if (!api->calls[i]->active)
+			return api->calls[i];
+	if (api->ncalls == api->cap) {
+		n = api->cap ? api->cap * 2 : 16;
+		if ((p = realloc(api->calls, (size_t)n * sizeof(*p))) == NULL)
+			return NULL;
+		api->calls = p;
+		api->cap = n;
+	}
+	if ((c = calloc(1, sizeof(*c))) == NULL)
+		return NULL;
+	api->calls[api->ncalls++] = c;
+	return c;
+}
+
+/* The request body per CONTRACT section 2, into C->request. */
+static int
+build_request(struct call *c, const struct item *it)
+{
+	json_t *o;
+	size_t n;
+
+	if (it->kind == ITEM_INVOICE)
+		o = json_pack("{sI ss sI ss}", "invoice_id", (json_int_t)it->id,
+		    "customer", it->customer_id, "amount", (json_int_t)it->amount_cents,
+		    "currency", it->currency);
+	else
+		o = json_pack("{sI sI ss sI}", "redemption_id", (json_int_t)it->id,
+		    "subsidy_id", (json_int_t)it->subsidy_id, "customer", it->customer_id,
+		    "amount", (json_int_t)it->amount_cents);
+	if (o == NULL)
+		return -1;
+	n = json_dumpb(o, c->request, sizeof(c->request) - 1, JSON_COMPACT | JSON_PRESERVE_ORDER);
+	json_decref(o);
+	if (n == 0 || n >= sizeof(c->request))
+		return -1;
+	c->request[n] = '\0';
+	return 0;
+}
+
+int
+api_start(api_client *api, const struct item *it, int tag)
+{
+	struct call *c;
+	char keyhdr[ITEM_KEY_MAX + 32];
+	struct curl_slist *h = NULL, *t;
+
+	if ((c = call_slot(api)) == NULL)
+		return -1;
+	if (c->easy == NULL && (c->easy = curl_easy_init()) == NULL)
+		return -1;
+	if (build_request(c, it) == -1)
+		return -1;
+	item_key(it, c->key, sizeof(c->key));
+	snprintf(keyhdr, sizeof(keyhdr), "Idempotency-Key: %s", c->key);
+	if ((t = curl_slist_append(h, api->auth_header)) == NULL)
+		goto fail;
+	h = t;
+	if ((t = curl_slist_append(h, "Content-Type: application/json")) == NULL)
+		goto fail;
+	h = t;
+	if ((t = curl_slist_append(h, "Accept: application/json")) == NULL)
+		goto fail;
+	h = t;
+	if ((t = curl_slist_append(h, "Expect:")) == NULL)
+		goto fail;
+	h = t;
+	if ((t = curl_slist_append(h, keyhdr)) == NULL)
+		goto fail;
+	h = t;
+
+	curl_slist_free_all(c->headers);
+	c->headers = h;
+	c->tag = tag;
+	c->body_len = 0;
+	c->too_large = 0;
+	c->retry_after[0] = '\0';
+	c->errbuf[0] = '\0';
+
+	curl_easy_setopt(c->easy, CURLOPT_URL,
+	    it->kind == ITEM_INVOICE ? api->url_charges : api->url_redemptions);
+	curl_easy_setopt(c->easy, CURLOPT_POST, 1L);
+	curl_easy_setopt(c->easy, CURLOPT_POSTFIELDS, c->request);
+	curl_easy_setopt(c->easy, CURLOPT_POSTFIELDSIZE, (long)strlen(c->request));
+	curl_easy_setopt(c->easy, CURLOPT_HTTPHEADER, c->headers);
+	curl_easy_setopt(c->easy, CURLOPT_USERAGENT, "billing-worker/1");
+	curl_easy_setopt(c->easy, CURLOPT_NOSIGNAL, 1L);
+	curl_easy_setopt(c->easy, CURLOPT_TIMEOUT_MS, api->timeout_ms);
+	curl_easy_setopt(c->easy, CURLOPT_CONNECTTIMEOUT_MS, api->connect_timeout_ms);
+	curl_easy_setopt(c->easy, CURLOPT_FOLLOWLOCATION, 0L);
+	curl_easy_setopt(c->easy, CURLOPT_PROTOCOLS_STR, "http,https");
+	curl_easy_setopt(c->easy, CURLOPT_TCP_KEEPALIVE, 1L);
+	curl_easy_setopt(c->easy, CURLOPT_TCP_NODELAY, 1L);
+	curl_easy_setopt(c->easy, CURLOPT_WRITEFUNCTION, on_body);
+	curl_easy_setopt(c->easy, CURLOPT_WRITEDATA, c);
+	curl_easy_setopt(c->easy, CURLOPT_HEADERFUNCTION, on_header);
+	curl_easy_setopt(c->easy, CURLOPT_HEADERDATA, c);
+	curl_easy_setopt(c->easy, CURLOPT_ERRORBUFFER, c->errbuf);
+	curl_easy_setopt(c->easy, CURLOPT_PRIVATE, c);
+	if (curl_multi_add_handle(api->multi, c->easy) != CURLM_OK)
+		return -1;
+	c->active = 1;
+	api->in_flight++;
+	return 0;
+fail:
+	curl_slist_free_all(h);
+	return -1;
+}
+
+int
+api_wait(api_client *api, struct api_waitfd *extra, unsigned nextra, int timeout_ms)
+{
+	struct curl_waitfd w[8];
+	int numfds = 0, running;
+	unsigned n = nextra < 8 ? nextra : 8;
+
+	for (unsigned i = 0; i < n; i++) {
+		w[i].fd = extra[i].fd;
+		w[i].events = extra[i].events;
+		w[i].revents = 0;
+	}
+	if (curl_multi_poll(api->multi, w, n, timeout_ms, &numfds) != CURLM_OK)
+		return -1;
+	for (unsigned i = 0; i < n; i++)
+		extra[i].revents = w[i].revents;
+	curl_multi_perform(api->multi, &running);
+	return 0;
+}
+
+/* What the transport saw, from libcurl's result code. */
+static enum api_transport
+transport_of(api_client *api, struct call *c, CURLcode rc)
+{
+	curl_off_t connected = 0, handshaken = 0;
+
+	switch (rc) {
+	case CURLE_OK:
+		return API_TRANSPORT_OK;
+	case CURLE_WRITE_ERROR:
+		return c->too_large ? API_TRANSPORT_TOO_LARGE : API_TRANSPORT_LOST;
+	case CURLE_COULDNT_RESOLVE_HOST:
+	case CURLE_COULDNT_RESOLVE_PROXY:
+	case CURLE_COULDNT_CONNECT:
+	case CURLE_SSL_CONNECT_ERROR:
+	case CURLE_PEER_FAILED_VERIFICATION:
+	case CURLE_SSL_CACERT_BADFILE:
+	case CURLE_SSL_CERTPROBLEM:
+	case CURLE_SSL_CIPHER:
+	case CURLE_UNSUPPORTED_PROTOCOL:
+	case CURLE_URL_MALFORMAT:
+		return API_TRANSPORT_NOT_SENT;
+	case CURLE_OPERATION_TIMEDOUT:
+		/* A timeout before the connection (or TLS) was up sent nothing. */
+		curl_easy_getinfo(c->easy, CURLINFO_CONNECT_TIME_T, &connected);
+		curl_easy_getinfo(c->easy, CURLINFO_APPCONNECT_TIME_T, &handshaken);
+		if (connected == 0 || (api->https && handshaken == 0))
+			return API_TRANSPORT_NOT_SENT;
+		return API_TRANSPORT_LOST;
+	default:
+		return API_TRANSPORT_LOST;
+	}
+}
+
+int
+api_next_result(api_client *api, int *tag, struct api_verdict *v,
+    double *latency_ms, long *http_status)
+{
+	struct api_response r;
+	struct call *c = NULL;
+	curl_off_t total = 0;
+	CURLMsg *msg;
+	int left;
+	long status = 0;
+
+	while ((msg = curl_multi_info_read(api->multi, &left)) != NULL) {
+		if (msg->msg == CURLMSG_DONE)
+			break;
+	}
+	if (msg == NULL)
+		return 0;
+	curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&c);
+	curl_easy_getinfo(c->easy, CURLINFO_RESPONSE_CODE, &status);
+	curl_easy_getinfo(c->easy, CURLINFO_TOTAL_TIME_T, &total);
+	memset(&r, 0, sizeof(r));
+	r.transport = transport_of(api, c, msg->data.result);
+	r.status = status;
+	r.body = c->body;
+	r.body_len = c->body_len;
+	r.retry_after = c->retry_after[0] ? c->retry_after : NULL;
+	r.transport_error = c->errbuf[0] ? c->errbuf : curl_easy_strerror(msg->data.result);
+	api_classify(&r, v);
+
+	curl_multi_remove_handle(api->multi, c->easy);
+	c->active = 0;
+	api->in_flight--;
+	*tag = c->tag;
+	*latency_ms = (double)total / 1000.0;
+	*http_status = status;
+	return 1;
+}
+
+void
+api_abort(api_client *api, int tag)
+{
+	for (int i = 0; i < api->ncalls; i++) {
+		struct call *c = api->calls[i];
+
+		if (c->active && c->tag == tag) {
+			curl_multi_remove_handle(api->multi, c->easy);
+			c->active = 0;
+			api->in_flight--;
+			return;
+		}
+	}
+}
+
+int
+api_in_flight(const api_client *api)
+{
+	return api->in_flight;
+}

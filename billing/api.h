@@ -1,0 +1,66 @@
+#ifndef BW_API_H
+#define BW_API_H
+
+#include <stddef.h>
+
+#include "billing/response.h"
+#include "common/item.h"
+
+/*
+ * The billing API client: many calls in flight on one thread, driven by
+ * libcurl's multi interface, connections kept alive and reused.  The caller
+ * starts calls with a tag of its own, waits with api_wait() (which also
+ * watches the caller's descriptors, so this is the process's one poll), and
+ * collects finished calls with api_next_result().
+ */
+typedef struct api_client api_client;
+
+struct api_options {
+	const char *base_url;       /* copied */
+	const char *token;          /* copied into the Authorization header; never logged */
+	long timeout_ms;
+	long connect_timeout_ms;
+	int max_connections;        /* to the API host; calls beyond wait for one */
+};
+
+int api_client_new(const struct api_options *o, api_client **ret, char *err, size_t errlen)
+	__attribute__((warn_unused_result));
+void api_client_free(api_client *api);
+
+/* Applies to calls started from now on (SIGHUP). */
+void api_client_set_limits(api_client *api, long timeout_ms, long connect_timeout_ms,
+    int max_connections);
+
+/*
+ * Starts the call for IT (POST /v1/charges or /v1/redemptions with its
+ * idempotency key).  IT is only read during this call.  Returns -1 when the
+ * call could not be started (out of memory); the item was not sent.
+ */
+int api_start(api_client *api, const struct item *it, int tag)
+	__attribute__((warn_unused_result));
+
+struct api_waitfd {
+	int fd;
+	short events;               /* POLLIN ... */
+	short revents;
+};
+
+/*
+ * Waits up to TIMEOUT_MS for progress on the calls or readiness of one of
+ * the EXTRA descriptors, then advances the transfers.
+ */
+int api_wait(api_client *api, struct api_waitfd *extra, unsigned nextra, int timeout_ms);
+
+/*
+ * Takes one finished call: returns 1 and fills *TAG, *V, *LATENCY_MS and
+ * *HTTP_STATUS (0 if none); returns 0 when no call has finished.
+ */
+int api_next_result(api_client *api, int *tag, struct api_verdict *v,
+    double *latency_ms, long *http_status);
+
+/* Stops the call started with TAG, if still running; its result never comes. */
+void api_abort(api_client *api, int tag);
+
+int api_in_flight(const api_client *api);
+
+#endif

@@ -1,0 +1,24 @@
+#include "billing/backoff.h"
+
+int64_t
+backoff_cap_ms(int attempt, int64_t initial_ms, int64_t max_ms)
+{
+	int64_t cap = initial_ms;
+
+	if (attempt < 1)
+		attempt = 1;
+	/* Doubling stops at max_ms, so no overflow for any attempt count. */
+	for (int i = 1; i < attempt && cap < max_ms; i++)
+		cap *= 2;
+	return cap < max_ms ? cap : max_ms;
+}
+
+int64_t
+backoff_delay_ms(int attempt, int64_t initial_ms, int64_t max_ms, uint64_t rnd)
+{
+	int64_t cap = backoff_cap_ms(attempt, initial_ms, max_ms);
+
+	if (cap <= 0)
+		return 0;
+	return (int64_t)(rnd % ((uint64_t)cap + 1));
+}

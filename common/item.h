@@ -1,0 +1,56 @@
+#ifndef BW_ITEM_H
+#define BW_ITEM_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/*
+ * An item a worker has claimed: an invoice or a redemption, as read by the
+ * claim, plus what this process knows of its claim.  A value type shared by
+ * the store (which fills it), the locks and the billing client.  Strings are
+ * owned by the item and released by item_clear().
+ */
+
+enum item_kind {
+	ITEM_INVOICE = 0,
+	ITEM_REDEMPTION = 1,
+};
+#define ITEM_KIND_COUNT 2
+
+/* Longest idempotency key or lock key we build: "redemption-" + int64. */
+#define ITEM_KEY_MAX 48
+/* A lock token: worker id (bounded) + ':' + 32 hex digits. */
+#define ITEM_TOKEN_MAX 192
+
+struct item {
+	enum item_kind kind;
+	int64_t id;
+	int64_t fence;          /* this claim's fencing token, from the database */
+	int attempts;           /* API calls recorded before this claim */
+	bool ambiguous;         /* an earlier attempt may have taken effect */
+	int64_t amount_cents;
+	int64_t subsidy_id;     /* redemptions only */
+	bool held;              /* redemptions: a hold is in the ledger */
+	char *customer_id;
+	char *currency;         /* invoices only; NULL for redemptions */
+	char token[ITEM_TOKEN_MAX]; /* our Redis lock value; "" when not locked there */
+	bool lock_lost;         /* a renewal found the lock or lease gone */
+};
+
+const char *item_kind_name(enum item_kind kind);
+
+/* "invoice-17": the idempotency key, the same on every attempt, forever. */
+void item_key(const struct item *it, char *buf, size_t len);
+
+/*
+ * Checks the fields producers wrote before any API call is made.  Returns 0
+ * when the item may be sent, else -1 with *reason set to a static string
+ * suitable for last_error ("customer_id is empty").
+ */
+int item_validate(const struct item *it, const char **reason);
+
+/* Frees the strings and zeroes the item; accepts a zeroed item. */
+void item_clear(struct item *it);
+
+#endif

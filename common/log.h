@@ -1,0 +1,36 @@
+#ifndef BW_LOG_H
+#define BW_LOG_H
+
+/*
+ * One line per event on stderr, in the style of OpenBSD ntpd's log.h:
+ *
+ *   2026-11-22T00:28:49.123Z info worker=web1:812 invoice 17: paid ...
+ *
+ * Messages follow PostgreSQL's style: lowercase, no trailing period, names
+ * in double quotes.  Nothing secret is ever passed to these functions: the
+ * API token and passwords stay inside the modules that use them.
+ */
+
+enum {
+	LOG_DEBUG = 0,
+	LOG_INFO = 1,
+	LOG_WARN = 2,
+	LOG_ERROR = 3,
+};
+
+/* Sets the worker id shown on every line (copied) and the lowest level shown. */
+void log_init(const char *worker_id, int level);
+void log_set_level(int level);
+int log_level_enabled(int level);
+
+void log_debug(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+void log_info(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* log_warn appends ": strerror(errno)"; log_warnx does not. */
+void log_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+void log_warnx(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+void log_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* Log and exit(1). */
+void fatal(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+void fatalx(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+
+#endif

@@ -1,0 +1,62 @@
+#ifndef BW_LOCK_H
+#define BW_LOCK_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "common/item.h"
+#include "config/config.h"
+#include "locks/redis_lock.h"
+#include "store/store.h"
+
+/*
+ * How a worker takes items, behind one interface for the three lock modes.
+ *
+ * Every claim ends in the database (store_claim): it bumps the item's
+ * fence and sets a lease, whatever the mode, so correctness never rests on
+ * Redis.  In redis mode the candidates are first locked in Redis, so
+ * workers split the due items among themselves instead of contending for
+ * the same rows; in skip-locked mode the database alone picks them with
+ * FOR UPDATE SKIP LOCKED; auto is redis while Redis answers and skip-locked
+ * while it does not.
+ */
+typedef struct lockmgr lockmgr;
+
+struct lock_options {
+	enum lock_mode mode;
+	int ttl_ms;
+	const char *worker_id;          /* copied; part of every token */
+	struct redis_options redis;     /* unused in skip-locked mode */
+};
+
+/* ST is borrowed and must outlive the manager. */
+int lock_new(const struct lock_options *o, store *st, lockmgr **ret)
+	__attribute__((warn_unused_result));
+void lock_free(lockmgr *lm);
+
+void lock_set_ttl(lockmgr *lm, int ttl_ms);
+
+/*
+ * Claims up to LIMIT due items of KIND into ITEMS (capacity LIMIT), which the
+ * caller then owns.  *MORE tells whether more items may be due right now.
+ * Returns -1 when nothing could be claimed because the database (or, in
+ * redis mode, Redis) is unreachable; lock_errmsg() says why.
+ */
+int lock_claim(lockmgr *lm, enum item_kind kind, size_t limit,
+    struct item *items, size_t *ret_n, bool *more)
+	__attribute__((warn_unused_result));
+
+/*
+ * Extends the claims of ITEMS (any mix of kinds): the database lease of
+ * each, and the Redis lock of each that has one.  An item whose lease went
+ * to another worker gets lock_lost set and is logged; a lost Redis lock
+ * alone is logged and no longer renewed (the lease still fences it).
+ */
+int lock_renew(lockmgr *lm, struct item *const *items, size_t n);
+
+/* Gives back the Redis locks of ITEMS, best effort (they expire anyway). */
+void lock_release(lockmgr *lm, struct item *const *items, size_t n);
+
+const char *lock_errmsg(const lockmgr *lm);
+
+#endif

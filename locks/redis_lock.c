@@ -1,0 +1,311 @@
+#include "locks/redis_lock.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+
+#include <hiredis/hiredis.h>
+
+#include "common/log.h"
+
+/*
+ * KEYS are the lock keys, ARGV[i] the token for KEYS[i], the last ARGV the
+ * ttl in milliseconds.  Compare-and-set, -pexpire and -delete must be
+ * atomic per key, which a script gives and a pipeline of GET/SET does not.
+ */
+static const char script_acquire[] =
+    "local ttl = ARGV[#KEYS + 1] local r = {} "
+    "for i = 1, #KEYS do "
+    "  if redis.call('SET', KEYS[i], ARGV[i], 'NX', 'PX', ttl) then r[i] = 1 else r[i] = 0 end "
+    "end return r";
+
+static const char script_renew[] =
+    "local ttl = ARGV[#KEYS + 1] local r = {} "
+    "for i = 1, #KEYS do "
+    "  if redis.call('GET', KEYS[i]) == ARGV[i] then "
+    "    redis.call('PEXPIRE', KEYS[i], ttl) r[i] = 1 else r[i] = 0 end "
+    "end return r";
+
+static const char script_release[] =
+    "local r = {} "
+    "for i = 1, #KEYS do "
+    "  if redis.call('GET', KEYS[i]) == ARGV[i] then "
+    "    redis.call('DEL', KEYS[i]) r[i] = 1 else r[i] = 0 end "
+    "end return r";
+
+enum { SCRIPT_ACQUIRE, SCRIPT_RENEW, SCRIPT_RELEASE, SCRIPT_COUNT };
+
+static const char *const scripts[SCRIPT_COUNT] = {
+	script_acquire, script_renew, script_release,
+};
+
+struct redis_lock {
+	char *host, *socket, *password;
+	int port, connect_timeout_ms, command_timeout_ms;
+	redisContext *ctx;
+	char sha[SCRIPT_COUNT][48];
+	char errmsg[256];
+	/* argv buffers reused across calls */
+	const char **argv;
+	size_t *argvlen;
+	size_t argcap;
+};
+
+static void
+set_err(redis_lock *rl, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static void
+set_err(redis_lock *rl, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(rl->errmsg, sizeof(rl->errmsg), fmt, ap);
+	va_end(ap);
+}
+
+int
+redis_lock_new(const struct redis_options *o, redis_lock **ret)
+{
+	redis_lock *rl;
+
+	if ((rl = calloc(1, sizeof(*rl))) == NULL)
+		return -1;
+	rl->host = strdup(o->host ? o->host : "127.0.0.1");
+	rl->socket = strdup(o->socket ? o->socket : "");
+	rl->password = o->password && o->password[0] ? strdup(o->password) : NULL;
+	rl->port = o->port;
+	rl->connect_timeout_ms = o->connect_timeout_ms;
+	rl->command_timeout_ms = o->command_timeout_ms;
+	if (rl->host == NULL || rl->socket == NULL ||
+	    (o->password && o->password[0] && rl->password == NULL)) {
+		redis_lock_free(rl);
+		return -1;
+	}
+	*ret = rl;
+	return 0;
+}
+
+void
+redis_lock_free(redis_lock *rl)
+{
+	if (rl == NULL)
+		return;
+	if (rl->ctx != NULL)
+		redisFree(rl->ctx);
+	if (rl->password != NULL) {
+		explicit_bzero(rl->password, strlen(rl->password));
+		free(rl->password);
+	}
+	free(rl->host);
+	free(rl->socket);
+	free(rl->argv);
+	free(rl->argvlen);
+	free(rl);
+}
+
+bool
+redis_lock_connected(const redis_lock *rl)
+{
+	return rl->ctx != NULL && rl->ctx->err == 0;
+}
+
+const char *
+redis_lock_errmsg(const redis_lock *rl)
+{
+	return rl->errmsg;
+}
+
+static struct timeval
+tv_of(int ms)
+{
+	struct timeval tv = { ms / 1000, (ms % 1000) * 1000 };
+
+	return tv;
+}
+
+/* Drops a broken connection so the next call reconnects. */
+static void
+drop(redis_lock *rl)
+{
+	if (rl->ctx != NULL) {
+		set_err(rl, "%s", rl->ctx->errstr[0] ? rl->ctx->errstr : "connection lost");
+		redisFree(rl->ctx);
+		rl->ctx = NULL;
+	}
+}
+
+int
+redis_lock_connect(redis_lock *rl)
+{
+	redisReply *r;
+
+	if (rl->ctx != NULL) {
+		redisFree(rl->ctx);
+		rl->ctx = NULL;
+	}
+	if (rl->socket[0] != '\0')
+		rl->ctx = redisConnectUnixWithTimeout(rl->socket, tv_of(rl->connect_timeout_ms));
+	else
+		rl->ctx = redisConnectWithTimeout(rl->host, rl->port, tv_of(rl->connect_timeout_ms));
+	if (rl->ctx == NULL) {
+		set_err(rl, "out of memory");
+		return -1;
+	}
+	if (rl->ctx->err) {
+		drop(rl);
+		return -1;
+	}
+	/* A dead server must not block the loop: bound every command. */
+	redisSetTimeout(rl->ctx, tv_of(rl->command_timeout_ms));
+	if (rl->socket[0] == '\0')
+		redisEnableKeepAlive(rl->ctx);
+	if (rl->password != NULL) {
+		r = redisCommand(rl->ctx, "AUTH %s", rl->password);
+		if (r == NULL || r->type == REDIS_REPLY_ERROR) {
+			set_err(rl, "authentication failed%s%s", r ? ": " : "",
+			    r ? r->str : "");
+			freeReplyObject(r);
+			redisFree(rl->ctx);
+			rl->ctx = NULL;
+			return -1;
+		}
+		freeReplyObject(r);
+	}
+	for (int i = 0; i < SCRIPT_COUNT; i++) {
+		r = redisCommand(rl->ctx, "SCRIPT LOAD %s", scripts[i]);
+		if (r == NULL || r->type != REDIS_REPLY_STRING) {
+			if (r == NULL)
+				drop(rl);
+			else {
+				set_err(rl, "could not load lock scripts: %s",
+				    r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+				redisFree(rl->ctx);
+				rl->ctx = NULL;
+			}
+			freeReplyObject(r);
+			return -1;
+		}
+		snprintf(rl->sha[i], sizeof(rl->sha[i]), "%s", r->str);
+		freeReplyObject(r);
+	}
+	if (rl->socket[0] != '\0')
+		log_info("connected to redis at \"%s\"", rl->socket);
+	else
+		log_info("connected to redis at \"%s:%d\"", rl->host, rl->port);
+	return 0;
+}
+
+/*
+ * EVALSHA script N keys... tokens... ttl; fills out[i] from the reply's
+ * array of 0/1.  A NOSCRIPT answer (a restarted server) loads the scripts
+ * again once.
+ */
+static int
+run_script(redis_lock *rl, int script, const char *const *keys,
+    const char *const *tokens, size_t n, int ttl_ms, bool *out)
+{
+	char nkeys[24], ttl[24];
+	size_t argc = 3 + 2 * n + 1;
+	redisReply *r = NULL;
+	int ret = -1;
+
+	if (n == 0)
+		return 0;
+	if (!redis_lock_connected(rl)) {
+		set_err(rl, "not connected to redis");
+		return -1;
+	}
+	if (argc > rl->argcap) {
+		const char **a = realloc(rl->argv, argc * sizeof(*a));
+		size_t *l;
+
+		if (a == NULL)
+			goto oom;
+		rl->argv = a;
+		if ((l = realloc(rl->argvlen, argc * sizeof(*l))) == NULL)
+			goto oom;
+		rl->argvlen = l;
+		rl->argcap = argc;
+	}
+	snprintf(nkeys, sizeof(nkeys), "%zu", n);
+	snprintf(ttl, sizeof(ttl), "%d", ttl_ms);
+	rl->argv[0] = "EVALSHA";
+	rl->argv[1] = rl->sha[script];
+	rl->argv[2] = nkeys;
+	for (size_t i = 0; i < n; i++) {
+		rl->argv[3 + i] = keys[i];
+		rl->argv[3 + n + i] = tokens[i];
+	}
+	rl->argv[argc - 1] = ttl;
+	for (size_t i = 0; i < argc; i++)
+		rl->argvlen[i] = strlen(rl->argv[i]);
+
+	for (int tries = 0; tries < 2; tries++) {
+		r = redisCommandArgv(rl->ctx, (int)argc, rl->argv, rl->argvlen);
+		if (r == NULL) {
+			drop(rl);
+			return -1;
+		}
+		if (r->type == REDIS_REPLY_ERROR && strncmp(r->str, "NOSCRIPT", 8) == 0) {
+			redisReply *l = redisCommand(rl->ctx, "SCRIPT LOAD %s", scripts[script]);
+
+			if (l == NULL) {
+				freeReplyObject(r);
+				drop(rl);
+				return -1;
+			}
+			freeReplyObject(l);
+			freeReplyObject(r);
+			r = NULL;
+			continue;
+		}
+		break;
+	}
+	if (r == NULL || r->type != REDIS_REPLY_ARRAY || r->elements != n) {
+		set_err(rl, "unexpected reply to lock script: %s",
+		    r != NULL && r->type == REDIS_REPLY_ERROR ? r->str : "not an array of results");
+		goto out;
+	}
+	for (size_t i = 0; i < n; i++)
+		out[i] = r->element[i]->type == REDIS_REPLY_INTEGER && r->element[i]->integer == 1;
+	ret = 0;
+	goto out;
+oom:
+	set_err(rl, "out of memory");
+out:
+	freeReplyObject(r);
+	return ret;
+}
+
+int
+redis_lock_acquire(redis_lock *rl, const char *const *keys, const char *const *tokens,
+    size_t n, int ttl_ms, bool *got)
+{
+	return run_script(rl, SCRIPT_ACQUIRE, keys, tokens, n, ttl_ms, got);
+}
+
+int
+redis_lock_renew(redis_lock *rl, const char *const *keys, const char *const *tokens,
+    size_t n, int ttl_ms, bool *held)
+{
+	return run_script(rl, SCRIPT_RENEW, keys, tokens, n, ttl_ms, held);
+}
+
+int
+redis_lock_release(redis_lock *rl, const char *const *keys, const char *const *tokens,
+    size_t n)
+{
+	bool *done;
+	int ret;
+
+	if (n == 0)
+		return 0;
+	if ((done = calloc(n, sizeof(*done))) == NULL)
+		return -1;
+	ret = run_script(rl, SCRIPT_RELEASE, keys, tokens, n, 0, done);
+	free(done);
+	return ret;
+}

@@ -1,0 +1,46 @@
+#ifndef BW_REDIS_LOCK_H
+#define BW_REDIS_LOCK_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+/*
+ * Per-item locks in Redis: SET key token NX PX ttl, renewed and released
+ * only while the value is still our token.  Every operation takes a whole
+ * batch of keys in one round trip (one Lua script call), so the cost per
+ * poll or per renewal interval does not grow with the items in flight.
+ */
+typedef struct redis_lock redis_lock;
+
+struct redis_options {
+	const char *host;
+	int port;
+	const char *socket;         /* "" or NULL: TCP */
+	const char *password;       /* NULL: no AUTH; copied, never logged */
+	int connect_timeout_ms;
+	int command_timeout_ms;
+};
+
+int redis_lock_new(const struct redis_options *o, redis_lock **ret)
+	__attribute__((warn_unused_result));
+void redis_lock_free(redis_lock *rl);
+
+int redis_lock_connect(redis_lock *rl) __attribute__((warn_unused_result));
+bool redis_lock_connected(const redis_lock *rl);
+const char *redis_lock_errmsg(const redis_lock *rl);
+
+/* Sets got[i] when keys[i] was free and now holds tokens[i] for TTL_MS. */
+int redis_lock_acquire(redis_lock *rl, const char *const *keys,
+    const char *const *tokens, size_t n, int ttl_ms, bool *got)
+	__attribute__((warn_unused_result));
+
+/* Sets held[i] when keys[i] still held tokens[i] and now expires in TTL_MS. */
+int redis_lock_renew(redis_lock *rl, const char *const *keys,
+    const char *const *tokens, size_t n, int ttl_ms, bool *held)
+	__attribute__((warn_unused_result));
+
+/* Deletes each key that still holds its token; others are left alone. */
+int redis_lock_release(redis_lock *rl, const char *const *keys,
+    const char *const *tokens, size_t n);
+
+#endif

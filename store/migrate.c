@@ -1,0 +1,134 @@
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/log.h"
+#include "store/migrate.h"
+#include "store/store_int.h"
+
+/*
+ * One advisory lock key for every billing-worker that migrates this
+ * database: hosts deploying at once run the migrations one after another,
+ * and the second finds nothing left to do.
+ */
+#define MIGRATE_LOCK_KEY "7240162913502611"
+
+static int
+run(store *st, const char *sql, ExecStatusType want, PGresult **keep)
+{
+	PGresult *res = PQexec(store_conn(st), sql);
+
+	if (PQresultStatus(res) != want) {
+		store_set_error(st, "migration", res);
+		PQclear(res);
+		return -1;
+	}
+	if (keep != NULL)
+		*keep = res;
+	else
+		PQclear(res);
+	return 0;
+}
+
+/* The highest version recorded, 0 for none, -1 on error. */
+static int
+current_version(store *st)
+{
+	PGresult *res = NULL;
+	int v;
+
+	if (run(st, "SELECT coalesce(max(version), 0) FROM schema_version",
+	    PGRES_TUPLES_OK, &res) == -1)
+		return -1;
+	v = atoi(PQgetvalue(res, 0, 0));
+	PQclear(res);
+	return v;
+}
+
+static int
+apply(store *st, const struct bw_migration *m)
+{
+	char version[16];
+	const char *params[2] = { version, m->name };
+	PGresult *res;
+
+	if (run(st, "BEGIN", PGRES_COMMAND_OK, NULL) == -1)
+		return -1;
+	if (run(st, m->sql, PGRES_COMMAND_OK, NULL) == -1)
+		goto rollback;
+	snprintf(version, sizeof(version), "%d", m->version);
+	res = PQexecParams(store_conn(st),
+	    "INSERT INTO schema_version (version, name) VALUES ($1, $2)",
+	    2, NULL, params, NULL, NULL, 0);
+	if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+		store_set_error(st, "migration", res);
+		PQclear(res);
+		goto rollback;
+	}
+	PQclear(res);
+	if (run(st, "COMMIT", PGRES_COMMAND_OK, NULL) == -1)
+		return -1;
+	log_info("applied migration %d (\"%s\")", m->version, m->name);
+	return 0;
+rollback:
+	PQclear(PQexec(store_conn(st), "ROLLBACK"));
+	return -1;
+}
+
+int
+store_migrate(store *st)
+{
+	int have, ret = -1;
+	int newest = bw_migrations[bw_migrations_count - 1].version;
+
+	if (!store_connected(st))
+		return -1;
+	if (run(st, "SELECT pg_advisory_lock(" MIGRATE_LOCK_KEY ")", PGRES_TUPLES_OK, NULL) == -1)
+		return -1;
+	if (run(st, "SET client_min_messages = warning; "
+	    "CREATE TABLE IF NOT EXISTS schema_version ("
+	    "version integer PRIMARY KEY, name text NOT NULL, "
+	    "applied_at timestamptz NOT NULL DEFAULT now())", PGRES_COMMAND_OK, NULL) == -1)
+		goto unlock;
+	if ((have = current_version(st)) == -1)
+		goto unlock;
+	if (have > newest) {
+		store_errorf(st, "database schema version %d is newer than this binary "
+		    "knows (%d): upgrade billing-worker", have, newest);
+		goto unlock;
+	}
+	for (int i = 0; i < bw_migrations_count; i++)
+		if (bw_migrations[i].version > have && apply(st, &bw_migrations[i]) == -1)
+			goto unlock;
+	if (have == newest)
+		log_info("schema is up to date (version %d)", newest);
+	ret = 0;
+unlock:
+	PQclear(PQexec(store_conn(st), "SELECT pg_advisory_unlock(" MIGRATE_LOCK_KEY ")"));
+	return ret;
+}
+
+int
+store_check_schema(store *st)
+{
+	int newest = bw_migrations[bw_migrations_count - 1].version;
+	PGresult *res;
+	int have;
+
+	res = PQexec(store_conn(st), "SELECT coalesce(max(version), 0) FROM schema_version");
+	if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+		store_set_error(st, "could not read the schema version "
+		    "(run \"billing-worker migrate\" first)", res);
+		PQclear(res);
+		return -1;
+	}
+	have = atoi(PQgetvalue(res, 0, 0));
+	PQclear(res);
+	if (have < newest) {
+		store_errorf(st, "database schema version %d is older than this binary "
+		    "needs (%d): run \"billing-worker migrate\"", have, newest);
+		return -1;
+	}
+	return 0;
+}

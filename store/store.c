@@ -1,0 +1,691 @@
+#include "store/store.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <libpq-fe.h>
+
+#include "common/log.h"
+#include "store/store_int.h"
+
+/* Deadlocks and serialization failures: how often a transaction is redone. */
+#define TX_RETRIES 5
+
+static const char *const table_of[ITEM_KIND_COUNT] = { "invoices", "redemptions" };
+
+/*
+ * The SQL, one template per statement; %1$s is the table.  Table names are
+ * constants of ours; every value is a parameter.
+ */
+static const char sql_due[] =
+    "SELECT id FROM %1$s WHERE status = 'pending' AND next_attempt_at <= now() "
+    "ORDER BY next_attempt_at, id LIMIT $1";
+
+/*
+ * A claim's SET: bump the fence, take the lease, and hide the item until the
+ * lease ends by moving next_attempt_at there.  lease_until still set means
+ * the previous claim never completed: its API call may have happened.
+ */
+#define CLAIM_SET                                                              \
+	"SET fence = t.fence + 1, locked_by = $1, "                            \
+	"lease_until = now() + $2 * interval '1 millisecond', "                \
+	"next_attempt_at = now() + $2 * interval '1 millisecond', "            \
+	"ambiguous = t.ambiguous OR t.lease_until IS NOT NULL, updated_at = now() "
+
+static const char *const claim_returning[ITEM_KIND_COUNT] = {
+	"RETURNING t.id, t.fence, t.attempts, t.ambiguous, t.amount_cents, "
+	"t.customer_id, t.currency, NULL::bigint, false",
+	"RETURNING t.id, t.fence, t.attempts, t.ambiguous, t.amount_cents, "
+	"t.customer_id, NULL::text, t.subsidy_id, EXISTS (SELECT 1 FROM "
+	"ledger_transactions h WHERE h.redemption_id = t.id AND h.kind = 'hold')",
+};
+
+static const char sql_claim_skip[] =
+    "UPDATE %1$s AS t " CLAIM_SET
+    "FROM (SELECT id FROM %1$s WHERE status = 'pending' AND next_attempt_at <= now() "
+    "ORDER BY next_attempt_at, id LIMIT $3 FOR UPDATE SKIP LOCKED) AS c "
+    "WHERE t.id = c.id %2$s";
+
+static const char sql_claim_ids[] =
+    "UPDATE %1$s AS t " CLAIM_SET
+    "FROM (SELECT id FROM %1$s WHERE id = ANY ($3::bigint[]) AND status = 'pending' "
+    "AND next_attempt_at <= now() FOR UPDATE SKIP LOCKED) AS c "
+    "WHERE t.id = c.id %2$s";
+
+static const char sql_renew[] =
+    "UPDATE %1$s AS t SET lease_until = now() + $3 * interval '1 millisecond', "
+    "next_attempt_at = now() + $3 * interval '1 millisecond' "
+    "FROM unnest($1::bigint[], $2::bigint[]) AS u(id, fence) "
+    "WHERE t.id = u.id AND t.fence = u.fence AND t.status = 'pending' "
+    "RETURNING t.id";
+
+#define COMPLETE_INPUT                                                         \
+	"unnest($1::bigint[], $2::bigint[], $3::text[], $4::int[], $5::bool[], " \
+	"$6::bigint[], $7::text[], $8::text[]) "                               \
+	"AS u(id, fence, state, calls, ambiguous, delay_ms, result_id, error)"
+
+#define COMPLETE_SET(done_state, id_column)                                    \
+	"SET status = CASE u.state WHEN 'done' THEN '" done_state "' "         \
+	"WHEN 'failed' THEN 'failed' ELSE 'pending' END, "                     \
+	id_column " = u.result_id, attempts = t.attempts + u.calls, "          \
+	"last_error = u.error, ambiguous = t.ambiguous OR u.ambiguous, "       \
+	"next_attempt_at = CASE WHEN u.state = 'retry' "                       \
+	"THEN now() + u.delay_ms * interval '1 millisecond' "                  \
+	"ELSE t.next_attempt_at END, "                                         \
+	"locked_by = NULL, lease_until = NULL, updated_at = now(), "           \
+	"finished_at = CASE WHEN u.state = 'retry' THEN NULL ELSE now() END "
+
+#define COMPLETE_WHERE "WHERE t.id = u.id AND t.fence = u.fence AND t.status = 'pending' "
+
+static const char sql_complete_invoice[] =
+    "UPDATE invoices AS t " COMPLETE_SET("paid", "charge_id")
+    "FROM " COMPLETE_INPUT " " COMPLETE_WHERE "RETURNING t.id";
+
+/*
+ * A failed redemption gives its hold back in the same statement that marks
+ * it failed, so no moment exists where it is failed with money still held.
+ */
+static const char sql_complete_redemption[] =
+    "WITH upd AS (UPDATE redemptions AS t " COMPLETE_SET("redeemed", "fulfillment_id")
+    "FROM " COMPLETE_INPUT " " COMPLETE_WHERE "RETURNING t.id, t.status), "
+    "rev AS (INSERT INTO ledger_transactions (subsidy_id, amount_cents, redemption_id, kind) "
+    "SELECT h.subsidy_id, -h.amount_cents, h.redemption_id, 'reversal' "
+    "FROM ledger_transactions h JOIN upd ON h.redemption_id = upd.id "
+    "WHERE h.kind = 'hold' AND upd.status = 'failed' ON CONFLICT DO NOTHING) "
+    "SELECT id FROM upd";
+
+enum stmt {
+	STMT_DUE,
+	STMT_CLAIM_SKIP,
+	STMT_CLAIM_IDS,
+	STMT_RENEW,
+	STMT_COMPLETE,
+	STMT_COUNT,
+};
+
+static const char *const stmt_names[STMT_COUNT] = {
+	"due", "claim_skip", "claim_ids", "renew", "complete",
+};
+
+/* A growable text buffer for array literals, reused across calls. */
+struct buf {
+	char *data;
+	size_t len, cap;
+};
+
+struct store {
+	char *conninfo;
+	char *worker_id;
+	PGconn *conn;
+	bool prepared;
+	char errmsg[512];
+	uint64_t retries;
+	struct buf arr[8];
+};
+
+static int
+buf_reserve(struct buf *b, size_t more)
+{
+	size_t cap;
+	char *p;
+
+	if (b->len + more + 1 <= b->cap)
+		return 0;
+	cap = b->cap ? b->cap : 256;
+	while (cap < b->len + more + 1)
+		cap *= 2;
+	if ((p = realloc(b->data, cap)) == NULL)
+		return -1;
+	b->data = p;
+	b->cap = cap;
+	return 0;
+}
+
+static int
+buf_add(struct buf *b, const char *s, size_t n)
+{
+	if (buf_reserve(b, n) == -1)
+		return -1;
+	memcpy(b->data + b->len, s, n);
+	b->len += n;
+	b->data[b->len] = '\0';
+	return 0;
+}
+
+static void
+buf_reset(struct buf *b)
+{
+	b->len = 0;
+	if (b->data != NULL)
+		b->data[0] = '\0';
+}
+
+/* Appends an element of an array literal: a number, "NULL", or a quoted string. */
+static int
+arr_add_raw(struct buf *b, const char *s)
+{
+	if (buf_add(b, b->len == 1 ? "" : ",", b->len == 1 ? 0 : 1) == -1)
+		return -1;
+	return buf_add(b, s, strlen(s));
+}
+
+static int
+arr_add_int(struct buf *b, int64_t v)
+{
+	char num[32];
+
+	snprintf(num, sizeof(num), "%" PRId64, v);
+	return arr_add_raw(b, num);
+}
+
+/*
+ * Quotes S for an array literal.  Text from the API may hold anything:
+ * bytes that are not UTF-8 are replaced so one odd error message cannot
+ * make PostgreSQL reject a whole batch of completions.
+ */
+static int
+arr_add_text(struct buf *b, const char *s)
+{
+	const unsigned char *p;
+
+	if (s == NULL || s[0] == '\0')
+		return arr_add_raw(b, "NULL");
+	if (buf_add(b, b->len == 1 ? "\"" : ",\"", b->len == 1 ? 1 : 2) == -1)
+		return -1;
+	for (p = (const unsigned char *)s; *p != '\0'; p++) {
+		char c = (char)*p;
+
+		if (*p == '"' || *p == '\\') {
+			if (buf_add(b, "\\", 1) == -1)
+				return -1;
+		} else if (*p >= 0x80 || *p < 0x20) {
+			c = '?';
+		}
+		if (buf_add(b, &c, 1) == -1)
+			return -1;
+	}
+	return buf_add(b, "\"", 1);
+}
+
+static int
+arr_open(struct buf *b)
+{
+	buf_reset(b);
+	return buf_add(b, "{", 1);
+}
+
+static int
+arr_close(struct buf *b)
+{
+	return buf_add(b, "}", 1);
+}
+
+
+void
+store_errorf(store *st, const char *fmt, ...)
+{
+	va_list ap;
+	size_t n;
+
+	va_start(ap, fmt);
+	vsnprintf(st->errmsg, sizeof(st->errmsg), fmt, ap);
+	va_end(ap);
+	/* libpq messages end in a newline; ours are one line. */
+	n = strlen(st->errmsg);
+	while (n > 0 && (st->errmsg[n - 1] == '\n' || st->errmsg[n - 1] == ' '))
+		st->errmsg[--n] = '\0';
+}
+
+int
+store_new(const char *conninfo, const char *worker_id, store **ret)
+{
+	store *st;
+
+	if ((st = calloc(1, sizeof(*st))) == NULL)
+		return -1;
+	st->conninfo = strdup(conninfo);
+	st->worker_id = strdup(worker_id);
+	if (st->conninfo == NULL || st->worker_id == NULL) {
+		store_free(st);
+		return -1;
+	}
+	*ret = st;
+	return 0;
+}
+
+void
+store_free(store *st)
+{
+	if (st == NULL)
+		return;
+	if (st->conn != NULL)
+		PQfinish(st->conn);
+	if (st->conninfo != NULL) {
+		/* The conninfo may hold a password. */
+		explicit_bzero(st->conninfo, strlen(st->conninfo));
+		free(st->conninfo);
+	}
+	free(st->worker_id);
+	for (size_t i = 0; i < sizeof(st->arr) / sizeof(st->arr[0]); i++)
+		free(st->arr[i].data);
+	free(st);
+}
+
+bool
+store_connected(const store *st)
+{
+	return st->conn != NULL && PQstatus(st->conn) == CONNECTION_OK;
+}
+
+const char *
+store_errmsg(const store *st)
+{
+	return st->errmsg;
+}
+
+uint64_t
+store_retries(const store *st)
+{
+	return st->retries;
+}
+
+PGconn *
+store_conn(store *st)
+{
+	return st->conn;
+}
+
+void
+store_set_error(store *st, const char *what, const PGresult *res)
+{
+	const char *msg = res != NULL ? PQresultErrorMessage(res) : "";
+
+	if (msg == NULL || msg[0] == '\0')
+		msg = st->conn != NULL ? PQerrorMessage(st->conn) : "not connected";
+	store_errorf(st, "%s: %s", what, msg);
+}
+
+static int
+prepare_all(store *st)
+{
+	char sql[4096];
+	PGresult *res;
+
+	for (int k = 0; k < ITEM_KIND_COUNT; k++) {
+		for (int s = 0; s < STMT_COUNT; s++) {
+			char name[64];
+
+			switch (s) {
+			case STMT_DUE:
+				snprintf(sql, sizeof(sql), sql_due, table_of[k]);
+				break;
+			case STMT_CLAIM_SKIP:
+				snprintf(sql, sizeof(sql), sql_claim_skip, table_of[k], claim_returning[k]);
+				break;
+			case STMT_CLAIM_IDS:
+				snprintf(sql, sizeof(sql), sql_claim_ids, table_of[k], claim_returning[k]);
+				break;
+			case STMT_RENEW:
+				snprintf(sql, sizeof(sql), sql_renew, table_of[k]);
+				break;
+			default:
+				snprintf(sql, sizeof(sql), "%s", k == ITEM_INVOICE ?
+				    sql_complete_invoice : sql_complete_redemption);
+				break;
+			}
+			snprintf(name, sizeof(name), "%s_%s", stmt_names[s], item_kind_name(k));
+			res = PQprepare(st->conn, name, sql, 0, NULL);
+			if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+				store_set_error(st, "could not prepare statements", res);
+				PQclear(res);
+				return -1;
+			}
+			PQclear(res);
+		}
+	}
+	st->prepared = true;
+	return 0;
+}
+
+int
+store_connect(store *st)
+{
+	/*
+	 * Our defaults come first so the operator's conninfo overrides them:
+	 * bounded connect time and TCP keepalives so a dead peer is noticed
+	 * instead of blocking the loop forever.
+	 */
+	const char *keys[] = { "connect_timeout", "keepalives", "keepalives_idle",
+	    "keepalives_interval", "keepalives_count", "tcp_user_timeout",
+	    "application_name", "dbname", NULL };
+	const char *vals[] = { "5", "1", "10", "5", "3", "20000",
+	    "billing-worker", st->conninfo, NULL };
+	PGresult *res;
+	int ret = -1;
+
+	if (st->conn != NULL) {
+		PQfinish(st->conn);
+		st->conn = NULL;
+	}
+	st->prepared = false;
+	st->conn = PQconnectdbParams(keys, vals, 1);
+	if (st->conn == NULL) {
+		store_errorf(st, "could not connect to the database: out of memory");
+		return -1;
+	}
+	if (PQstatus(st->conn) != CONNECTION_OK) {
+		store_errorf(st, "could not connect to the database: %s", PQerrorMessage(st->conn));
+		goto out;
+	}
+	/* A statement that hangs (lock waits, a stuck server) must not stall the loop. */
+	res = PQexec(st->conn, "SET statement_timeout = '30s'; SET lock_timeout = '10s'; "
+	    "SET idle_in_transaction_session_timeout = '60s'");
+	if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+		store_set_error(st, "could not configure the session", res);
+		PQclear(res);
+		goto out;
+	}
+	PQclear(res);
+	log_info("connected to the database (host \"%s\", port \"%s\", database \"%s\")",
+	    PQhost(st->conn), PQport(st->conn), PQdb(st->conn));
+	ret = 0;
+out:
+	return ret;
+}
+
+/* 40001 serialization_failure and 40P01 deadlock_detected are worth redoing. */
+static bool
+res_is_retryable(const PGresult *res)
+{
+	const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+
+	return state != NULL && (strcmp(state, "40001") == 0 || strcmp(state, "40P01") == 0);
+}
+
+/* Runs a prepared statement for KIND; returns the result or NULL with errmsg set. */
+static PGresult *
+exec_stmt(store *st, enum stmt s, enum item_kind kind, int nparams,
+    const char *const *values, ExecStatusType want, bool *retryable)
+{
+	char name[64];
+	PGresult *res;
+
+	*retryable = false;
+	if (!store_connected(st)) {
+		store_errorf(st, "not connected to the database");
+		return NULL;
+	}
+	/* Prepared on first use, so migrate and status work on any schema. */
+	if (!st->prepared && prepare_all(st) == -1)
+		return NULL;
+	snprintf(name, sizeof(name), "%s_%s", stmt_names[s], item_kind_name(kind));
+	res = PQexecPrepared(st->conn, name, nparams, values, NULL, NULL, 0);
+	if (PQresultStatus(res) != want) {
+		*retryable = res_is_retryable(res);
+		store_set_error(st, stmt_names[s], res);
+		PQclear(res);
+		return NULL;
+	}
+	return res;
+}
+
+int
+store_due_ids(store *st, enum item_kind kind, size_t limit, int64_t *ids, size_t *ret_n)
+{
+	char lim[32];
+	const char *params[1] = { lim };
+	PGresult *res;
+	bool retryable;
+	int n;
+
+	snprintf(lim, sizeof(lim), "%zu", limit);
+	res = exec_stmt(st, STMT_DUE, kind, 1, params, PGRES_TUPLES_OK, &retryable);
+	if (res == NULL)
+		return -1;
+	n = PQntuples(res);
+	for (int i = 0; i < n && (size_t)i < limit; i++)
+		ids[i] = strtoll(PQgetvalue(res, i, 0), NULL, 10);
+	*ret_n = (size_t)n < limit ? (size_t)n : limit;
+	PQclear(res);
+	return 0;
+}
+
+static char *
+dup_value(const PGresult *res, int row, int col)
+{
+	if (PQgetisnull(res, row, col))
+		return NULL;
+	return strdup(PQgetvalue(res, row, col));
+}
+
+int
+store_claim(store *st, enum item_kind kind, const int64_t *ids, size_t nids,
+    size_t limit, int lease_ms, struct item *items, size_t *ret_n)
+{
+	char lease[32], lim[32];
+	const char *params[3];
+	PGresult *res = NULL;
+	struct buf *arr = &st->arr[0];
+	bool retryable = false;
+	int n, ret = -1;
+
+	snprintf(lease, sizeof(lease), "%d", lease_ms);
+	snprintf(lim, sizeof(lim), "%zu", limit);
+	params[0] = st->worker_id;
+	params[1] = lease;
+	if (ids != NULL) {
+		if (nids == 0) {
+			*ret_n = 0;
+			return 0;
+		}
+		if (arr_open(arr) == -1)
+			goto oom;
+		for (size_t i = 0; i < nids; i++)
+			if (arr_add_int(arr, ids[i]) == -1)
+				goto oom;
+		if (arr_close(arr) == -1)
+			goto oom;
+		params[2] = arr->data;
+	} else {
+		params[2] = lim;
+	}
+	for (int attempt = 0; attempt < TX_RETRIES; attempt++) {
+		res = exec_stmt(st, ids != NULL ? STMT_CLAIM_IDS : STMT_CLAIM_SKIP,
+		    kind, 3, params, PGRES_TUPLES_OK, &retryable);
+		if (res != NULL || !retryable)
+			break;
+		st->retries++;
+		log_info("claim of %ss hit a deadlock or serialization failure, retrying",
+		    item_kind_name(kind));
+	}
+	if (res == NULL)
+		goto out;
+	n = PQntuples(res);
+	if ((size_t)n > limit)
+		n = (int)limit;
+	for (int i = 0; i < n; i++) {
+		struct item *it = &items[i];
+
+		memset(it, 0, sizeof(*it));
+		it->kind = kind;
+		it->id = strtoll(PQgetvalue(res, i, 0), NULL, 10);
+		it->fence = strtoll(PQgetvalue(res, i, 1), NULL, 10);
+		it->attempts = atoi(PQgetvalue(res, i, 2));
+		it->ambiguous = PQgetvalue(res, i, 3)[0] == 't';
+		it->amount_cents = strtoll(PQgetvalue(res, i, 4), NULL, 10);
+		it->customer_id = dup_value(res, i, 5);
+		it->currency = dup_value(res, i, 6);
+		if (!PQgetisnull(res, i, 7))
+			it->subsidy_id = strtoll(PQgetvalue(res, i, 7), NULL, 10);
+		it->held = PQgetvalue(res, i, 8)[0] == 't';
+		if (it->customer_id == NULL && !PQgetisnull(res, i, 5)) {
+			/* Out of memory: give back what was filled; leases run out. */
+			for (int j = 0; j <= i; j++)
+				item_clear(&items[j]);
+			goto oom;
+		}
+	}
+	*ret_n = (size_t)n;
+	ret = 0;
+	goto out;
+oom:
+	store_errorf(st, "out of memory");
+out:
+	PQclear(res);
+	return ret;
+}
+
+int
+store_renew(store *st, enum item_kind kind, struct item *const *items, size_t n,
+    int lease_ms)
+{
+	struct buf *ids = &st->arr[0], *fences = &st->arr[1];
+	char lease[32];
+	const char *params[3];
+	PGresult *res;
+	bool retryable;
+	int rows;
+
+	if (n == 0)
+		return 0;
+	if (arr_open(ids) == -1 || arr_open(fences) == -1)
+		goto oom;
+	for (size_t i = 0; i < n; i++)
+		if (arr_add_int(ids, items[i]->id) == -1 ||
+		    arr_add_int(fences, items[i]->fence) == -1)
+			goto oom;
+	if (arr_close(ids) == -1 || arr_close(fences) == -1)
+		goto oom;
+	snprintf(lease, sizeof(lease), "%d", lease_ms);
+	params[0] = ids->data;
+	params[1] = fences->data;
+	params[2] = lease;
+	res = exec_stmt(st, STMT_RENEW, kind, 3, params, PGRES_TUPLES_OK, &retryable);
+	if (res == NULL)
+		return -1;
+	/* Renewed rows come back; everything else is no longer ours. */
+	rows = PQntuples(res);
+	for (size_t i = 0; i < n; i++) {
+		bool found = false;
+
+		for (int r = 0; r < rows && !found; r++)
+			found = strtoll(PQgetvalue(res, r, 0), NULL, 10) == items[i]->id;
+		if (!found)
+			items[i]->lock_lost = true;
+	}
+	PQclear(res);
+	return 0;
+oom:
+	store_errorf(st, "out of memory");
+	return -1;
+}
+
+static const char *const state_names[] = { "done", "failed", "retry" };
+
+/* Records the completions of one kind; marks accepted[] for those applied. */
+static int
+complete_kind(store *st, enum item_kind kind, const struct completion *c,
+    size_t n, bool *accepted, bool *retryable)
+{
+	struct buf *a = st->arr;
+	const char *params[8];
+	PGresult *res;
+	size_t count = 0;
+
+	for (int i = 0; i < 8; i++)
+		if (arr_open(&a[i]) == -1)
+			goto oom;
+	for (size_t i = 0; i < n; i++) {
+		if (c[i].kind != kind)
+			continue;
+		count++;
+		if (arr_add_int(&a[0], c[i].id) == -1 ||
+		    arr_add_int(&a[1], c[i].fence) == -1 ||
+		    arr_add_raw(&a[2], state_names[c[i].state]) == -1 ||
+		    arr_add_int(&a[3], c[i].calls) == -1 ||
+		    arr_add_raw(&a[4], c[i].ambiguous ? "t" : "f") == -1 ||
+		    arr_add_int(&a[5], c[i].delay_ms) == -1 ||
+		    arr_add_text(&a[6], c[i].state == COMPLETION_DONE ? c[i].result_id : NULL) == -1 ||
+		    arr_add_text(&a[7], c[i].state == COMPLETION_DONE ? NULL : c[i].error) == -1)
+			goto oom;
+	}
+	if (count == 0)
+		return 0;
+	for (int i = 0; i < 8; i++) {
+		if (arr_close(&a[i]) == -1)
+			goto oom;
+		params[i] = a[i].data;
+	}
+	res = exec_stmt(st, STMT_COMPLETE, kind, 8, params, PGRES_TUPLES_OK, retryable);
+	if (res == NULL)
+		return -1;
+	for (int r = 0; r < PQntuples(res); r++) {
+		int64_t id = strtoll(PQgetvalue(res, r, 0), NULL, 10);
+
+		for (size_t i = 0; i < n; i++)
+			if (c[i].kind == kind && c[i].id == id)
+				accepted[i] = true;
+	}
+	PQclear(res);
+	return 0;
+oom:
+	store_errorf(st, "out of memory");
+	return -1;
+}
+
+static int
+exec_simple(store *st, const char *sql)
+{
+	PGresult *res = PQexec(st->conn, sql);
+	int ret = 0;
+
+	if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+		store_set_error(st, sql, res);
+		ret = -1;
+	}
+	PQclear(res);
+	return ret;
+}
+
+int
+store_complete(store *st, const struct completion *c, size_t n, bool *accepted)
+{
+	bool kinds[ITEM_KIND_COUNT] = { false, false };
+	bool both, retryable = false;
+
+	if (n == 0)
+		return 0;
+	if (!store_connected(st)) {
+		store_errorf(st, "not connected to the database");
+		return -1;
+	}
+	for (size_t i = 0; i < n; i++)
+		kinds[c[i].kind] = true;
+	both = kinds[ITEM_INVOICE] && kinds[ITEM_REDEMPTION];
+	for (int attempt = 0; attempt < TX_RETRIES; attempt++) {
+		int failed = 0;
+
+		memset(accepted, 0, n * sizeof(*accepted));
+		if (both && exec_simple(st, "BEGIN") == -1)
+			return -1;
+		for (int k = 0; k < ITEM_KIND_COUNT && !failed; k++)
+			if (kinds[k] && complete_kind(st, k, c, n, accepted, &retryable) == -1)
+				failed = 1;
+		if (!failed && (!both || exec_simple(st, "COMMIT") == 0))
+			return 0;
+		if (both && store_connected(st)) {
+			PGresult *res = PQexec(st->conn, "ROLLBACK");
+
+			PQclear(res);
+		}
+		if (!retryable)
+			break;
+		st->retries++;
+		log_info("completion of %zu items hit a deadlock or serialization failure, retrying", n);
+	}
+	memset(accepted, 0, n * sizeof(*accepted));
+	return -1;
+}

@@ -1,0 +1,111 @@
+#ifndef BW_STORE_H
+#define BW_STORE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "common/item.h"
+
+/*
+ * The PostgreSQL side of billing-worker: claims, lease renewals, fenced
+ * completions, the schema and the read-only reports.  One connection per
+ * handle, prepared statements, every statement a transaction of its own
+ * (so no transaction is ever open while an API call is in flight).
+ *
+ * Every function returns 0 on success or -1 on failure with the reason in
+ * store_errmsg().  After a failure store_connected() tells whether the
+ * connection itself broke (reconnect and try again later) or the statement
+ * failed on a live connection.  Serialization failures and deadlocks are
+ * retried inside, a bounded number of times, and counted.
+ */
+typedef struct store store;
+
+/* Creates a handle; nothing is connected yet.  CONNINFO is copied. */
+int store_new(const char *conninfo, const char *worker_id, store **ret)
+	__attribute__((warn_unused_result));
+void store_free(store *st);
+
+/* (Re)connects and prepares the statements.  Logs the target without its password. */
+int store_connect(store *st) __attribute__((warn_unused_result));
+bool store_connected(const store *st);
+const char *store_errmsg(const store *st);
+/* Deadlocks and serialization failures retried so far. */
+uint64_t store_retries(const store *st);
+
+/*
+ * Ids of up to LIMIT items of KIND that are due now, oldest first, into IDS
+ * (capacity LIMIT).  Takes no lock: the caller locks them in Redis and then
+ * claims them with store_claim().
+ */
+int store_due_ids(store *st, enum item_kind kind, size_t limit, int64_t *ids,
+    size_t *ret_n) __attribute__((warn_unused_result));
+
+/*
+ * Claims due items of KIND for LEASE_MS: bumps each one's fence, records
+ * this worker as holder and hides it from other claims until the lease
+ * ends.  With IDS, only those items (still due) are claimed; with IDS NULL,
+ * up to LIMIT due items are chosen with FOR UPDATE SKIP LOCKED.  Filled
+ * items go to ITEMS (capacity LIMIT); the caller owns them (item_clear).
+ * A claim of an item whose previous lease ran out without a completion marks
+ * it ambiguous: its holder may have called the API before it died.
+ */
+int store_claim(store *st, enum item_kind kind, const int64_t *ids, size_t nids,
+    size_t limit, int lease_ms, struct item *items, size_t *ret_n)
+	__attribute__((warn_unused_result));
+
+/*
+ * Extends the lease of every item of ITEMS (all of one kind) that this
+ * claim still owns (same fence, still pending).  Items no longer owned get
+ * lock_lost set.
+ */
+int store_renew(store *st, enum item_kind kind, struct item *const *items,
+    size_t n, int lease_ms) __attribute__((warn_unused_result));
+
+enum completion_state {
+	COMPLETION_DONE,        /* paid / redeemed with result_id */
+	COMPLETION_FAILED,      /* failed for good, with error */
+	COMPLETION_RETRY,       /* pending again after delay_ms */
+};
+
+/*
+ * What one attempt at an item ended with, as the store records it.  Fixed
+ * buffers: a completion costs no allocation.
+ */
+struct completion {
+	enum item_kind kind;
+	int64_t id;
+	int64_t fence;
+	enum completion_state state;
+	int calls;              /* API calls this attempt made: 0 or 1 */
+	bool ambiguous;         /* some attempt so far may have taken effect */
+	int64_t delay_ms;       /* RETRY: when to try again */
+	char result_id[256];    /* DONE: the API's id */
+	char error[512];        /* FAILED, RETRY: last_error ("" for none) */
+};
+
+/*
+ * Records N completions (any mix of kinds) in one transaction.  Each item's
+ * update is conditional and fenced: it applies only if the item is still
+ * pending and its fence is still the one in the completion.  accepted[i]
+ * tells which applied; a rejected one lost its claim to another worker and
+ * must not be reported as recorded.  On -1 nothing was recorded.
+ */
+int store_complete(store *st, const struct completion *c, size_t n,
+    bool *accepted) __attribute__((warn_unused_result));
+
+/* Creates or upgrades the schema; safe from several hosts at once. */
+int store_migrate(store *st) __attribute__((warn_unused_result));
+
+/*
+ * Fails with a clear message when the schema is missing or older than this
+ * binary expects, so "run" refuses to start instead of failing per item.
+ */
+int store_check_schema(store *st) __attribute__((warn_unused_result));
+
+/* Writes the status report to OUT. */
+int store_status(store *st, FILE *out, int max_attempts)
+	__attribute__((warn_unused_result));
+
+#endif

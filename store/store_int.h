@@ -1,0 +1,19 @@
+#ifndef BW_STORE_INT_H
+#define BW_STORE_INT_H
+
+/* Shared between the files of store/ only; nothing outside includes it. */
+
+#include <libpq-fe.h>
+
+#include "store/store.h"
+
+/* The live connection, or NULL; owned by the store. */
+PGconn *store_conn(store *st);
+
+/* Sets store_errmsg() to "WHAT: <the server's or libpq's message>". */
+void store_set_error(store *st, const char *what, const PGresult *res);
+
+/* Sets store_errmsg() from a format. */
+void store_errorf(store *st, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+#endif

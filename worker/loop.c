@@ -1,0 +1,711 @@
+#include "worker/loop.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "billing/api.h"
+#include "billing/outcome.h"
+#include "common/item.h"
+#include "common/log.h"
+#include "locks/lock.h"
+#include "store/store.h"
+
+#define DB_RETRY_MIN_MS 200
+#define DB_RETRY_MAX_MS 10000
+/* Longest sleep in poll, so flags and deadlines are looked at regularly. */
+#define WAIT_MAX_MS 1000
+/* A once run gives up when the database stays unreachable this long. */
+#define ONCE_DB_PATIENCE_MS 60000
+
+enum flight_state {
+	FLIGHT_FREE,
+	FLIGHT_CALLING,         /* API call in flight */
+	FLIGHT_DONE,            /* outcome queued, waiting to be recorded */
+};
+
+/* One claimed item, from its claim until its completion is recorded. */
+struct flight {
+	enum flight_state state;
+	struct item item;
+	struct completion done;
+	double latency_ms;
+	long http_status;
+};
+
+struct loop {
+	struct bw_config *cfg;
+	bool once;
+	store *st;
+	lockmgr *locks;
+	api_client *api;
+	struct retry_policy policy;
+
+	struct flight *flights;
+	int nflights;           /* capacity: the largest concurrency seen */
+	int busy;               /* flights not FREE */
+
+	struct item *claimed;   /* claim scratch, capacity batch */
+	size_t claimed_cap;
+	struct completion *batch;   /* flush scratch */
+	bool *accepted;
+	int *batch_flight;
+	struct item **itemp;
+
+	int64_t next_poll_ms;
+	int64_t next_renew_ms;
+	int64_t next_db_try_ms;
+	int db_delay_ms;
+	int64_t db_down_since_ms;
+	int kind_turn;
+	uint64_t rng;
+
+	bool stopping;
+	int64_t stop_deadline_ms;
+
+	/* what this process did, for the exit line */
+	uint64_t n_done, n_failed, n_retry, n_rejected, n_calls;
+};
+
+static volatile sig_atomic_t got_stop, got_reload;
+static int wake_pipe[2] = { -1, -1 };
+
+static void
+on_signal(int sig)
+{
+	int saved = errno;
+	char c = 0;
+
+	if (sig == SIGHUP)
+		got_reload = 1;
+	else
+		got_stop = 1;
+	/* Wakes the poll at once; the pipe is non-blocking, a full one is fine. */
+	if (write(wake_pipe[1], &c, 1) == -1) {
+		/* nothing to do in a handler */
+	}
+	errno = saved;
+}
+
+static int
+signals_setup(void)
+{
+	struct sigaction sa;
+
+	if (pipe2(wake_pipe, O_NONBLOCK | O_CLOEXEC) == -1)
+		return -1;
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_signal;
+	sigemptyset(&sa.sa_mask);
+	sa.sa_flags = SA_RESTART;
+	if (sigaction(SIGTERM, &sa, NULL) == -1 || sigaction(SIGINT, &sa, NULL) == -1 ||
+	    sigaction(SIGHUP, &sa, NULL) == -1)
+		return -1;
+	sa.sa_handler = SIG_IGN;
+	return sigaction(SIGPIPE, &sa, NULL);
+}
+
+static void
+drain_wake_pipe(void)
+{
+	char buf[64];
+
+	while (read(wake_pipe[0], buf, sizeof(buf)) > 0)
+		;
+}
+
+static int64_t
+now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* xorshift64*: jitter only, seeded from the kernel. */
+static uint64_t
+rng_next(struct loop *l)
+{
+	l->rng ^= l->rng >> 12;
+	l->rng ^= l->rng << 25;
+	l->rng ^= l->rng >> 27;
+	return l->rng * 2685821657736338717ULL;
+}
+
+static void
+policy_from(struct retry_policy *p, const struct bw_config *cfg)
+{
+	p->max_attempts = cfg->billing_api.max_attempts;
+	p->backoff_initial_ms = cfg->billing_api.backoff_initial_ms;
+	p->backoff_max_ms = cfg->billing_api.backoff_max_ms;
+}
+
+/* Makes room for CONCURRENCY flights and a batch of BATCH claims. */
+static int
+reserve(struct loop *l, int concurrency, int batch)
+{
+	void *p;
+	size_t need;
+
+	if (concurrency > l->nflights) {
+		if ((p = realloc(l->flights, (size_t)concurrency * sizeof(*l->flights))) == NULL)
+			return -1;
+		l->flights = p;
+		memset(l->flights + l->nflights, 0,
+		    (size_t)(concurrency - l->nflights) * sizeof(*l->flights));
+		l->nflights = concurrency;
+#define GROW(field, n) \
+		do { \
+			if ((p = realloc(l->field, (size_t)(n) * sizeof(*l->field))) == NULL) \
+				return -1; \
+			l->field = p; \
+		} while (0)
+		GROW(batch, concurrency);
+		GROW(accepted, concurrency);
+		GROW(batch_flight, concurrency);
+		GROW(itemp, concurrency);
+	}
+	need = (size_t)batch;
+	if (need > l->claimed_cap) {
+		GROW(claimed, need);
+		l->claimed_cap = need;
+	}
+#undef GROW
+	return 0;
+}
+
+static int
+free_flight(const struct loop *l)
+{
+	for (int i = 0; i < l->nflights; i++)
+		if (l->flights[i].state == FLIGHT_FREE)
+			return i;
+	return -1;
+}
+
+static void
+log_outcome(const struct flight *f, bool accepted)
+{
+	const struct item *it = &f->item;
+	const struct completion *c = &f->done;
+	const char *kind = item_kind_name(it->kind);
+	int attempt = it->attempts + c->calls;
+
+	if (!accepted) {
+		log_warnx("%s %" PRId64 ": outcome not recorded: the claim (fence %" PRId64
+		    ") was lost to another worker, whose result stands (attempt %d)",
+		    kind, it->id, it->fence, attempt);
+		return;
+	}
+	switch (c->state) {
+	case COMPLETION_DONE:
+		log_info("%s %" PRId64 ": %s, id \"%s\" (attempt %d, http %ld, %.1f ms)",
+		    kind, it->id, it->kind == ITEM_INVOICE ? "paid" : "redeemed",
+		    c->result_id, attempt, f->http_status, f->latency_ms);
+		break;
+	case COMPLETION_FAILED:
+		if (c->calls == 0)
+			log_warnx("%s %" PRId64 ": failed before any call: %s", kind, it->id, c->error);
+		else
+			log_warnx("%s %" PRId64 ": failed: %s (attempt %d, http %ld, %.1f ms)",
+			    kind, it->id, c->error, attempt, f->http_status, f->latency_ms);
+		break;
+	case COMPLETION_RETRY:
+		log_info("%s %" PRId64 ": retry in %" PRId64 " ms%s: %s (attempt %d, http %ld, %.1f ms)",
+		    kind, it->id, c->delay_ms, c->ambiguous ? " (may have taken effect)" : "",
+		    c->error, attempt, f->http_status, f->latency_ms);
+		break;
+	}
+}
+
+static void
+note_db_failure(struct loop *l, const char *what)
+{
+	if (store_connected(l->st)) {
+		log_warnx("%s: %s", what, store_errmsg(l->st));
+		return;
+	}
+	if (l->db_down_since_ms == 0) {
+		log_warnx("%s: %s; reconnecting", what, store_errmsg(l->st));
+		l->db_down_since_ms = now_ms();
+		l->next_db_try_ms = now_ms() + l->db_delay_ms;
+	}
+}
+
+/*
+ * Reconnects to the database when the connection is gone, with backoff.
+ * Returns true when connected.
+ */
+static bool
+db_ready(struct loop *l)
+{
+	int64_t now = now_ms();
+
+	if (store_connected(l->st))
+		return true;
+	if (l->db_down_since_ms == 0)
+		l->db_down_since_ms = now;
+	if (now < l->next_db_try_ms)
+		return false;
+	if (store_connect(l->st) == 0) {
+		log_info("database reachable again after %.1f s",
+		    (double)(now - l->db_down_since_ms) / 1000.0);
+		l->db_down_since_ms = 0;
+		l->db_delay_ms = DB_RETRY_MIN_MS;
+		return true;
+	}
+	log_warnx("%s (retrying in %d ms)", store_errmsg(l->st), l->db_delay_ms);
+	l->next_db_try_ms = now + l->db_delay_ms;
+	l->db_delay_ms = l->db_delay_ms * 2 > DB_RETRY_MAX_MS ? DB_RETRY_MAX_MS : l->db_delay_ms * 2;
+	return false;
+}
+
+/*
+ * Records every queued outcome in one transaction, then frees their
+ * flights and gives back their Redis locks.  When the database is down the
+ * outcomes stay queued and are tried again; if the leases run out first,
+ * another worker repeats the calls under the same keys and the fenced
+ * completion turns ours away.
+ */
+static void
+flush(struct loop *l)
+{
+	size_t n = 0;
+
+	for (int i = 0; i < l->nflights; i++) {
+		if (l->flights[i].state != FLIGHT_DONE)
+			continue;
+		l->batch[n] = l->flights[i].done;
+		l->batch_flight[n] = i;
+		n++;
+	}
+	if (n == 0 || !db_ready(l))
+		return;
+	if (store_complete(l->st, l->batch, n, l->accepted) == -1) {
+		note_db_failure(l, "could not record outcomes");
+		return;
+	}
+	for (size_t j = 0; j < n; j++) {
+		struct flight *f = &l->flights[l->batch_flight[j]];
+
+		log_outcome(f, l->accepted[j]);
+		if (!l->accepted[j])
+			l->n_rejected++;
+		else if (f->done.state == COMPLETION_DONE)
+			l->n_done++;
+		else if (f->done.state == COMPLETION_FAILED)
+			l->n_failed++;
+		else
+			l->n_retry++;
+		l->itemp[j] = &f->item;
+	}
+	lock_release(l->locks, l->itemp, n);
+	for (size_t j = 0; j < n; j++) {
+		struct flight *f = &l->flights[l->batch_flight[j]];
+
+		item_clear(&f->item);
+		f->state = FLIGHT_FREE;
+		l->busy--;
+	}
+}
+
+/* Starts the call of a freshly claimed item, or queues its refusal. */
+static void
+launch(struct loop *l, struct item *it)
+{
+	int slot = free_flight(l);
+	struct flight *f;
+	const char *reason;
+
+	if (slot == -1) {
+		/* Cannot happen: claims never exceed free flights.  The lease runs out. */
+		log_error("%s %" PRId64 ": no free slot", item_kind_name(it->kind), it->id);
+		item_clear(it);
+		return;
+	}
+	f = &l->flights[slot];
+	f->item = *it;
+	memset(it, 0, sizeof(*it));
+	f->latency_ms = 0;
+	f->http_status = 0;
+	l->busy++;
+	if (item_validate(&f->item, &reason) == -1) {
+		outcome_refused(&f->item, reason, &f->done);
+		f->state = FLIGHT_DONE;
+		return;
+	}
+	if (api_start(l->api, &f->item, slot) == -1) {
+		/* Never sent: try again soon, nothing ambiguous about it. */
+		struct api_verdict v = { .cls = API_TRANSIENT, .retry_after_s = -1 };
+
+		snprintf(v.error, sizeof(v.error), "could not start the API call");
+		outcome_after_call(&f->item, &v, &l->policy, rng_next(l), &f->done);
+		f->done.calls = 0;
+		f->state = FLIGHT_DONE;
+		return;
+	}
+	l->n_calls++;
+	f->state = FLIGHT_CALLING;
+	log_debug("%s %" PRId64 ": calling the billing API (attempt %d, fence %" PRId64 ")",
+	    item_kind_name(f->item.kind), f->item.id, f->item.attempts + 1, f->item.fence);
+}
+
+/*
+ * Claims up to a batch of due items, alternating which kind goes first so
+ * neither starves the other.  Returns 1 when more may be due now, 0 when
+ * not, -1 when the claim failed.
+ */
+static int
+claim(struct loop *l)
+{
+	int room = l->cfg->worker.concurrency - l->busy;
+	size_t want, n;
+	bool more, any_more = false;
+
+	if (room <= 0)
+		return 0;
+	want = (size_t)room < (size_t)l->cfg->worker.batch_size ?
+	    (size_t)room : (size_t)l->cfg->worker.batch_size;
+	for (int k = 0; k < ITEM_KIND_COUNT && want > 0; k++) {
+		enum item_kind kind = (enum item_kind)((l->kind_turn + k) % ITEM_KIND_COUNT);
+
+		if (lock_claim(l->locks, kind, want, l->claimed, &n, &more) == -1) {
+			if (!store_connected(l->st))
+				note_db_failure(l, "could not claim items");
+			else
+				log_warnx("could not claim %ss: %s", item_kind_name(kind),
+				    lock_errmsg(l->locks));
+			return -1;
+		}
+		for (size_t i = 0; i < n; i++)
+			launch(l, &l->claimed[i]);
+		want -= n;
+		any_more = any_more || more;
+	}
+	l->kind_turn++;
+	return any_more ? 1 : 0;
+}
+
+static void
+collect(struct loop *l)
+{
+	struct api_verdict v;
+	double latency;
+	long status;
+	int tag;
+
+	while (api_next_result(l->api, &tag, &v, &latency, &status) == 1) {
+		struct flight *f = &l->flights[tag];
+
+		f->latency_ms = latency;
+		f->http_status = status;
+		outcome_after_call(&f->item, &v, &l->policy, rng_next(l), &f->done);
+		if (v.cls == API_KEY_REUSED)
+			log_error("%s %" PRId64 ": the billing API says its idempotency key was "
+			    "used with a different body; the row changed after an attempt, "
+			    "which is a bug in a producer: %s", item_kind_name(f->item.kind),
+			    f->item.id, v.error);
+		f->state = FLIGHT_DONE;
+	}
+}
+
+static void
+renew(struct loop *l)
+{
+	size_t n = 0;
+
+	for (int i = 0; i < l->nflights; i++)
+		if (l->flights[i].state != FLIGHT_FREE)
+			l->itemp[n++] = &l->flights[i].item;
+	if (n > 0 && store_connected(l->st) && lock_renew(l->locks, l->itemp, n) == -1)
+		note_db_failure(l, "could not renew leases");
+}
+
+/* SIGHUP: load the file again; apply what can change live, keep the rest. */
+static void
+reload(struct loop *l)
+{
+	struct bw_config *fresh;
+	char *errors = NULL, *names = NULL;
+	int nerr;
+
+	if ((fresh = calloc(1, sizeof(*fresh))) == NULL) {
+		log_warnx("reload: out of memory; keeping the running configuration");
+		return;
+	}
+	nerr = config_load(l->cfg->path, fresh, &errors);
+	if (nerr != 0) {
+		log_warnx("reload: \"%s\" has %d error%s; keeping the running configuration:\n%s",
+		    l->cfg->path, nerr, nerr == 1 ? "" : "s", errors ? errors : "");
+		free(errors);
+		config_free(fresh);
+		free(fresh);
+		return;
+	}
+	if (config_restart_needed(l->cfg, fresh, &names) > 0)
+		log_warnx("reload: changes to %s need a restart; running values kept", names);
+	free(names);
+	if (reserve(l, fresh->worker.concurrency, fresh->worker.batch_size) == -1) {
+		log_warnx("reload: out of memory; keeping the running configuration");
+		config_free(fresh);
+		free(fresh);
+		return;
+	}
+	l->cfg->worker.concurrency = fresh->worker.concurrency;
+	l->cfg->worker.batch_size = fresh->worker.batch_size;
+	l->cfg->worker.poll_interval_ms = fresh->worker.poll_interval_ms;
+	l->cfg->worker.shutdown_timeout_ms = fresh->worker.shutdown_timeout_ms;
+	l->cfg->billing_api.timeout_ms = fresh->billing_api.timeout_ms;
+	l->cfg->billing_api.connect_timeout_ms = fresh->billing_api.connect_timeout_ms;
+	l->cfg->billing_api.max_attempts = fresh->billing_api.max_attempts;
+	l->cfg->billing_api.backoff_initial_ms = fresh->billing_api.backoff_initial_ms;
+	l->cfg->billing_api.backoff_max_ms = fresh->billing_api.backoff_max_ms;
+	l->cfg->locks.ttl_ms = fresh->locks.ttl_ms;
+	l->cfg->locks.renew_interval_ms = fresh->locks.renew_interval_ms;
+	l->cfg->log.level = fresh->log.level;
+	config_free(fresh);
+	free(fresh);
+
+	policy_from(&l->policy, l->cfg);
+	api_client_set_limits(l->api, l->cfg->billing_api.timeout_ms,
+	    l->cfg->billing_api.connect_timeout_ms, l->cfg->worker.concurrency);
+	lock_set_ttl(l->locks, l->cfg->locks.ttl_ms);
+	log_set_level((int)l->cfg->log.level);
+	log_info("configuration reloaded (concurrency %d, batch %d, poll %d ms)",
+	    l->cfg->worker.concurrency, l->cfg->worker.batch_size,
+	    l->cfg->worker.poll_interval_ms);
+}
+
+/* At the shutdown deadline: stop the calls still running; they may have charged. */
+static void
+abandon_calls(struct loop *l)
+{
+	for (int i = 0; i < l->nflights; i++) {
+		struct flight *f = &l->flights[i];
+
+		if (f->state != FLIGHT_CALLING)
+			continue;
+		api_abort(l->api, i);
+		outcome_abandoned(&f->item, "call abandoned at shutdown", &f->done);
+		f->state = FLIGHT_DONE;
+		log_warnx("%s %" PRId64 ": call abandoned at the shutdown deadline; "
+		    "due again at once under the same key", item_kind_name(f->item.kind), f->item.id);
+	}
+}
+
+static int
+loop_setup(struct loop *l, const char *token, const char *redis_password)
+{
+	const struct bw_config *cfg = l->cfg;
+	struct api_options ao = {
+		.base_url = cfg->billing_api.base_url,
+		.token = token,
+		.timeout_ms = cfg->billing_api.timeout_ms,
+		.connect_timeout_ms = cfg->billing_api.connect_timeout_ms,
+		.max_connections = cfg->worker.concurrency,
+	};
+	struct lock_options lo = {
+		.mode = cfg->locks.mode,
+		.ttl_ms = cfg->locks.ttl_ms,
+		.worker_id = cfg->worker.id,
+		.redis = {
+			.host = cfg->redis.host,
+			.port = cfg->redis.port,
+			.socket = cfg->redis.socket,
+			.password = redis_password,
+			.connect_timeout_ms = cfg->redis.connect_timeout_ms,
+			.command_timeout_ms = cfg->redis.command_timeout_ms,
+		},
+	};
+	char err[256];
+
+	if (getrandom(&l->rng, sizeof(l->rng), 0) != (ssize_t)sizeof(l->rng) || l->rng == 0)
+		l->rng = (uint64_t)now_ms() | 1;
+	policy_from(&l->policy, cfg);
+	l->db_delay_ms = DB_RETRY_MIN_MS;
+	if (reserve(l, cfg->worker.concurrency, cfg->worker.batch_size) == -1) {
+		log_error("out of memory");
+		return -1;
+	}
+	if (store_new(cfg->database.conninfo, cfg->worker.id, &l->st) == -1 ||
+	    lock_new(&lo, l->st, &l->locks) == -1) {
+		log_error("out of memory");
+		return -1;
+	}
+	if (api_client_new(&ao, &l->api, err, sizeof(err)) == -1) {
+		log_error("could not set up the billing API client: %s", err);
+		return -1;
+	}
+	if (signals_setup() == -1) {
+		log_warn("could not install signal handlers");
+		return -1;
+	}
+	return 0;
+}
+
+static void
+loop_teardown(struct loop *l)
+{
+	for (int i = 0; i < l->nflights; i++)
+		item_clear(&l->flights[i].item);
+	free(l->flights);
+	free(l->claimed);
+	free(l->batch);
+	free(l->accepted);
+	free(l->batch_flight);
+	free(l->itemp);
+	api_client_free(l->api);
+	lock_free(l->locks);
+	store_free(l->st);
+}
+
+/* Waits for the database at start; false when a once run should give up. */
+static bool
+first_connect(struct loop *l)
+{
+	int64_t start = now_ms();
+
+	for (;;) {
+		if (got_stop)
+			return false;
+		if (db_ready(l)) {
+			if (store_check_schema(l->st) == 0)
+				return true;
+			log_error("%s", store_errmsg(l->st));
+			return false;
+		}
+		if (l->once && now_ms() - start > ONCE_DB_PATIENCE_MS) {
+			log_error("database unreachable for %d s; giving up this run",
+			    ONCE_DB_PATIENCE_MS / 1000);
+			return false;
+		}
+		usleep(50 * 1000);
+	}
+}
+
+int
+loop_run(struct bw_config *cfg, const char *token, const char *redis_password, bool once)
+{
+	struct loop l;
+	struct api_waitfd wake;
+	int status = 1;
+	int64_t now, wait;
+
+	memset(&l, 0, sizeof(l));
+	l.cfg = cfg;
+	l.once = once;
+	if (loop_setup(&l, token, redis_password) == -1)
+		goto out;
+	log_info("starting (%s, lock mode %s, concurrency %d, batch %d)",
+	    once ? "once" : "run", config_lock_mode_name(cfg->locks.mode),
+	    cfg->worker.concurrency, cfg->worker.batch_size);
+	if (!first_connect(&l))
+		goto out;
+	status = 0;
+	l.next_renew_ms = now_ms() + cfg->locks.renew_interval_ms;
+
+	for (;;) {
+		now = now_ms();
+		if (got_stop && !l.stopping) {
+			l.stopping = true;
+			l.stop_deadline_ms = now + l.cfg->worker.shutdown_timeout_ms;
+			log_info("stopping: no new items; waiting up to %d ms for %d call%s in flight",
+			    l.cfg->worker.shutdown_timeout_ms, api_in_flight(l.api),
+			    api_in_flight(l.api) == 1 ? "" : "s");
+		}
+		if (got_reload) {
+			got_reload = 0;
+			reload(&l);
+		}
+
+		collect(&l);
+		flush(&l);
+
+		if (now >= l.next_renew_ms) {
+			renew(&l);
+			l.next_renew_ms = now + l.cfg->locks.renew_interval_ms;
+		}
+
+		if (!l.stopping && now >= l.next_poll_ms && l.busy < l.cfg->worker.concurrency &&
+		    db_ready(&l)) {
+			int r = claim(&l);
+
+			if (r == 1)
+				l.next_poll_ms = now;       /* more due: take them as room frees */
+			else
+				l.next_poll_ms = now + l.cfg->worker.poll_interval_ms;
+			if (r == 0 && once && l.busy == 0) {
+				log_info("nothing due; once run finished");
+				break;
+			}
+		}
+		if (once && l.db_down_since_ms != 0 &&
+		    now - l.db_down_since_ms > ONCE_DB_PATIENCE_MS) {
+			log_error("database unreachable for %d s; ending this run with %d item%s "
+			    "unrecorded (their leases run out and they are retried)",
+			    ONCE_DB_PATIENCE_MS / 1000, l.busy, l.busy == 1 ? "" : "s");
+			status = 1;
+			break;
+		}
+
+		if (l.stopping) {
+			if (l.busy == 0)
+				break;
+			if (now >= l.stop_deadline_ms) {
+				abandon_calls(&l);
+				flush(&l);
+				if (l.busy > 0)
+					log_warnx("%d outcome%s could not be recorded before exit; "
+					    "their leases run out and the calls are repeated under the "
+					    "same keys", l.busy, l.busy == 1 ? "" : "s");
+				break;
+			}
+		}
+
+		/* Sleep until the next thing to do, or a call, or a signal. */
+		wait = WAIT_MAX_MS;
+		if (!l.stopping && l.busy < l.cfg->worker.concurrency && l.next_poll_ms - now < wait)
+			wait = l.next_poll_ms - now;
+		if (l.next_renew_ms - now < wait)
+			wait = l.next_renew_ms - now;
+		if (l.db_down_since_ms != 0 && l.next_db_try_ms - now < wait)
+			wait = l.next_db_try_ms - now;
+		for (int i = 0; i < l.nflights; i++)
+			if (l.flights[i].state == FLIGHT_DONE)
+				wait = 0;
+		if (wait < 0)
+			wait = 0;
+		wake.fd = wake_pipe[0];
+		wake.events = POLLIN;
+		wake.revents = 0;
+		if (api_wait(l.api, &wake, 1, (int)wait) == -1)
+			log_warnx("waiting on the billing API calls failed");
+		if (wake.revents & POLLIN)
+			drain_wake_pipe();
+	}
+	{
+		/* Whatever is still claimed (an outage at exit): give back the Redis locks. */
+		size_t n = 0;
+
+		for (int i = 0; i < l.nflights; i++)
+			if (l.flights[i].state != FLIGHT_FREE)
+				l.itemp[n++] = &l.flights[i].item;
+		lock_release(l.locks, l.itemp, n);
+	}
+	log_info("stopped: %" PRIu64 " done, %" PRIu64 " failed, %" PRIu64 " to retry, %" PRIu64
+	    " not recorded (claim lost), %" PRIu64 " API calls, %" PRIu64 " transaction retries",
+	    l.n_done, l.n_failed, l.n_retry, l.n_rejected, l.n_calls,
+	    l.st ? store_retries(l.st) : 0);
+out:
+	loop_teardown(&l);
+	return status;
+}

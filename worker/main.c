@@ -1,0 +1,241 @@
+#include <errno.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/log.h"
+#include "config/config.h"
+#include "store/store.h"
+#include "worker/loop.h"
+
+#define DEFAULT_CONFIG "/etc/billing-worker/billing-worker.conf"
+#define SECRET_MAX 4096
+
+enum { EXIT_OK = 0, EXIT_ERROR = 1, EXIT_USAGE = 2 };
+
+static void
+usage(FILE *out)
+{
+	fprintf(out,
+	    "usage: billing-worker [-c FILE] [run | once | check-config | migrate | status]\n"
+	    "\n"
+	    "  run           the daemon (default); SIGTERM/SIGINT stop, SIGHUP reloads\n"
+	    "  once          process everything due now, then exit\n"
+	    "  check-config  validate the configuration file; exit 2 if invalid\n"
+	    "  migrate       create or upgrade the database schema\n"
+	    "  status        counts by state, oldest pending, items in flight\n"
+	    "\n"
+	    "  -c FILE       configuration file (default " DEFAULT_CONFIG ")\n");
+}
+
+/*
+ * Reads a secret (API token, Redis password) from PATH into BUF, trailing
+ * whitespace removed.  Messages name the file, never its content.
+ */
+static int
+read_secret(const char *what, const char *path, char *buf, size_t len)
+{
+	FILE *f;
+	size_t n;
+
+	if ((f = fopen(path, "re")) == NULL) {
+		fprintf(stderr, "billing-worker: could not open %s \"%s\": %s\n", what, path,
+		    strerror(errno));
+		return -1;
+	}
+	n = fread(buf, 1, len - 1, f);
+	if (ferror(f)) {
+		fprintf(stderr, "billing-worker: could not read %s \"%s\": %s\n", what, path,
+		    strerror(errno));
+		fclose(f);
+		return -1;
+	}
+	if (!feof(f)) {
+		fprintf(stderr, "billing-worker: %s \"%s\" is longer than %d bytes\n", what,
+		    path, SECRET_MAX - 1);
+		fclose(f);
+		return -1;
+	}
+	fclose(f);
+	buf[n] = '\0';
+	while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == '\r' || buf[n - 1] == ' ' ||
+	    buf[n - 1] == '\t'))
+		buf[--n] = '\0';
+	if (n == 0) {
+		fprintf(stderr, "billing-worker: %s \"%s\" is empty\n", what, path);
+		return -1;
+	}
+	if (strpbrk(buf, "\r\n") != NULL) {
+		fprintf(stderr, "billing-worker: %s \"%s\" holds more than one line\n", what, path);
+		return -1;
+	}
+	return 0;
+}
+
+/* worker.id, or hostname:pid when the file leaves it empty. */
+static int
+resolve_worker_id(struct bw_config *cfg)
+{
+	char host[256], id[300];
+	char *p;
+
+	if (cfg->worker.id[0] != '\0')
+		return 0;
+	if (gethostname(host, sizeof(host)) == -1)
+		snprintf(host, sizeof(host), "localhost");
+	host[sizeof(host) - 1] = '\0';
+	snprintf(id, sizeof(id), "%s:%ld", host, (long)getpid());
+	if ((p = strdup(id)) == NULL)
+		return -1;
+	free(cfg->worker.id);
+	cfg->worker.id = p;
+	return 0;
+}
+
+static int
+open_store(const struct bw_config *cfg, store **ret)
+{
+	store *st;
+
+	if (store_new(cfg->database.conninfo, cfg->worker.id, &st) == -1) {
+		fprintf(stderr, "billing-worker: out of memory\n");
+		return -1;
+	}
+	if (store_connect(st) == -1) {
+		fprintf(stderr, "billing-worker: %s\n", store_errmsg(st));
+		store_free(st);
+		return -1;
+	}
+	*ret = st;
+	return 0;
+}
+
+static int
+cmd_migrate(const struct bw_config *cfg)
+{
+	store *st;
+	int status = EXIT_ERROR;
+
+	if (open_store(cfg, &st) == -1)
+		return EXIT_ERROR;
+	if (store_migrate(st) == 0)
+		status = EXIT_OK;
+	else
+		fprintf(stderr, "billing-worker: migrate failed: %s\n", store_errmsg(st));
+	store_free(st);
+	return status;
+}
+
+static int
+cmd_status(const struct bw_config *cfg)
+{
+	store *st;
+	int status = EXIT_ERROR;
+
+	if (open_store(cfg, &st) == -1)
+		return EXIT_ERROR;
+	if (store_check_schema(st) == -1)
+		fprintf(stderr, "billing-worker: %s\n", store_errmsg(st));
+	else if (store_status(st, stdout, cfg->billing_api.max_attempts) == 0)
+		status = EXIT_OK;
+	else
+		fprintf(stderr, "billing-worker: %s\n", store_errmsg(st));
+	store_free(st);
+	return status;
+}
+
+static int
+cmd_work(struct bw_config *cfg, bool once)
+{
+	static char token[SECRET_MAX], redis_password[SECRET_MAX];
+	bool have_redis_password = false;
+	int status;
+
+	if (read_secret("billing_api.token_file", cfg->billing_api.token_file, token,
+	    sizeof(token)) == -1)
+		return EXIT_ERROR;
+	if (cfg->redis.password_file[0] != '\0' && cfg->locks.mode != LOCK_MODE_SKIP_LOCKED) {
+		if (read_secret("redis.password_file", cfg->redis.password_file,
+		    redis_password, sizeof(redis_password)) == -1) {
+			explicit_bzero(token, sizeof(token));
+			return EXIT_ERROR;
+		}
+		have_redis_password = true;
+	}
+	status = loop_run(cfg, token, have_redis_password ? redis_password : NULL, once);
+	explicit_bzero(token, sizeof(token));
+	explicit_bzero(redis_password, sizeof(redis_password));
+	return status;
+}
+
+int
+main(int argc, char **argv)
+{
+	const char *path = DEFAULT_CONFIG, *cmd = "run";
+	struct bw_config cfg;
+	char *errors = NULL;
+	int ch, nerr, status;
+
+	memset(&cfg, 0, sizeof(cfg));
+	while ((ch = getopt(argc, argv, "c:h")) != -1) {
+		switch (ch) {
+		case 'c':
+			path = optarg;
+			break;
+		case 'h':
+			usage(stdout);
+			return EXIT_OK;
+		default:
+			usage(stderr);
+			return EXIT_USAGE;
+		}
+	}
+	if (optind < argc)
+		cmd = argv[optind++];
+	if (optind < argc) {
+		fprintf(stderr, "billing-worker: unexpected argument \"%s\"\n", argv[optind]);
+		usage(stderr);
+		return EXIT_USAGE;
+	}
+	if (strcmp(cmd, "run") != 0 && strcmp(cmd, "once") != 0 &&
+	    strcmp(cmd, "check-config") != 0 && strcmp(cmd, "migrate") != 0 &&
+	    strcmp(cmd, "status") != 0) {
+		fprintf(stderr, "billing-worker: unknown command \"%s\"\n", cmd);
+		usage(stderr);
+		return EXIT_USAGE;
+	}
+
+	nerr = config_load(path, &cfg, &errors);
+	if (nerr != 0) {
+		fputs(errors ? errors : "", stderr);
+		if (errors != NULL && errors[0] != '\0' && errors[strlen(errors) - 1] != '\n')
+			fputc('\n', stderr);
+		fprintf(stderr, "billing-worker: \"%s\": %d error%s\n", path, nerr,
+		    nerr == 1 ? "" : "s");
+		free(errors);
+		config_free(&cfg);
+		return EXIT_USAGE;
+	}
+	if (strcmp(cmd, "check-config") == 0) {
+		printf("%s: configuration is valid\n", path);
+		config_free(&cfg);
+		return EXIT_OK;
+	}
+	if (resolve_worker_id(&cfg) == -1) {
+		fprintf(stderr, "billing-worker: out of memory\n");
+		config_free(&cfg);
+		return EXIT_ERROR;
+	}
+	log_init(cfg.worker.id, (int)cfg.log.level);
+
+	if (strcmp(cmd, "migrate") == 0)
+		status = cmd_migrate(&cfg);
+	else if (strcmp(cmd, "status") == 0)
+		status = cmd_status(&cfg);
+	else
+		status = cmd_work(&cfg, strcmp(cmd, "once") == 0);
+	config_free(&cfg);
+	return status;
+}
