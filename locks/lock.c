@@ -144,6 +144,24 @@ make_token(const lockmgr *lm, char *buf, size_t len)
 }
 
 /*
+ * Redis just failed to connect or dropped: say what happens now, once per
+ * outage, and space out the reconnects.
+ */
+static void
+mark_redis_down(lockmgr *lm)
+{
+	if (!lm->redis_down)
+		log_warnx("redis unreachable: %s%s", redis_lock_errmsg(lm->redis),
+		    lm->mode == LOCK_MODE_AUTO ?
+		    "; claiming with FOR UPDATE SKIP LOCKED until it returns" :
+		    "; no new items are taken until it returns");
+	lm->redis_down = true;
+	lm->next_reconnect_ms = now_ms() + lm->reconnect_delay_ms;
+	lm->reconnect_delay_ms = lm->reconnect_delay_ms * 2 > RECONNECT_MAX_MS ?
+	    RECONNECT_MAX_MS : lm->reconnect_delay_ms * 2;
+}
+
+/*
  * True when Redis can be used now.  Reconnects are spaced out with backoff
  * so a dead Redis costs one connect attempt per few seconds, not one per
  * poll.  State changes are logged once each way.
@@ -168,29 +186,17 @@ redis_usable(lockmgr *lm)
 		lm->reconnect_delay_ms = RECONNECT_MIN_MS;
 		return true;
 	}
-	if (!lm->redis_down)
-		log_warnx("redis unreachable: %s%s", redis_lock_errmsg(lm->redis),
-		    lm->mode == LOCK_MODE_AUTO ?
-		    "; claiming with FOR UPDATE SKIP LOCKED until it returns" :
-		    "; no new items are taken until it returns");
-	lm->redis_down = true;
-	lm->next_reconnect_ms = now + lm->reconnect_delay_ms;
-	lm->reconnect_delay_ms = lm->reconnect_delay_ms * 2 > RECONNECT_MAX_MS ?
-	    RECONNECT_MAX_MS : lm->reconnect_delay_ms * 2;
+	mark_redis_down(lm);
 	return false;
 }
 
 static void
 note_redis_failure(lockmgr *lm)
 {
-	if (!redis_lock_connected(lm->redis)) {
-		if (!lm->redis_down)
-			log_warnx("redis connection lost: %s", redis_lock_errmsg(lm->redis));
-		lm->redis_down = true;
-		lm->next_reconnect_ms = now_ms() + lm->reconnect_delay_ms;
-	} else {
+	if (!redis_lock_connected(lm->redis))
+		mark_redis_down(lm);
+	else
 		log_warnx("redis lock command failed: %s", redis_lock_errmsg(lm->redis));
-	}
 }
 
 static int

@@ -65,6 +65,7 @@ struct loop {
 	int64_t next_db_try_ms;
 	int db_delay_ms;
 	int64_t db_down_since_ms;
+	bool db_outage_logged;
 	int kind_turn;
 	uint64_t rng;
 
@@ -236,6 +237,7 @@ note_db_failure(struct loop *l, const char *what)
 	}
 	if (l->db_down_since_ms == 0) {
 		log_warnx("%s: %s; reconnecting", what, store_errmsg(l->st));
+		l->db_outage_logged = true;
 		l->db_down_since_ms = now_ms();
 		l->next_db_try_ms = now_ms() + l->db_delay_ms;
 	}
@@ -257,8 +259,10 @@ db_ready(struct loop *l)
 	if (now < l->next_db_try_ms)
 		return false;
 	if (store_connect(l->st) == 0) {
-		log_info("database reachable again after %.1f s",
-		    (double)(now - l->db_down_since_ms) / 1000.0);
+		if (l->db_delay_ms > DB_RETRY_MIN_MS || l->db_outage_logged)
+			log_info("database reachable again after %.1f s",
+			    (double)(now - l->db_down_since_ms) / 1000.0);
+		l->db_outage_logged = false;
 		l->db_down_since_ms = 0;
 		l->db_delay_ms = DB_RETRY_MIN_MS;
 		return true;
