@@ -7,9 +7,12 @@ backoff_cap_ms(int attempt, int64_t initial_ms, int64_t max_ms)
 
 	if (attempt < 1)
 		attempt = 1;
-	/* Doubling stops at max_ms, so no overflow for any attempt count. */
-	for (int i = 1; i < attempt && cap < max_ms; i++)
-		cap *= 2;
+	/*
+	 * Doubling stops at max_ms, and never doubles past it, so no overflow
+	 * for any attempt count or max_ms.
+	 */
+	for (int i = 1; i < attempt && cap > 0 && cap < max_ms; i++)
+		cap = cap > max_ms / 2 ? max_ms : cap * 2;
 	return cap < max_ms ? cap : max_ms;
 }
 
