@@ -346,6 +346,14 @@ prepare_all(store *st)
 			PQclear(res);
 		}
 	}
+	res = PQprepare(st->conn, "reserve",
+	    "SELECT rid, result FROM bw_reserve($1::bigint[], $2::bigint[])", 0, NULL);
+	if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+		store_set_error(st, "could not prepare statements", res);
+		PQclear(res);
+		return -1;
+	}
+	PQclear(res);
 	st->prepared = true;
 	return 0;
 }
@@ -687,5 +695,69 @@ store_complete(store *st, const struct completion *c, size_t n, bool *accepted)
 		log_info("completion of %zu items hit a deadlock or serialization failure, retrying", n);
 	}
 	memset(accepted, 0, n * sizeof(*accepted));
+	return -1;
+}
+
+int
+store_reserve(store *st, struct item *const *items, size_t n,
+    enum reserve_result *results)
+{
+	struct buf *ids = &st->arr[0], *fences = &st->arr[1];
+	const char *params[2];
+	PGresult *res = NULL;
+	int ret = -1;
+
+	if (n == 0)
+		return 0;
+	if (!store_connected(st)) {
+		store_errorf(st, "not connected to the database");
+		return -1;
+	}
+	if (!st->prepared && prepare_all(st) == -1)
+		return -1;
+	if (arr_open(ids) == -1 || arr_open(fences) == -1)
+		goto oom;
+	for (size_t i = 0; i < n; i++) {
+		results[i] = RESERVE_LOST;
+		if (arr_add_int(ids, items[i]->id) == -1 ||
+		    arr_add_int(fences, items[i]->fence) == -1)
+			goto oom;
+	}
+	if (arr_close(ids) == -1 || arr_close(fences) == -1)
+		goto oom;
+	params[0] = ids->data;
+	params[1] = fences->data;
+	for (int attempt = 0; attempt < TX_RETRIES; attempt++) {
+		res = PQexecPrepared(st->conn, "reserve", 2, params, NULL, NULL, 0);
+		if (PQresultStatus(res) == PGRES_TUPLES_OK)
+			break;
+		store_set_error(st, "reserve", res);
+		if (!res_is_retryable(res)) {
+			PQclear(res);
+			return -1;
+		}
+		PQclear(res);
+		res = NULL;
+		st->retries++;
+		log_info("reservation of %zu redemptions hit a deadlock or serialization "
+		    "failure, retrying", n);
+	}
+	if (res == NULL)
+		return -1;
+	for (int r = 0; r < PQntuples(res); r++) {
+		int64_t id = strtoll(PQgetvalue(res, r, 0), NULL, 10);
+		const char *what = PQgetvalue(res, r, 1);
+		enum reserve_result v = strcmp(what, "held") == 0 ? RESERVE_HELD :
+		    strcmp(what, "insufficient") == 0 ? RESERVE_INSUFFICIENT : RESERVE_LOST;
+
+		for (size_t i = 0; i < n; i++)
+			if (items[i]->id == id)
+				results[i] = v;
+	}
+	ret = 0;
+	PQclear(res);
+	return ret;
+oom:
+	store_errorf(st, "out of memory");
 	return -1;
 }

@@ -95,6 +95,31 @@ struct completion {
 int store_complete(store *st, const struct completion *c, size_t n,
     bool *accepted) __attribute__((warn_unused_result));
 
+enum reserve_result {
+	RESERVE_HELD,           /* the hold is in the ledger (now or before) */
+	RESERVE_INSUFFICIENT,   /* the subsidy's balance does not cover it */
+	RESERVE_LOST,           /* the claim is no longer ours: do nothing */
+};
+
+/*
+ * Writes the hold of each redemption of ITEMS that has none, in one
+ * transaction, if its subsidy's balance covers it (the escrow step: the
+ * money is set aside before the API is called).  Serializes on each
+ * subsidy's row, so concurrent workers can never overdraw; fenced, so a
+ * stale claim writes nothing.  results[i] answers for items[i].
+ */
+int store_reserve(store *st, struct item *const *items, size_t n,
+    enum reserve_result *results) __attribute__((warn_unused_result));
+
+/*
+ * Checks, from the database alone, every invariant of the contract that
+ * can be checked there, printing one line per violation to OUT.  Sets
+ * *violations to their number.  STUCK_AFTER_S: a pending item whose lease
+ * ran out longer ago than this counts as stuck (no worker is taking it).
+ */
+int store_audit(store *st, FILE *out, int stuck_after_s, int *violations)
+	__attribute__((warn_unused_result));
+
 /* Creates or upgrades the schema; safe from several hosts at once. */
 int store_migrate(store *st) __attribute__((warn_unused_result));
 

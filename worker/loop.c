@@ -59,6 +59,7 @@ struct loop {
 	bool *accepted;
 	int *batch_flight;
 	struct item **itemp;
+	enum reserve_result *reserved;
 
 	int64_t next_poll_ms;
 	int64_t next_renew_ms;
@@ -174,6 +175,7 @@ reserve(struct loop *l, int concurrency, int batch)
 		GROW(accepted, concurrency);
 		GROW(batch_flight, concurrency);
 		GROW(itemp, concurrency);
+		GROW(reserved, concurrency);
 	}
 	need = (size_t)batch;
 	if (need > l->claimed_cap) {
@@ -322,9 +324,14 @@ flush(struct loop *l)
 	}
 }
 
-/* Starts the call of a freshly claimed item, or queues its refusal. */
+/*
+ * Takes a freshly claimed item into a flight: starts its call, or queues
+ * its refusal (REFUSE: failed with that reason, no call) or its deferral
+ * (DEFER: pending again shortly, no call, e.g. its hold could not be
+ * written because the database failed).
+ */
 static void
-launch(struct loop *l, struct item *it)
+launch(struct loop *l, struct item *it, const char *refuse, const char *defer)
 {
 	int slot = free_flight(l);
 	struct flight *f;
@@ -342,6 +349,19 @@ launch(struct loop *l, struct item *it)
 	f->latency_ms = 0;
 	f->http_status = 0;
 	l->busy++;
+	if (refuse != NULL) {
+		outcome_refused(&f->item, refuse, &f->done);
+		f->state = FLIGHT_DONE;
+		return;
+	}
+	if (defer != NULL) {
+		outcome_abandoned(&f->item, defer, &f->done);
+		f->done.calls = 0;
+		f->done.ambiguous = f->item.ambiguous;
+		f->done.delay_ms = l->cfg->worker.poll_interval_ms;
+		f->state = FLIGHT_DONE;
+		return;
+	}
 	if (item_validate(&f->item, &reason) == -1) {
 		outcome_refused(&f->item, reason, &f->done);
 		f->state = FLIGHT_DONE;
@@ -361,6 +381,57 @@ launch(struct loop *l, struct item *it)
 	f->state = FLIGHT_CALLING;
 	log_debug("%s %" PRId64 ": calling the billing API (attempt %d, fence %" PRId64 ")",
 	    item_kind_name(f->item.kind), f->item.id, f->item.attempts + 1, f->item.fence);
+}
+
+/*
+ * Redemptions: set the money aside before calling the API (the escrow
+ * step).  Items already holding funds from an earlier attempt go straight
+ * on; bad rows are refused before any hold; a claim found stale is dropped
+ * without a word to the database.
+ */
+static void
+reserve_then_launch(struct loop *l, size_t n)
+{
+	size_t m = 0;
+	const char *reason;
+	bool failed = false;
+
+	for (size_t i = 0; i < n; i++) {
+		struct item *it = &l->claimed[i];
+
+		if (!it->held && item_validate(it, &reason) == 0)
+			l->itemp[m++] = it;
+	}
+	if (m > 0 && store_reserve(l->st, l->itemp, m, l->reserved) == -1) {
+		note_db_failure(l, "could not reserve funds");
+		failed = true;
+	}
+	for (size_t j = 0; j < m; j++) {
+		struct item *it = l->itemp[j];
+
+		if (failed)
+			continue;
+		if (l->reserved[j] == RESERVE_HELD) {
+			it->held = true;
+		} else if (l->reserved[j] == RESERVE_LOST) {
+			log_warnx("redemption %" PRId64 ": claim lost before its funds were "
+			    "reserved; left to its new holder", it->id);
+			lock_release(l->locks, &l->itemp[j], 1);
+			item_clear(it);
+		}
+	}
+	for (size_t i = 0; i < n; i++) {
+		struct item *it = &l->claimed[i];
+
+		if (it->id == 0)
+			continue;           /* dropped above */
+		if (it->held || item_validate(it, &reason) == -1)
+			launch(l, it, NULL, NULL);
+		else if (failed)
+			launch(l, it, NULL, "funds could not be reserved: database error");
+		else
+			launch(l, it, "insufficient funds", NULL);
+	}
 }
 
 /*
@@ -390,8 +461,11 @@ claim(struct loop *l)
 				    lock_errmsg(l->locks));
 			return -1;
 		}
-		for (size_t i = 0; i < n; i++)
-			launch(l, &l->claimed[i]);
+		if (kind == ITEM_REDEMPTION)
+			reserve_then_launch(l, n);
+		else
+			for (size_t i = 0; i < n; i++)
+				launch(l, &l->claimed[i], NULL, NULL);
 		want -= n;
 		any_more = any_more || more;
 	}
@@ -567,6 +641,7 @@ loop_teardown(struct loop *l)
 	free(l->accepted);
 	free(l->batch_flight);
 	free(l->itemp);
+	free(l->reserved);
 	api_client_free(l->api);
 	lock_free(l->locks);
 	store_free(l->st);

@@ -26,6 +26,7 @@ usage(FILE *out)
 	    "  check-config  validate the configuration file; exit 2 if invalid\n"
 	    "  migrate       create or upgrade the database schema\n"
 	    "  status        counts by state, oldest pending, items in flight\n"
+	    "  audit         check the ledger and item invariants; exit 1 on a violation\n"
 	    "\n"
 	    "  -c FILE       configuration file (default " DEFAULT_CONFIG ")\n");
 }
@@ -146,6 +147,31 @@ cmd_status(const struct bw_config *cfg)
 	return status;
 }
 
+/* A pending item whose lease ran out this long ago is taken by no one. */
+#define AUDIT_STUCK_AFTER_S 300
+
+static int
+cmd_audit(const struct bw_config *cfg)
+{
+	store *st;
+	int status = EXIT_ERROR, violations = 0;
+
+	if (open_store(cfg, &st) == -1)
+		return EXIT_ERROR;
+	if (store_check_schema(st) == -1) {
+		fprintf(stderr, "billing-worker: %s\n", store_errmsg(st));
+	} else if (store_audit(st, stdout, AUDIT_STUCK_AFTER_S, &violations) == -1) {
+		fprintf(stderr, "billing-worker: audit failed: %s\n", store_errmsg(st));
+	} else if (violations > 0) {
+		printf("audit: %d violation%s\n", violations, violations == 1 ? "" : "s");
+	} else {
+		printf("audit: clean\n");
+		status = EXIT_OK;
+	}
+	store_free(st);
+	return status;
+}
+
 static int
 cmd_work(struct bw_config *cfg, bool once)
 {
@@ -201,7 +227,7 @@ main(int argc, char **argv)
 	}
 	if (strcmp(cmd, "run") != 0 && strcmp(cmd, "once") != 0 &&
 	    strcmp(cmd, "check-config") != 0 && strcmp(cmd, "migrate") != 0 &&
-	    strcmp(cmd, "status") != 0) {
+	    strcmp(cmd, "status") != 0 && strcmp(cmd, "audit") != 0) {
 		fprintf(stderr, "billing-worker: unknown command \"%s\"\n", cmd);
 		usage(stderr);
 		return EXIT_USAGE;
@@ -234,6 +260,8 @@ main(int argc, char **argv)
 		status = cmd_migrate(&cfg);
 	else if (strcmp(cmd, "status") == 0)
 		status = cmd_status(&cfg);
+	else if (strcmp(cmd, "audit") == 0)
+		status = cmd_audit(&cfg);
 	else
 		status = cmd_work(&cfg, strcmp(cmd, "once") == 0);
 	config_free(&cfg);

@@ -1,0 +1,104 @@
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "store/store_int.h"
+
+/*
+ * billing-worker audit: the invariants of CONTRACT section 1 that the
+ * database alone can show, one query each.  Every query returns the rows
+ * that break its invariant and a sentence describing each, so adding a
+ * check is adding a row to the table below.  Read-only, and run in one
+ * REPEATABLE READ transaction so all checks see the same moment.
+ */
+
+struct check {
+	const char *name;
+	const char *sql;        /* one text column: the description; $1 = stuck seconds */
+};
+
+static const struct check checks[] = {
+	{ "negative balance",
+	  "SELECT format('subsidy %s (\"%s\"): balance is %s cents, below zero', "
+	  "s.id, s.name, sum(l.amount_cents)) "
+	  "FROM subsidies s JOIN ledger_transactions l ON l.subsidy_id = s.id "
+	  "GROUP BY s.id HAVING sum(l.amount_cents) < 0" },
+	{ "balance cache",
+	  "SELECT format('subsidy %s (\"%s\"): cached balance %s differs from its ledger sum %s', "
+	  "s.id, s.name, s.balance_cents, coalesce(t.total, 0)) "
+	  "FROM subsidies s LEFT JOIN (SELECT subsidy_id, sum(amount_cents) AS total "
+	  "FROM ledger_transactions GROUP BY subsidy_id) t ON t.subsidy_id = s.id "
+	  "WHERE s.balance_cents <> coalesce(t.total, 0)" },
+	{ "redemption net",
+	  "SELECT format('redemption %s is %s but its ledger rows net to %s (amount %s; "
+	  "expected %s)', r.id, r.status, coalesce(n.net, 0), r.amount_cents, "
+	  "CASE r.status WHEN 'redeemed' THEN (-r.amount_cents)::text "
+	  "WHEN 'failed' THEN '0' ELSE format('0 or %s', -r.amount_cents) END) "
+	  "FROM redemptions r LEFT JOIN (SELECT redemption_id, sum(amount_cents) AS net "
+	  "FROM ledger_transactions WHERE redemption_id IS NOT NULL GROUP BY redemption_id) n "
+	  "ON n.redemption_id = r.id "
+	  "WHERE (r.status = 'redeemed' AND coalesce(n.net, 0) <> -r.amount_cents) "
+	  "OR (r.status = 'failed' AND coalesce(n.net, 0) <> 0) "
+	  "OR (r.status = 'pending' AND coalesce(n.net, 0) NOT IN (0, -r.amount_cents))" },
+	{ "ledger subsidy",
+	  "SELECT format('ledger row %s of redemption %s is on subsidy %s, the redemption on %s', "
+	  "l.id, r.id, l.subsidy_id, r.subsidy_id) "
+	  "FROM ledger_transactions l JOIN redemptions r ON r.id = l.redemption_id "
+	  "WHERE l.subsidy_id <> r.subsidy_id" },
+	{ "result id",
+	  "SELECT format('invoice %s is %s %s a charge_id', id, status, "
+	  "CASE WHEN charge_id IS NULL THEN 'without' ELSE 'with' END) FROM invoices "
+	  "WHERE (status = 'paid') <> (charge_id IS NOT NULL) "
+	  "UNION ALL "
+	  "SELECT format('redemption %s is %s %s a fulfillment_id', id, status, "
+	  "CASE WHEN fulfillment_id IS NULL THEN 'without' ELSE 'with' END) FROM redemptions "
+	  "WHERE (status = 'redeemed') <> (fulfillment_id IS NOT NULL)" },
+	{ "stuck in flight",
+	  "SELECT format('%s %s has been in flight with an expired lease since %s "
+	  "(holder \"%s\"): no worker is taking it', kind, id, lease_until, locked_by) "
+	  "FROM (SELECT 'invoice' AS kind, id, lease_until, locked_by FROM invoices "
+	  "      WHERE status = 'pending' AND lease_until < now() - $1 * interval '1 second' "
+	  "      UNION ALL "
+	  "      SELECT 'redemption', id, lease_until, locked_by FROM redemptions "
+	  "      WHERE status = 'pending' AND lease_until < now() - $1 * interval '1 second') AS f "
+	  "ORDER BY kind, id" },
+};
+
+int
+store_audit(store *st, FILE *out, int stuck_after_s, int *violations)
+{
+	PGconn *conn = store_conn(st);
+	PGresult *res;
+	char stuck[16];
+	const char *params[1] = { stuck };
+	int found = 0, ret = -1;
+
+	snprintf(stuck, sizeof(stuck), "%d", stuck_after_s);
+	res = PQexec(conn, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY");
+	if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+		store_set_error(st, "audit", res);
+		PQclear(res);
+		return -1;
+	}
+	PQclear(res);
+	for (size_t c = 0; c < sizeof(checks) / sizeof(checks[0]); c++) {
+		int nparams = strstr(checks[c].sql, "$1") != NULL ? 1 : 0;
+
+		res = PQexecParams(conn, checks[c].sql, nparams, NULL, params, NULL, NULL, 0);
+		if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+			store_set_error(st, checks[c].name, res);
+			PQclear(res);
+			goto out;
+		}
+		for (int r = 0; r < PQntuples(res); r++) {
+			fprintf(out, "violation (%s): %s\n", checks[c].name, PQgetvalue(res, r, 0));
+			found++;
+		}
+		PQclear(res);
+	}
+	*violations = found;
+	ret = 0;
+out:
+	PQclear(PQexec(conn, "ROLLBACK"));
+	return ret;
+}
