@@ -77,7 +77,7 @@ $(BUILD)/migrations.c: scripts/embed-sql.sh $(sort $(wildcard sql/[0-9]*.sql))
 .SECONDEXPANSION:
 $(BUILD)/tests/%: tests/unit/%.c $$(call obj,$$($$*_DEPS))
 	@mkdir -p $(dir $@)
-	$(CC) $(ALL_CFLAGS) $(CPPFLAGS) -o $@ $^ $(LIBS) $(CMOCKA_LIBS)
+	$(CC) $(ALL_CFLAGS) $(CPPFLAGS) -o $@ $(filter %.c %.o,$^) $(LIBS) $(CMOCKA_LIBS)
 
 deps:
 	sh scripts/install-deps.sh

@@ -125,6 +125,9 @@ describe_error(const struct api_response *r, struct api_verdict *v, const char *
 	else if (json_is_string(code))
 		snprintf(text, sizeof(text), "%s%s (http %ld)", prefix,
 		    json_string_value(code), r->status);
+	else if (json_is_string(msg))
+		snprintf(text, sizeof(text), "%s%s (http %ld)", prefix,
+		    json_string_value(msg), r->status);
 	else
 		snprintf(text, sizeof(text), "%shttp %ld", prefix, r->status);
 	copy_clean(v->error, sizeof(v->error), text);

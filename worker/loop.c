@@ -363,7 +363,21 @@ launch(struct loop *l, struct item *it, const char *refuse, const char *defer)
 		return;
 	}
 	if (item_validate(&f->item, &reason) == -1) {
-		outcome_refused(&f->item, reason, &f->done);
+		if (f->item.ambiguous) {
+			/*
+			 * An earlier attempt may have charged and the row has
+			 * changed since: failing it could leave a charge without
+			 * a record.  Keep it pending and overdue for a human.
+			 */
+			log_error("%s %" PRId64 ": %s, but an earlier attempt may have taken "
+			    "effect; left pending for an operator (see status)",
+			    item_kind_name(f->item.kind), f->item.id, reason);
+			outcome_abandoned(&f->item, reason, &f->done);
+			f->done.calls = 0;
+			f->done.delay_ms = l->cfg->billing_api.backoff_max_ms;
+		} else {
+			outcome_refused(&f->item, reason, &f->done);
+		}
 		f->state = FLIGHT_DONE;
 		return;
 	}

@@ -175,3 +175,17 @@ def test_token_never_logged(tmp_path, db, redis, fake_api, binary):
     r = run_cli(cfg, "once", timeout=60)
     assert r.returncode == 0
     assert fake_api.token not in r.stderr + r.stdout
+
+
+def test_row_changed_after_an_ambiguous_attempt_is_not_failed(tmp_path, db, redis, fake_api, binary):
+    cfg = make_config(tmp_path, db, redis, fake_api)
+    migrate(cfg)
+    # An attempt may have charged; then a producer blanked the customer.
+    db.execute("INSERT INTO invoices (customer_id, amount_cents, currency, ambiguous, attempts) "
+               "VALUES ('', 500, 'usd', true, 1)")
+    r = run_cli(cfg, "once", timeout=60)
+    assert r.returncode == 0, r.stderr
+    status, ambiguous, err = db.query("SELECT status, ambiguous, last_error FROM invoices")[0]
+    assert (status, ambiguous, err) == ("pending", True, "customer_id is empty")
+    assert "left pending for an operator" in r.stderr
+    assert fake_api.state()["total_requests"] == 0

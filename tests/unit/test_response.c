@@ -163,7 +163,7 @@ static const struct classify_case cases[] = {
 	  API_REFUSED, "", "invalid_request (http 400)", NULL, -1 },
 	{ "401 no body", OK, 401, NULL, NULL, NULL, API_REFUSED, "", "http 401", NULL, -1 },
 	{ "402 message only", OK, 402, "{\"error\":{\"message\":\"no\"}}", NULL, NULL,
-	  API_REFUSED, "", "http 402", NULL, -1 },
+	  API_REFUSED, "", "no (http 402)", NULL, -1 },
 	{ "403 HTML", OK, 403, "<h1>Forbidden</h1>", NULL, NULL,
 	  API_REFUSED, "", "http 403", NULL, -1 },
 	{ "404 without an error object", OK, 404, "{\"message\":\"not found\"}", NULL, NULL,
