@@ -390,6 +390,9 @@ WORKER_PIDS=
 say "billing-worker status"
 "$BIN" -c "$CONF" status || note "(status exited with $?)"
 
+say "billing-worker audit (the ledger and item invariants, from the database alone)"
+"$BIN" -c "$CONF" audit || note "(audit exited with $?: see the violations above)"
+
 say "summary"
 pq billing <<'EOF'
 \echo 'invoices by status'

@@ -256,6 +256,10 @@ main(int argc, char **argv)
 	}
 	log_init(cfg.worker.id, (int)cfg.log.level);
 
+	/* Reports print to stdout; keep connection chatter out of them. */
+	if (strcmp(cmd, "status") == 0 || strcmp(cmd, "audit") == 0)
+		log_set_level(LOG_WARN);
+
 	if (strcmp(cmd, "migrate") == 0)
 		status = cmd_migrate(&cfg);
 	else if (strcmp(cmd, "status") == 0)
