@@ -27,6 +27,7 @@ enum opt_type {
 	OPT_INT,
 	OPT_STRING,
 	OPT_ENUM,
+	OPT_BOOL,
 };
 
 #define RELOAD  true
@@ -61,13 +62,18 @@ struct opt {
 	.names = (nm), .def = (d), .reloadable = (rl), \
 	.offset = offsetof(struct bw_config, field) }
 
+#define BOOL_OPT(k, d, rl, field) { .key = (k), .type = OPT_BOOL, \
+	.def = (d), .reloadable = (rl), .offset = offsetof(struct bw_config, field) }
+
 /* Enum fields are written through an int *; make sure that is what they are. */
 _Static_assert(sizeof(enum lock_mode) == sizeof(int), "enum lock_mode is not int-sized");
 _Static_assert(sizeof(enum log_level) == sizeof(int), "enum log_level is not int-sized");
+_Static_assert(sizeof(enum log_format) == sizeof(int), "enum log_format is not int-sized");
 
 /* Indexed by the enum values in config.h: keep the order. */
 static const char *const lock_mode_names[] = { "redis", "skip-locked", "auto", NULL };
 static const char *const log_level_names[] = { "debug", "info", "warn", "error", NULL };
+static const char *const log_format_names[] = { "text", "json", NULL };
 
 static string_check check_nonempty;
 static string_check check_url;
@@ -82,6 +88,7 @@ static const struct opt opts[] = {
 	INT_OPT("worker.batch_size", 1, 10000, 100, RELOAD, worker.batch_size),
 	INT_OPT("worker.poll_interval_ms", 10, 3600000, 1000, RELOAD, worker.poll_interval_ms),
 	INT_OPT("worker.shutdown_timeout_ms", 0, 3600000, 30000, RELOAD, worker.shutdown_timeout_ms),
+	BOOL_OPT("worker.allow_readable_secrets", false, RESTART, worker.allow_readable_secrets),
 
 	STR_OPT("database.conninfo", NULL, check_nonempty, RESTART, database.conninfo),
 
@@ -107,8 +114,15 @@ static const struct opt opts[] = {
 	    billing_api.backoff_initial_ms),
 	INT_OPT("billing_api.backoff_max_ms", 1, 86400000, 300000, RELOAD,
 	    billing_api.backoff_max_ms),
+	INT_OPT("billing_api.max_requests_per_second", 0, 1000000, 0, RELOAD,
+	    billing_api.max_requests_per_second),
+	STR_OPT("billing_api.ca_file", "", NULL, RESTART, billing_api.ca_file),
+	BOOL_OPT("billing_api.allow_insecure_http", false, RESTART, billing_api.allow_insecure_http),
 
 	ENUM_OPT("log.level", log_level_names, LOG_LEVEL_INFO, RELOAD, log.level),
+	ENUM_OPT("log.format", log_format_names, LOG_FORMAT_TEXT, RELOAD, log.format),
+
+	STR_OPT("metrics.listen", "", NULL, RESTART, metrics.listen),
 };
 
 #define N_OPTS (sizeof(opts) / sizeof(opts[0]))
@@ -157,6 +171,12 @@ static const int *
 int_field_const(const struct bw_config *cfg, const struct opt *o)
 {
 	return (const int *)(const void *)((const char *)cfg + o->offset);
+}
+
+static bool *
+bool_field(struct bw_config *cfg, const struct opt *o)
+{
+	return (bool *)(void *)((char *)cfg + o->offset);
 }
 
 static char **
@@ -537,6 +557,17 @@ apply_enum(struct loader *ld, const struct opt *o, const config_setting_t *s)
 	return ok;
 }
 
+static bool
+apply_bool(struct loader *ld, const struct opt *o, const config_setting_t *s)
+{
+	if (config_setting_type(s) != CONFIG_TYPE_BOOL) {
+		error_in(ld, s, "\"%s\" must be true or false", o->key);
+		return false;
+	}
+	*bool_field(&ld->cfg, o) = config_setting_get_bool(s) != 0;
+	return true;
+}
+
 static void
 walk_group(struct loader *ld, const config_setting_t *group)
 {
@@ -565,6 +596,9 @@ walk_group(struct loader *ld, const config_setting_t *group)
 			break;
 		case OPT_ENUM:
 			ok = apply_enum(ld, o, s);
+			break;
+		case OPT_BOOL:
+			ok = apply_bool(ld, o, s);
 			break;
 		}
 		ld->bad[idx] = !ok;
@@ -647,6 +681,8 @@ set_defaults(struct loader *ld)
 
 		if (o->type == OPT_STRING && o->def_str != NULL)
 			set_string(ld, o, NULL, o->def_str);
+		else if (o->type == OPT_BOOL)
+			*bool_field(&ld->cfg, o) = o->def != 0;
 		else if (o->type != OPT_STRING)
 			*int_field(&ld->cfg, o) = (int)o->def;
 	}
@@ -831,6 +867,9 @@ config_restart_needed(const struct bw_config *running,
 			continue;
 		if (o->type == OPT_STRING)
 			same = strcmp(str_value(running, o), str_value(loaded, o)) == 0;
+		else if (o->type == OPT_BOOL)
+			same = *(const bool *)(const void *)((const char *)running + o->offset) ==
+			    *(const bool *)(const void *)((const char *)loaded + o->offset);
 		else
 			same = *int_field_const(running, o) == *int_field_const(loaded, o);
 		if (!same) {

@@ -22,6 +22,11 @@ enum log_level {
 	LOG_LEVEL_ERROR,
 };
 
+enum log_format {
+	LOG_FORMAT_TEXT,
+	LOG_FORMAT_JSON,
+};
+
 struct bw_config {
 	char *path;                 /* the file this came from */
 	struct {
@@ -30,6 +35,7 @@ struct bw_config {
 		int batch_size;
 		int poll_interval_ms;
 		int shutdown_timeout_ms;
+		bool allow_readable_secrets; /* accept group/world-readable secret files, with a warning */
 	} worker;
 	struct {
 		char *conninfo;         /* required; may hold a password: never log it */
@@ -55,10 +61,17 @@ struct bw_config {
 		int max_attempts;
 		int backoff_initial_ms;
 		int backoff_max_ms;
+		int max_requests_per_second; /* shared by every worker; 0 = no limit */
+		char *ca_file;          /* "" = the system CA store */
+		bool allow_insecure_http; /* http:// to a host that is not loopback */
 	} billing_api;
 	struct {
 		enum log_level level;
+		enum log_format format;
 	} log;
+	struct {
+		char *listen;           /* "host:port" of the metrics endpoint; "" = off */
+	} metrics;
 };
 
 /*
