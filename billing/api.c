@@ -34,8 +34,9 @@ struct api_client {
 	char *auth_header;          /* "Authorization: Bearer ..." */
 	int https;
 	long timeout_ms, connect_timeout_ms;
-	struct call **calls;
-	int ncalls, cap, in_flight;
+	struct call **calls;        /* every call ever allocated */
+	struct call **idle;         /* those not in flight */
+	int ncalls, nidle, cap, in_flight;
 };
 
 static int curl_ready;
@@ -165,6 +166,7 @@ api_client_free(api_client *api)
 		free(c);
 	}
 	free(api->calls);
+	free(api->idle);
 	if (api->multi != NULL)
 		curl_multi_cleanup(api->multi);
 	free(api->url_charges);
@@ -187,14 +189,17 @@ call_slot(api_client *api)
 	struct call **p, *c;
 	int n;
 
-	for (int i = 0; i < api->ncalls; i++)
-		if (!api->calls[i]->active)
-			return api->calls[i];
+	/* Idle calls are kept on a stack, so starting a call is O(1). */
+	if (api->nidle > 0)
+		return api->idle[--api->nidle];
 	if (api->ncalls == api->cap) {
 		n = api->cap ? api->cap * 2 : 16;
 		if ((p = realloc(api->calls, (size_t)n * sizeof(*p))) == NULL)
 			return NULL;
 		api->calls = p;
+		if ((p = realloc(api->idle, (size_t)n * sizeof(*p))) == NULL)
+			return NULL;
+		api->idle = p;
 		api->cap = n;
 	}
 	if ((c = calloc(1, sizeof(*c))) == NULL)
@@ -238,9 +243,9 @@ api_start(api_client *api, const struct item *it, int tag)
 	if ((c = call_slot(api)) == NULL)
 		return -1;
 	if (c->easy == NULL && (c->easy = curl_easy_init()) == NULL)
-		return -1;
+		goto fail;
 	if (build_request(c, it) == -1)
-		return -1;
+		goto fail;
 	item_key(it, c->key, sizeof(c->key));
 	snprintf(keyhdr, sizeof(keyhdr), "Idempotency-Key: %s", c->key);
 	if ((t = curl_slist_append(h, api->auth_header)) == NULL)
@@ -287,13 +292,16 @@ api_start(api_client *api, const struct item *it, int tag)
 	curl_easy_setopt(c->easy, CURLOPT_HEADERDATA, c);
 	curl_easy_setopt(c->easy, CURLOPT_ERRORBUFFER, c->errbuf);
 	curl_easy_setopt(c->easy, CURLOPT_PRIVATE, c);
-	if (curl_multi_add_handle(api->multi, c->easy) != CURLM_OK)
+	if (curl_multi_add_handle(api->multi, c->easy) != CURLM_OK) {
+		api->idle[api->nidle++] = c;    /* headers stay with the call, freed later */
 		return -1;
+	}
 	c->active = 1;
 	api->in_flight++;
 	return 0;
 fail:
 	curl_slist_free_all(h);
+	api->idle[api->nidle++] = c;        /* back on the stack, still inactive */
 	return -1;
 }
 
@@ -383,6 +391,7 @@ api_next_result(api_client *api, int *tag, struct api_verdict *v,
 	curl_multi_remove_handle(api->multi, c->easy);
 	c->active = 0;
 	api->in_flight--;
+	api->idle[api->nidle++] = c;
 	*tag = c->tag;
 	*latency_ms = (double)total / 1000.0;
 	*http_status = status;
@@ -399,6 +408,7 @@ api_abort(api_client *api, int tag)
 			curl_multi_remove_handle(api->multi, c->easy);
 			c->active = 0;
 			api->in_flight--;
+			api->idle[api->nidle++] = c;
 			return;
 		}
 	}

@@ -12,6 +12,12 @@
 #define RECONNECT_MIN_MS 100
 #define RECONNECT_MAX_MS 5000
 
+/* An id and where it sits among the locked candidates. */
+struct id_pos {
+	int64_t id;
+	size_t pos;
+};
+
 struct lockmgr {
 	enum lock_mode mode;
 	int ttl_ms;
@@ -29,6 +35,7 @@ struct lockmgr {
 	char (*tokens)[ITEM_TOKEN_MAX];
 	const char **keyp, **tokp;
 	struct item **subset;
+	struct id_pos *index;
 	size_t cap;
 };
 
@@ -64,6 +71,7 @@ grow(lockmgr *lm, size_t n)
 	GROW(keyp);
 	GROW(tokp);
 	GROW(subset);
+	GROW(index);
 #undef GROW
 	lm->cap = cap;
 	return 0;
@@ -103,6 +111,7 @@ lock_free(lockmgr *lm)
 	free(lm->keyp);
 	free(lm->tokp);
 	free(lm->subset);
+	free(lm->index);
 	free(lm);
 }
 
@@ -212,6 +221,37 @@ claim_skip_locked(lockmgr *lm, enum item_kind kind, size_t limit,
 }
 
 static int
+id_pos_cmp(const void *a, const void *b)
+{
+	const struct id_pos *x = a, *y = b;
+
+	return x->id < y->id ? -1 : x->id > y->id;
+}
+
+/*
+ * Indexes the first N locked ids by id, so each claimed item finds its
+ * token by binary search instead of a scan of the batch.
+ */
+static void
+index_ids(lockmgr *lm, size_t n)
+{
+	for (size_t i = 0; i < n; i++) {
+		lm->index[i].id = lm->ids[i];
+		lm->index[i].pos = i;
+	}
+	qsort(lm->index, n, sizeof(*lm->index), id_pos_cmp);
+}
+
+static ssize_t
+find_id(const lockmgr *lm, size_t n, int64_t id)
+{
+	struct id_pos key = { id, 0 };
+	const struct id_pos *hit = bsearch(&key, lm->index, n, sizeof(key), id_pos_cmp);
+
+	return hit != NULL ? (ssize_t)hit->pos : -1;
+}
+
+static int
 claim_redis(lockmgr *lm, enum item_kind kind, size_t limit, struct item *items,
     size_t *ret_n, bool *more)
 {
@@ -260,20 +300,23 @@ claim_redis(lockmgr *lm, enum item_kind kind, size_t limit, struct item *items,
 	 * Give each claimed item its token; the locks of ids the database did
 	 * not give us (finished or leased meanwhile) go back at once.
 	 */
-	for (size_t i = 0; i < ngot; i++) {
-		bool claimed = false;
+	for (size_t i = 0; i < ngot; i++)
+		lm->flags[i] = false;
+	index_ids(lm, ngot);
+	for (size_t j = 0; j < nclaimed; j++) {
+		ssize_t i = find_id(lm, ngot, items[j].id);
 
-		for (size_t j = 0; j < nclaimed && !claimed; j++) {
-			if (items[j].id == lm->ids[i]) {
-				snprintf(items[j].token, sizeof(items[j].token), "%s", lm->tokp[i]);
-				claimed = true;
-			}
-		}
-		if (!claimed) {
-			lm->keyp[nback] = lm->keyp[i];
-			lm->tokp[nback] = lm->tokp[i];
-			nback++;
-		}
+		if (i < 0)
+			continue;           /* cannot happen: we only claim ids we locked */
+		snprintf(items[j].token, sizeof(items[j].token), "%s", lm->tokp[i]);
+		lm->flags[i] = true;
+	}
+	for (size_t i = 0; i < ngot; i++) {
+		if (lm->flags[i])
+			continue;
+		lm->keyp[nback] = lm->keyp[i];
+		lm->tokp[nback] = lm->tokp[i];
+		nback++;
 	}
 	if (nback > 0)
 		(void)redis_lock_release(lm->redis, lm->keyp, lm->tokp, nback);

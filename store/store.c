@@ -124,6 +124,8 @@ struct store {
 	char errmsg[512];
 	uint64_t retries;
 	struct buf arr[8];
+	struct id_pos *index;       /* scratch for index_ids() */
+	size_t index_cap;
 };
 
 static int
@@ -153,6 +155,34 @@ buf_add(struct buf *b, const char *s, size_t n)
 	b->len += n;
 	b->data[b->len] = '\0';
 	return 0;
+}
+
+/*
+ * Rows come back from RETURNING in no particular order.  To tell which of
+ * n items they name without an n x rows scan, the items' ids are sorted
+ * once with their positions and each returned id is looked up.
+ */
+struct id_pos {
+	int64_t id;
+	size_t pos;
+};
+
+static int
+id_pos_cmp(const void *a, const void *b)
+{
+	const struct id_pos *x = a, *y = b;
+
+	return x->id < y->id ? -1 : x->id > y->id;
+}
+
+/* Position of ID in the sorted index IX of N entries, or -1. */
+static ssize_t
+index_find(const struct id_pos *ix, size_t n, int64_t id)
+{
+	struct id_pos key = { id, 0 };
+	const struct id_pos *hit = bsearch(&key, ix, n, sizeof(*ix), id_pos_cmp);
+
+	return hit != NULL ? (ssize_t)hit->pos : -1;
 }
 
 static void
@@ -239,6 +269,40 @@ store_errorf(store *st, const char *fmt, ...)
 		st->errmsg[--n] = '\0';
 }
 
+/* Makes room for N index entries in ST's scratch; NULL when out of memory. */
+static struct id_pos *
+index_reserve(store *st, size_t n)
+{
+	struct id_pos *p;
+	size_t cap = st->index_cap ? st->index_cap : 64;
+
+	if (n <= st->index_cap)
+		return st->index;
+	while (cap < n)
+		cap *= 2;
+	if ((p = realloc(st->index, cap * sizeof(*p))) == NULL)
+		return NULL;
+	st->index = p;
+	st->index_cap = cap;
+	return p;
+}
+
+/* Sorted index over the ids of ITEMS. */
+static struct id_pos *
+index_items(store *st, struct item *const *items, size_t n)
+{
+	struct id_pos *ix = index_reserve(st, n);
+
+	if (ix == NULL)
+		return NULL;
+	for (size_t i = 0; i < n; i++) {
+		ix[i].id = items[i]->id;
+		ix[i].pos = i;
+	}
+	qsort(ix, n, sizeof(*ix), id_pos_cmp);
+	return ix;
+}
+
 int
 store_new(const char *conninfo, const char *worker_id, store **ret)
 {
@@ -271,6 +335,7 @@ store_free(store *st)
 	free(st->worker_id);
 	for (size_t i = 0; i < sizeof(st->arr) / sizeof(st->arr[0]); i++)
 		free(st->arr[i].data);
+	free(st->index);
 	free(st);
 }
 
@@ -551,6 +616,7 @@ store_renew(store *st, enum item_kind kind, struct item *const *items, size_t n,
     int lease_ms)
 {
 	struct buf *ids = &st->arr[0], *fences = &st->arr[1];
+	struct id_pos *ix;
 	char lease[32];
 	const char *params[3];
 	PGresult *res;
@@ -575,14 +641,18 @@ store_renew(store *st, enum item_kind kind, struct item *const *items, size_t n,
 	if (res == NULL)
 		return -1;
 	/* Renewed rows come back; everything else is no longer ours. */
+	if ((ix = index_items(st, items, n)) == NULL) {
+		PQclear(res);
+		goto oom;
+	}
 	rows = PQntuples(res);
-	for (size_t i = 0; i < n; i++) {
-		bool found = false;
+	for (size_t i = 0; i < n; i++)
+		items[i]->lock_lost = true;
+	for (int r = 0; r < rows; r++) {
+		ssize_t pos = index_find(ix, n, strtoll(PQgetvalue(res, r, 0), NULL, 10));
 
-		for (int r = 0; r < rows && !found; r++)
-			found = strtoll(PQgetvalue(res, r, 0), NULL, 10) == items[i]->id;
-		if (!found)
-			items[i]->lock_lost = true;
+		if (pos >= 0)
+			items[pos]->lock_lost = false;
 	}
 	PQclear(res);
 	return 0;
@@ -599,6 +669,7 @@ complete_kind(store *st, enum item_kind kind, const struct completion *c,
     size_t n, bool *accepted, bool *retryable)
 {
 	struct buf *a = st->arr;
+	struct id_pos *ix;
 	const char *params[8];
 	PGresult *res;
 	size_t count = 0;
@@ -606,9 +677,13 @@ complete_kind(store *st, enum item_kind kind, const struct completion *c,
 	for (int i = 0; i < 8; i++)
 		if (arr_open(&a[i]) == -1)
 			goto oom;
+	if ((ix = index_reserve(st, n)) == NULL)
+		goto oom;
 	for (size_t i = 0; i < n; i++) {
 		if (c[i].kind != kind)
 			continue;
+		ix[count].id = c[i].id;
+		ix[count].pos = i;
 		count++;
 		if (arr_add_int(&a[0], c[i].id) == -1 ||
 		    arr_add_int(&a[1], c[i].fence) == -1 ||
@@ -630,12 +705,12 @@ complete_kind(store *st, enum item_kind kind, const struct completion *c,
 	res = exec_stmt(st, STMT_COMPLETE, kind, 8, params, PGRES_TUPLES_OK, retryable);
 	if (res == NULL)
 		return -1;
+	qsort(ix, count, sizeof(*ix), id_pos_cmp);
 	for (int r = 0; r < PQntuples(res); r++) {
-		int64_t id = strtoll(PQgetvalue(res, r, 0), NULL, 10);
+		ssize_t pos = index_find(ix, count, strtoll(PQgetvalue(res, r, 0), NULL, 10));
 
-		for (size_t i = 0; i < n; i++)
-			if (c[i].kind == kind && c[i].id == id)
-				accepted[i] = true;
+		if (pos >= 0)
+			accepted[pos] = true;
 	}
 	PQclear(res);
 	return 0;
@@ -703,6 +778,7 @@ store_reserve(store *st, struct item *const *items, size_t n,
     enum reserve_result *results)
 {
 	struct buf *ids = &st->arr[0], *fences = &st->arr[1];
+	struct id_pos *ix;
 	const char *params[2];
 	PGresult *res = NULL;
 	int ret = -1;
@@ -744,15 +820,17 @@ store_reserve(store *st, struct item *const *items, size_t n,
 	}
 	if (res == NULL)
 		return -1;
+	if ((ix = index_items(st, items, n)) == NULL) {
+		PQclear(res);
+		goto oom;
+	}
 	for (int r = 0; r < PQntuples(res); r++) {
-		int64_t id = strtoll(PQgetvalue(res, r, 0), NULL, 10);
+		ssize_t pos = index_find(ix, n, strtoll(PQgetvalue(res, r, 0), NULL, 10));
 		const char *what = PQgetvalue(res, r, 1);
-		enum reserve_result v = strcmp(what, "held") == 0 ? RESERVE_HELD :
-		    strcmp(what, "insufficient") == 0 ? RESERVE_INSUFFICIENT : RESERVE_LOST;
 
-		for (size_t i = 0; i < n; i++)
-			if (items[i]->id == id)
-				results[i] = v;
+		if (pos >= 0)
+			results[pos] = strcmp(what, "held") == 0 ? RESERVE_HELD :
+			    strcmp(what, "insufficient") == 0 ? RESERVE_INSUFFICIENT : RESERVE_LOST;
 	}
 	ret = 0;
 	PQclear(res);

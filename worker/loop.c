@@ -51,6 +51,8 @@ struct loop {
 
 	struct flight *flights;
 	int nflights;           /* capacity: the largest concurrency seen */
+	int *free_slots;        /* stack of FREE flights */
+	int nfree;
 	int busy;               /* flights not FREE */
 
 	struct item *claimed;   /* claim scratch, capacity batch */
@@ -159,18 +161,22 @@ reserve(struct loop *l, int concurrency, int batch)
 	size_t need;
 
 	if (concurrency > l->nflights) {
-		if ((p = realloc(l->flights, (size_t)concurrency * sizeof(*l->flights))) == NULL)
-			return -1;
-		l->flights = p;
-		memset(l->flights + l->nflights, 0,
-		    (size_t)(concurrency - l->nflights) * sizeof(*l->flights));
-		l->nflights = concurrency;
 #define GROW(field, n) \
 		do { \
 			if ((p = realloc(l->field, (size_t)(n) * sizeof(*l->field))) == NULL) \
 				return -1; \
 			l->field = p; \
 		} while (0)
+		GROW(free_slots, concurrency);
+		if ((p = realloc(l->flights, (size_t)concurrency * sizeof(*l->flights))) == NULL)
+			return -1;
+		l->flights = p;
+		memset(l->flights + l->nflights, 0,
+		    (size_t)(concurrency - l->nflights) * sizeof(*l->flights));
+		/* New slots go under the old free ones: lowest index on top. */
+		for (int i = concurrency - 1; i >= l->nflights; i--)
+			l->free_slots[l->nfree++] = i;
+		l->nflights = concurrency;
 		GROW(batch, concurrency);
 		GROW(accepted, concurrency);
 		GROW(batch_flight, concurrency);
@@ -186,13 +192,20 @@ reserve(struct loop *l, int concurrency, int batch)
 	return 0;
 }
 
+/* A free flight in O(1): free ones are kept on a stack. */
 static int
-free_flight(const struct loop *l)
+free_flight(struct loop *l)
 {
-	for (int i = 0; i < l->nflights; i++)
-		if (l->flights[i].state == FLIGHT_FREE)
-			return i;
-	return -1;
+	return l->nfree > 0 ? l->free_slots[--l->nfree] : -1;
+}
+
+static void
+release_flight(struct loop *l, int slot)
+{
+	item_clear(&l->flights[slot].item);
+	l->flights[slot].state = FLIGHT_FREE;
+	l->free_slots[l->nfree++] = slot;
+	l->busy--;
 }
 
 static void
@@ -315,13 +328,8 @@ flush(struct loop *l)
 		l->itemp[j] = &f->item;
 	}
 	lock_release(l->locks, l->itemp, n);
-	for (size_t j = 0; j < n; j++) {
-		struct flight *f = &l->flights[l->batch_flight[j]];
-
-		item_clear(&f->item);
-		f->state = FLIGHT_FREE;
-		l->busy--;
-	}
+	for (size_t j = 0; j < n; j++)
+		release_flight(l, l->batch_flight[j]);
 }
 
 /*
@@ -650,6 +658,7 @@ loop_teardown(struct loop *l)
 	for (int i = 0; i < l->nflights; i++)
 		item_clear(&l->flights[i].item);
 	free(l->flights);
+	free(l->free_slots);
 	free(l->claimed);
 	free(l->batch);
 	free(l->accepted);
