@@ -30,6 +30,7 @@ struct lockmgr {
 	char errmsg[512];
 	/* scratch reused across calls */
 	int64_t *ids;
+	enum item_kind *kinds;
 	bool *flags;
 	char (*keys)[ITEM_KEY_MAX + 32];
 	char (*tokens)[ITEM_TOKEN_MAX];
@@ -65,6 +66,7 @@ grow(lockmgr *lm, size_t n)
 		lm->field = p; \
 	} while (0)
 	GROW(ids);
+	GROW(kinds);
 	GROW(flags);
 	GROW(keys);
 	GROW(tokens);
@@ -105,6 +107,7 @@ lock_free(lockmgr *lm)
 		return;
 	redis_lock_free(lm->redis);
 	free(lm->ids);
+	free(lm->kinds);
 	free(lm->flags);
 	free(lm->keys);
 	free(lm->tokens);
@@ -199,6 +202,13 @@ redis_usable(lockmgr *lm)
 	return false;
 }
 
+void
+lock_start(lockmgr *lm)
+{
+	if (lm->mode != LOCK_MODE_SKIP_LOCKED)
+		(void)redis_usable(lm);
+}
+
 static void
 note_redis_failure(lockmgr *lm)
 {
@@ -206,18 +216,6 @@ note_redis_failure(lockmgr *lm)
 		mark_redis_down(lm);
 	else
 		log_warnx("redis lock command failed: %s", redis_lock_errmsg(lm->redis));
-}
-
-static int
-claim_skip_locked(lockmgr *lm, enum item_kind kind, size_t limit,
-    struct item *items, size_t *ret_n, bool *more)
-{
-	if (store_claim(lm->st, kind, NULL, 0, limit, lm->ttl_ms, items, ret_n) == -1) {
-		snprintf(lm->errmsg, sizeof(lm->errmsg), "%s", store_errmsg(lm->st));
-		return -1;
-	}
-	*more = *ret_n == limit;
-	return 0;
 }
 
 static int
@@ -229,15 +227,15 @@ id_pos_cmp(const void *a, const void *b)
 }
 
 /*
- * Indexes the first N locked ids by id, so each claimed item finds its
- * token by binary search instead of a scan of the batch.
+ * Indexes the N locked ids starting at START by id, so each claimed item
+ * finds its token by binary search instead of a scan of the batch.
  */
 static void
-index_ids(lockmgr *lm, size_t n)
+index_ids(lockmgr *lm, size_t start, size_t n)
 {
 	for (size_t i = 0; i < n; i++) {
-		lm->index[i].id = lm->ids[i];
-		lm->index[i].pos = i;
+		lm->index[i].id = lm->ids[start + i];
+		lm->index[i].pos = start + i;
 	}
 	qsort(lm->index, n, sizeof(*lm->index), id_pos_cmp);
 }
@@ -251,24 +249,66 @@ find_id(const lockmgr *lm, size_t n, int64_t id)
 	return hit != NULL ? (ssize_t)hit->pos : -1;
 }
 
-static int
-claim_redis(lockmgr *lm, enum item_kind kind, size_t limit, struct item *items,
-    size_t *ret_n, bool *more)
+/* Swaps candidates A and B: id, kind, lock flag, key and token pointers. */
+static void
+swap_candidates(lockmgr *lm, size_t a, size_t b)
 {
-	size_t ndue = 0, ngot = 0, nclaimed = 0, nback = 0;
+	int64_t id = lm->ids[a];
+	enum item_kind kind = lm->kinds[a];
+	bool flag = lm->flags[a];
+	const char *key = lm->keyp[a], *tok = lm->tokp[a];
 
-	if (grow(lm, limit) == -1)
-		goto oom;
-	if (store_due_ids(lm->st, kind, limit, lm->ids, &ndue) == -1) {
-		snprintf(lm->errmsg, sizeof(lm->errmsg), "%s", store_errmsg(lm->st));
-		return -1;
+	lm->ids[a] = lm->ids[b];
+	lm->kinds[a] = lm->kinds[b];
+	lm->flags[a] = lm->flags[b];
+	lm->keyp[a] = lm->keyp[b];
+	lm->tokp[a] = lm->tokp[b];
+	lm->ids[b] = id;
+	lm->kinds[b] = kind;
+	lm->flags[b] = flag;
+	lm->keyp[b] = key;
+	lm->tokp[b] = tok;
+}
+
+/* Claims, with FOR UPDATE SKIP LOCKED, as many of each kind as were due. */
+static int
+claim_skip_locked(lockmgr *lm, size_t ndue, size_t limit, struct item *items,
+    size_t *ret_n)
+{
+	size_t due[ITEM_KIND_COUNT] = { 0, 0 }, got = 0, n;
+
+	for (size_t i = 0; i < ndue; i++)
+		due[lm->kinds[i]]++;
+	for (int k = 0; k < ITEM_KIND_COUNT && got < limit; k++) {
+		size_t want = due[k] < limit - got ? due[k] : limit - got;
+
+		if (want == 0)
+			continue;
+		if (store_claim(lm->st, k, NULL, 0, want, lm->ttl_ms, items + got, &n) == -1) {
+			snprintf(lm->errmsg, sizeof(lm->errmsg), "%s", store_errmsg(lm->st));
+			*ret_n = got;
+			return got > 0 ? 0 : -1;
+		}
+		got += n;
 	}
-	*more = ndue == limit;
-	*ret_n = 0;
-	if (ndue == 0)
-		return 0;
+	*ret_n = got;
+	return 0;
+}
+
+/*
+ * Redis mode: lock every due candidate in one script call, claim the ones
+ * we got in PostgreSQL (one statement per kind), hand each claimed item its
+ * token, and give back at once the locks of ids the database did not give
+ * us (finished or leased meanwhile by a skip-locked worker).
+ */
+static int
+claim_redis(lockmgr *lm, size_t ndue, size_t limit, struct item *items, size_t *ret_n)
+{
+	size_t got = 0, nlocked = 0, nback = 0;
+	bool failed = false;
+
 	for (size_t i = 0; i < ndue; i++) {
-		lock_key(lm->keys[i], sizeof(lm->keys[i]), kind, lm->ids[i]);
+		lock_key(lm->keys[i], sizeof(lm->keys[i]), lm->kinds[i], lm->ids[i]);
 		make_token(lm, lm->tokens[i], sizeof(lm->tokens[i]));
 		lm->keyp[i] = lm->keys[i];
 		lm->tokp[i] = lm->tokens[i];
@@ -276,42 +316,43 @@ claim_redis(lockmgr *lm, enum item_kind kind, size_t limit, struct item *items,
 	if (redis_lock_acquire(lm->redis, lm->keyp, lm->tokp, ndue, lm->ttl_ms, lm->flags) == -1) {
 		note_redis_failure(lm);
 		if (lm->mode == LOCK_MODE_AUTO)
-			return claim_skip_locked(lm, kind, limit, items, ret_n, more);
+			return claim_skip_locked(lm, ndue, limit, items, ret_n);
 		snprintf(lm->errmsg, sizeof(lm->errmsg), "redis: %s", redis_lock_errmsg(lm->redis));
 		return -1;
 	}
-	/* Compact to the ids we locked, keeping key and token beside each. */
-	for (size_t i = 0; i < ndue; i++) {
-		if (!lm->flags[i])
-			continue;
-		lm->ids[ngot] = lm->ids[i];
-		lm->keyp[ngot] = lm->keyp[i];
-		lm->tokp[ngot] = lm->tokp[i];
-		ngot++;
-	}
-	if (ngot == 0)
-		return 0;
-	if (store_claim(lm->st, kind, lm->ids, ngot, limit, lm->ttl_ms, items, &nclaimed) == -1) {
-		snprintf(lm->errmsg, sizeof(lm->errmsg), "%s", store_errmsg(lm->st));
-		(void)redis_lock_release(lm->redis, lm->keyp, lm->tokp, ngot);
-		return -1;
-	}
-	/*
-	 * Give each claimed item its token; the locks of ids the database did
-	 * not give us (finished or leased meanwhile) go back at once.
-	 */
-	for (size_t i = 0; i < ngot; i++)
-		lm->flags[i] = false;
-	index_ids(lm, ngot);
-	for (size_t j = 0; j < nclaimed; j++) {
-		ssize_t i = find_id(lm, ngot, items[j].id);
+	for (int k = 0; k < ITEM_KIND_COUNT; k++) {
+		size_t start = nlocked, n = 0;
 
-		if (i < 0)
-			continue;           /* cannot happen: we only claim ids we locked */
-		snprintf(items[j].token, sizeof(items[j].token), "%s", lm->tokp[i]);
-		lm->flags[i] = true;
+		/* This kind's locked candidates, moved to [start, nlocked). */
+		for (size_t i = start; i < ndue; i++)
+			if (lm->flags[i] && lm->kinds[i] == (enum item_kind)k)
+				swap_candidates(lm, i, nlocked++);
+		if (nlocked == start)
+			continue;
+		if (store_claim(lm->st, k, lm->ids + start, nlocked - start, limit - got,
+		    lm->ttl_ms, items + got, &n) == -1) {
+			snprintf(lm->errmsg, sizeof(lm->errmsg), "%s", store_errmsg(lm->st));
+			(void)redis_lock_release(lm->redis, lm->keyp + start, lm->tokp + start,
+			    nlocked - start);
+			nlocked = start;
+			failed = true;
+			break;
+		}
+		/* From here flags[] in [start, nlocked) means "claimed". */
+		for (size_t i = start; i < nlocked; i++)
+			lm->flags[i] = false;
+		index_ids(lm, start, nlocked - start);
+		for (size_t j = got; j < got + n; j++) {
+			ssize_t i = find_id(lm, nlocked - start, items[j].id);
+
+			if (i < 0)
+				continue;   /* cannot happen: we only claim ids we locked */
+			snprintf(items[j].token, sizeof(items[j].token), "%s", lm->tokp[i]);
+			lm->flags[i] = true;
+		}
+		got += n;
 	}
-	for (size_t i = 0; i < ngot; i++) {
+	for (size_t i = 0; i < nlocked; i++) {
 		if (lm->flags[i])
 			continue;
 		lm->keyp[nback] = lm->keyp[i];
@@ -320,27 +361,37 @@ claim_redis(lockmgr *lm, enum item_kind kind, size_t limit, struct item *items,
 	}
 	if (nback > 0)
 		(void)redis_lock_release(lm->redis, lm->keyp, lm->tokp, nback);
-	*ret_n = nclaimed;
-	return 0;
-oom:
-	snprintf(lm->errmsg, sizeof(lm->errmsg), "out of memory");
-	return -1;
+	*ret_n = got;
+	return failed && got == 0 ? -1 : 0;
 }
 
 int
-lock_claim(lockmgr *lm, enum item_kind kind, size_t limit, struct item *items,
-    size_t *ret_n, bool *more)
+lock_claim(lockmgr *lm, size_t limit, struct item *items, size_t *ret_n, bool *more)
 {
+	size_t ndue = 0;
+
 	*ret_n = 0;
 	*more = false;
+	lm->errmsg[0] = '\0';
 	if (limit == 0)
 		return 0;
+	if (grow(lm, limit) == -1) {
+		snprintf(lm->errmsg, sizeof(lm->errmsg), "out of memory");
+		return -1;
+	}
+	if (store_due(lm->st, limit, lm->kinds, lm->ids, &ndue) == -1) {
+		snprintf(lm->errmsg, sizeof(lm->errmsg), "%s", store_errmsg(lm->st));
+		return -1;
+	}
+	*more = ndue == limit;
+	if (ndue == 0)
+		return 0;
 	if (lm->mode == LOCK_MODE_SKIP_LOCKED)
-		return claim_skip_locked(lm, kind, limit, items, ret_n, more);
+		return claim_skip_locked(lm, ndue, limit, items, ret_n);
 	if (redis_usable(lm))
-		return claim_redis(lm, kind, limit, items, ret_n, more);
+		return claim_redis(lm, ndue, limit, items, ret_n);
 	if (lm->mode == LOCK_MODE_AUTO)
-		return claim_skip_locked(lm, kind, limit, items, ret_n, more);
+		return claim_skip_locked(lm, ndue, limit, items, ret_n);
 	snprintf(lm->errmsg, sizeof(lm->errmsg), "redis unreachable: %s",
 	    redis_lock_errmsg(lm->redis));
 	return -1;

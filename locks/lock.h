@@ -37,13 +37,20 @@ void lock_free(lockmgr *lm);
 void lock_set_ttl(lockmgr *lm, int ttl_ms);
 
 /*
- * Claims up to LIMIT due items of KIND into ITEMS (capacity LIMIT), which the
- * caller then owns.  *MORE tells whether more items may be due right now.
- * Returns -1 when nothing could be claimed because the database (or, in
- * redis mode, Redis) is unreachable; lock_errmsg() says why.
+ * Connects to Redis now (redis and auto modes), so a wrong address shows in
+ * the log at start rather than at the first due item.  Never fails: an
+ * unreachable Redis is logged and retried as the mode says.
  */
-int lock_claim(lockmgr *lm, enum item_kind kind, size_t limit,
-    struct item *items, size_t *ret_n, bool *more)
+void lock_start(lockmgr *lm);
+
+/*
+ * Claims up to LIMIT due items, of either kind, oldest first, into ITEMS
+ * (capacity LIMIT), which the caller then owns.  *MORE tells whether more
+ * items may be due right now.  Returns -1 when nothing could be claimed
+ * because the database (or, in redis mode, Redis) is unreachable;
+ * lock_errmsg() says why.
+ */
+int lock_claim(lockmgr *lm, size_t limit, struct item *items, size_t *ret_n, bool *more)
 	__attribute__((warn_unused_result));
 
 /*

@@ -20,9 +20,21 @@ static const char *const table_of[ITEM_KIND_COUNT] = { "invoices", "redemptions"
  * The SQL, one template per statement; %1$s is the table.  Table names are
  * constants of ours; every value is a parameter.
  */
+/*
+ * Due items of both kinds, oldest first, in one statement: an idle worker
+ * costs one query per poll, and neither kind can starve the other.  Each
+ * branch is served by its partial index.
+ */
 static const char sql_due[] =
-    "SELECT id FROM %1$s WHERE status = 'pending' AND next_attempt_at <= now() "
-    "ORDER BY next_attempt_at, id LIMIT $1";
+    "SELECT kind, id FROM ("
+    " (SELECT 0 AS kind, id, next_attempt_at FROM invoices"
+    "   WHERE status = 'pending' AND next_attempt_at <= now()"
+    "   ORDER BY next_attempt_at, id LIMIT $1)"
+    " UNION ALL"
+    " (SELECT 1, id, next_attempt_at FROM redemptions"
+    "   WHERE status = 'pending' AND next_attempt_at <= now()"
+    "   ORDER BY next_attempt_at, id LIMIT $1)) AS d "
+    "ORDER BY next_attempt_at, kind, id LIMIT $1";
 
 /*
  * A claim's SET: bump the fence, take the lease, and hide the item until the
@@ -98,7 +110,6 @@ static const char sql_complete_redemption[] =
     "SELECT id FROM upd";
 
 enum stmt {
-	STMT_DUE,
 	STMT_CLAIM_SKIP,
 	STMT_CLAIM_IDS,
 	STMT_RENEW,
@@ -107,7 +118,7 @@ enum stmt {
 };
 
 static const char *const stmt_names[STMT_COUNT] = {
-	"due", "claim_skip", "claim_ids", "renew", "complete",
+	"claim_skip", "claim_ids", "renew", "complete",
 };
 
 /* A growable text buffer for array literals, reused across calls. */
@@ -384,9 +395,6 @@ prepare_all(store *st)
 			char name[64];
 
 			switch (s) {
-			case STMT_DUE:
-				snprintf(sql, sizeof(sql), sql_due, table_of[k]);
-				break;
 			case STMT_CLAIM_SKIP:
 				snprintf(sql, sizeof(sql), sql_claim_skip, table_of[k], claim_returning[k]);
 				break;
@@ -411,14 +419,17 @@ prepare_all(store *st)
 			PQclear(res);
 		}
 	}
-	res = PQprepare(st->conn, "reserve",
-	    "SELECT rid, result FROM bw_reserve($1::bigint[], $2::bigint[])", 0, NULL);
-	if (PQresultStatus(res) != PGRES_COMMAND_OK) {
-		store_set_error(st, "could not prepare statements", res);
+	for (int i = 0; i < 2; i++) {
+		res = PQprepare(st->conn, i == 0 ? "reserve" : "due", i == 0 ?
+		    "SELECT rid, result FROM bw_reserve($1::bigint[], $2::bigint[])" : sql_due,
+		    0, NULL);
+		if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+			store_set_error(st, "could not prepare statements", res);
+			PQclear(res);
+			return -1;
+		}
 		PQclear(res);
-		return -1;
 	}
-	PQclear(res);
 	st->prepared = true;
 	return 0;
 }
@@ -506,22 +517,34 @@ exec_stmt(store *st, enum stmt s, enum item_kind kind, int nparams,
 }
 
 int
-store_due_ids(store *st, enum item_kind kind, size_t limit, int64_t *ids, size_t *ret_n)
+store_due(store *st, size_t limit, enum item_kind *kinds, int64_t *ids, size_t *ret_n)
 {
 	char lim[32];
 	const char *params[1] = { lim };
 	PGresult *res;
-	bool retryable;
-	int n;
+	size_t n;
 
-	snprintf(lim, sizeof(lim), "%zu", limit);
-	res = exec_stmt(st, STMT_DUE, kind, 1, params, PGRES_TUPLES_OK, &retryable);
-	if (res == NULL)
+	if (!store_connected(st)) {
+		store_errorf(st, "not connected to the database");
 		return -1;
-	n = PQntuples(res);
-	for (int i = 0; i < n && (size_t)i < limit; i++)
-		ids[i] = strtoll(PQgetvalue(res, i, 0), NULL, 10);
-	*ret_n = (size_t)n < limit ? (size_t)n : limit;
+	}
+	if (!st->prepared && prepare_all(st) == -1)
+		return -1;
+	snprintf(lim, sizeof(lim), "%zu", limit);
+	res = PQexecPrepared(st->conn, "due", 1, params, NULL, NULL, 0);
+	if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+		store_set_error(st, "due", res);
+		PQclear(res);
+		return -1;
+	}
+	n = (size_t)PQntuples(res);
+	if (n > limit)
+		n = limit;
+	for (size_t i = 0; i < n; i++) {
+		kinds[i] = PQgetvalue(res, (int)i, 0)[0] == '1' ? ITEM_REDEMPTION : ITEM_INVOICE;
+		ids[i] = strtoll(PQgetvalue(res, (int)i, 1), NULL, 10);
+	}
+	*ret_n = n;
 	PQclear(res);
 	return 0;
 }

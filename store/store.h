@@ -35,11 +35,12 @@ const char *store_errmsg(const store *st);
 uint64_t store_retries(const store *st);
 
 /*
- * Ids of up to LIMIT items of KIND that are due now, oldest first, into IDS
- * (capacity LIMIT).  Takes no lock: the caller locks them in Redis and then
- * claims them with store_claim().
+ * Up to LIMIT due items of either kind, oldest first, into KINDS and IDS
+ * (capacity LIMIT each).  Takes no lock: in redis mode the caller locks
+ * them in Redis and then claims them with store_claim(); in skip-locked
+ * mode it tells which kinds are worth a claim at all.
  */
-int store_due_ids(store *st, enum item_kind kind, size_t limit, int64_t *ids,
+int store_due(store *st, size_t limit, enum item_kind *kinds, int64_t *ids,
     size_t *ret_n) __attribute__((warn_unused_result));
 
 /*
@@ -119,6 +120,27 @@ int store_reserve(store *st, struct item *const *items, size_t n,
  */
 int store_audit(store *st, FILE *out, int stuck_after_s, int *violations)
 	__attribute__((warn_unused_result));
+
+/*
+ * The LISTEN connection (a second, idle connection per worker): new rows
+ * wake the worker through it within milliseconds; polling stays the
+ * fallback.
+ */
+typedef struct store_listener store_listener;
+
+int store_listener_new(const char *conninfo, store_listener **ret)
+	__attribute__((warn_unused_result));
+void store_listener_free(store_listener *sl);
+/* Connects and LISTENs; -1 with store_listener_errmsg() set on failure. */
+int store_listener_connect(store_listener *sl) __attribute__((warn_unused_result));
+/* The socket to poll for input, or -1 when not connected. */
+int store_listener_fd(const store_listener *sl);
+/*
+ * Reads what arrived without blocking; returns the number of notifications
+ * (0 or more), or -1 when the connection broke (it is closed; reconnect).
+ */
+int store_listener_drain(store_listener *sl);
+const char *store_listener_errmsg(const store_listener *sl);
 
 /* Creates or upgrades the schema; safe from several hosts at once. */
 int store_migrate(store *st) __attribute__((warn_unused_result));

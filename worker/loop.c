@@ -23,6 +23,13 @@
 #define DB_RETRY_MAX_MS 10000
 /* Longest sleep in poll, so flags and deadlines are looked at regularly. */
 #define WAIT_MAX_MS 1000
+/*
+ * A notification moves the next claim to within this many milliseconds,
+ * at random: every worker hears every notification, and the jitter keeps
+ * them from all querying at the same instant; notifications arriving
+ * inside the window fold into that one claim.
+ */
+#define NOTIFY_JITTER_MS 4
 /* A once run gives up when the database stays unreachable this long. */
 #define ONCE_DB_PATIENCE_MS 60000
 
@@ -45,6 +52,9 @@ struct loop {
 	struct bw_config *cfg;
 	bool once;
 	store *st;
+	store_listener *listener;   /* NULL in once runs */
+	int64_t next_listen_try_ms;
+	int listen_delay_ms;
 	lockmgr *locks;
 	api_client *api;
 	struct retry_policy policy;
@@ -69,7 +79,6 @@ struct loop {
 	int db_delay_ms;
 	int64_t db_down_since_ms;
 	bool db_outage_logged;
-	int kind_turn;
 	uint64_t rng;
 
 	bool stopping;
@@ -457,42 +466,40 @@ reserve_then_launch(struct loop *l, size_t n)
 }
 
 /*
- * Claims up to a batch of due items, alternating which kind goes first so
- * neither starves the other.  Returns 1 when more may be due now, 0 when
- * not, -1 when the claim failed.
+ * Claims up to a batch of due items of both kinds in one go.  Returns 1
+ * when more may be due now, 0 when not, -1 when the claim failed.
  */
 static int
 claim(struct loop *l)
 {
 	int room = l->cfg->worker.concurrency - l->busy;
-	size_t want, n;
-	bool more, any_more = false;
+	size_t want, n, nred = 0;
+	bool more;
 
 	if (room <= 0)
 		return 0;
 	want = (size_t)room < (size_t)l->cfg->worker.batch_size ?
 	    (size_t)room : (size_t)l->cfg->worker.batch_size;
-	for (int k = 0; k < ITEM_KIND_COUNT && want > 0; k++) {
-		enum item_kind kind = (enum item_kind)((l->kind_turn + k) % ITEM_KIND_COUNT);
-
-		if (lock_claim(l->locks, kind, want, l->claimed, &n, &more) == -1) {
-			if (!store_connected(l->st))
-				note_db_failure(l, "could not claim items");
-			else
-				log_warnx("could not claim %ss: %s", item_kind_name(kind),
-				    lock_errmsg(l->locks));
-			return -1;
-		}
-		if (kind == ITEM_REDEMPTION)
-			reserve_then_launch(l, n);
+	if (lock_claim(l->locks, want, l->claimed, &n, &more) == -1) {
+		if (!store_connected(l->st))
+			note_db_failure(l, "could not claim items");
 		else
-			for (size_t i = 0; i < n; i++)
-				launch(l, &l->claimed[i], NULL, NULL);
-		want -= n;
-		any_more = any_more || more;
+			log_warnx("could not claim items: %s", lock_errmsg(l->locks));
+		return -1;
 	}
-	l->kind_turn++;
-	return any_more ? 1 : 0;
+	/* Invoices go straight to their calls; redemptions first reserve funds. */
+	for (size_t i = 0; i < n; i++) {
+		if (l->claimed[i].kind == ITEM_INVOICE) {
+			launch(l, &l->claimed[i], NULL, NULL);
+		} else {
+			struct item tmp = l->claimed[nred];
+
+			l->claimed[nred++] = l->claimed[i];
+			l->claimed[i] = tmp;
+		}
+	}
+	reserve_then_launch(l, nred);
+	return more ? 1 : 0;
 }
 
 static void
@@ -602,6 +609,51 @@ abandon_calls(struct loop *l)
 	}
 }
 
+/*
+ * Keeps the LISTEN connection up: reconnects with backoff when it is down,
+ * and turns what arrived on it into an early claim.  Polling every
+ * poll_interval_ms goes on regardless, so nothing waits on this.
+ */
+static void
+listen_service(struct loop *l, bool readable)
+{
+	int64_t now = now_ms();
+	int n;
+
+	if (l->listener == NULL)
+		return;
+	if (store_listener_fd(l->listener) == -1) {
+		if (now < l->next_listen_try_ms || !store_connected(l->st))
+			return;
+		if (store_listener_connect(l->listener) == 0) {
+			log_info("listening for new items");
+			l->listen_delay_ms = DB_RETRY_MIN_MS;
+		} else {
+			log_warnx("%s; polling every %d ms until it returns",
+			    store_listener_errmsg(l->listener), l->cfg->worker.poll_interval_ms);
+			l->next_listen_try_ms = now + l->listen_delay_ms;
+			l->listen_delay_ms = l->listen_delay_ms * 2 > DB_RETRY_MAX_MS ?
+			    DB_RETRY_MAX_MS : l->listen_delay_ms * 2;
+		}
+		return;
+	}
+	if (!readable)
+		return;
+	n = store_listener_drain(l->listener);
+	if (n == -1) {
+		log_warnx("%s; polling every %d ms until it returns",
+		    store_listener_errmsg(l->listener), l->cfg->worker.poll_interval_ms);
+		l->next_listen_try_ms = now + l->listen_delay_ms;
+		return;
+	}
+	if (n > 0) {
+		int64_t at = now + (int64_t)(rng_next(l) % (NOTIFY_JITTER_MS + 1));
+
+		if (at < l->next_poll_ms)
+			l->next_poll_ms = at;
+	}
+}
+
 static int
 loop_setup(struct loop *l, const char *token, const char *redis_password)
 {
@@ -632,11 +684,13 @@ loop_setup(struct loop *l, const char *token, const char *redis_password)
 		l->rng = (uint64_t)now_ms() | 1;
 	policy_from(&l->policy, cfg);
 	l->db_delay_ms = DB_RETRY_MIN_MS;
+	l->listen_delay_ms = DB_RETRY_MIN_MS;
 	if (reserve(l, cfg->worker.concurrency, cfg->worker.batch_size) == -1) {
 		log_error("out of memory");
 		return -1;
 	}
 	if (store_new(cfg->database.conninfo, cfg->worker.id, &l->st) == -1 ||
+	    (!l->once && store_listener_new(cfg->database.conninfo, &l->listener) == -1) ||
 	    lock_new(&lo, l->st, &l->locks) == -1) {
 		log_error("out of memory");
 		return -1;
@@ -667,6 +721,7 @@ loop_teardown(struct loop *l)
 	free(l->reserved);
 	api_client_free(l->api);
 	lock_free(l->locks);
+	store_listener_free(l->listener);
 	store_free(l->st);
 }
 
@@ -698,7 +753,7 @@ int
 loop_run(struct bw_config *cfg, const char *token, const char *redis_password, bool once)
 {
 	struct loop l;
-	struct api_waitfd wake;
+	struct api_waitfd wake[2];
 	int status = 1;
 	int64_t now, wait;
 
@@ -713,6 +768,8 @@ loop_run(struct bw_config *cfg, const char *token, const char *redis_password, b
 	if (!first_connect(&l))
 		goto out;
 	status = 0;
+	lock_start(l.locks);
+	listen_service(&l, false);
 	l.next_renew_ms = now_ms() + cfg->locks.renew_interval_ms;
 
 	for (;;) {
@@ -786,13 +843,17 @@ loop_run(struct bw_config *cfg, const char *token, const char *redis_password, b
 				wait = 0;
 		if (wait < 0)
 			wait = 0;
-		wake.fd = wake_pipe[0];
-		wake.events = POLLIN;
-		wake.revents = 0;
-		if (api_wait(l.api, &wake, 1, (int)wait) == -1)
+		wake[0].fd = wake_pipe[0];
+		wake[0].events = POLLIN;
+		wake[0].revents = 0;
+		wake[1].fd = l.listener != NULL ? store_listener_fd(l.listener) : -1;
+		wake[1].events = POLLIN;
+		wake[1].revents = 0;
+		if (api_wait(l.api, wake, wake[1].fd >= 0 ? 2 : 1, (int)wait) == -1)
 			log_warnx("waiting on the billing API calls failed");
-		if (wake.revents & POLLIN)
+		if (wake[0].revents & POLLIN)
 			drain_wake_pipe();
+		listen_service(&l, wake[1].fd >= 0 && (wake[1].revents & (POLLIN | POLLERR | POLLHUP)));
 	}
 	{
 		/* Whatever is still claimed (an outage at exit): give back the Redis locks. */
