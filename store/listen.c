@@ -73,15 +73,10 @@ set_err(store_listener *sl, const char *what)
 int
 store_listener_connect(store_listener *sl)
 {
-	const char *keys[] = { "connect_timeout", "keepalives", "keepalives_idle",
-	    "keepalives_interval", "keepalives_count", "tcp_user_timeout",
-	    "application_name", "dbname", NULL };
-	const char *vals[] = { "5", "1", "10", "5", "3", "20000",
-	    "billing-worker listen", sl->conninfo, NULL };
 	PGresult *res;
 
 	drop(sl);
-	sl->conn = PQconnectdbParams(keys, vals, 1);
+	sl->conn = store_open_conn(sl->conninfo, "billing-worker listen");
 	if (sl->conn == NULL || PQstatus(sl->conn) != CONNECTION_OK) {
 		set_err(sl, "could not open the LISTEN connection");
 		drop(sl);

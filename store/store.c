@@ -434,8 +434,8 @@ prepare_all(store *st)
 	return 0;
 }
 
-int
-store_connect(store *st)
+PGconn *
+store_open_conn(const char *conninfo, const char *application_name)
 {
 	/*
 	 * Our defaults come first so the operator's conninfo overrides them:
@@ -446,7 +446,14 @@ store_connect(store *st)
 	    "keepalives_interval", "keepalives_count", "tcp_user_timeout",
 	    "application_name", "dbname", NULL };
 	const char *vals[] = { "5", "1", "10", "5", "3", "20000",
-	    "billing-worker", st->conninfo, NULL };
+	    application_name, conninfo, NULL };
+
+	return PQconnectdbParams(keys, vals, 1);
+}
+
+int
+store_connect(store *st)
+{
 	PGresult *res;
 	int ret = -1;
 
@@ -455,7 +462,7 @@ store_connect(store *st)
 		st->conn = NULL;
 	}
 	st->prepared = false;
-	st->conn = PQconnectdbParams(keys, vals, 1);
+	st->conn = store_open_conn(st->conninfo, "billing-worker");
 	if (st->conn == NULL) {
 		store_errorf(st, "could not connect to the database: out of memory");
 		return -1;

@@ -13,6 +13,13 @@ PGconn *store_conn(store *st);
 /* Sets store_errmsg() to "WHAT: <the server's or libpq's message>". */
 void store_set_error(store *st, const char *what, const PGresult *res);
 
+/*
+ * Opens a connection with our defaults (connect timeout, TCP keepalives,
+ * tcp_user_timeout) under CONNINFO's own settings, which win.  NULL only
+ * when out of memory; check PQstatus.
+ */
+PGconn *store_open_conn(const char *conninfo, const char *application_name);
+
 /* Sets store_errmsg() from a format. */
 void store_errorf(store *st, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 

@@ -950,6 +950,13 @@ def reap_workers():
     return left
 
 
+def migrate(config_path):
+    """billing-worker migrate, which must succeed."""
+    r = run_cli(config_path, "migrate")
+    assert r.returncode == 0, r.stderr
+    return r
+
+
 def run_cli(config_path, *args, timeout=60, env=None):
     """Runs `billing-worker [-c CONFIG] ARGS...` to completion; returns the CompletedProcess (text).
 

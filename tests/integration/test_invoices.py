@@ -6,16 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from harness import Worker, insert_invoices, make_config, run_cli, wait_for
+from harness import migrate, Worker, insert_invoices, make_config, run_cli, wait_for
 
 
 SQL_VERSIONS = sorted((int(p.name.split("_")[0]),) for p in
                       (Path(__file__).resolve().parents[2] / "sql").glob("[0-9]*_*.sql"))
-
-
-def migrate(cfg):
-    r = run_cli(cfg, "migrate")
-    assert r.returncode == 0, r.stderr
 
 
 def pending(db):

@@ -2,12 +2,7 @@
 
 import re
 
-from harness import Worker, insert_invoices, make_config, run_cli, wait_for
-
-
-def migrate(cfg):
-    r = run_cli(cfg, "migrate")
-    assert r.returncode == 0, r.stderr
+from harness import migrate, Worker, insert_invoices, make_config, run_cli, wait_for
 
 
 def pending(db):

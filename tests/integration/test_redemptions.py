@@ -6,13 +6,8 @@ import time
 
 import psycopg2
 
-from harness import (Worker, create_subsidy, insert_redemptions, make_config, run_cli,
+from harness import (migrate, Worker, create_subsidy, insert_redemptions, make_config, run_cli,
                      wait_for)
-
-
-def migrate(cfg):
-    r = run_cli(cfg, "migrate")
-    assert r.returncode == 0, r.stderr
 
 
 def open_redemptions(db):

@@ -2,13 +2,8 @@
 
 import time
 
-from harness import (Worker, create_subsidy, insert_invoices, make_config, run_cli,
+from harness import (migrate, Worker, create_subsidy, insert_invoices, make_config, run_cli,
                      wait_for)
-
-
-def migrate(cfg):
-    r = run_cli(cfg, "migrate")
-    assert r.returncode == 0, r.stderr
 
 
 def paid(db):
