@@ -31,7 +31,7 @@ endif
 COMMON_SRC  := common/log.c common/item.c
 CONFIG_SRC  := config/config.c
 STORE_SRC   := store/store.c store/migrate.c store/report.c store/audit.c store/listen.c $(BUILD)/migrations.c
-BILLING_SRC := billing/api.c billing/response.c billing/backoff.c billing/outcome.c
+BILLING_SRC := billing/api.c billing/response.c billing/backoff.c billing/outcome.c billing/pace.c
 LOCKS_SRC   := locks/lock.c locks/redis_lock.c
 WORKER_SRC  := worker/loop.c worker/main.c
 
@@ -42,7 +42,7 @@ obj = $(patsubst %.c,$(BUILD)/obj/%.o,$(patsubst $(BUILD)/%,%,$(1)))
 
 BIN := $(BUILD)/billing-worker
 
-UNIT_TESTS := test_config test_backoff test_response test_outcome test_item
+UNIT_TESTS := test_config test_backoff test_response test_outcome test_item test_pace
 UNIT_BINS  := $(addprefix $(BUILD)/tests/,$(UNIT_TESTS))
 
 # What each unit test links besides itself: the module under test alone.
@@ -51,6 +51,7 @@ test_backoff_DEPS  := billing/backoff.c
 test_response_DEPS := billing/response.c common/log.c
 test_outcome_DEPS  := billing/outcome.c billing/backoff.c billing/response.c common/item.c common/log.c
 test_item_DEPS     := common/item.c
+test_pace_DEPS     := billing/pace.c
 
 .PHONY: all test unit integration demo deps clean install check-deps
 

@@ -7,8 +7,11 @@
 #include <sys/random.h>
 #include <time.h>
 
+#include "billing/pace.h"
 #include "common/log.h"
 
+/* The rate budget may bank this much time's worth of calls. */
+#define RATE_BURST_MS 50
 #define RECONNECT_MIN_MS 100
 #define RECONNECT_MAX_MS 5000
 
@@ -28,6 +31,14 @@ struct lockmgr {
 	int64_t next_reconnect_ms;
 	int reconnect_delay_ms;
 	char errmsg[512];
+	/*
+	 * The rate budget: shared in Redis while it answers; otherwise this
+	 * process's even share, rate / the workers last seen there.
+	 */
+	int rate;
+	int workers_seen;
+	struct pace pace;
+	int64_t wait_ms;                /* from the last claim: until calls may start */
 	/* scratch reused across calls */
 	int64_t *ids;
 	enum item_kind *kinds;
@@ -39,6 +50,8 @@ struct lockmgr {
 	struct id_pos *index;
 	size_t cap;
 };
+
+static void note_redis_failure(lockmgr *lm);
 
 static int64_t
 now_ms(void)
@@ -90,6 +103,8 @@ lock_new(const struct lock_options *o, store *st, lockmgr **ret)
 	lm->ttl_ms = o->ttl_ms;
 	lm->st = st;
 	lm->reconnect_delay_ms = RECONNECT_MIN_MS;
+	lm->workers_seen = 1;
+	pace_init(&lm->pace, 0, RATE_BURST_MS, now_ms());
 	snprintf(lm->worker_id, sizeof(lm->worker_id), "%s", o->worker_id);
 	if (lm->mode != LOCK_MODE_SKIP_LOCKED &&
 	    redis_lock_new(&o->redis, &lm->redis) == -1) {
@@ -122,6 +137,39 @@ void
 lock_set_ttl(lockmgr *lm, int ttl_ms)
 {
 	lm->ttl_ms = ttl_ms;
+}
+
+/* The local fallback bucket, at this process's share of the fleet's rate. */
+static void
+pace_reset(lockmgr *lm)
+{
+	int64_t paused = lm->pace.paused_until_ms;
+	double share = lm->rate > 0 ? (double)lm->rate / lm->workers_seen : 0;
+
+	pace_init(&lm->pace, share, RATE_BURST_MS, now_ms());
+	pace_pause(&lm->pace, paused);
+}
+
+void
+lock_set_rate(lockmgr *lm, int calls_per_second)
+{
+	lm->rate = calls_per_second;
+	pace_reset(lm);
+}
+
+int64_t
+lock_wait_ms(const lockmgr *lm)
+{
+	return lm->wait_ms;
+}
+
+void
+lock_pause(lockmgr *lm, int pause_ms)
+{
+	pace_pause(&lm->pace, now_ms() + pause_ms);
+	if (lm->redis != NULL && redis_lock_connected(lm->redis) &&
+	    redis_lock_pause(lm->redis, pause_ms) == -1)
+		note_redis_failure(lm);
 }
 
 const char *
@@ -276,7 +324,16 @@ claim_skip_locked(lockmgr *lm, size_t ndue, size_t limit, struct item *items,
     size_t *ret_n)
 {
 	size_t due[ITEM_KIND_COUNT] = { 0, 0 }, got = 0, n;
+	int64_t now = now_ms();
+	int granted = pace_take(&lm->pace, (int)(ndue < limit ? ndue : limit), now);
 
+	if ((size_t)granted < limit)
+		limit = (size_t)granted;
+	if (limit == 0) {
+		lm->wait_ms = pace_wait_ms(&lm->pace, now);
+		*ret_n = 0;
+		return 0;
+	}
 	for (size_t i = 0; i < ndue; i++)
 		due[lm->kinds[i]]++;
 	for (int k = 0; k < ITEM_KIND_COUNT && got < limit; k++) {
@@ -305,6 +362,8 @@ static int
 claim_redis(lockmgr *lm, size_t ndue, size_t limit, struct item *items, size_t *ret_n)
 {
 	size_t got = 0, nlocked = 0, nback = 0;
+	struct redis_rate rate;
+	struct redis_rate_answer answer;
 	bool failed = false;
 
 	for (size_t i = 0; i < ndue; i++) {
@@ -313,12 +372,21 @@ claim_redis(lockmgr *lm, size_t ndue, size_t limit, struct item *items, size_t *
 		lm->keyp[i] = lm->keys[i];
 		lm->tokp[i] = lm->tokens[i];
 	}
-	if (redis_lock_acquire(lm->redis, lm->keyp, lm->tokp, ndue, lm->ttl_ms, lm->flags) == -1) {
+	rate.rate = lm->rate;
+	rate.burst = lm->rate * RATE_BURST_MS / 1000 > 1 ? lm->rate * RATE_BURST_MS / 1000 : 1;
+	rate.member = lm->worker_id;
+	if (redis_lock_acquire(lm->redis, lm->keyp, lm->tokp, ndue, lm->ttl_ms, &rate,
+	    lm->flags, &answer) == -1) {
 		note_redis_failure(lm);
 		if (lm->mode == LOCK_MODE_AUTO)
 			return claim_skip_locked(lm, ndue, limit, items, ret_n);
 		snprintf(lm->errmsg, sizeof(lm->errmsg), "redis: %s", redis_lock_errmsg(lm->redis));
 		return -1;
+	}
+	lm->wait_ms = answer.wait_ms;
+	if (answer.workers > 0 && answer.workers != lm->workers_seen) {
+		lm->workers_seen = answer.workers;
+		pace_reset(lm);
 	}
 	for (int k = 0; k < ITEM_KIND_COUNT; k++) {
 		size_t start = nlocked, n = 0;
@@ -373,6 +441,7 @@ lock_claim(lockmgr *lm, size_t limit, struct item *items, size_t *ret_n, bool *m
 	*ret_n = 0;
 	*more = false;
 	lm->errmsg[0] = '\0';
+	lm->wait_ms = 0;
 	if (limit == 0)
 		return 0;
 	if (grow(lm, limit) == -1) {

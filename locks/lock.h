@@ -37,6 +37,22 @@ void lock_free(lockmgr *lm);
 void lock_set_ttl(lockmgr *lm, int ttl_ms);
 
 /*
+ * The fleet's API call budget (billing_api.max_requests_per_second, 0 =
+ * none).  Claims take no more items than it allows: shared through Redis
+ * while it answers, this process's even share of it otherwise.
+ */
+void lock_set_rate(lockmgr *lm, int calls_per_second);
+
+/*
+ * After a claim: how long until more calls may start (the rate budget is
+ * spent or a 429 pause is in force), 0 when they may start now.
+ */
+int64_t lock_wait_ms(const lockmgr *lm);
+
+/* A 429: no worker of the fleet starts a call for PAUSE_MS. */
+void lock_pause(lockmgr *lm, int pause_ms);
+
+/*
  * Connects to Redis now (redis and auto modes), so a wrong address shows in
  * the log at start rather than at the first due item.  Never fails: an
  * unreachable Redis is logged and retried as the mode says.

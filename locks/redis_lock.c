@@ -15,11 +15,53 @@
  * ttl in milliseconds.  Compare-and-set, -pexpire and -delete must be
  * atomic per key, which a script gives and a pipeline of GET/SET does not.
  */
+/*
+ * Acquire also spends the fleet's rate budget, in the same round trip:
+ * ARGV after the ttl are the rate (calls per second, 0 = no limit), the
+ * bucket size and this worker's id.  It locks at most as many keys as the
+ * budget allows, and no key at all while a 429 pause is in force.  The
+ * clock is Redis' own (TIME), so the hosts' clocks never matter.  Besides a
+ * 0/1 per key it returns how long to wait before more may start and how
+ * many workers asked within the last 10 s (the even share used while Redis
+ * is unreachable).  Keys outside KEYS make this single-instance only.
+ */
 static const char script_acquire[] =
-    "local ttl = ARGV[#KEYS + 1] local r = {} "
-    "for i = 1, #KEYS do "
-    "  if redis.call('SET', KEYS[i], ARGV[i], 'NX', 'PX', ttl) then r[i] = 1 else r[i] = 0 end "
-    "end return r";
+    "local n = #KEYS local ttl = ARGV[n + 1] "
+    "local rate = tonumber(ARGV[n + 2]) local burst = tonumber(ARGV[n + 3]) "
+    "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
+    "local allow, wait, tokens = n, 0, 0 "
+    "local pause = tonumber(redis.call('GET', 'billing-worker:rate:pause') or '0') "
+    "if pause > now then allow = 0 wait = pause - now "
+    "elseif rate > 0 then "
+    "  local b = redis.call('HMGET', 'billing-worker:rate:bucket', 'tokens', 'ts') "
+    "  tokens = tonumber(b[1]) or burst "
+    "  local ts = tonumber(b[2]) or now "
+    "  if now > ts then tokens = math.min(burst, tokens + (now - ts) * rate / 1000) end "
+    "  allow = math.min(n, math.floor(tokens)) "
+    "end "
+    "local r = {} local got = 0 "
+    "for i = 1, n do "
+    "  if got < allow and redis.call('SET', KEYS[i], ARGV[i], 'NX', 'PX', ttl) then "
+    "    r[i] = 1 got = got + 1 else r[i] = 0 end "
+    "end "
+    "if rate > 0 and pause <= now then "
+    "  tokens = tokens - got "
+    "  redis.call('HSET', 'billing-worker:rate:bucket', 'tokens', tostring(tokens), 'ts', now) "
+    "  redis.call('PEXPIRE', 'billing-worker:rate:bucket', 60000) "
+    "  if allow < n and tokens < 1 then wait = math.ceil((1 - tokens) * 1000 / rate) end "
+    "end "
+    "redis.call('ZADD', 'billing-worker:workers', now, ARGV[n + 4]) "
+    "redis.call('ZREMRANGEBYSCORE', 'billing-worker:workers', 0, now - 10000) "
+    "r[n + 1] = wait r[n + 2] = redis.call('ZCARD', 'billing-worker:workers') "
+    "return r";
+
+/* Pauses every worker of the fleet for ARGV[1] ms (never shortens a pause). */
+static const char script_pause[] =
+    "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
+    "local untl = now + tonumber(ARGV[1]) "
+    "local cur = tonumber(redis.call('GET', 'billing-worker:rate:pause') or '0') "
+    "if untl > cur then redis.call('SET', 'billing-worker:rate:pause', untl, 'PX', ARGV[1]) end "
+    "return {0}";
 
 static const char script_renew[] =
     "local ttl = ARGV[#KEYS + 1] local r = {} "
@@ -35,10 +77,10 @@ static const char script_release[] =
     "    redis.call('DEL', KEYS[i]) r[i] = 1 else r[i] = 0 end "
     "end return r";
 
-enum { SCRIPT_ACQUIRE, SCRIPT_RENEW, SCRIPT_RELEASE, SCRIPT_COUNT };
+enum { SCRIPT_ACQUIRE, SCRIPT_RENEW, SCRIPT_RELEASE, SCRIPT_PAUSE, SCRIPT_COUNT };
 
 static const char *const scripts[SCRIPT_COUNT] = {
-	script_acquire, script_renew, script_release,
+	script_acquire, script_renew, script_release, script_pause,
 };
 
 struct redis_lock {
@@ -199,21 +241,21 @@ redis_lock_connect(redis_lock *rl)
 }
 
 /*
- * EVALSHA script N keys... tokens... ttl; fills out[i] from the reply's
- * array of 0/1.  A NOSCRIPT answer (a restarted server) loads the scripts
- * again once.
+ * EVALSHA script N keys... tokens... args...; fills out[i] from the
+ * reply's first N elements (0/1) and extra[j] from the NEXTRA integers that
+ * follow.  A NOSCRIPT answer (a restarted server) loads the scripts again
+ * once.
  */
 static int
 run_script(redis_lock *rl, int script, const char *const *keys,
-    const char *const *tokens, size_t n, int ttl_ms, bool *out)
+    const char *const *tokens, size_t n, const char *const *args, size_t nargs,
+    bool *out, long long *extra, size_t nextra)
 {
-	char nkeys[24], ttl[24];
-	size_t argc = 3 + 2 * n + 1;
+	char nkeys[24];
+	size_t argc = 3 + 2 * n + nargs;
 	redisReply *r = NULL;
 	int ret = -1;
 
-	if (n == 0)
-		return 0;
 	if (!redis_lock_connected(rl)) {
 		set_err(rl, "not connected to redis");
 		return -1;
@@ -231,7 +273,6 @@ run_script(redis_lock *rl, int script, const char *const *keys,
 		rl->argcap = argc;
 	}
 	snprintf(nkeys, sizeof(nkeys), "%zu", n);
-	snprintf(ttl, sizeof(ttl), "%d", ttl_ms);
 	rl->argv[0] = "EVALSHA";
 	rl->argv[1] = rl->sha[script];
 	rl->argv[2] = nkeys;
@@ -239,7 +280,8 @@ run_script(redis_lock *rl, int script, const char *const *keys,
 		rl->argv[3 + i] = keys[i];
 		rl->argv[3 + n + i] = tokens[i];
 	}
-	rl->argv[argc - 1] = ttl;
+	for (size_t i = 0; i < nargs; i++)
+		rl->argv[3 + 2 * n + i] = args[i];
 	for (size_t i = 0; i < argc; i++)
 		rl->argvlen[i] = strlen(rl->argv[i]);
 
@@ -264,13 +306,16 @@ run_script(redis_lock *rl, int script, const char *const *keys,
 		}
 		break;
 	}
-	if (r == NULL || r->type != REDIS_REPLY_ARRAY || r->elements != n) {
+	if (r == NULL || r->type != REDIS_REPLY_ARRAY || r->elements != n + nextra) {
 		set_err(rl, "unexpected reply to lock script: %s",
 		    r != NULL && r->type == REDIS_REPLY_ERROR ? r->str : "not an array of results");
 		goto out;
 	}
 	for (size_t i = 0; i < n; i++)
 		out[i] = r->element[i]->type == REDIS_REPLY_INTEGER && r->element[i]->integer == 1;
+	for (size_t j = 0; j < nextra; j++)
+		extra[j] = r->element[n + j]->type == REDIS_REPLY_INTEGER ?
+		    r->element[n + j]->integer : 0;
 	ret = 0;
 	goto out;
 oom:
@@ -282,16 +327,34 @@ out:
 
 int
 redis_lock_acquire(redis_lock *rl, const char *const *keys, const char *const *tokens,
-    size_t n, int ttl_ms, bool *got)
+    size_t n, int ttl_ms, const struct redis_rate *rate, bool *got,
+    struct redis_rate_answer *ans)
 {
-	return run_script(rl, SCRIPT_ACQUIRE, keys, tokens, n, ttl_ms, got);
+	char ttl[24], rps[24], burst[24];
+	const char *args[4] = { ttl, rps, burst, rate->member };
+	long long extra[2] = { 0, 0 };
+
+	snprintf(ttl, sizeof(ttl), "%d", ttl_ms);
+	snprintf(rps, sizeof(rps), "%d", rate->rate);
+	snprintf(burst, sizeof(burst), "%d", rate->burst);
+	if (run_script(rl, SCRIPT_ACQUIRE, keys, tokens, n, args, 4, got, extra, 2) == -1)
+		return -1;
+	ans->wait_ms = extra[0];
+	ans->workers = (int)extra[1];
+	return 0;
 }
 
 int
 redis_lock_renew(redis_lock *rl, const char *const *keys, const char *const *tokens,
     size_t n, int ttl_ms, bool *held)
 {
-	return run_script(rl, SCRIPT_RENEW, keys, tokens, n, ttl_ms, held);
+	char ttl[24];
+	const char *args[1] = { ttl };
+
+	if (n == 0)
+		return 0;
+	snprintf(ttl, sizeof(ttl), "%d", ttl_ms);
+	return run_script(rl, SCRIPT_RENEW, keys, tokens, n, args, 1, held, NULL, 0);
 }
 
 int
@@ -305,7 +368,18 @@ redis_lock_release(redis_lock *rl, const char *const *keys, const char *const *t
 		return 0;
 	if ((done = calloc(n, sizeof(*done))) == NULL)
 		return -1;
-	ret = run_script(rl, SCRIPT_RELEASE, keys, tokens, n, 0, done);
+	ret = run_script(rl, SCRIPT_RELEASE, keys, tokens, n, NULL, 0, done, NULL, 0);
 	free(done);
 	return ret;
+}
+
+int
+redis_lock_pause(redis_lock *rl, int pause_ms)
+{
+	char ms[24];
+	const char *args[1] = { ms };
+	long long ignored;
+
+	snprintf(ms, sizeof(ms), "%d", pause_ms > 0 ? pause_ms : 1);
+	return run_script(rl, SCRIPT_PAUSE, NULL, NULL, 0, args, 1, NULL, &ignored, 1);
 }

@@ -29,9 +29,25 @@ int redis_lock_connect(redis_lock *rl) __attribute__((warn_unused_result));
 bool redis_lock_connected(const redis_lock *rl);
 const char *redis_lock_errmsg(const redis_lock *rl);
 
-/* Sets got[i] when keys[i] was free and now holds tokens[i] for TTL_MS. */
+/* The fleet's shared rate budget, spent by redis_lock_acquire(). */
+struct redis_rate {
+	int rate;               /* API calls per second for the fleet; 0 = no limit */
+	int burst;              /* calls the budget may bank */
+	const char *member;     /* this worker's id, counted among the live workers */
+};
+
+struct redis_rate_answer {
+	long long wait_ms;      /* before more calls may start (budget or 429 pause) */
+	int workers;            /* workers that asked within the last 10 s */
+};
+
+/*
+ * Sets got[i] when keys[i] was free and now holds tokens[i] for TTL_MS,
+ * locking no more keys than the rate budget (and any 429 pause) allows.
+ */
 int redis_lock_acquire(redis_lock *rl, const char *const *keys,
-    const char *const *tokens, size_t n, int ttl_ms, bool *got)
+    const char *const *tokens, size_t n, int ttl_ms, const struct redis_rate *rate,
+    bool *got, struct redis_rate_answer *ans)
 	__attribute__((warn_unused_result));
 
 /* Sets held[i] when keys[i] still held tokens[i] and now expires in TTL_MS. */
@@ -42,5 +58,8 @@ int redis_lock_renew(redis_lock *rl, const char *const *keys,
 /* Deletes each key that still holds its token; others are left alone. */
 int redis_lock_release(redis_lock *rl, const char *const *keys,
     const char *const *tokens, size_t n);
+
+/* Stops every worker of the fleet from starting calls for PAUSE_MS (a 429). */
+int redis_lock_pause(redis_lock *rl, int pause_ms);
 
 #endif

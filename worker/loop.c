@@ -516,6 +516,14 @@ collect(struct loop *l)
 		f->latency_ms = latency;
 		f->http_status = status;
 		outcome_after_call(&f->item, &v, &l->policy, rng_next(l), &f->done);
+		if (status == 429) {
+			/* The API is over its limit for everyone: the whole fleet waits. */
+			int pause_ms = v.retry_after_s > 0 ? v.retry_after_s * 1000 : 1000;
+
+			lock_pause(l->locks, pause_ms);
+			log_info("billing API answered 429: no worker starts a call for %d ms",
+			    pause_ms);
+		}
 		if (v.cls == API_KEY_REUSED)
 			log_error("%s %" PRId64 ": the billing API says its idempotency key was "
 			    "used with a different body; the row changed after an attempt, "
@@ -576,6 +584,7 @@ reload(struct loop *l)
 	l->cfg->billing_api.max_attempts = fresh->billing_api.max_attempts;
 	l->cfg->billing_api.backoff_initial_ms = fresh->billing_api.backoff_initial_ms;
 	l->cfg->billing_api.backoff_max_ms = fresh->billing_api.backoff_max_ms;
+	l->cfg->billing_api.max_requests_per_second = fresh->billing_api.max_requests_per_second;
 	l->cfg->locks.ttl_ms = fresh->locks.ttl_ms;
 	l->cfg->locks.renew_interval_ms = fresh->locks.renew_interval_ms;
 	l->cfg->log.level = fresh->log.level;
@@ -586,6 +595,7 @@ reload(struct loop *l)
 	api_client_set_limits(l->api, l->cfg->billing_api.timeout_ms,
 	    l->cfg->billing_api.connect_timeout_ms, l->cfg->worker.concurrency);
 	lock_set_ttl(l->locks, l->cfg->locks.ttl_ms);
+	lock_set_rate(l->locks, l->cfg->billing_api.max_requests_per_second);
 	log_set_level((int)l->cfg->log.level);
 	log_info("configuration reloaded (concurrency %d, batch %d, poll %d ms)",
 	    l->cfg->worker.concurrency, l->cfg->worker.batch_size,
@@ -695,6 +705,7 @@ loop_setup(struct loop *l, const char *token, const char *redis_password)
 		log_error("out of memory");
 		return -1;
 	}
+	lock_set_rate(l->locks, cfg->billing_api.max_requests_per_second);
 	if (api_client_new(&ao, &l->api, err, sizeof(err)) == -1) {
 		log_error("could not set up the billing API client: %s", err);
 		return -1;
@@ -797,12 +808,15 @@ loop_run(struct bw_config *cfg, const char *token, const char *redis_password, b
 		if (!l.stopping && now >= l.next_poll_ms && l.busy < l.cfg->worker.concurrency &&
 		    db_ready(&l)) {
 			int r = claim(&l);
+			int64_t hold = lock_wait_ms(l.locks);
 
-			if (r == 1)
+			if (hold > 0)
+				l.next_poll_ms = now + hold;    /* rate budget spent or a 429 pause */
+			else if (r == 1)
 				l.next_poll_ms = now;       /* more due: take them as room frees */
 			else
 				l.next_poll_ms = now + l.cfg->worker.poll_interval_ms;
-			if (r == 0 && once && l.busy == 0) {
+			if (r == 0 && hold == 0 && once && l.busy == 0) {
 				log_info("nothing due; once run finished");
 				break;
 			}

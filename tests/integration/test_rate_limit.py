@@ -1,0 +1,82 @@
+"""billing_api.max_requests_per_second is one budget for the whole fleet."""
+
+from harness import Worker, insert_invoices, make_config, migrate, wait_for
+
+
+def pending(db):
+    return db.scalar("SELECT count(*) FROM invoices WHERE status = 'pending'")
+
+
+def per_second(fake_api):
+    """Requests per wall-clock second, oldest first."""
+    counts = fake_api.state()["per_second"]
+    return [counts[k] for k in sorted(counts, key=int)]
+
+
+def start_fleet(tmp_path, db, redis, fake_api, modes, **overrides):
+    cfgs = [make_config(tmp_path, db, redis, fake_api, **{"locks.mode": m, **overrides})
+            for m in modes]
+    migrate(cfgs[0])
+    return [Worker(c, f"w{i}-{m}").start() for i, (c, m) in enumerate(zip(cfgs, modes))]
+
+
+def test_three_workers_share_one_budget(tmp_path, db, redis, fake_api, binary):
+    workers = start_fleet(tmp_path, db, redis, fake_api, ["redis", "redis", "auto"],
+                          **{"billing_api.max_requests_per_second": 40})
+    for w in workers:
+        wait_for(lambda: "connected to redis" in w.log(), 10, message=w.log)
+    insert_invoices(db, 200)
+    wait_for(lambda: pending(db) == 0, 60, interval=0.2)
+    for w in workers:
+        assert w.stop() == 0
+    counts = per_second(fake_api)
+    # 40/s plus the 2 calls the budget may bank; whole seconds in the middle
+    # run near the limit (the ends are partial seconds).
+    assert max(counts) <= 44, counts
+    assert len(counts) >= 5, counts
+    assert max(counts[1:-1]) >= 30, counts
+    # The budget was shared, not one worker's alone.
+    assert sum(1 for w in workers if ': paid, id' in w.log()) >= 2
+
+
+def test_a_429_pauses_every_worker(tmp_path, db, redis, fake_api, binary):
+    fake_api.faults([{"match": {}, "action": "status", "status": 429, "retry_after": 2,
+                      "times": 1}], latency_ms=20)
+    workers = start_fleet(tmp_path, db, redis, fake_api, ["redis", "redis", "redis"],
+                          **{"worker.concurrency": 2})
+    for w in workers:
+        wait_for(lambda: "connected to redis" in w.log(), 10, message=w.log)
+    insert_invoices(db, 150)
+    wait_for(lambda: pending(db) == 0, 60, interval=0.2)
+    for w in workers:
+        assert w.stop() == 0
+    state = fake_api.state()
+    seconds = sorted(int(k) for k in state["per_second"])
+    first = seconds[0]
+    # The 429 came with the first request, in second `first`; its 2 s pause
+    # covers the whole next second for every worker, not just the one told.
+    assert state["per_second"].get(str(first + 1), 0) == 0, state["per_second"]
+    assert sum(1 for w in workers if "answered 429" in w.log()) == 1
+    assert db.scalar("SELECT count(*) FROM invoices WHERE status = 'paid'") == 150
+
+
+def test_even_share_while_redis_is_down(tmp_path, db, redis_server, redis, fake_api, binary):
+    workers = start_fleet(tmp_path, db, redis, fake_api, ["auto", "auto"],
+                          **{"billing_api.max_requests_per_second": 40})
+    # A first round through Redis tells each worker there are two of them.
+    insert_invoices(db, 20)
+    wait_for(lambda: pending(db) == 0, 30, interval=0.1)
+    fake_api.reset()
+    redis_server.stop()
+    try:
+        insert_invoices(db, 120)
+        wait_for(lambda: pending(db) == 0, 60, interval=0.2)
+    finally:
+        redis_server.start()
+    for w in workers:
+        assert w.stop() == 0
+        assert "SKIP LOCKED until it returns" in w.log()
+    counts = per_second(fake_api)
+    # Each takes 20/s locally: the fleet stays near 40/s without Redis.
+    assert max(counts) <= 46, counts
+    assert len(counts) >= 3, counts
