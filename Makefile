@@ -6,6 +6,7 @@
 #   make demo            install what is missing, build, run workers on sample data
 #   make unit            unit tests only
 #   make integration     integration tests only (PYTEST_ARGS="-k name" to pick)
+#   make bench           throughput, latency and cost figures (BENCH_ARGS="--quick")
 
 CC       ?= gcc
 PREFIX   ?= /usr/local
@@ -53,7 +54,7 @@ test_outcome_DEPS  := billing/outcome.c billing/backoff.c billing/response.c com
 test_item_DEPS     := common/item.c
 test_pace_DEPS     := billing/pace.c
 
-.PHONY: all test unit integration demo deps clean install check-deps
+.PHONY: all test unit integration demo deps clean install check-deps bench
 
 all: $(BIN)
 
@@ -96,6 +97,11 @@ test: deps
 demo: deps
 	$(MAKE) all
 	sh scripts/demo.sh
+
+# Throughput, latency and cost, all measured in one run (see BENCHMARKS.md).
+bench: all
+	sh scripts/install-deps.sh nginx-light
+	$(PYTHON) scripts/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(BUILD)

@@ -18,6 +18,11 @@ PACKAGES="build-essential pkg-config libhiredis-dev libpq-dev libcurl4-openssl-d
 libconfig-dev libcmocka-dev libjansson-dev libsystemd-dev postgresql redis-server
 python3 python3-psycopg2 python3-pytest curl procps iproute2"
 
+# Extra packages for one target (e.g. `make bench` adds nginx-light).
+if [ $# -gt 0 ]; then
+	PACKAGES="$PACKAGES $*"
+fi
+
 if [ "${BW_SKIP_DEPS:-0}" = 1 ]; then
 	exit 0
 fi

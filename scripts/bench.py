@@ -1,0 +1,485 @@
+#!/usr/bin/env python3
+"""make bench: billing-worker's throughput, latency and cost, all measured in one run.
+
+Everything runs here, on loopback: a private PostgreSQL with the durable
+defaults of a production server (fsync and synchronous_commit on, as in the
+anchors of the peer's figures), redis-server, nginx answering a fixed JSON
+(the fast billing API), and tests/bench/timed_api.py (the 100 ms API, and
+the arrival clock for the latency figure). The worker runs with its default
+configuration except where a row says otherwise.
+
+Rows:
+  e2e P proc       20 000 invoices, P worker processes, fast API: items/s
+  limit P conn     pgbench running the worker's own completion statement on
+                   P connections, with the batch size the worker actually used
+                   in the e2e run (from pg_stat_statements) and with 1
+  slow API         100 ms API, 1 process at concurrency 256: items/s vs 2 560/s
+  latency          INSERT of one invoice to its API call, idle system: p50, p99
+  cpu              worker CPU seconds per 1 000 items (the 4-process run)
+  rss              peak RSS of one process at concurrency 1 024
+  idle             queries/s to PostgreSQL and commands/s to Redis per idle process
+
+Usage: make bench [BENCH_ARGS="--items 20000 --quick"]
+"""
+
+import argparse
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "integration"))
+
+import harness  # noqa: E402
+from harness import (PgCluster, RedisServer, render_config, wait_for)  # noqa: E402
+
+BINARY = ROOT / "build" / "billing-worker"
+PEER_BEST = 2810          # pg-boss, HTTP + UPDATE jobs/s, ../shared/BENCH-ANCHORS.md
+
+
+class BenchCluster(PgCluster):
+    """The harness's cluster with a production server's durability settings."""
+
+    def _initdb(self):
+        super()._initdb()
+        with open(self.datadir / "postgresql.conf", "a") as f:
+            f.write("\n# bench: durable like production, measured with pg_stat_statements\n"
+                    "fsync = on\nsynchronous_commit = on\nfull_page_writes = on\n"
+                    "shared_buffers = '256MB'\nmax_connections = 300\n"
+                    "shared_preload_libraries = 'pg_stat_statements'\n"
+                    "pg_stat_statements.track = all\n")
+
+
+def start_nginx(workdir):
+    port = harness.free_port()
+    conf = workdir / "nginx.conf"
+    conf.write_text(textwrap.dedent(f"""\
+        worker_processes 2;
+        pid {workdir}/nginx.pid;
+        error_log {workdir}/nginx-error.log warn;
+        events {{ worker_connections 4096; }}
+        http {{
+            access_log off;
+            keepalive_requests 10000000;
+            keepalive_timeout 300s;
+            server {{
+                listen 127.0.0.1:{port} backlog=4096;
+                location / {{
+                    default_type application/json;
+                    return 200 '{{"id":"ch_bench","object":"charge"}}';
+                }}
+            }}
+        }}
+        """))
+    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(workdir), "-g", "daemon off;"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=open(workdir / "nginx.out", "w"))
+    wait_for(lambda: harness.port_open(port) if hasattr(harness, "port_open") else _port_open(port),
+             10, message="nginx did not start")
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _port_open(port):
+    import socket
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def start_timed_api(workdir, delay_ms=0, arrivals=None):
+    args = [harness.PYTHON, str(ROOT / "tests" / "bench" / "timed_api.py"), "--delay-ms", str(delay_ms)]
+    if arrivals:
+        args += ["--arrivals", str(arrivals)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline()
+    if not line.startswith("READY "):
+        raise RuntimeError(f"timed_api did not start: {line!r}")
+    return proc, f"http://127.0.0.1:{int(line.split()[1])}"
+
+
+def stop(proc):
+    if proc and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.work = Path(tempfile.mkdtemp(prefix="bw-bench-"))
+        self.pg = BenchCluster()
+        self.redis = RedisServer()
+        self.token = self.work / "token"
+        fd = os.open(self.token, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, b"bench-token\n")
+        os.close(fd)
+        self.rows = []
+        self.n_config = 0
+
+    # -- plumbing --------------------------------------------------------
+
+    def start(self):
+        self.pg.start()
+        self.redis.start()
+        admin = self.pg.connect("postgres")
+        with admin.cursor() as cur:
+            cur.execute("CREATE DATABASE bench")
+        admin.close()
+        self.conn = self.pg.connect("bench")
+        self.dsn = f"host=127.0.0.1 port={self.pg.port} dbname=bench user={self.pg.superuser}"
+        cfg = self.config("http://127.0.0.1:1")
+        r = subprocess.run([str(BINARY), "-c", str(cfg), "migrate"], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(r.stderr)
+        self.sql("CREATE EXTENSION pg_stat_statements")
+        self.nginx, self.fast_url = start_nginx(self.work)
+
+    def close(self):
+        stop(getattr(self, "nginx", None))
+        self.redis.cleanup()
+        self.pg.cleanup()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def sql(self, q, params=None):
+        with self.conn.cursor() as cur:
+            cur.execute(q, params)
+            return cur.fetchall() if cur.description else None
+
+    def scalar(self, q, params=None):
+        return self.sql(q, params)[0][0]
+
+    def config(self, url, **over):
+        self.n_config += 1
+        groups = {
+            "worker": {"id": f"bench-{self.n_config}"},
+            "database": {"conninfo": self.dsn},
+            "redis": {"host": "127.0.0.1", "port": self.redis.port},
+            "locks": {"mode": "redis"},
+            "billing_api": {"base_url": url, "token_file": str(self.token)},
+            "log": {"level": "warn"},
+        }
+        for dotted, v in over.items():
+            g, _, k = dotted.partition(".")
+            groups.setdefault(g, {})[k] = v
+        path = self.work / f"w{self.n_config}.conf"
+        path.write_text(render_config(groups))
+        return path
+
+    def workers(self, n, url, **over):
+        procs = []
+        for _ in range(n):
+            cfg = self.config(url, **over)
+            log = open(self.work / f"{cfg.stem}.log", "w")
+            procs.append(subprocess.Popen([str(BINARY), "-c", str(cfg), "run"],
+                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log))
+        # Ready when every worker LISTENs (one 'billing-worker listen' session each).
+        wait_for(lambda: self.scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name"
+                                     " = 'billing-worker listen' AND datname = 'bench'") >= n,
+                 30, message="workers did not start")
+        return procs
+
+    @staticmethod
+    def cpu_seconds(procs):
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for p in procs:
+            fields = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        return total
+
+    @staticmethod
+    def peak_rss_mib(proc):
+        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop_workers(self, procs):
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            if p.wait(60) != 0:
+                raise RuntimeError(f"worker exited {p.returncode}: see {self.work}")
+
+    def reset(self):
+        self.sql("TRUNCATE invoices RESTART IDENTITY")
+        self.sql("SELECT pg_stat_statements_reset()")
+        self.sql("CHECKPOINT")
+        self.redis.command("FLUSHALL")
+
+    def wait_drained(self, total, timeout):
+        """Waits until every invoice is paid; returns the run's length by the
+        database's own clock (first INSERT to last completion), so how often
+        this polls does not matter (and it polls gently, not to compete)."""
+        t0 = time.monotonic()
+        while self.scalar("SELECT count(*) FROM invoices WHERE status = 'pending'") > 0 or \
+                self.scalar("SELECT count(*) FROM invoices") < total:
+            if time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"not drained after {timeout}s: see {self.work}")
+            time.sleep(0.1)
+        return float(self.scalar("SELECT extract(epoch FROM max(finished_at) - min(created_at)) "
+                                 "FROM invoices"))
+
+    def cpu_by_component(self):
+        """CPU seconds so far of every process of the run, by what it is."""
+        tick = os.sysconf("SC_CLK_TCK")
+        out = {"postgres": 0.0, "nginx": 0.0, "redis": 0.0}
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            comm = stat[stat.index("(") + 1:stat.rindex(")")]
+            fields = stat.rsplit(")", 1)[1].split()
+            secs = (int(fields[11]) + int(fields[12])) / tick
+            for name in out:
+                if comm.startswith(name):
+                    out[name] += secs
+        import resource
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        out["bench driver"] = ru.ru_utime + ru.ru_stime
+        return out
+
+    def completion_batch(self):
+        """Mean rows per completion statement of the last run (pg_stat_statements)."""
+        calls, rows = self.sql("SELECT coalesce(sum(calls), 0), coalesce(sum(rows), 0) "
+                               "FROM pg_stat_statements WHERE query LIKE 'UPDATE invoices AS t SET status%'")[0]
+        return (float(rows) / float(calls)) if calls else 0.0
+
+    # -- the measurements ------------------------------------------------
+
+    def e2e(self, nproc):
+        n = self.args.items
+        self.reset()
+        procs = self.workers(nproc, self.fast_url)
+        cpu0 = self.cpu_seconds(procs)
+        other0 = self.cpu_by_component()
+        self.sql("INSERT INTO invoices (customer_id, amount_cents, currency) "
+                 "SELECT 'cus_' || g, 1000, 'usd' FROM generate_series(1, %s) g", (n,))
+        elapsed = self.wait_drained(n, 600)
+        cpu = self.cpu_seconds(procs) - cpu0
+        other1 = self.cpu_by_component()
+        self.stop_workers(procs)
+        batch = self.completion_batch()
+        split = {"workers": cpu, **{k: other1[k] - other0[k] for k in other1}}
+        return n / elapsed, cpu, batch, split, elapsed
+
+    def pgbench_limit(self, clients, batch):
+        """items/s of the worker's completion statement, BATCH rows a statement."""
+        b = max(1, int(round(batch)))
+        rows = self.args.pgbench_rows if b > 1 else self.args.pgbench_rows // 10
+        per_client = max(1, rows // (clients * b))
+        self.reset()
+        self.sql("INSERT INTO invoices (customer_id, amount_cents, currency) "
+                 "SELECT 'cus_' || g, 1000, 'usd' FROM generate_series(1, %s) g",
+                 (per_client * clients * b,))
+        self.sql("VACUUM ANALYZE invoices")
+        script = self.work / "complete.sql"
+        # The worker's statement (store/store.c, complete_invoice), fed a
+        # fresh range of pending ids per transaction instead of parameters.
+        script.write_text(textwrap.dedent("""\
+            \\set n :n + 1
+            \\set lo ((:client_id * :t) + :n - 1) * :b + 1
+            \\set hi :lo + :b - 1
+            UPDATE invoices AS t SET status = CASE u.state WHEN 'done' THEN 'paid' WHEN 'failed' THEN 'failed' ELSE 'pending' END, charge_id = u.result_id, attempts = t.attempts + u.calls, last_error = u.error, ambiguous = t.ambiguous OR u.ambiguous, next_attempt_at = CASE WHEN u.state = 'retry' THEN now() + u.delay_ms * interval '1 millisecond' ELSE t.next_attempt_at END, locked_by = NULL, lease_until = NULL, updated_at = now(), finished_at = CASE WHEN u.state = 'retry' THEN NULL ELSE now() END FROM unnest(ARRAY(SELECT generate_series(:lo::bigint, :hi::bigint)), array_fill(0::bigint, ARRAY[:b]), array_fill('done'::text, ARRAY[:b]), array_fill(1, ARRAY[:b]), array_fill(false, ARRAY[:b]), array_fill(0::bigint, ARRAY[:b]), array_fill('ch_bench'::text, ARRAY[:b]), array_fill(NULL::text, ARRAY[:b])) AS u(id, fence, state, calls, ambiguous, delay_ms, result_id, error) WHERE t.id = u.id AND t.fence = u.fence AND t.status = 'pending' RETURNING t.id;
+            """))
+        cmd = [str(self.pg.bindir / "pgbench"), "-n", "-h", "127.0.0.1", "-p", str(self.pg.port),
+               "-U", self.pg.superuser, "-c", str(clients), "-j", str(clients), "-t", str(per_client),
+               "-D", "n=0", "-D", f"t={per_client}", "-D", f"b={b}", "-f", str(script), "bench"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            raise RuntimeError(f"pgbench failed:\n{r.stdout}\n{r.stderr}")
+        tps = next(float(line.split("=")[1].split()[0]) for line in r.stdout.splitlines()
+                   if line.startswith("tps ="))
+        done = self.scalar("SELECT count(*) FROM invoices WHERE status = 'paid'")
+        expected = per_client * clients * b
+        if done != expected:
+            raise RuntimeError(f"pgbench completed {done} of {expected} rows")
+        return tps * b
+
+    def slow_api(self):
+        n = self.args.slow_items
+        self.reset()
+        api, url = start_timed_api(self.work, delay_ms=100)
+        try:
+            procs = self.workers(1, url, **{"worker.concurrency": 256})
+            self.sql("INSERT INTO invoices (customer_id, amount_cents, currency) "
+                     "SELECT 'cus_' || g, 1000, 'usd' FROM generate_series(1, %s) g", (n,))
+            rate = n / self.wait_drained(n, 300)
+            self.stop_workers(procs)
+        finally:
+            stop(api)
+        return rate
+
+    def latency(self):
+        self.reset()
+        arrivals = self.work / "arrivals.txt"
+        api, url = start_timed_api(self.work, arrivals=arrivals)
+        inserted = {}
+        try:
+            procs = self.workers(1, url)
+            time.sleep(1.5)                     # past the first poll: idle
+            for i in range(self.args.latency_samples):
+                t = time.time()
+                iid = self.scalar("INSERT INTO invoices (customer_id, amount_cents, currency) "
+                                  "VALUES ('cus_lat', 1000, 'usd') RETURNING id")
+                inserted[iid] = t
+                time.sleep(0.03)
+            self.wait_drained(len(inserted), 60)
+            self.stop_workers(procs)
+        finally:
+            stop(api)
+        lat = []
+        for line in arrivals.read_text().splitlines():
+            iid, at = line.split()
+            if int(iid) in inserted:
+                lat.append((float(at) - inserted[int(iid)]) * 1000)
+        lat.sort()
+        return statistics.median(lat), lat[int(len(lat) * 0.99) - 1], len(lat)
+
+    def rss(self):
+        self.reset()
+        api, url = start_timed_api(self.work, delay_ms=1000)
+        try:
+            procs = self.workers(1, url, **{"worker.concurrency": 1024, "worker.batch_size": 1024})
+            n = 3072
+            self.sql("INSERT INTO invoices (customer_id, amount_cents, currency) "
+                     "SELECT 'cus_' || g, 1000, 'usd' FROM generate_series(1, %s) g", (n,))
+            self.wait_drained(n, 120)
+            rss = self.peak_rss_mib(procs[0])
+            self.stop_workers(procs)
+        finally:
+            stop(api)
+        return rss
+
+    def idle(self, nproc=4, seconds=10):
+        self.reset()
+        procs = self.workers(nproc, self.fast_url)
+        time.sleep(2)
+        q0 = self.scalar("SELECT coalesce(sum(calls), 0) FROM pg_stat_statements "
+                         "WHERE query NOT LIKE '%%pg_stat_statements%%'")
+        c0 = self.redis_commands()
+        time.sleep(seconds)
+        q1 = self.scalar("SELECT coalesce(sum(calls), 0) FROM pg_stat_statements "
+                         "WHERE query NOT LIKE '%%pg_stat_statements%%'")
+        c1 = self.redis_commands()
+        self.stop_workers(procs)
+        # The INFO of the first reading is counted in the second: take it out.
+        return (float(q1 - q0) / nproc / seconds, (c1 - c0 - 1) / nproc / seconds)
+
+    def redis_commands(self):
+        info = self.redis.command("INFO", "stats")
+        if isinstance(info, bytes):
+            info = info.decode()
+        for line in info.splitlines():
+            if line.startswith("total_commands_processed:"):
+                return int(line.split(":")[1])
+        raise RuntimeError("no total_commands_processed in INFO")
+
+    # -- the report ------------------------------------------------------
+
+    def run(self):
+        a = self.args
+        print(f"billing-worker bench: {a.items} invoices per e2e run; machine: "
+              f"{os.cpu_count()} cores, {platform.platform()}", flush=True)
+        e2e = {}
+        for p in a.procs:
+            rate, cpu, batch, split, elapsed = self.e2e(p)
+            e2e[p] = (rate, cpu, batch, split, elapsed)
+            busy = sum(split.values())
+            print(f"  e2e {p} proc: {rate:,.0f} items/s in {elapsed:.2f} s (mean completion batch "
+                  f"{batch:.1f}); CPU s: " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()) +
+                  f"; {busy / elapsed:.2f} of {os.cpu_count()} cores busy", flush=True)
+        limits = {}
+        for p in a.procs:
+            lim_b = self.pgbench_limit(p, e2e[p][2])
+            lim_1 = self.pgbench_limit(p, 1)
+            limits[p] = (lim_b, lim_1)
+            print(f"  pgbench {p} conn: {lim_b:,.0f} items/s at batch {e2e[p][2]:.0f}, "
+                  f"{lim_1:,.0f} at batch 1", flush=True)
+        slow = self.slow_api()
+        print(f"  slow API: {slow:,.0f} items/s", flush=True)
+        p50, p99, nlat = self.latency()
+        print(f"  latency: p50 {p50:.1f} ms, p99 {p99:.1f} ms ({nlat} samples)", flush=True)
+        rss = self.rss()
+        print(f"  rss: {rss:.1f} MiB", flush=True)
+        q_idle, r_idle = self.idle()
+        print(f"  idle: {q_idle:.2f} queries/s, {r_idle:.2f} redis commands/s per process", flush=True)
+
+        top = max(a.procs)
+        cpu_per_k = e2e[top][1] / (a.items / 1000)
+        lines = [
+            "",
+            "| measurement | figure | ratio | target |",
+            "|---|---|---|---|",
+        ]
+        for p in a.procs:
+            rate = e2e[p][0]
+            lim_b, lim_1 = limits[p]
+            lines.append(f"| e2e, {p} process{'es' if p > 1 else ''}, fast API (nginx) | "
+                         f"{rate:,.0f} items/s | {rate / PEER_BEST:.1f} × peer ({PEER_BEST:,}/s) | "
+                         f"{'≥ 3 × peer' if p == top else ''} |")
+            lines.append(f"| pgbench limit, {p} conn, worker's completion SQL, batch "
+                         f"{e2e[p][2]:.0f} (the worker's mean) | {lim_b:,.0f} items/s | "
+                         f"worker / limit = {rate / lim_b:.0%} | {'≥ 70 %' if p == top else ''} |")
+            lines.append(f"| pgbench limit, {p} conn, same SQL, batch 1 (per-item tx) | "
+                         f"{lim_1:,.0f} items/s | worker / limit = {rate / lim_1:.0%} | |")
+        lines += [
+            f"| 100 ms API, 1 process, concurrency 256 | {slow:,.0f} items/s | "
+            f"{slow / 2560:.0%} of 2 560/s | ≥ 80 % |",
+            f"| INSERT → API call latency, idle, {nlat} samples | p50 {p50:.1f} ms, p99 {p99:.1f} ms | "
+            f"| p50 < 20 ms |",
+            f"| worker CPU per 1 000 items ({top} processes) | {cpu_per_k:.3f} s | | |",
+            f"| peak RSS, 1 process, concurrency 1 024 | {rss:.1f} MiB | | < 64 MiB |",
+            f"| idle cost per process | {q_idle:.2f} queries/s, {r_idle:.2f} Redis commands/s | "
+            f"| ≤ 1 query/s |",
+            "",
+            "CPU seconds during each e2e run, by component (cores busy = total / elapsed):",
+            "",
+            "| processes | elapsed | " + " | ".join(e2e[top][3]) + " | cores busy |",
+            "|---|---|" + "---|" * len(e2e[top][3]) + "---|",
+        ]
+        for p in a.procs:
+            split, elapsed = e2e[p][3], e2e[p][4]
+            lines.append(f"| {p} | {elapsed:.2f} s | " + " | ".join(f"{v:.2f}" for v in split.values()) +
+                         f" | {sum(split.values()) / elapsed:.2f} of {os.cpu_count()} |")
+        print("\n".join(lines))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--items", type=int, default=20000)
+    ap.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--slow-items", type=int, default=7680)
+    ap.add_argument("--latency-samples", type=int, default=200)
+    ap.add_argument("--pgbench-rows", type=int, default=200000)
+    ap.add_argument("--quick", action="store_true", help="small sizes, to check the bench itself")
+    a = ap.parse_args()
+    if a.quick:
+        a.items, a.slow_items, a.latency_samples, a.pgbench_rows = 2000, 1024, 30, 20000
+    if not BINARY.exists():
+        sys.exit("build/billing-worker is missing: run make")
+    b = Bench(a)
+    try:
+        b.start()
+        b.run()
+    finally:
+        b.close()
+
+
+if __name__ == "__main__":
+    main()
