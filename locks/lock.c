@@ -12,6 +12,15 @@
 
 /* The rate budget may bank this much time's worth of calls. */
 #define RATE_BURST_MS 50
+/*
+ * Redis mode offers the lock script this many times more due candidates
+ * than it wants, shuffled: workers polling at the same moment then mostly
+ * lock different items instead of all fighting for the oldest ones.
+ */
+#define CANDIDATE_FACTOR 4
+#define CANDIDATE_MAX 8192
+/* A claim that found every candidate taken backs off up to this long. */
+#define CONTENDED_BACKOFF_MS 10
 #define RECONNECT_MIN_MS 100
 #define RECONNECT_MAX_MS 5000
 
@@ -39,6 +48,7 @@ struct lockmgr {
 	int workers_seen;
 	struct pace pace;
 	int64_t wait_ms;                /* from the last claim: until calls may start */
+	uint64_t rng;                   /* shuffles candidates; not for secrets */
 	/* scratch reused across calls */
 	int64_t *ids;
 	enum item_kind *kinds;
@@ -104,6 +114,8 @@ lock_new(const struct lock_options *o, store *st, lockmgr **ret)
 	lm->st = st;
 	lm->reconnect_delay_ms = RECONNECT_MIN_MS;
 	lm->workers_seen = 1;
+	if (getrandom(&lm->rng, sizeof(lm->rng), 0) != (ssize_t)sizeof(lm->rng) || lm->rng == 0)
+		lm->rng = (uint64_t)now_ms() | 1;
 	pace_init(&lm->pace, 0, RATE_BURST_MS, now_ms());
 	snprintf(lm->worker_id, sizeof(lm->worker_id), "%s", o->worker_id);
 	if (lm->mode != LOCK_MODE_SKIP_LOCKED &&
@@ -352,6 +364,23 @@ claim_skip_locked(lockmgr *lm, size_t ndue, size_t limit, struct item *items,
 	return 0;
 }
 
+static uint64_t
+rng_next(lockmgr *lm)
+{
+	lm->rng ^= lm->rng >> 12;
+	lm->rng ^= lm->rng << 25;
+	lm->rng ^= lm->rng >> 27;
+	return lm->rng * 2685821657736338717ULL;
+}
+
+/* Fisher-Yates over the first N candidates. */
+static void
+shuffle_candidates(lockmgr *lm, size_t n)
+{
+	for (size_t i = n; i > 1; i--)
+		swap_candidates(lm, i - 1, (size_t)(rng_next(lm) % i));
+}
+
 /*
  * Redis mode: lock every due candidate in one script call, claim the ones
  * we got in PostgreSQL (one statement per kind), hand each claimed item its
@@ -366,6 +395,7 @@ claim_redis(lockmgr *lm, size_t ndue, size_t limit, struct item *items, size_t *
 	struct redis_rate_answer answer;
 	bool failed = false;
 
+	shuffle_candidates(lm, ndue);
 	for (size_t i = 0; i < ndue; i++) {
 		lock_key(lm->keys[i], sizeof(lm->keys[i]), lm->kinds[i], lm->ids[i]);
 		make_token(lm, lm->tokens[i], sizeof(lm->tokens[i]));
@@ -375,6 +405,7 @@ claim_redis(lockmgr *lm, size_t ndue, size_t limit, struct item *items, size_t *
 	rate.rate = lm->rate;
 	rate.burst = lm->rate * RATE_BURST_MS / 1000 > 1 ? lm->rate * RATE_BURST_MS / 1000 : 1;
 	rate.member = lm->worker_id;
+	rate.max_keys = limit;
 	if (redis_lock_acquire(lm->redis, lm->keyp, lm->tokp, ndue, lm->ttl_ms, &rate,
 	    lm->flags, &answer) == -1) {
 		note_redis_failure(lm);
@@ -429,6 +460,8 @@ claim_redis(lockmgr *lm, size_t ndue, size_t limit, struct item *items, size_t *
 	}
 	if (nback > 0)
 		(void)redis_lock_release(lm->redis, lm->keyp, lm->tokp, nback);
+	if (got == 0 && !failed && lm->wait_ms == 0)
+		lm->wait_ms = 1 + (int64_t)(rng_next(lm) % CONTENDED_BACKOFF_MS);
 	*ret_n = got;
 	return failed && got == 0 ? -1 : 0;
 }
@@ -436,7 +469,7 @@ claim_redis(lockmgr *lm, size_t ndue, size_t limit, struct item *items, size_t *
 int
 lock_claim(lockmgr *lm, size_t limit, struct item *items, size_t *ret_n, bool *more)
 {
-	size_t ndue = 0;
+	size_t ndue = 0, window;
 
 	*ret_n = 0;
 	*more = false;
@@ -444,15 +477,18 @@ lock_claim(lockmgr *lm, size_t limit, struct item *items, size_t *ret_n, bool *m
 	lm->wait_ms = 0;
 	if (limit == 0)
 		return 0;
-	if (grow(lm, limit) == -1) {
+	window = lm->mode == LOCK_MODE_SKIP_LOCKED ? limit : limit * CANDIDATE_FACTOR;
+	if (window > CANDIDATE_MAX)
+		window = limit > CANDIDATE_MAX ? limit : CANDIDATE_MAX;
+	if (grow(lm, window) == -1) {
 		snprintf(lm->errmsg, sizeof(lm->errmsg), "out of memory");
 		return -1;
 	}
-	if (store_due(lm->st, limit, lm->kinds, lm->ids, &ndue) == -1) {
+	if (store_due(lm->st, window, lm->kinds, lm->ids, &ndue) == -1) {
 		snprintf(lm->errmsg, sizeof(lm->errmsg), "%s", store_errmsg(lm->st));
 		return -1;
 	}
-	*more = ndue == limit;
+	*more = ndue == window;
 	if (ndue == 0)
 		return 0;
 	if (lm->mode == LOCK_MODE_SKIP_LOCKED)

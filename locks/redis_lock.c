@@ -18,8 +18,10 @@
 /*
  * Acquire also spends the fleet's rate budget, in the same round trip:
  * ARGV after the ttl are the rate (calls per second, 0 = no limit), the
- * bucket size and this worker's id.  It locks at most as many keys as the
- * budget allows, and no key at all while a 429 pause is in force.  The
+ * bucket size, this worker's id and the most keys to lock (the caller
+ * offers more candidates than it wants, so that workers racing for the
+ * same due items mostly find different free ones).  It locks at most as
+ * many keys as the budget allows, and no key at all while a 429 pause is in force.  The
  * clock is Redis' own (TIME), so the hosts' clocks never matter.  Besides a
  * 0/1 per key it returns how long to wait before more may start and how
  * many workers asked within the last 10 s (the even share used while Redis
@@ -28,8 +30,9 @@
 static const char script_acquire[] =
     "local n = #KEYS local ttl = ARGV[n + 1] "
     "local rate = tonumber(ARGV[n + 2]) local burst = tonumber(ARGV[n + 3]) "
+    "local most = tonumber(ARGV[n + 5]) "
     "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
-    "local allow, wait, tokens = n, 0, 0 "
+    "local allow, wait, tokens = math.min(n, most), 0, 0 "
     "local pause = tonumber(redis.call('GET', 'billing-worker:rate:pause') or '0') "
     "if pause > now then allow = 0 wait = pause - now "
     "elseif rate > 0 then "
@@ -37,7 +40,7 @@ static const char script_acquire[] =
     "  tokens = tonumber(b[1]) or burst "
     "  local ts = tonumber(b[2]) or now "
     "  if now > ts then tokens = math.min(burst, tokens + (now - ts) * rate / 1000) end "
-    "  allow = math.min(n, math.floor(tokens)) "
+    "  allow = math.min(allow, math.floor(tokens)) "
     "end "
     "local r = {} local got = 0 "
     "for i = 1, n do "
@@ -330,14 +333,15 @@ redis_lock_acquire(redis_lock *rl, const char *const *keys, const char *const *t
     size_t n, int ttl_ms, const struct redis_rate *rate, bool *got,
     struct redis_rate_answer *ans)
 {
-	char ttl[24], rps[24], burst[24];
-	const char *args[4] = { ttl, rps, burst, rate->member };
+	char ttl[24], rps[24], burst[24], most[24];
+	const char *args[5] = { ttl, rps, burst, rate->member, most };
 	long long extra[2] = { 0, 0 };
 
 	snprintf(ttl, sizeof(ttl), "%d", ttl_ms);
 	snprintf(rps, sizeof(rps), "%d", rate->rate);
 	snprintf(burst, sizeof(burst), "%d", rate->burst);
-	if (run_script(rl, SCRIPT_ACQUIRE, keys, tokens, n, args, 4, got, extra, 2) == -1)
+	snprintf(most, sizeof(most), "%zu", rate->max_keys);
+	if (run_script(rl, SCRIPT_ACQUIRE, keys, tokens, n, args, 5, got, extra, 2) == -1)
 		return -1;
 	ans->wait_ms = extra[0];
 	ans->workers = (int)extra[1];

@@ -34,6 +34,7 @@ struct redis_rate {
 	int rate;               /* API calls per second for the fleet; 0 = no limit */
 	int burst;              /* calls the budget may bank */
 	const char *member;     /* this worker's id, counted among the live workers */
+	size_t max_keys;        /* lock at most this many of the keys offered */
 };
 
 struct redis_rate_answer {

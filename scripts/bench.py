@@ -246,6 +246,10 @@ class Bench:
             comm = stat[stat.index("(") + 1:stat.rindex(")")]
             fields = stat.rsplit(")", 1)[1].split()
             secs = (int(fields[11]) + int(fields[12])) / tick
+            # A parent keeps the CPU of the children it reaped (cutime,
+            # cstime): PostgreSQL backends that exit mid-run still count.
+            if comm.startswith(("postgres", "nginx")):
+                secs += (int(fields[13]) + int(fields[14])) / tick
             for name in out:
                 if comm.startswith(name):
                     out[name] += secs
