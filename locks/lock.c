@@ -484,6 +484,13 @@ lock_claim(lockmgr *lm, size_t limit, struct item *items, size_t *ret_n, bool *m
 		snprintf(lm->errmsg, sizeof(lm->errmsg), "out of memory");
 		return -1;
 	}
+	/*
+	 * A lost Redis is retried at every poll (spaced by the reconnect
+	 * backoff), not only when items are due, so an idle auto-mode worker
+	 * also returns to Redis.  Connected, this costs nothing.
+	 */
+	if (lm->mode != LOCK_MODE_SKIP_LOCKED)
+		(void)redis_usable(lm);
 	if (store_due(lm->st, window, lm->kinds, lm->ids, &ndue) == -1) {
 		snprintf(lm->errmsg, sizeof(lm->errmsg), "%s", store_errmsg(lm->st));
 		return -1;
