@@ -10,7 +10,7 @@
 CC       ?= gcc
 PREFIX   ?= /usr/local
 BUILD    ?= build
-PKGS     := libpq hiredis libcurl libconfig jansson
+PKGS     := libpq hiredis libcurl libconfig jansson libsystemd libmicrohttpd
 PYTHON   ?= /usr/bin/python3
 
 WARN     := -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes \
@@ -28,21 +28,23 @@ SAN_FLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-
 endif
 
 # Modules, bottom up: common -> store -> billing -> locks -> worker.
-COMMON_SRC  := common/log.c common/item.c
+COMMON_SRC  := common/log.c common/item.c common/metrics.c
 CONFIG_SRC  := config/config.c
 STORE_SRC   := store/store.c store/migrate.c store/report.c store/audit.c $(BUILD)/migrations.c
 BILLING_SRC := billing/api.c billing/response.c billing/backoff.c billing/outcome.c
 LOCKS_SRC   := locks/lock.c locks/redis_lock.c
-WORKER_SRC  := worker/loop.c worker/main.c
+WORKER_SRC  := worker/loop.c worker/telemetry.c worker/notify.c worker/metrics_http.c \
+               worker/main.c
 
-LIB_SRC := $(COMMON_SRC) $(CONFIG_SRC) $(STORE_SRC) $(BILLING_SRC) $(LOCKS_SRC) worker/loop.c
+LIB_SRC := $(COMMON_SRC) $(CONFIG_SRC) $(STORE_SRC) $(BILLING_SRC) $(LOCKS_SRC) \
+           $(filter-out worker/main.c,$(WORKER_SRC))
 BIN_SRC := $(LIB_SRC) worker/main.c
 
 obj = $(patsubst %.c,$(BUILD)/obj/%.o,$(patsubst $(BUILD)/%,%,$(1)))
 
 BIN := $(BUILD)/billing-worker
 
-UNIT_TESTS := test_config test_backoff test_response test_outcome test_item
+UNIT_TESTS := test_config test_backoff test_response test_outcome test_item test_metrics test_log
 UNIT_BINS  := $(addprefix $(BUILD)/tests/,$(UNIT_TESTS))
 
 # What each unit test links besides itself: the module under test alone.
@@ -51,6 +53,8 @@ test_backoff_DEPS  := billing/backoff.c
 test_response_DEPS := billing/response.c common/log.c
 test_outcome_DEPS  := billing/outcome.c billing/backoff.c billing/response.c common/item.c common/log.c
 test_item_DEPS     := common/item.c
+test_metrics_DEPS  := common/metrics.c common/item.c
+test_log_DEPS      := common/log.c
 
 .PHONY: all test unit integration demo deps clean install check-deps
 

@@ -8,6 +8,7 @@
 #include <time.h>
 
 #include "common/log.h"
+#include "common/metrics.h"
 
 #define RECONNECT_MIN_MS 100
 #define RECONNECT_MAX_MS 5000
@@ -179,9 +180,11 @@ redis_usable(lockmgr *lm)
 	if (now < lm->next_reconnect_ms)
 		return false;
 	if (redis_lock_connect(lm->redis) == 0) {
-		if (lm->redis_down)
+		if (lm->redis_down) {
+			metrics_reconnect(METRICS_PEER_REDIS);
 			log_info("redis reachable again%s", lm->mode == LOCK_MODE_AUTO ?
 			    ": back to redis locks" : "");
+		}
 		lm->redis_down = false;
 		lm->reconnect_delay_ms = RECONNECT_MIN_MS;
 		return true;
@@ -208,6 +211,7 @@ claim_skip_locked(lockmgr *lm, enum item_kind kind, size_t limit,
 		return -1;
 	}
 	*more = *ret_n == limit;
+	metrics_lock(METRICS_LOCK_ACQUIRED, *ret_n);
 	return 0;
 }
 
@@ -249,8 +253,10 @@ claim_redis(lockmgr *lm, enum item_kind kind, size_t limit, struct item *items,
 		lm->tokp[ngot] = lm->tokp[i];
 		ngot++;
 	}
-	if (ngot == 0)
+	if (ngot == 0) {
+		metrics_lock(METRICS_LOCK_CONTENDED, ndue);
 		return 0;
+	}
 	if (store_claim(lm->st, kind, lm->ids, ngot, limit, lm->ttl_ms, items, &nclaimed) == -1) {
 		snprintf(lm->errmsg, sizeof(lm->errmsg), "%s", store_errmsg(lm->st));
 		(void)redis_lock_release(lm->redis, lm->keyp, lm->tokp, ngot);
@@ -277,6 +283,8 @@ claim_redis(lockmgr *lm, enum item_kind kind, size_t limit, struct item *items,
 	}
 	if (nback > 0)
 		(void)redis_lock_release(lm->redis, lm->keyp, lm->tokp, nback);
+	metrics_lock(METRICS_LOCK_CONTENDED, (ndue - ngot) + nback);
+	metrics_lock(METRICS_LOCK_ACQUIRED, nclaimed);
 	*ret_n = nclaimed;
 	return 0;
 oom:
@@ -330,6 +338,7 @@ renew_redis(lockmgr *lm, struct item *const *items, size_t n)
 	for (size_t i = 0; i < m; i++) {
 		if (lm->flags[i])
 			continue;
+		metrics_lock(METRICS_LOCK_LOST_REDIS, 1);
 		log_warnx("%s %" PRId64 ": redis lock lost (expired or taken over); "
 		    "no longer renewed, the database lease still fences its completion",
 		    item_kind_name(lm->subset[i]->kind), lm->subset[i]->id);
@@ -357,11 +366,14 @@ lock_renew(lockmgr *lm, struct item *const *items, size_t n)
 			ret = -1;
 			continue;
 		}
-		for (size_t i = 0; i < m; i++)
-			if (lm->subset[i]->lock_lost)
-				log_warnx("%s %" PRId64 ": lease lost to another worker; its result "
-				    "will not be recorded unless the fenced completion accepts it",
-				    item_kind_name(k), lm->subset[i]->id);
+		for (size_t i = 0; i < m; i++) {
+			if (!lm->subset[i]->lock_lost)
+				continue;
+			metrics_lock(METRICS_LOCK_LOST_LEASE, 1);
+			log_warnx("%s %" PRId64 ": lease lost to another worker; its result "
+			    "will not be recorded unless the fenced completion accepts it",
+			    item_kind_name(k), lm->subset[i]->id);
+		}
 	}
 	renew_redis(lm, items, n);
 	return ret;

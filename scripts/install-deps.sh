@@ -15,7 +15,8 @@
 set -eu
 
 PACKAGES="build-essential pkg-config libhiredis-dev libpq-dev libcurl4-openssl-dev
-libconfig-dev libcmocka-dev libjansson-dev libsystemd-dev postgresql redis-server
+libconfig-dev libcmocka-dev libjansson-dev libsystemd-dev libmicrohttpd-dev postgresql
+redis-server systemd mandoc
 python3 python3-psycopg2 python3-pytest curl procps iproute2"
 
 if [ "${BW_SKIP_DEPS:-0}" = 1 ]; then
