@@ -6,9 +6,21 @@
 #   make demo            install what is missing, build, run workers on sample data
 #   make unit            unit tests only
 #   make integration     integration tests only (PYTEST_ARGS="-k name" to pick)
+#   make install         binary, systemd units, config, man pages under DESTDIR/PREFIX
+#   make lint-man        check the man pages with mandoc -T lint (part of make test)
+#   make deb             build the Debian package in build/deb (dpkg-buildpackage)
 
 CC       ?= gcc
 PREFIX   ?= /usr/local
+BINDIR   ?= $(PREFIX)/bin
+MANDIR   ?= $(PREFIX)/share/man
+DOCDIR   ?= $(PREFIX)/share/doc/billing-worker
+# systemd reads /usr/local/lib/systemd/system too, so units follow PREFIX.
+UNITDIR  ?= $(PREFIX)/lib/systemd/system
+# The binary's default config is /etc/billing-worker/billing-worker.conf
+# (CONTRACT section 3), whatever the prefix.
+SYSCONFDIR ?= /etc
+DESTDIR  ?=
 BUILD    ?= build
 PKGS     := libpq hiredis libcurl libconfig jansson libsystemd libmicrohttpd
 PYTHON   ?= /usr/bin/python3
@@ -56,7 +68,11 @@ test_item_DEPS     := common/item.c
 test_metrics_DEPS  := common/metrics.c common/item.c
 test_log_DEPS      := common/log.c
 
-.PHONY: all test unit integration demo deps clean install check-deps
+UNITS := billing-worker.service billing-worker@.service billing-worker-once.service \
+         billing-worker-once.timer billing-worker-audit.service billing-worker-audit.timer
+MANPAGES := man/billing-worker.8 man/billing-worker.conf.5
+
+.PHONY: all test unit integration demo deps clean install uninstall check-deps lint-man deb
 
 all: $(BIN)
 
@@ -94,7 +110,55 @@ integration: $(BIN)
 
 test: deps
 	$(MAKE) unit
+	$(MAKE) lint-man
 	$(MAKE) integration
+
+# mandoc exits non-zero on any warning at this level or above.
+lint-man:
+	mandoc -T lint -W warning $(MANPAGES)
+
+# The units name /usr/bin/billing-worker (the Debian package's path); other
+# prefixes get their own path written in.  An existing config is never
+# overwritten; the example always goes to the docs.
+install: $(BIN)
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(MANDIR)/man8 \
+	    $(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(DOCDIR)/examples
+	install -d -m 0755 $(DESTDIR)$(SYSCONFDIR)/billing-worker
+	install -m 0755 $(BIN) $(DESTDIR)$(BINDIR)/billing-worker
+	for u in $(UNITS); do \
+	    sed 's|/usr/bin/billing-worker|$(BINDIR)/billing-worker|g' systemd/$$u \
+	        > $(DESTDIR)$(UNITDIR)/$$u.tmp && chmod 0644 $(DESTDIR)$(UNITDIR)/$$u.tmp && \
+	    mv $(DESTDIR)$(UNITDIR)/$$u.tmp $(DESTDIR)$(UNITDIR)/$$u || exit 1; \
+	done
+	install -m 0644 man/billing-worker.8 $(DESTDIR)$(MANDIR)/man8/billing-worker.8
+	install -m 0644 man/billing-worker.conf.5 $(DESTDIR)$(MANDIR)/man5/billing-worker.conf.5
+	install -m 0644 config/billing-worker.conf.example \
+	    $(DESTDIR)$(DOCDIR)/examples/billing-worker.conf.example
+	@conf=$(DESTDIR)$(SYSCONFDIR)/billing-worker/billing-worker.conf; \
+	if [ -e "$$conf" ]; then \
+	    echo "install: keeping the existing $$conf"; \
+	else \
+	    install -m 0640 config/billing-worker.conf.example "$$conf" && \
+	    echo "install: $$conf (0640; edit database.conninfo and billing_api.base_url)"; \
+	    if [ -z "$(DESTDIR)" ] && getent group billing-worker >/dev/null; then \
+	        chgrp billing-worker "$$conf"; \
+	    fi; \
+	fi
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/billing-worker $(DESTDIR)$(MANDIR)/man8/billing-worker.8 \
+	    $(DESTDIR)$(MANDIR)/man5/billing-worker.conf.5 \
+	    $(DESTDIR)$(DOCDIR)/examples/billing-worker.conf.example
+	for u in $(UNITS); do rm -f $(DESTDIR)$(UNITDIR)/$$u; done
+	@echo "uninstall: $(SYSCONFDIR)/billing-worker is left in place"
+
+# Builds ../billing-worker_*.deb from a copy of the tree in build/deb, so the
+# working tree stays clean.  Slow (a full build): not part of make test.
+deb:
+	rm -rf $(BUILD)/deb && mkdir -p $(BUILD)/deb/src
+	git ls-files -z | xargs -0 cp --parents -t $(BUILD)/deb/src
+	cd $(BUILD)/deb/src && dpkg-buildpackage -us -uc -b
+	lintian --info --display-info $(BUILD)/deb/billing-worker_*.changes || true
 
 demo: deps
 	$(MAKE) all
