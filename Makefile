@@ -78,7 +78,7 @@ all: $(BIN)
 
 $(BIN): $(call obj,$(BIN_SRC))
 	@mkdir -p $(dir $@)
-	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LIBS)
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $^ $(LIBS)
 
 $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
@@ -97,7 +97,7 @@ $(BUILD)/migrations.c: scripts/embed-sql.sh $(sort $(wildcard sql/[0-9]*.sql))
 .SECONDEXPANSION:
 $(BUILD)/tests/%: tests/unit/%.c $$(call obj,$$($$*_DEPS))
 	@mkdir -p $(dir $@)
-	$(CC) $(ALL_CFLAGS) $(CPPFLAGS) -o $@ $(filter %.c %.o,$^) $(LIBS) $(CMOCKA_LIBS)
+	$(CC) $(ALL_CFLAGS) $(CPPFLAGS) $(LDFLAGS) -o $@ $(filter %.c %.o,$^) $(LIBS) $(CMOCKA_LIBS)
 
 deps:
 	sh scripts/install-deps.sh
@@ -158,7 +158,7 @@ deb:
 	rm -rf $(BUILD)/deb && mkdir -p $(BUILD)/deb/src
 	git ls-files -z | xargs -0 cp --parents -t $(BUILD)/deb/src
 	cd $(BUILD)/deb/src && dpkg-buildpackage -us -uc -b
-	lintian --info --display-info $(BUILD)/deb/billing-worker_*.changes || true
+	lintian --info $(BUILD)/deb/billing-worker_*.changes
 
 demo: deps
 	$(MAKE) all
