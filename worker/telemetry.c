@@ -124,9 +124,11 @@ telemetry_ready(telemetry *t, int64_t now_ms)
 void
 telemetry_waiting(telemetry *t, int64_t now_ms, const char *why)
 {
-	(void)t;
 	notify_watchdog(now_ms);
 	notify_status("waiting for the database: %s", why);
+	/* The start-up wait polls every 50 ms: scrapes are answered, with database_up 0. */
+	metrics_set_database_up(false);
+	telemetry_after_wait(t);
 }
 
 void

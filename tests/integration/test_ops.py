@@ -135,6 +135,31 @@ def test_metrics_backlog_and_reconnects(tmp_path, pg, db, redis, fake_api, binar
     assert w.stop() == 0
 
 
+def test_waiting_for_the_database_at_start(tmp_path, pg, db, redis, fake_api, binary):
+    port = free_port()
+    cfg = make_config(tmp_path, db, redis, fake_api, **{"metrics.listen": f"{LOCALHOST}:{port}"})
+    migrate(cfg)
+    insert_invoices(db, 3)
+    n = NotifyListener()
+    pg.stop()
+    try:
+        w = Worker(cfg, "w", env={"NOTIFY_SOCKET": n.address}).start()
+        # Not ready, says why, and scrapes are answered meanwhile.
+        wait_for(lambda: n.seen("STATUS=waiting for the database: "), 15, message=w.log)
+        m = wait_for(lambda: scrape(port), 10, ignore=(OSError,), message=w.log)
+        assert m["billing_worker_database_up"] == 0
+        assert n.seen("READY=1") == []
+    finally:
+        pg.start()
+    try:
+        wait_for(lambda: n.seen("READY=1"), 30, message=w.log)
+        wait_for(lambda: count(db, "paid") == 3, 30, message=w.log, ignore=(Exception,))
+        assert scrape(port)["billing_worker_database_up"] == 1
+        assert w.stop() == 0
+    finally:
+        n.close()
+
+
 def test_metrics_listen_in_use_fails_the_start(tmp_path, db, redis, fake_api, binary):
     with socket.socket() as taken:
         taken.bind((LOCALHOST, 0))
