@@ -311,19 +311,15 @@ flush(struct loop *l)
 		struct flight *f = &l->flights[l->batch_flight[j]];
 
 		log_outcome(f, l->accepted[j]);
-		if (!l->accepted[j]) {
+		telemetry_recorded(f->item.kind, f->done.state, l->accepted[j]);
+		if (!l->accepted[j])
 			l->n_rejected++;
-			metrics_completion_rejected(f->item.kind);
-		} else if (f->done.state == COMPLETION_RETRY) {
+		else if (f->done.state == COMPLETION_DONE)
+			l->n_done++;
+		else if (f->done.state == COMPLETION_FAILED)
+			l->n_failed++;
+		else
 			l->n_retry++;
-			metrics_retry_scheduled(f->item.kind);
-		} else {
-			if (f->done.state == COMPLETION_DONE)
-				l->n_done++;
-			else
-				l->n_failed++;
-			metrics_item_finished(f->item.kind, f->done.state == COMPLETION_DONE);
-		}
 		l->itemp[j] = &f->item;
 	}
 	lock_release(l->locks, l->itemp, n);

@@ -145,6 +145,17 @@ telemetry_tick(telemetry *t, int64_t now_ms, int in_flight, int concurrency, boo
 }
 
 void
+telemetry_recorded(enum item_kind kind, enum completion_state state, bool accepted)
+{
+	if (!accepted)
+		metrics_completion_rejected(kind);
+	else if (state == COMPLETION_RETRY)
+		metrics_retry_scheduled(kind);
+	else
+		metrics_item_finished(kind, state == COMPLETION_DONE);
+}
+
+void
 telemetry_reloading(telemetry *t)
 {
 	(void)t;

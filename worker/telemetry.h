@@ -33,6 +33,11 @@ void telemetry_waiting(telemetry *t, int64_t now_ms, const char *why);
 /* Once per loop turn: watchdog, gauges, the STATUS= line. */
 void telemetry_tick(telemetry *t, int64_t now_ms, int in_flight, int concurrency,
     bool db_up);
+/*
+ * Counts one outcome the store was asked to record: ACCEPTED false means
+ * the fenced completion matched no row (the claim had passed on).
+ */
+void telemetry_recorded(enum item_kind kind, enum completion_state state, bool accepted);
 void telemetry_reloading(telemetry *t);
 void telemetry_reloaded(telemetry *t);
 void telemetry_stopping(telemetry *t, int in_flight);
