@@ -155,6 +155,7 @@ uninstall:
 # Builds ../billing-worker_*.deb from a copy of the tree in build/deb, so the
 # working tree stays clean.  Slow (a full build): not part of make test.
 deb:
+	BW_DEB=1 sh scripts/install-deps.sh
 	rm -rf $(BUILD)/deb && mkdir -p $(BUILD)/deb/src
 	git ls-files -z | xargs -0 cp --parents -t $(BUILD)/deb/src
 	cd $(BUILD)/deb/src && dpkg-buildpackage -us -uc -b

@@ -10,14 +10,19 @@
 # servers (5432, 6379).  Nothing here uses them: the tests and the demo start
 # private servers on free ports.
 #
-# BW_SKIP_DEPS=1 skips the check (e.g. on a machine that is not Debian but
-# has everything).
+# BW_DEB=1 adds the tools `make deb` needs.  BW_SKIP_DEPS=1 skips the check
+# (e.g. on a machine that is not Debian but has everything).
 set -eu
 
 PACKAGES="build-essential pkg-config libhiredis-dev libpq-dev libcurl4-openssl-dev
 libconfig-dev libcmocka-dev libjansson-dev libsystemd-dev libmicrohttpd-dev postgresql
 redis-server systemd mandoc
 python3 python3-psycopg2 python3-pytest curl procps iproute2"
+
+# `make deb` also needs the Debian packaging tools.
+if [ "${BW_DEB:-0}" = 1 ]; then
+	PACKAGES="$PACKAGES dpkg-dev debhelper lintian fakeroot"
+fi
 
 if [ "${BW_SKIP_DEPS:-0}" = 1 ]; then
 	exit 0
