@@ -7,11 +7,23 @@
 #   make unit            unit tests only
 #   make integration     integration tests only (PYTEST_ARGS="-k name" to pick)
 #   make bench           throughput, latency and cost figures (BENCH_ARGS="--quick")
+#   make install         binary, systemd units, config, man pages under DESTDIR/PREFIX
+#   make lint-man        check the man pages with mandoc -T lint (part of make test)
+#   make deb             build the Debian package in build/deb (dpkg-buildpackage)
 
 CC       ?= gcc
 PREFIX   ?= /usr/local
+BINDIR   ?= $(PREFIX)/bin
+MANDIR   ?= $(PREFIX)/share/man
+DOCDIR   ?= $(PREFIX)/share/doc/billing-worker
+# systemd reads /usr/local/lib/systemd/system too, so units follow PREFIX.
+UNITDIR  ?= $(PREFIX)/lib/systemd/system
+# The binary's default config is /etc/billing-worker/billing-worker.conf
+# (CONTRACT section 3), whatever the prefix.
+SYSCONFDIR ?= /etc
+DESTDIR  ?=
 BUILD    ?= build
-PKGS     := libpq hiredis libcurl libconfig jansson
+PKGS     := libpq hiredis libcurl libconfig jansson libsystemd libmicrohttpd
 PYTHON   ?= /usr/bin/python3
 
 WARN     := -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes \
@@ -29,21 +41,24 @@ SAN_FLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-
 endif
 
 # Modules, bottom up: common -> store -> billing -> locks -> worker.
-COMMON_SRC  := common/log.c common/item.c
+COMMON_SRC  := common/log.c common/item.c common/metrics.c
 CONFIG_SRC  := config/config.c
 STORE_SRC   := store/store.c store/migrate.c store/report.c store/audit.c store/listen.c $(BUILD)/migrations.c
 BILLING_SRC := billing/api.c billing/response.c billing/backoff.c billing/outcome.c billing/pace.c
 LOCKS_SRC   := locks/lock.c locks/redis_lock.c
-WORKER_SRC  := worker/loop.c worker/main.c
+WORKER_SRC  := worker/loop.c worker/telemetry.c worker/notify.c worker/metrics_http.c \
+               worker/main.c
 
-LIB_SRC := $(COMMON_SRC) $(CONFIG_SRC) $(STORE_SRC) $(BILLING_SRC) $(LOCKS_SRC) worker/loop.c
+LIB_SRC := $(COMMON_SRC) $(CONFIG_SRC) $(STORE_SRC) $(BILLING_SRC) $(LOCKS_SRC) \
+           $(filter-out worker/main.c,$(WORKER_SRC))
 BIN_SRC := $(LIB_SRC) worker/main.c
 
 obj = $(patsubst %.c,$(BUILD)/obj/%.o,$(patsubst $(BUILD)/%,%,$(1)))
 
 BIN := $(BUILD)/billing-worker
 
-UNIT_TESTS := test_config test_backoff test_response test_outcome test_item test_pace
+UNIT_TESTS := test_config test_backoff test_response test_outcome test_item test_pace \
+              test_metrics test_log
 UNIT_BINS  := $(addprefix $(BUILD)/tests/,$(UNIT_TESTS))
 
 # What each unit test links besides itself: the module under test alone.
@@ -53,14 +68,20 @@ test_response_DEPS := billing/response.c common/log.c
 test_outcome_DEPS  := billing/outcome.c billing/backoff.c billing/response.c common/item.c common/log.c
 test_item_DEPS     := common/item.c
 test_pace_DEPS     := billing/pace.c
+test_metrics_DEPS  := common/metrics.c common/item.c
+test_log_DEPS      := common/log.c
 
-.PHONY: all test unit integration demo deps clean install check-deps bench
+UNITS := billing-worker.service billing-worker@.service billing-worker-once.service \
+         billing-worker-once.timer billing-worker-audit.service billing-worker-audit.timer
+MANPAGES := man/billing-worker.8 man/billing-worker.conf.5
+
+.PHONY: all test unit integration demo deps clean install uninstall check-deps lint-man deb bench
 
 all: $(BIN)
 
 $(BIN): $(call obj,$(BIN_SRC))
 	@mkdir -p $(dir $@)
-	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LIBS)
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $^ $(LIBS)
 
 $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
@@ -79,7 +100,7 @@ $(BUILD)/migrations.c: scripts/embed-sql.sh $(sort $(wildcard sql/[0-9]*.sql))
 .SECONDEXPANSION:
 $(BUILD)/tests/%: tests/unit/%.c $$(call obj,$$($$*_DEPS))
 	@mkdir -p $(dir $@)
-	$(CC) $(ALL_CFLAGS) $(CPPFLAGS) -o $@ $(filter %.c %.o,$^) $(LIBS) $(CMOCKA_LIBS)
+	$(CC) $(ALL_CFLAGS) $(CPPFLAGS) $(LDFLAGS) -o $@ $(filter %.c %.o,$^) $(LIBS) $(CMOCKA_LIBS)
 
 deps:
 	sh scripts/install-deps.sh
@@ -92,7 +113,56 @@ integration: $(BIN)
 
 test: deps
 	$(MAKE) unit
+	$(MAKE) lint-man
 	$(MAKE) integration
+
+# mandoc exits non-zero on any warning at this level or above.
+lint-man:
+	mandoc -T lint -W warning $(MANPAGES)
+
+# The units name /usr/bin/billing-worker (the Debian package's path); other
+# prefixes get their own path written in.  An existing config is never
+# overwritten; the example always goes to the docs.
+install: $(BIN)
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(MANDIR)/man8 \
+	    $(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(DOCDIR)/examples
+	install -d -m 0755 $(DESTDIR)$(SYSCONFDIR)/billing-worker
+	install -m 0755 $(BIN) $(DESTDIR)$(BINDIR)/billing-worker
+	for u in $(UNITS); do \
+	    sed 's|/usr/bin/billing-worker|$(BINDIR)/billing-worker|g' systemd/$$u \
+	        > $(DESTDIR)$(UNITDIR)/$$u.tmp && chmod 0644 $(DESTDIR)$(UNITDIR)/$$u.tmp && \
+	    mv $(DESTDIR)$(UNITDIR)/$$u.tmp $(DESTDIR)$(UNITDIR)/$$u || exit 1; \
+	done
+	install -m 0644 man/billing-worker.8 $(DESTDIR)$(MANDIR)/man8/billing-worker.8
+	install -m 0644 man/billing-worker.conf.5 $(DESTDIR)$(MANDIR)/man5/billing-worker.conf.5
+	install -m 0644 config/billing-worker.conf.example \
+	    $(DESTDIR)$(DOCDIR)/examples/billing-worker.conf.example
+	@conf=$(DESTDIR)$(SYSCONFDIR)/billing-worker/billing-worker.conf; \
+	if [ -e "$$conf" ]; then \
+	    echo "install: keeping the existing $$conf"; \
+	else \
+	    install -m 0640 config/billing-worker.conf.example "$$conf" && \
+	    echo "install: $$conf (0640; edit database.conninfo and billing_api.base_url)"; \
+	    if [ -z "$(DESTDIR)" ] && getent group billing-worker >/dev/null; then \
+	        chgrp billing-worker "$$conf"; \
+	    fi; \
+	fi
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/billing-worker $(DESTDIR)$(MANDIR)/man8/billing-worker.8 \
+	    $(DESTDIR)$(MANDIR)/man5/billing-worker.conf.5 \
+	    $(DESTDIR)$(DOCDIR)/examples/billing-worker.conf.example
+	for u in $(UNITS); do rm -f $(DESTDIR)$(UNITDIR)/$$u; done
+	@echo "uninstall: $(SYSCONFDIR)/billing-worker is left in place"
+
+# Builds ../billing-worker_*.deb from a copy of the tree in build/deb, so the
+# working tree stays clean.  Slow (a full build): not part of make test.
+deb:
+	sh scripts/install-deps.sh dpkg-dev debhelper lintian fakeroot
+	rm -rf $(BUILD)/deb && mkdir -p $(BUILD)/deb/src
+	git ls-files -z | xargs -0 cp --parents -t $(BUILD)/deb/src
+	cd $(BUILD)/deb/src && dpkg-buildpackage -us -uc -b
+	lintian --info $(BUILD)/deb/billing-worker_*.changes
 
 demo: deps
 	$(MAKE) all

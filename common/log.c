@@ -2,6 +2,8 @@
 
 #include <errno.h>
 #include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -9,6 +11,7 @@
 
 static char log_worker_id[256] = "-";
 static int log_min_level = LOG_INFO;
+static bool log_json;
 
 static const char *const level_names[] = { "debug", "info", "warning", "error" };
 
@@ -26,10 +29,130 @@ log_set_level(int level)
 	log_min_level = level;
 }
 
+void
+log_set_json(int json)
+{
+	log_json = json != 0;
+}
+
 int
 log_level_enabled(int level)
 {
 	return level >= log_min_level;
+}
+
+/* Length of the valid UTF-8 sequence at P, or 0 when it is not one. */
+static size_t
+utf8_len(const unsigned char *p)
+{
+	size_t n;
+	uint32_t cp;
+
+	if (p[0] < 0x80)
+		return 1;
+	if (p[0] >= 0xc2 && p[0] <= 0xdf)
+		n = 2, cp = p[0] & 0x1f;
+	else if (p[0] >= 0xe0 && p[0] <= 0xef)
+		n = 3, cp = p[0] & 0x0f;
+	else if (p[0] >= 0xf0 && p[0] <= 0xf4)
+		n = 4, cp = p[0] & 0x07;
+	else
+		return 0;
+	for (size_t i = 1; i < n; i++) {
+		if ((p[i] & 0xc0) != 0x80)
+			return 0;
+		cp = (cp << 6) | (p[i] & 0x3f);
+	}
+	/* overlong forms, surrogates and beyond U+10FFFF are not UTF-8 */
+	if ((n == 3 && cp < 0x800) || (n == 4 && (cp < 0x10000 || cp > 0x10ffff)) ||
+	    (cp >= 0xd800 && cp <= 0xdfff))
+		return 0;
+	return n;
+}
+
+/*
+ * Appends S to OUT as the body of a JSON string.  Log text may carry bytes
+ * from the API or the database that are not UTF-8; they become U+FFFD so
+ * the line always parses.
+ */
+static void
+json_escape(FILE *out, const char *s)
+{
+	const unsigned char *p = (const unsigned char *)s;
+
+	while (*p != '\0') {
+		size_t n = utf8_len(p);
+
+		if (n == 0) {
+			fputs("\\ufffd", out);
+			p++;
+		} else if (*p == '"' || *p == '\\') {
+			fputc('\\', out);
+			fputc(*p++, out);
+		} else if (*p == '\n') {
+			fputs("\\n", out);
+			p++;
+		} else if (*p < 0x20 || *p == 0x7f) {
+			fprintf(out, "\\u%04x", *p++);
+		} else {
+			fwrite(p, 1, n, out);
+			p += n;
+		}
+	}
+}
+
+/*
+ * Messages about an item start "invoice 17: " (see STYLE.md); in JSON the
+ * kind and id also get fields of their own, so a log shipper can index them.
+ */
+static void
+json_item_fields(FILE *out, const char *msg)
+{
+	static const char *const kinds[] = { "invoice", "redemption" };
+
+	for (size_t k = 0; k < sizeof(kinds) / sizeof(kinds[0]); k++) {
+		size_t len = strlen(kinds[k]);
+		const char *p = msg + len;
+		char *end;
+		long long id;
+
+		if (strncmp(msg, kinds[k], len) != 0 || *p != ' ' ||
+		    p[1] < '0' || p[1] > '9')
+			continue;
+		id = strtoll(p + 1, &end, 10);
+		if (*end == ':')
+			fprintf(out, ",\"kind\":\"%s\",\"item\":%lld", kinds[k], id);
+		return;
+	}
+}
+
+static void
+write_json(const char *stamp, long ms, int level, int errnum, const char *msg)
+{
+	/* Room for the longest message with every byte escaped as \uXXXX. */
+	char line[16384];
+	FILE *out = fmemopen(line, sizeof(line), "w");
+	long len;
+
+	if (out == NULL)
+		return;
+	fprintf(out, "{\"ts\":\"%s.%03ldZ\",\"level\":\"%s\",\"worker\":\"", stamp, ms,
+	    level_names[level]);
+	json_escape(out, log_worker_id);
+	fputs("\",\"msg\":\"", out);
+	json_escape(out, msg);
+	fputc('"', out);
+	json_item_fields(out, msg);
+	if (errnum != 0) {
+		fputs(",\"error\":\"", out);
+		json_escape(out, strerror(errnum));
+		fputc('"', out);
+	}
+	fputs("}\n", out);
+	len = ftell(out);
+	fclose(out);
+	if (len > 0 && len < (long)sizeof(line))
+		fwrite(line, 1, (size_t)len, stderr);
 }
 
 /*
@@ -49,7 +172,9 @@ log_vwrite(int level, int errnum, const char *fmt, va_list ap)
 	gmtime_r(&ts.tv_sec, &tm);
 	strftime(stamp, sizeof(stamp), "%Y-%m-%dT%H:%M:%S", &tm);
 	vsnprintf(msg, sizeof(msg), fmt, ap);
-	if (errnum != 0)
+	if (log_json)
+		write_json(stamp, ts.tv_nsec / 1000000, level, errnum, msg);
+	else if (errnum != 0)
 		fprintf(stderr, "%s.%03ldZ %s worker=%s %s: %s\n", stamp,
 		    ts.tv_nsec / 1000000, level_names[level], log_worker_id, msg,
 		    strerror(errnum));

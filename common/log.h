@@ -6,6 +6,11 @@
  *
  *   2026-11-22T00:28:49.123Z info worker=web1:812 invoice 17: paid ...
  *
+ * or, with log_set_json(1), one JSON object per line:
+ *
+ *   {"ts":"2026-11-22T00:28:49.123Z","level":"info","worker":"web1:812",
+ *    "msg":"invoice 17: paid ...","kind":"invoice","item":17}
+ *
  * Messages follow PostgreSQL's style: lowercase, no trailing period, names
  * in double quotes.  Nothing secret is ever passed to these functions: the
  * API token and passwords stay inside the modules that use them.
@@ -21,6 +26,12 @@ enum {
 /* Sets the worker id shown on every line (copied) and the lowest level shown. */
 void log_init(const char *worker_id, int level);
 void log_set_level(int level);
+/*
+ * JSON lines instead of text, for log shippers: one object per line with
+ * "ts", "level", "worker", "msg", "kind" and "item" when the message is
+ * about an item, and "error" (strerror) for log_warn and fatal.
+ */
+void log_set_json(int json);
 int log_level_enabled(int level);
 
 void log_debug(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

@@ -77,6 +77,7 @@ static const char *const log_format_names[] = { "text", "json", NULL };
 
 static string_check check_nonempty;
 static string_check check_url;
+static string_check check_listen;
 
 /*
  * Every key the file may hold, in the order the documentation and the
@@ -122,7 +123,7 @@ static const struct opt opts[] = {
 	ENUM_OPT("log.level", log_level_names, LOG_LEVEL_INFO, RELOAD, log.level),
 	ENUM_OPT("log.format", log_format_names, LOG_FORMAT_TEXT, RELOAD, log.format),
 
-	STR_OPT("metrics.listen", "", NULL, RESTART, metrics.listen),
+	STR_OPT("metrics.listen", "", check_listen, RESTART, metrics.listen),
 };
 
 #define N_OPTS (sizeof(opts) / sizeof(opts[0]))
@@ -354,6 +355,39 @@ check_url(const char *value)
 	if (clean && rest != NULL && url_authority_ok(rest))
 		msg = NULL;
 	return msg;
+}
+
+/*
+ * "" (off), or HOST:PORT where HOST is a name, an IPv4 address or a
+ * bracketed IPv6 address.  Whether it resolves and is free is found at start.
+ */
+static const char *
+check_listen(const char *value)
+{
+	const char *colon = strrchr(value, ':');
+	const char *msg = "must be \"\" or HOST:PORT, e.g. \"127.0.0.1:9187\" or \"[::1]:9187\"";
+	size_t hlen;
+	long port = 0;
+	bool ok;
+
+	if (value[0] == '\0')
+		return NULL;
+	if (colon == NULL)
+		return msg;
+	hlen = (size_t)(colon - value);
+	if (value[0] == '[')
+		ok = hlen > 2 && value[hlen - 1] == ']' && memchr(value + 1, ']', hlen - 1) ==
+		    value + hlen - 1;
+	else
+		ok = hlen > 0 && memchr(value, ':', hlen) == NULL;
+	for (size_t i = 0; ok && i < hlen; i++)
+		ok = (unsigned char)value[i] > ' ' && value[i] != '/';
+	ok = ok && colon[1] != '\0' && strlen(colon + 1) <= 5;
+	for (const char *p = colon + 1; ok && *p != '\0'; p++) {
+		ok = isdigit((unsigned char)*p);
+		port = port * 10 + (*p - '0');
+	}
+	return ok && port >= 1 && port <= 65535 ? NULL : msg;
 }
 
 /*

@@ -9,6 +9,7 @@
 
 #include "billing/pace.h"
 #include "common/log.h"
+#include "common/metrics.h"
 
 /* The rate budget may bank this much time's worth of calls. */
 #define RATE_BURST_MS 50
@@ -251,9 +252,11 @@ redis_usable(lockmgr *lm)
 	if (now < lm->next_reconnect_ms)
 		return false;
 	if (redis_lock_connect(lm->redis) == 0) {
-		if (lm->redis_down)
+		if (lm->redis_down) {
+			metrics_reconnect(METRICS_PEER_REDIS);
 			log_info("redis reachable again%s", lm->mode == LOCK_MODE_AUTO ?
 			    ": back to redis locks" : "");
+		}
 		lm->redis_down = false;
 		lm->reconnect_delay_ms = RECONNECT_MIN_MS;
 		return true;
@@ -360,6 +363,7 @@ claim_skip_locked(lockmgr *lm, size_t ndue, size_t limit, struct item *items,
 		}
 		got += n;
 	}
+	metrics_lock(METRICS_LOCK_ACQUIRED, got);
 	*ret_n = got;
 	return 0;
 }
@@ -390,7 +394,7 @@ shuffle_candidates(lockmgr *lm, size_t n)
 static int
 claim_redis(lockmgr *lm, size_t ndue, size_t limit, struct item *items, size_t *ret_n)
 {
-	size_t got = 0, nlocked = 0, nback = 0;
+	size_t got = 0, nlocked = 0, nback = 0, locked = 0, contended = 0;
 	struct redis_rate rate;
 	struct redis_rate_answer answer;
 	bool failed = false;
@@ -415,6 +419,11 @@ claim_redis(lockmgr *lm, size_t ndue, size_t limit, struct item *items, size_t *
 		return -1;
 	}
 	lm->wait_ms = answer.wait_ms;
+	for (size_t i = 0; i < ndue; i++)
+		locked += lm->flags[i];
+	/* Every candidate was tried only when we got fewer than we wanted, unthrottled. */
+	if (locked < limit && answer.wait_ms == 0)
+		contended = ndue - locked;
 	if (answer.workers > 0 && answer.workers != lm->workers_seen) {
 		lm->workers_seen = answer.workers;
 		pace_reset(lm);
@@ -462,6 +471,13 @@ claim_redis(lockmgr *lm, size_t ndue, size_t limit, struct item *items, size_t *
 		(void)redis_lock_release(lm->redis, lm->keyp, lm->tokp, nback);
 	if (got == 0 && !failed && lm->wait_ms == 0)
 		lm->wait_ms = 1 + (int64_t)(rng_next(lm) % CONTENDED_BACKOFF_MS);
+	/*
+	 * Contended: offered candidates another worker held in Redis, plus those
+	 * we locked but the database had already given to someone else.  The
+	 * candidates left unlocked by the rate budget or our own limit are not.
+	 */
+	metrics_lock(METRICS_LOCK_CONTENDED, contended + nback);
+	metrics_lock(METRICS_LOCK_ACQUIRED, got);
 	*ret_n = got;
 	return failed && got == 0 ? -1 : 0;
 }
@@ -536,6 +552,7 @@ renew_redis(lockmgr *lm, struct item *const *items, size_t n)
 	for (size_t i = 0; i < m; i++) {
 		if (lm->flags[i])
 			continue;
+		metrics_lock(METRICS_LOCK_LOST_REDIS, 1);
 		log_warnx("%s %" PRId64 ": redis lock lost (expired or taken over); "
 		    "no longer renewed, the database lease still fences its completion",
 		    item_kind_name(lm->subset[i]->kind), lm->subset[i]->id);
@@ -563,11 +580,14 @@ lock_renew(lockmgr *lm, struct item *const *items, size_t n)
 			ret = -1;
 			continue;
 		}
-		for (size_t i = 0; i < m; i++)
-			if (lm->subset[i]->lock_lost)
-				log_warnx("%s %" PRId64 ": lease lost to another worker; its result "
-				    "will not be recorded unless the fenced completion accepts it",
-				    item_kind_name(k), lm->subset[i]->id);
+		for (size_t i = 0; i < m; i++) {
+			if (!lm->subset[i]->lock_lost)
+				continue;
+			metrics_lock(METRICS_LOCK_LOST_LEASE, 1);
+			log_warnx("%s %" PRId64 ": lease lost to another worker; its result "
+			    "will not be recorded unless the fenced completion accepts it",
+			    item_kind_name(k), lm->subset[i]->id);
+		}
 	}
 	renew_redis(lm, items, n);
 	return ret;

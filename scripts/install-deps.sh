@@ -10,15 +10,17 @@
 # servers (5432, 6379).  Nothing here uses them: the tests and the demo start
 # private servers on free ports.
 #
-# BW_SKIP_DEPS=1 skips the check (e.g. on a machine that is not Debian but
-# has everything).
+# Arguments name extra packages for one target.  BW_SKIP_DEPS=1 skips the check
+# (e.g. on a machine that is not Debian but has everything).
 set -eu
 
 PACKAGES="build-essential pkg-config libhiredis-dev libpq-dev libcurl4-openssl-dev
-libconfig-dev libcmocka-dev libjansson-dev libsystemd-dev postgresql redis-server
+libconfig-dev libcmocka-dev libjansson-dev libsystemd-dev libmicrohttpd-dev postgresql
+redis-server systemd mandoc
 python3 python3-psycopg2 python3-pytest curl procps iproute2"
 
-# Extra packages for one target (e.g. `make bench` adds nginx-light).
+# Extra packages for one target: `make bench` adds nginx-light, `make deb`
+# the Debian packaging tools.
 if [ $# -gt 0 ]; then
 	PACKAGES="$PACKAGES $*"
 fi

@@ -1,8 +1,15 @@
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include <jansson.h>
+
+#include "store/report.h"
 #include "store/store_int.h"
+
+/* The in-flight and overdue lists stop at this many rows. */
+#define STATUS_LIST_MAX 100
 
 /*
  * The status report: read-only queries an operator runs by hand, so they
@@ -65,19 +72,48 @@ query(store *st, const char *sql, int nparams, const char *const *params)
 	return res;
 }
 
+/* The three result sets of the report, fetched in one place for both formats. */
+struct status_rows {
+	PGresult *counts, *flight, *overdue;
+};
+
+static void
+status_rows_clear(struct status_rows *r)
+{
+	PQclear(r->counts);
+	PQclear(r->flight);
+	PQclear(r->overdue);
+	memset(r, 0, sizeof(*r));
+}
+
+static int
+status_fetch(store *st, int max_attempts, struct status_rows *r)
+{
+	char maxa[16];
+	const char *params[1] = { maxa };
+
+	memset(r, 0, sizeof(*r));
+	snprintf(maxa, sizeof(maxa), "%d", max_attempts);
+	if ((r->counts = query(st, sql_counts, 0, NULL)) == NULL ||
+	    (r->flight = query(st, sql_in_flight, 0, NULL)) == NULL ||
+	    (r->overdue = query(st, sql_overdue, 1, params)) == NULL) {
+		status_rows_clear(r);
+		return -1;
+	}
+	return 0;
+}
+
 int
 store_status(store *st, FILE *out, int max_attempts)
 {
-	PGresult *counts = NULL, *flight = NULL, *overdue = NULL;
-	char maxa[16];
-	const char *params[1] = { maxa };
-	int ret = -1;
+	struct status_rows rows;
+	PGresult *counts, *flight, *overdue;
 
-	snprintf(maxa, sizeof(maxa), "%d", max_attempts);
-	if ((counts = query(st, sql_counts, 0, NULL)) == NULL ||
-	    (flight = query(st, sql_in_flight, 0, NULL)) == NULL ||
-	    (overdue = query(st, sql_overdue, 1, params)) == NULL)
-		goto out;
+	if (status_fetch(st, max_attempts, &rows) == -1)
+		return -1;
+	counts = rows.counts;
+	flight = rows.flight;
+	overdue = rows.overdue;
 
 	fprintf(out, "%-12s %9s %9s %9s %9s %9s %14s\n", "kind", "pending",
 	    "in-flight", "retrying", "done", "failed", "oldest-pending");
@@ -89,7 +125,7 @@ store_status(store *st, FILE *out, int max_attempts)
 		    PQgetvalue(counts, r, 6));
 
 	fprintf(out, "\nin flight: %d%s\n", PQntuples(flight),
-	    PQntuples(flight) == 100 ? " (first 100)" : "");
+	    PQntuples(flight) == STATUS_LIST_MAX ? " (first 100)" : "");
 	for (int r = 0; r < PQntuples(flight); r++)
 		fprintf(out, "  %s %s  holder \"%s\"  attempts %s  lease %ss left\n",
 		    PQgetvalue(flight, r, 0), PQgetvalue(flight, r, 1),
@@ -102,10 +138,135 @@ store_status(store *st, FILE *out, int max_attempts)
 		fprintf(out, "  %s %s  attempts %s  last error: %s\n",
 		    PQgetvalue(overdue, r, 0), PQgetvalue(overdue, r, 1),
 		    PQgetvalue(overdue, r, 2), PQgetvalue(overdue, r, 3));
-	ret = 0;
-out:
-	PQclear(counts);
-	PQclear(flight);
-	PQclear(overdue);
+	status_rows_clear(&rows);
+	return 0;
+}
+
+/*
+ * JSON values from result cells.  Text from the database is UTF-8 (the
+ * schema's encoding); a value jansson still refuses becomes null rather
+ * than failing the whole report.
+ */
+static json_t *
+j_int(const PGresult *res, int row, int col)
+{
+	return json_integer(strtoll(PQgetvalue(res, row, col), NULL, 10));
+}
+
+static json_t *
+j_real(const PGresult *res, int row, int col)
+{
+	return json_real(strtod(PQgetvalue(res, row, col), NULL));
+}
+
+static json_t *
+j_str(const PGresult *res, int row, int col)
+{
+	json_t *v = json_string(PQgetvalue(res, row, col));
+
+	return v != NULL ? v : json_null();
+}
+
+/* Builds the report document; NULL without memory. */
+static json_t *
+status_json(const struct status_rows *rows)
+{
+	json_t *kinds = json_array(), *flight = json_array(), *overdue = json_array();
+	bool ok = kinds != NULL && flight != NULL && overdue != NULL;
+
+	for (int r = 0; ok && r < PQntuples(rows->counts); r++) {
+		const PGresult *c = rows->counts;
+
+		ok = json_array_append_new(kinds, json_pack("{s:o, s:o, s:o, s:o, s:o, s:o, s:o}",
+		    "kind", j_str(c, r, 0), "pending", j_int(c, r, 1), "in_flight", j_int(c, r, 2),
+		    "retrying", j_int(c, r, 3), "done", j_int(c, r, 4), "failed", j_int(c, r, 5),
+		    "oldest_pending_s", j_real(c, r, 6))) == 0;
+	}
+	for (int r = 0; ok && r < PQntuples(rows->flight); r++) {
+		const PGresult *f = rows->flight;
+
+		ok = json_array_append_new(flight, json_pack("{s:o, s:o, s:o, s:o, s:o}",
+		    "kind", j_str(f, r, 0), "id", j_int(f, r, 1), "holder", j_str(f, r, 2),
+		    "attempts", j_int(f, r, 3), "lease_left_s", j_real(f, r, 4))) == 0;
+	}
+	for (int r = 0; ok && r < PQntuples(rows->overdue); r++) {
+		const PGresult *o = rows->overdue;
+
+		ok = json_array_append_new(overdue, json_pack("{s:o, s:o, s:o, s:o}",
+		    "kind", j_str(o, r, 0), "id", j_int(o, r, 1), "attempts", j_int(o, r, 2),
+		    "last_error", j_str(o, r, 3))) == 0;
+	}
+	if (!ok) {
+		json_decref(kinds);
+		json_decref(flight);
+		json_decref(overdue);
+		return NULL;
+	}
+	/* json_pack takes the three arrays over, on failure too. */
+	return json_pack("{s:o, s:o, s:b, s:o, s:b}", "kinds", kinds, "in_flight", flight,
+	    "in_flight_truncated", PQntuples(rows->flight) == STATUS_LIST_MAX,
+	    "overdue", overdue, "overdue_truncated", PQntuples(rows->overdue) == STATUS_LIST_MAX);
+}
+
+int
+store_status_json(store *st, FILE *out, int max_attempts)
+{
+	struct status_rows rows;
+	json_t *doc;
+	int ret = -1;
+
+	if (status_fetch(st, max_attempts, &rows) == -1)
+		return -1;
+	if ((doc = status_json(&rows)) == NULL)
+		store_errorf(st, "status: out of memory");
+	else if (json_dumpf(doc, out, JSON_INDENT(2) | JSON_PRESERVE_ORDER) == -1 ||
+	    fputc('\n', out) == EOF)
+		store_errorf(st, "status: could not write the report");
+	else
+		ret = 0;
+	json_decref(doc);
+	status_rows_clear(&rows);
 	return ret;
+}
+
+/*
+ * The due count reads the partial index that serves the poll and stops at
+ * the cap; the oldest pending row is found among pending rows only.
+ */
+static const char sql_backlog[] =
+    "SELECT 0, (SELECT count(*) FROM (SELECT 1 FROM invoices WHERE status = 'pending' "
+    "  AND next_attempt_at <= now() LIMIT $1) d), "
+    " coalesce(extract(epoch FROM now() - (SELECT min(created_at) FROM invoices "
+    "  WHERE status = 'pending')), 0)::float8 "
+    "UNION ALL "
+    "SELECT 1, (SELECT count(*) FROM (SELECT 1 FROM redemptions WHERE status = 'pending' "
+    "  AND next_attempt_at <= now() LIMIT $1) d), "
+    " coalesce(extract(epoch FROM now() - (SELECT min(created_at) FROM redemptions "
+    "  WHERE status = 'pending')), 0)::float8";
+
+int
+store_backlog(store *st, int64_t due[ITEM_KIND_COUNT], double oldest_pending_s[ITEM_KIND_COUNT])
+{
+	char cap[16];
+	const char *params[1] = { cap };
+	PGresult *res;
+
+	_Static_assert(ITEM_INVOICE == 0 && ITEM_REDEMPTION == 1, "kinds are numbered in the SQL");
+	if (!store_connected(st)) {
+		store_errorf(st, "not connected to the database");
+		return -1;
+	}
+	snprintf(cap, sizeof(cap), "%d", STORE_BACKLOG_CAP);
+	if ((res = query(st, sql_backlog, 1, params)) == NULL)
+		return -1;
+	for (int r = 0; r < PQntuples(res); r++) {
+		int k = atoi(PQgetvalue(res, r, 0));
+
+		if (k < 0 || k >= ITEM_KIND_COUNT)
+			continue;
+		due[k] = strtoll(PQgetvalue(res, r, 1), NULL, 10);
+		oldest_pending_s[k] = strtod(PQgetvalue(res, r, 2), NULL);
+	}
+	PQclear(res);
+	return 0;
 }

@@ -16,8 +16,10 @@
 #include "billing/outcome.h"
 #include "common/item.h"
 #include "common/log.h"
+#include "common/metrics.h"
 #include "locks/lock.h"
 #include "store/store.h"
+#include "worker/telemetry.h"
 
 #define DB_RETRY_MIN_MS 200
 #define DB_RETRY_MAX_MS 10000
@@ -57,6 +59,7 @@ struct loop {
 	int listen_delay_ms;
 	lockmgr *locks;
 	api_client *api;
+	telemetry *tm;
 	struct retry_policy policy;
 
 	struct flight *flights;
@@ -79,6 +82,7 @@ struct loop {
 	int db_delay_ms;
 	int64_t db_down_since_ms;
 	bool db_outage_logged;
+	bool db_seen;           /* connected once: later connects are reconnects */
 	uint64_t rng;
 
 	bool stopping;
@@ -289,6 +293,9 @@ db_ready(struct loop *l)
 		l->db_outage_logged = false;
 		l->db_down_since_ms = 0;
 		l->db_delay_ms = DB_RETRY_MIN_MS;
+		if (l->db_seen)
+			metrics_reconnect(METRICS_PEER_DATABASE);
+		l->db_seen = true;
 		return true;
 	}
 	log_warnx("%s (retrying in %d ms)", store_errmsg(l->st), l->db_delay_ms);
@@ -326,6 +333,7 @@ flush(struct loop *l)
 		struct flight *f = &l->flights[l->batch_flight[j]];
 
 		log_outcome(f, l->accepted[j]);
+		telemetry_recorded(f->item.kind, f->done.state, l->accepted[j]);
 		if (!l->accepted[j])
 			l->n_rejected++;
 		else if (f->done.state == COMPLETION_DONE)
@@ -515,6 +523,7 @@ collect(struct loop *l)
 
 		f->latency_ms = latency;
 		f->http_status = status;
+		metrics_api_call(status, latency);
 		outcome_after_call(&f->item, &v, &l->policy, rng_next(l), &f->done);
 		if (status == 429) {
 			/* The API is over its limit for everyone: the whole fleet waits. */
@@ -557,6 +566,7 @@ reload(struct loop *l)
 		log_warnx("reload: out of memory; keeping the running configuration");
 		return;
 	}
+	telemetry_reloading(l->tm);
 	nerr = config_load(l->cfg->path, fresh, &errors);
 	if (nerr != 0) {
 		log_warnx("reload: \"%s\" has %d error%s; keeping the running configuration:\n%s",
@@ -564,6 +574,7 @@ reload(struct loop *l)
 		free(errors);
 		config_free(fresh);
 		free(fresh);
+		telemetry_reloaded(l->tm);
 		return;
 	}
 	if (config_restart_needed(l->cfg, fresh, &names) > 0)
@@ -573,6 +584,7 @@ reload(struct loop *l)
 		log_warnx("reload: out of memory; keeping the running configuration");
 		config_free(fresh);
 		free(fresh);
+		telemetry_reloaded(l->tm);
 		return;
 	}
 	l->cfg->worker.concurrency = fresh->worker.concurrency;
@@ -588,6 +600,7 @@ reload(struct loop *l)
 	l->cfg->locks.ttl_ms = fresh->locks.ttl_ms;
 	l->cfg->locks.renew_interval_ms = fresh->locks.renew_interval_ms;
 	l->cfg->log.level = fresh->log.level;
+	l->cfg->log.format = fresh->log.format;
 	config_free(fresh);
 	free(fresh);
 
@@ -597,6 +610,8 @@ reload(struct loop *l)
 	lock_set_ttl(l->locks, l->cfg->locks.ttl_ms);
 	lock_set_rate(l->locks, l->cfg->billing_api.max_requests_per_second);
 	log_set_level((int)l->cfg->log.level);
+	log_set_json(l->cfg->log.format == LOG_FORMAT_JSON);
+	telemetry_reloaded(l->tm);
 	log_info("configuration reloaded (concurrency %d, batch %d, poll %d ms)",
 	    l->cfg->worker.concurrency, l->cfg->worker.batch_size,
 	    l->cfg->worker.poll_interval_ms);
@@ -706,6 +721,8 @@ loop_setup(struct loop *l, const char *token, const char *redis_password)
 		return -1;
 	}
 	lock_set_rate(l->locks, cfg->billing_api.max_requests_per_second);
+	if (telemetry_new(cfg, l->st, l->once, &l->tm) == -1)
+		return -1;
 	if (api_client_new(&ao, &l->api, err, sizeof(err)) == -1) {
 		log_error("could not set up the billing API client: %s", err);
 		return -1;
@@ -731,6 +748,7 @@ loop_teardown(struct loop *l)
 	free(l->itemp);
 	free(l->reserved);
 	api_client_free(l->api);
+	telemetry_free(l->tm);
 	lock_free(l->locks);
 	store_listener_free(l->listener);
 	store_free(l->st);
@@ -751,6 +769,7 @@ first_connect(struct loop *l)
 			log_error("%s", store_errmsg(l->st));
 			return false;
 		}
+		telemetry_waiting(l->tm, now_ms(), store_errmsg(l->st));
 		if (l->once && now_ms() - start > ONCE_DB_PATIENCE_MS) {
 			log_error("database unreachable for %d s; giving up this run",
 			    ONCE_DB_PATIENCE_MS / 1000);
@@ -764,8 +783,9 @@ int
 loop_run(struct bw_config *cfg, const char *token, const char *redis_password, bool once)
 {
 	struct loop l;
-	struct api_waitfd wake[2];
-	int status = 1;
+	struct api_waitfd wake[4];
+	unsigned nwake;
+	int status = 1, wait_ms;
 	int64_t now, wait;
 
 	memset(&l, 0, sizeof(l));
@@ -782,6 +802,7 @@ loop_run(struct bw_config *cfg, const char *token, const char *redis_password, b
 	lock_start(l.locks);
 	listen_service(&l, false);
 	l.next_renew_ms = now_ms() + cfg->locks.renew_interval_ms;
+	telemetry_ready(l.tm, now_ms());
 
 	for (;;) {
 		now = now_ms();
@@ -791,6 +812,7 @@ loop_run(struct bw_config *cfg, const char *token, const char *redis_password, b
 			log_info("stopping: no new items; waiting up to %d ms for %d call%s in flight",
 			    l.cfg->worker.shutdown_timeout_ms, api_in_flight(l.api),
 			    api_in_flight(l.api) == 1 ? "" : "s");
+			telemetry_stopping(l.tm, l.busy);
 		}
 		if (got_reload) {
 			got_reload = 0;
@@ -799,6 +821,7 @@ loop_run(struct bw_config *cfg, const char *token, const char *redis_password, b
 
 		collect(&l);
 		flush(&l);
+		telemetry_tick(l.tm, now, l.busy, l.cfg->worker.concurrency, store_connected(l.st));
 
 		if (now >= l.next_renew_ms) {
 			renew(&l);
@@ -863,11 +886,14 @@ loop_run(struct bw_config *cfg, const char *token, const char *redis_password, b
 		wake[1].fd = l.listener != NULL ? store_listener_fd(l.listener) : -1;
 		wake[1].events = POLLIN;
 		wake[1].revents = 0;
-		if (api_wait(l.api, wake, wake[1].fd >= 0 ? 2 : 1, (int)wait) == -1)
+		wait_ms = (int)wait;
+		nwake = 2 + telemetry_wait_fds(l.tm, now, &wake[2], &wait_ms);
+		if (api_wait(l.api, wake, nwake, wait_ms) == -1)
 			log_warnx("waiting on the billing API calls failed");
 		if (wake[0].revents & POLLIN)
 			drain_wake_pipe();
 		listen_service(&l, wake[1].fd >= 0 && (wake[1].revents & (POLLIN | POLLERR | POLLHUP)));
+		telemetry_after_wait(l.tm);
 	}
 	{
 		/* Whatever is still claimed (an outage at exit): give back the Redis locks. */

@@ -7,6 +7,7 @@
 
 #include "common/log.h"
 #include "config/config.h"
+#include "store/report.h"
 #include "store/store.h"
 #include "worker/loop.h"
 
@@ -19,13 +20,15 @@ static void
 usage(FILE *out)
 {
 	fprintf(out,
-	    "usage: billing-worker [-c FILE] [run | once | check-config | migrate | status]\n"
+	    "usage: billing-worker [-c FILE] [run | once | check-config | migrate | status [--json] |\n"
+	    "                      audit]\n"
 	    "\n"
 	    "  run           the daemon (default); SIGTERM/SIGINT stop, SIGHUP reloads\n"
 	    "  once          process everything due now, then exit\n"
 	    "  check-config  validate the configuration file; exit 2 if invalid\n"
 	    "  migrate       create or upgrade the database schema\n"
 	    "  status        counts by state, oldest pending, items in flight\n"
+	    "                (--json: the same as one JSON document)\n"
 	    "  audit         check the ledger and item invariants; exit 1 on a violation\n"
 	    "\n"
 	    "  -c FILE       configuration file (default " DEFAULT_CONFIG ")\n");
@@ -130,7 +133,7 @@ cmd_migrate(const struct bw_config *cfg)
 }
 
 static int
-cmd_status(const struct bw_config *cfg)
+cmd_status(const struct bw_config *cfg, bool json)
 {
 	store *st;
 	int status = EXIT_ERROR;
@@ -139,7 +142,8 @@ cmd_status(const struct bw_config *cfg)
 		return EXIT_ERROR;
 	if (store_check_schema(st) == -1)
 		fprintf(stderr, "billing-worker: %s\n", store_errmsg(st));
-	else if (store_status(st, stdout, cfg->billing_api.max_attempts) == 0)
+	else if ((json ? store_status_json(st, stdout, cfg->billing_api.max_attempts) :
+	    store_status(st, stdout, cfg->billing_api.max_attempts)) == 0)
 		status = EXIT_OK;
 	else
 		fprintf(stderr, "billing-worker: %s\n", store_errmsg(st));
@@ -172,19 +176,47 @@ cmd_audit(const struct bw_config *cfg)
 	return status;
 }
 
+/*
+ * systemd's LoadCredential=NAME:PATH hands the service a copy of a secret
+ * in $CREDENTIALS_DIRECTORY/NAME, readable by the service alone, so the
+ * secret's file itself can stay root's.  Returns that path when the unit
+ * passed credential NAME, else NULL.
+ */
+static const char *
+credential(const char *name, char *buf, size_t len)
+{
+	const char *dir = getenv("CREDENTIALS_DIRECTORY");
+
+	if (dir == NULL || dir[0] == '\0')
+		return NULL;
+	snprintf(buf, len, "%s/%s", dir, name);
+	return access(buf, F_OK) == 0 ? buf : NULL;
+}
+
 static int
 cmd_work(struct bw_config *cfg, bool once)
 {
 	static char token[SECRET_MAX], redis_password[SECRET_MAX];
+	char token_cred[4096], redis_cred[4096];
+	const char *token_path = credential("api-token", token_cred, sizeof(token_cred));
+	const char *redis_path = credential("redis-password", redis_cred, sizeof(redis_cred));
 	bool have_redis_password = false;
 	int status;
 
-	if (read_secret("billing_api.token_file", cfg->billing_api.token_file, token,
+	if (token_path != NULL)
+		log_info("reading the API token from the systemd credential \"api-token\"");
+	if (read_secret(token_path != NULL ? "credential" : "billing_api.token_file",
+	    token_path != NULL ? token_path : cfg->billing_api.token_file, token,
 	    sizeof(token)) == -1)
 		return EXIT_ERROR;
-	if (cfg->redis.password_file[0] != '\0' && cfg->locks.mode != LOCK_MODE_SKIP_LOCKED) {
-		if (read_secret("redis.password_file", cfg->redis.password_file,
-		    redis_password, sizeof(redis_password)) == -1) {
+	if (redis_path == NULL && cfg->redis.password_file[0] != '\0')
+		redis_path = cfg->redis.password_file;
+	else if (redis_path != NULL)
+		log_info("reading the Redis password from the systemd credential "
+		    "\"redis-password\"");
+	if (redis_path != NULL && cfg->locks.mode != LOCK_MODE_SKIP_LOCKED) {
+		if (read_secret(redis_path == redis_cred ? "credential" : "redis.password_file",
+		    redis_path, redis_password, sizeof(redis_password)) == -1) {
 			explicit_bzero(token, sizeof(token));
 			return EXIT_ERROR;
 		}
@@ -202,10 +234,12 @@ main(int argc, char **argv)
 	const char *path = DEFAULT_CONFIG, *cmd = "run";
 	struct bw_config cfg;
 	char *errors = NULL;
+	bool json = false;
 	int ch, nerr, status;
 
 	memset(&cfg, 0, sizeof(cfg));
-	while ((ch = getopt(argc, argv, "c:h")) != -1) {
+	/* "+": options end at the command, whose own options follow it. */
+	while ((ch = getopt(argc, argv, "+c:h")) != -1) {
 		switch (ch) {
 		case 'c':
 			path = optarg;
@@ -220,6 +254,10 @@ main(int argc, char **argv)
 	}
 	if (optind < argc)
 		cmd = argv[optind++];
+	if (optind < argc && strcmp(cmd, "status") == 0 && strcmp(argv[optind], "--json") == 0) {
+		json = true;
+		optind++;
+	}
 	if (optind < argc) {
 		fprintf(stderr, "billing-worker: unexpected argument \"%s\"\n", argv[optind]);
 		usage(stderr);
@@ -255,6 +293,7 @@ main(int argc, char **argv)
 		return EXIT_ERROR;
 	}
 	log_init(cfg.worker.id, (int)cfg.log.level);
+	log_set_json(cfg.log.format == LOG_FORMAT_JSON);
 
 	/* Reports print to stdout; keep connection chatter out of them. */
 	if (strcmp(cmd, "status") == 0 || strcmp(cmd, "audit") == 0)
@@ -263,7 +302,7 @@ main(int argc, char **argv)
 	if (strcmp(cmd, "migrate") == 0)
 		status = cmd_migrate(&cfg);
 	else if (strcmp(cmd, "status") == 0)
-		status = cmd_status(&cfg);
+		status = cmd_status(&cfg, json);
 	else if (strcmp(cmd, "audit") == 0)
 		status = cmd_audit(&cfg);
 	else

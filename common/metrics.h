@@ -1,0 +1,66 @@
+#ifndef BW_METRICS_H
+#define BW_METRICS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/item.h"
+
+/*
+ * What this process has done, as Prometheus counters, gauges and one
+ * histogram.  Process-wide state, like the log: the worker is one thread,
+ * so the increments are plain additions, and any module may count without
+ * a handle being passed down to it.  Every series exists from the start
+ * with value 0, so rate() and absent() work before the first event.
+ *
+ * Nothing here does I/O; worker/metrics_http.c serves metrics_render().
+ */
+
+/* An item's outcome was recorded: DONE is paid / redeemed, else failed. */
+void metrics_item_finished(enum item_kind kind, bool done);
+/* An item was recorded as pending again, with a retry scheduled. */
+void metrics_retry_scheduled(enum item_kind kind);
+/* A fenced completion matched no row: the claim had gone to another worker. */
+void metrics_completion_rejected(enum item_kind kind);
+
+/* One finished API call: its HTTP status (0 when none came) and latency. */
+void metrics_api_call(long http_status, double latency_ms);
+
+enum metrics_lock_event {
+	METRICS_LOCK_ACQUIRED,          /* a claim taken (lease in the database) */
+	METRICS_LOCK_CONTENDED,         /* a due item another worker took first */
+	METRICS_LOCK_LOST_LEASE,        /* a held claim's lease went to another worker */
+	METRICS_LOCK_LOST_REDIS,        /* a held Redis lock expired or was taken */
+	METRICS_LOCK_EVENT_COUNT,
+};
+void metrics_lock(enum metrics_lock_event ev, size_t n);
+
+enum metrics_peer {
+	METRICS_PEER_DATABASE,
+	METRICS_PEER_REDIS,
+	METRICS_PEER_COUNT,
+};
+/* A connection to PEER came back after it had been lost. */
+void metrics_reconnect(enum metrics_peer peer);
+
+void metrics_set_in_flight(int n);
+void metrics_set_concurrency(int n);
+void metrics_set_database_up(bool up);
+/*
+ * The backlog of KIND: items due now (capped by the query that counts
+ * them) and the age of the oldest pending item in seconds.
+ */
+void metrics_set_backlog(enum item_kind kind, int64_t due, double oldest_pending_s);
+
+/*
+ * Renders every metric in the Prometheus text exposition format (0.0.4)
+ * into a malloc'd, NUL-terminated buffer the caller frees.  Returns 0, or
+ * -1 without memory.
+ */
+int metrics_render(char **ret, size_t *ret_len) __attribute__((warn_unused_result));
+
+/* Back to zero; for tests. */
+void metrics_reset(void);
+
+#endif

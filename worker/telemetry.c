@@ -1,0 +1,204 @@
+#include "worker/telemetry.h"
+
+#include <inttypes.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/log.h"
+#include "common/metrics.h"
+#include "store/report.h"
+#include "worker/metrics_http.h"
+#include "worker/notify.h"
+
+/*
+ * How stale the backlog may be: a scrape refreshes it at most this often,
+ * so several Prometheus servers scraping every few seconds cost one query;
+ * the systemd STATUS line refreshes it on its own, more rarely.
+ */
+#define BACKLOG_SCRAPE_MAX_AGE_MS 5000
+#define BACKLOG_STATUS_MAX_AGE_MS 15000
+#define STATUS_EVERY_MS 2000
+
+struct telemetry {
+	store *st;
+	metrics_http *http;
+	bool stopping;
+	bool backlog_known;
+	int64_t backlog_at_ms;
+	int64_t due[ITEM_KIND_COUNT];
+	double oldest_s[ITEM_KIND_COUNT];
+	int64_t status_at_ms;
+	int64_t now_ms;         /* the loop's clock at the last tick */
+	int in_flight, concurrency;
+};
+
+/* Queries the backlog when the last answer is older than MAX_AGE_MS. */
+static void
+refresh_backlog(telemetry *t, int64_t now, int64_t max_age_ms)
+{
+	if (t->backlog_known && now - t->backlog_at_ms < max_age_ms)
+		return;
+	/* A failure is not retried before MAX_AGE_MS either: the loop has the outage. */
+	t->backlog_at_ms = now;
+	if (!store_connected(t->st) || store_backlog(t->st, t->due, t->oldest_s) == -1)
+		return;
+	t->backlog_known = true;
+	for (int k = 0; k < ITEM_KIND_COUNT; k++)
+		metrics_set_backlog(k, t->due[k], t->oldest_s[k]);
+}
+
+static void
+on_scrape(void *arg)
+{
+	telemetry *t = arg;
+
+	/* The tick's clock is at most one loop turn old: close enough for a 5 s cache. */
+	refresh_backlog(t, t->now_ms, BACKLOG_SCRAPE_MAX_AGE_MS);
+}
+
+int
+telemetry_new(const struct bw_config *cfg, store *st, bool once, telemetry **ret)
+{
+	telemetry *t;
+	char err[256];
+
+	if ((t = calloc(1, sizeof(*t))) == NULL) {
+		log_error("out of memory");
+		return -1;
+	}
+	t->st = st;
+	notify_init();
+	if (!once && cfg->metrics.listen[0] != '\0') {
+		if (metrics_http_start(cfg->metrics.listen, on_scrape, t, &t->http, err,
+		    sizeof(err)) == -1) {
+			log_error("metrics endpoint: %s", err);
+			free(t);
+			return -1;
+		}
+		log_info("serving metrics on http://%s/metrics", cfg->metrics.listen);
+	}
+	*ret = t;
+	return 0;
+}
+
+void
+telemetry_free(telemetry *t)
+{
+	if (t == NULL)
+		return;
+	metrics_http_stop(t->http);
+	free(t);
+}
+
+static void
+send_status(telemetry *t, int64_t now)
+{
+	char backlog[160] = "";
+
+	if (!notify_enabled() || now - t->status_at_ms < STATUS_EVERY_MS)
+		return;
+	t->status_at_ms = now;
+	if (t->stopping) {
+		notify_status("stopping: %d in flight", t->in_flight);
+		return;
+	}
+	refresh_backlog(t, now, BACKLOG_STATUS_MAX_AGE_MS);
+	if (t->backlog_known)
+		snprintf(backlog, sizeof(backlog), "; due: %" PRId64 " invoices, %" PRId64
+		    " redemptions; oldest pending %.0f s", t->due[ITEM_INVOICE],
+		    t->due[ITEM_REDEMPTION], t->oldest_s[ITEM_INVOICE] > t->oldest_s[ITEM_REDEMPTION] ?
+		    t->oldest_s[ITEM_INVOICE] : t->oldest_s[ITEM_REDEMPTION]);
+	notify_status("in flight %d of %d%s", t->in_flight, t->concurrency, backlog);
+}
+
+void
+telemetry_ready(telemetry *t, int64_t now_ms)
+{
+	notify_ready();
+	t->status_at_ms = now_ms - STATUS_EVERY_MS;     /* the first STATUS at once */
+	metrics_set_database_up(true);
+}
+
+void
+telemetry_waiting(telemetry *t, int64_t now_ms, const char *why)
+{
+	notify_watchdog(now_ms);
+	notify_status("waiting for the database: %s", why);
+	/* The start-up wait polls every 50 ms: scrapes are answered, with database_up 0. */
+	metrics_set_database_up(false);
+	telemetry_after_wait(t);
+}
+
+void
+telemetry_tick(telemetry *t, int64_t now_ms, int in_flight, int concurrency, bool db_up)
+{
+	notify_watchdog(now_ms);
+	t->now_ms = now_ms;
+	t->in_flight = in_flight;
+	t->concurrency = concurrency;
+	metrics_set_in_flight(in_flight);
+	metrics_set_concurrency(concurrency);
+	metrics_set_database_up(db_up);
+	send_status(t, now_ms);
+}
+
+void
+telemetry_recorded(enum item_kind kind, enum completion_state state, bool accepted)
+{
+	if (!accepted)
+		metrics_completion_rejected(kind);
+	else if (state == COMPLETION_RETRY)
+		metrics_retry_scheduled(kind);
+	else
+		metrics_item_finished(kind, state == COMPLETION_DONE);
+}
+
+void
+telemetry_reloading(telemetry *t)
+{
+	(void)t;
+	notify_reloading();
+}
+
+void
+telemetry_reloaded(telemetry *t)
+{
+	(void)t;
+	notify_ready();
+}
+
+void
+telemetry_stopping(telemetry *t, int in_flight)
+{
+	t->stopping = true;
+	t->in_flight = in_flight;
+	notify_stopping();
+	notify_status("stopping: %d in flight", in_flight);
+}
+
+unsigned
+telemetry_wait_fds(telemetry *t, int64_t now_ms, struct api_waitfd *fds, int *wait_ms)
+{
+	int w = notify_watchdog_wait_ms(now_ms);
+
+	if (w >= 0 && w < *wait_ms)
+		*wait_ms = w;
+	if (t->http == NULL)
+		return 0;
+	w = metrics_http_wait_ms(t->http);
+	if (w >= 0 && w < *wait_ms)
+		*wait_ms = w;
+	fds[0].fd = metrics_http_fd(t->http);
+	fds[0].events = POLLIN;
+	fds[0].revents = 0;
+	return 1;
+}
+
+void
+telemetry_after_wait(telemetry *t)
+{
+	if (t->http != NULL)
+		metrics_http_run(t->http);
+}

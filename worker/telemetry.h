@@ -1,0 +1,54 @@
+#ifndef BW_TELEMETRY_H
+#define BW_TELEMETRY_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "billing/api.h"
+#include "config/config.h"
+#include "store/store.h"
+
+/*
+ * What the outside sees of a running worker, kept out of the event loop's
+ * way: systemd notifications (worker/notify.c), the metrics endpoint
+ * (worker/metrics_http.c) and the gauges that cost a query (the backlog).
+ * The loop calls these at a few points; each is cheap when its feature is
+ * off (no $NOTIFY_SOCKET, metrics.listen empty).
+ */
+typedef struct telemetry telemetry;
+
+/*
+ * Sets up notifications and, unless ONCE, the metrics endpoint on
+ * metrics.listen.  ST is borrowed for the backlog query and must outlive
+ * the handle.  Returns -1 (logged) when the endpoint cannot listen.
+ */
+int telemetry_new(const struct bw_config *cfg, store *st, bool once, telemetry **ret)
+	__attribute__((warn_unused_result));
+void telemetry_free(telemetry *t);
+
+/* Connected and the schema checked: READY=1. */
+void telemetry_ready(telemetry *t, int64_t now_ms);
+/* Still waiting for the database at start; keeps the watchdog fed. */
+void telemetry_waiting(telemetry *t, int64_t now_ms, const char *why);
+/* Once per loop turn: watchdog, gauges, the STATUS= line. */
+void telemetry_tick(telemetry *t, int64_t now_ms, int in_flight, int concurrency,
+    bool db_up);
+/*
+ * Counts one outcome the store was asked to record: ACCEPTED false means
+ * the fenced completion matched no row (the claim had passed on).
+ */
+void telemetry_recorded(enum item_kind kind, enum completion_state state, bool accepted);
+void telemetry_reloading(telemetry *t);
+void telemetry_reloaded(telemetry *t);
+void telemetry_stopping(telemetry *t, int in_flight);
+
+/*
+ * Adds the descriptors to wait on to FDS (room for at least 1) and returns
+ * how many; lowers *WAIT_MS to the longest the loop may sleep.
+ */
+unsigned telemetry_wait_fds(telemetry *t, int64_t now_ms, struct api_waitfd *fds,
+    int *wait_ms);
+/* After every wait: serves scrapes that are ready. */
+void telemetry_after_wait(telemetry *t);
+
+#endif
