@@ -21,6 +21,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <strings.h>
+
 #include <libconfig.h>
 
 enum opt_type {
@@ -673,6 +677,93 @@ check_rules(struct loader *ld)
 	}
 }
 
+/*
+ * Points at the host of an http(s) URL that check_url accepted and sets
+ * *len to its length, brackets of an IPv6 address excluded.
+ */
+static const char *
+url_host(const char *url, size_t *len)
+{
+	const char *rest = strstr(url, "://") + 3;
+	size_t alen = strcspn(rest, "/?#");
+	const char *at = memchr(rest, '@', alen);
+	const char *host = at != NULL ? at + 1 : rest;
+	const char *end = rest + alen;
+
+	if (host[0] == '[') {
+		host++;
+		end = memchr(host, ']', (size_t)(end - host));
+	} else {
+		const char *colon = memchr(host, ':', (size_t)(end - host));
+
+		if (colon != NULL)
+			end = colon;
+	}
+	*len = (size_t)(end - host);
+	return host;
+}
+
+/* localhost (RFC 6761, with its subdomains), 127.0.0.0/8 or ::1. */
+static bool
+host_is_loopback(const char *host, size_t len)
+{
+	char h[256];
+	struct in_addr a4;
+	struct in6_addr a6;
+
+	if (len == 0 || len >= sizeof(h))
+		return false;
+	memcpy(h, host, len);
+	h[len] = '\0';
+	if (h[len - 1] == '.')
+		h[--len] = '\0';
+	if (strcasecmp(h, "localhost") == 0 ||
+	    (len > 10 && strcasecmp(h + len - 10, ".localhost") == 0))
+		return true;
+	if (inet_pton(AF_INET, h, &a4) == 1)
+		return (ntohl(a4.s_addr) >> 24) == 127;
+	if (inet_pton(AF_INET6, h, &a6) == 1)
+		return IN6_IS_ADDR_LOOPBACK(&a6);
+	return false;
+}
+
+bool
+config_insecure_http(const char *url)
+{
+	size_t len;
+	const char *host;
+
+	if (url == NULL || strncmp(url, "http://", 7) != 0)
+		return false;
+	host = url_host(url, &len);
+	return !host_is_loopback(host, len);
+}
+
+/*
+ * The token and every charge would cross the network in clear text: only
+ * with an explicit opt-in (a TLS-terminating sidecar on another address).
+ * Credentials in the URL itself are refused whatever the scheme: they
+ * would travel in every request line and show in libcurl's messages.
+ */
+static void
+check_transport(struct loader *ld)
+{
+	int ui = find_key("billing_api.base_url");
+	const char *url = ld->cfg.billing_api.base_url;
+	const char *rest;
+
+	if (ld->bad[ui] || ld->seen[ui] == NULL || url == NULL)
+		return;
+	rest = strstr(url, "://") + 3;
+	if (memchr(rest, '@', strcspn(rest, "/?#")) != NULL)
+		error_in(ld, ld->seen[ui], "\"billing_api.base_url\" must not hold a user "
+		    "or password: the token comes from \"billing_api.token_file\"");
+	else if (config_insecure_http(url) && !ld->cfg.billing_api.allow_insecure_http)
+		error_in(ld, ld->seen[ui], "\"billing_api.base_url\" uses http:// to a host "
+		    "that is not loopback: use https://, or set "
+		    "\"billing_api.allow_insecure_http\" = true to send the token in clear text");
+}
+
 static void
 set_defaults(struct loader *ld)
 {
@@ -717,6 +808,7 @@ load_text(struct loader *ld, const char *text)
 		walk_root(ld, config_root_setting(&lc));
 		check_required(ld);
 		check_rules(ld);
+		check_transport(ld);
 	}
 	config_destroy(&lc);
 	free(widened);

@@ -599,8 +599,12 @@ class FakeApi:
 
     host = LOCALHOST
 
-    def __init__(self, workdir):
+    def __init__(self, workdir, tls=None, url_host=None):
+        """tls: (cert, key, ca) PEM paths to serve HTTPS (see make_test_ca);
+        url_host: the host name the worker is given (default 127.0.0.1)."""
         self.workdir = Path(workdir)
+        self.tls = tls
+        self.url_host = url_host or self.host
         self.token = secrets.token_hex(24)
         self.token_file = self.workdir / "api-token"
         fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -614,7 +618,12 @@ class FakeApi:
 
     @property
     def url(self):
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self.url_host}:{self.port}"
+
+    @property
+    def _control_url(self):
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def start(self, port=None, timeout=15):
         """Starts it (port: None = the previous one if any, else a free one) and waits for READY."""
@@ -626,7 +635,9 @@ class FakeApi:
         try:
             self.proc = subprocess.Popen(
                 [PYTHON, str(FAKE_API_SCRIPT), "--host", self.host, "--port", str(port),
-                 "--token-file", str(self.token_file)],
+                 "--token-file", str(self.token_file),
+                 *(["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]
+                   if self.tls else [])],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, cwd=REPO_ROOT,
             )
         finally:
@@ -688,13 +699,19 @@ class FakeApi:
     def request(self, method, path, body=None, headers=None, timeout=10):
         """One HTTP request; returns (status, headers dict, parsed JSON or text)."""
         data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-        req = urllib.request.Request(self.url + path, data=data, method=method)
+        req = urllib.request.Request(self._control_url + path, data=data, method=method)
         if data is not None:
             req.add_header("Content-Type", "application/json")
         for k, v in (headers or {}).items():
             req.add_header(k, v)
+        context = None
+        if self.tls:
+            import ssl
+            # The test's own control channel: the worker is what verifies.
+            context = ssl.create_default_context(cafile=str(self.tls[2]))
+            context.check_hostname = False
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
+            with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
                 status, hdrs, raw = resp.status, dict(resp.headers), resp.read()
         except urllib.error.HTTPError as e:
             status, hdrs, raw = e.code, dict(e.headers), e.read()
@@ -725,6 +742,34 @@ class FakeApi:
             return self.logfile.read_text(errors="replace")
         except OSError:
             return ""
+
+
+def make_test_ca(workdir, name, hostnames=("localhost",)):
+    """A throwaway CA and a server certificate it signed, made with openssl.
+
+    Returns (cert, key, ca) PEM paths in workdir/name/; the certificate's
+    subjectAltName lists hostnames (DNS names, or IP: entries as "IP:1.2.3.4").
+    """
+    d = Path(workdir) / name
+    d.mkdir(parents=True, exist_ok=True)
+    san = ",".join(h if h.startswith("IP:") else f"DNS:{h}" for h in hostnames)
+    (d / "ext.cnf").write_text(f"subjectAltName={san}\nbasicConstraints=CA:FALSE\n"
+                               "extendedKeyUsage=serverAuth\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def openssl(*args):
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True,
+                       stdin=subprocess.DEVNULL, timeout=60)
+
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", f"/CN=billing-worker test CA {name}",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr",
+            "-subj", f"/CN={hostnames[0]}")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")
+    return d / "server.pem", d / "server.key", d / "ca.pem"
 
 
 # --------------------------------------------------------------------------
