@@ -637,7 +637,7 @@ class Handler(BaseHTTPRequestHandler):
 #   wrong_types_after_effect  200 {"id": 12345, "object": ["charge"]}
 #   missing_id_after_effect   200 {"object": "charge", "status": "succeeded"}
 #   long_id_after_effect      200 {"id": "ch_" + 10000 x "a"}
-#   deep_json_after_effect    200 with 100000 nested "[" (a parser stack bomb)
+#   deep_json_after_effect    200 with 60000 nested "[" (a parser stack bomb, under the cap)
 #   redirect_after_effect     `status` (301, 302, 307, 308) to /_hostile/followed
 #   redirect_before_effect    the same, nothing applied
 #
@@ -693,7 +693,7 @@ def hostile_answer(handler, rule, path, key, doc):
     if action == "long_id_after_effect":
         return handler.send_json(200, {"id": "ch_" + "a" * 10000})
     if action == "deep_json_after_effect":
-        return handler.send_raw(200, b"[" * 100000)
+        return handler.send_raw(200, b"[" * 60000)
     if action == "redirect_after_effect":
         return handler.send_raw(rule.status, b"", extra={"Location": HOSTILE_PREFIX + "followed"})
     if action == "trickle_after_effect":
