@@ -301,6 +301,7 @@ class Database:
         self.port = cluster.port
         self.user = cluster.superuser
         self.dsn = cluster.conninfo(name)
+        self.worker_dsn = None   # set by use_worker_role(): the worker's own conninfo
         self._conn = None
         self._others = []
 
@@ -836,7 +837,7 @@ def make_config(tmp_path, db, redis, fake_api, **overrides):
             "poll_interval_ms": 100,
             "shutdown_timeout_ms": 5000,
         },
-        "database": {"conninfo": db.dsn},
+        "database": {"conninfo": db.worker_dsn or db.dsn},
         "redis": {"host": redis_host, "port": redis_port, "connect_timeout_ms": 500},
         "locks": {"mode": "redis", "ttl_ms": 2000, "renew_interval_ms": 500},
         "billing_api": {
@@ -862,6 +863,12 @@ def make_config(tmp_path, db, redis, fake_api, **overrides):
 
     path = tmp_path / f"worker-{n}.conf"
     path.write_text(render_config(groups))
+    if db.worker_dsn and groups["database"].get("conninfo") == db.worker_dsn:
+        # The twin that `migrate` runs with, as a deploy would: the owner's.
+        groups["database"]["conninfo"] = db.dsn
+        twin = tmp_path / f"worker-{n}-owner.conf"
+        twin.write_text(render_config(groups))
+        _owner_configs[str(path)] = (twin, db)
     return path
 
 
@@ -999,12 +1006,24 @@ def run_cli(config_path, *args, timeout=60, env=None):
     """Runs `billing-worker [-c CONFIG] ARGS...` to completion; returns the CompletedProcess (text).
 
     config_path None leaves out -c.  Fails the test if it runs past timeout.
+    For a database in worker-role mode, `migrate` runs with the owner's twin
+    of the config and then applies sql/roles.sql, as a deploy does.
     """
     binary = require_binary()
     cmd = [str(binary)]
+    owner = _owner_configs.get(str(config_path)) if args and args[0] == "migrate" else None
     if config_path is not None:
-        cmd += ["-c", str(config_path)]
+        cmd += ["-c", str(owner[0] if owner else config_path)]
     cmd += [str(a) for a in args]
+    if owner:
+        proc = _run_cli(cmd, timeout, env)
+        if proc.returncode == 0:
+            apply_roles(owner[1])
+        return proc
+    return _run_cli(cmd, timeout, env)
+
+
+def _run_cli(cmd, timeout, env):
     try:
         return subprocess.run(
             cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
@@ -1013,6 +1032,39 @@ def run_cli(config_path, *args, timeout=60, env=None):
     except subprocess.TimeoutExpired as e:
         raise AssertionError(f"{' '.join(cmd)} did not finish within {timeout}s; output:\n"
                              f"{e.stdout or ''}{e.stderr or ''}") from None
+
+
+# --------------------------------------------------------------------------
+# Least privilege: the worker as `billing_worker` (sql/roles.sql)
+# --------------------------------------------------------------------------
+
+WORKER_ROLE = "billing_worker"
+ROLES_SQL = SQL_DIR / "roles.sql"
+_owner_configs = {}    # config path -> (the owner's twin config, Database)
+
+
+def owner_config(config_path):
+    """The config `migrate` should run with: the owner's twin in worker-role mode."""
+    owner = _owner_configs.get(str(config_path))
+    return owner[0] if owner else config_path
+
+
+def apply_roles(db):
+    """Runs sql/roles.sql with psql as the cluster's superuser (the schema's owner)."""
+    proc = db.cluster._run("psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", db.host,
+                           "-p", db.port, "-U", db.cluster.superuser, "-d", db.name,
+                           "-f", ROLES_SQL, check=False)
+    if proc.returncode != 0:
+        raise AssertionError(f"sql/roles.sql failed:\n{proc.stdout}{proc.stderr}")
+
+
+def use_worker_role(db):
+    """Puts db in worker-role mode: configs made for it connect as billing_worker."""
+    db.worker_dsn = f"host={db.host} port={db.port} dbname={db.name} user={WORKER_ROLE}"
+    # The role is the cluster's; roles.sql creates it too, but a test may run
+    # the worker before any migrate (to see it refuse an empty database).
+    db.execute(f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{WORKER_ROLE}') "
+               f"THEN CREATE ROLE {WORKER_ROLE} LOGIN; END IF; END $$")
 
 
 # --------------------------------------------------------------------------

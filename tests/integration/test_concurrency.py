@@ -9,6 +9,9 @@ import pytest
 
 from harness import Worker, insert_invoices, make_config, run_cli, wait_for
 
+# The worker connects as billing_worker (sql/roles.sql); migrate as the owner.
+pytestmark = pytest.mark.worker_role
+
 
 def migrate(cfg):
     r = run_cli(cfg, "migrate")

@@ -14,6 +14,9 @@ from harness import Worker, create_subsidy, insert_invoices, insert_redemptions,
 from test_concurrency import assert_books_agree
 from test_redemptions import assert_redemption_books
 
+# The worker connects as billing_worker (sql/roles.sql); migrate as the owner.
+pytestmark = pytest.mark.worker_role
+
 
 def migrate(cfg):
     r = run_cli(cfg, "migrate")

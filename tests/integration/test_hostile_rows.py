@@ -11,6 +11,9 @@ import pytest
 from harness import create_subsidy, insert_redemptions, make_config, run_cli
 from test_redemptions import assert_redemption_books
 
+# The worker connects as billing_worker (sql/roles.sql); migrate as the owner.
+pytestmark = pytest.mark.worker_role
+
 INT64_MAX = 2**63 - 1
 
 
