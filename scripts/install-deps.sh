@@ -14,9 +14,12 @@
 # has everything).
 set -eu
 
+# clang and libclang-rt-14-dev (libFuzzer; only a Recommends of clang) for
+# `make fuzz`, valgrind for `make valgrind`, openssl for the TLS tests' CA.
 PACKAGES="build-essential pkg-config libhiredis-dev libpq-dev libcurl4-openssl-dev
 libconfig-dev libcmocka-dev libjansson-dev libsystemd-dev postgresql redis-server
-python3 python3-psycopg2 python3-pytest curl procps iproute2"
+python3 python3-psycopg2 python3-pytest curl procps iproute2
+clang libclang-rt-14-dev valgrind openssl"
 
 if [ "${BW_SKIP_DEPS:-0}" = 1 ]; then
 	exit 0
