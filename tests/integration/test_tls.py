@@ -16,6 +16,11 @@ def migrate(cfg):
     assert r.returncode == 0, r.stderr
 
 
+# Time enough to load a CA store and finish (or fail) a handshake on its
+# merits even under valgrind (make valgrind), not by the connect timeout.
+SLOW_HANDSHAKE = {"billing_api.connect_timeout_ms": 5000, "billing_api.timeout_ms": 5000}
+
+
 @pytest.fixture
 def tls_api(tmp_path):
     """The fake API over HTTPS, certificate for "localhost" only, URL https://localhost:PORT."""
@@ -29,8 +34,8 @@ def tls_api(tmp_path):
 
 
 def test_verified_with_ca_file(tmp_path, db, redis, tls_api, binary):
-    cfg = make_config(tmp_path, db, redis, tls_api,
-                      **{"billing_api.ca_file": str(tls_api.tls[2])})
+    cfg = make_config(tmp_path, db, redis, tls_api, **{"billing_api.ca_file": str(tls_api.tls[2]),
+                                                       **SLOW_HANDSHAKE})
     migrate(cfg)
     ids = insert_invoices(db, 3)
     r = run_cli(cfg, "once")
@@ -43,7 +48,7 @@ def test_verified_with_ca_file(tmp_path, db, redis, tls_api, binary):
 
 def refused_and_never_sent(tmp_path, db, redis, api, **overrides):
     cfg = make_config(tmp_path, db, redis, api, **{"billing_api.max_attempts": 1000,
-                                                   **overrides})
+                                                   **SLOW_HANDSHAKE, **overrides})
     migrate(cfg)
     [iid] = insert_invoices(db, 1)
     w = Worker(cfg, "w1")
