@@ -231,6 +231,16 @@ static struct load_case cases[] = {
 	  DB "billing_api = { base_url = \"https://u:hunter2@billing.example.com\"; };\n", 1,
 	  { NAME ":2: \"billing_api.base_url\" must not hold a user or password: the token "
 	    "comes from \"billing_api.token_file\"\n" } },
+	/* Found by tests/fuzz/config.c: libconfig's scanner exit()s on a directory. */
+	{ "@include of a directory",
+	  DB API "@include \"/\"\n", 1,
+	  { NAME ":3: @include \"/\" is not a regular file\n" } },
+	{ "@include of a device",
+	  "  @include \t\"/dev/null\"\n" DB API, 1,
+	  { NAME ":1: @include \"/dev/null\" is not a regular file\n" } },
+	{ "@include in a comment or a string is not one",
+	  "/*\n@include \"/\"\n*/\n# @include \"/\"\n" DB
+	  "worker = { id = \"\n@include \\\"/\\\"\"; };\n" API, 0, { NULL } },
 	/* Found by tests/fuzz/config.c: libconfig leaks these (tests/lsan.supp). */
 	{ "string token before a syntax error", "\"\"un\xff;;\n", 1, { NAME ":1: syntax error" } },
 	{ "unterminated string", "worker = { id = \"ated; };\n", 1, { NAME ":2: syntax error" } },
