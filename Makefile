@@ -10,6 +10,9 @@
 #   make install         binary, systemd units, config, man pages under DESTDIR/PREFIX
 #   make lint-man        check the man pages with mandoc -T lint (part of make test)
 #   make deb             build the Debian package in build/deb (dpkg-buildpackage)
+#   make test SANITIZE=1 the same, built with ASan + UBSan in build-san/
+#   make valgrind        integration tests with the worker under valgrind memcheck
+#   make fuzz            every libFuzzer target for FUZZ_SECONDS (default 60) each
 
 CC       ?= gcc
 PREFIX   ?= /usr/local
@@ -22,7 +25,12 @@ UNITDIR  ?= $(PREFIX)/lib/systemd/system
 # (CONTRACT section 3), whatever the prefix.
 SYSCONFDIR ?= /etc
 DESTDIR  ?=
+# Instrumented objects live in their own tree and never mix with plain ones.
+ifeq ($(SANITIZE),1)
+BUILD    ?= build-san
+else
 BUILD    ?= build
+endif
 PKGS     := libpq hiredis libcurl libconfig jansson libsystemd libmicrohttpd
 PYTHON   ?= /usr/bin/python3
 
@@ -43,7 +51,8 @@ endif
 # Modules, bottom up: common -> store -> billing -> locks -> worker.
 COMMON_SRC  := common/log.c common/item.c common/metrics.c
 CONFIG_SRC  := config/config.c
-STORE_SRC   := store/store.c store/migrate.c store/report.c store/audit.c store/listen.c $(BUILD)/migrations.c
+STORE_SRC   := store/store.c store/conninfo.c store/migrate.c store/report.c store/audit.c \
+               store/listen.c $(BUILD)/migrations.c
 BILLING_SRC := billing/api.c billing/response.c billing/backoff.c billing/outcome.c billing/pace.c
 LOCKS_SRC   := locks/lock.c locks/redis_lock.c
 WORKER_SRC  := worker/loop.c worker/telemetry.c worker/notify.c worker/metrics_http.c \
@@ -58,7 +67,7 @@ obj = $(patsubst %.c,$(BUILD)/obj/%.o,$(patsubst $(BUILD)/%,%,$(1)))
 BIN := $(BUILD)/billing-worker
 
 UNIT_TESTS := test_config test_backoff test_response test_outcome test_item test_pace \
-              test_metrics test_log
+              test_metrics test_log test_conninfo
 UNIT_BINS  := $(addprefix $(BUILD)/tests/,$(UNIT_TESTS))
 
 # What each unit test links besides itself: the module under test alone.
@@ -70,12 +79,14 @@ test_item_DEPS     := common/item.c
 test_pace_DEPS     := billing/pace.c
 test_metrics_DEPS  := common/metrics.c common/item.c
 test_log_DEPS      := common/log.c
+test_conninfo_DEPS := store/conninfo.c
 
 UNITS := billing-worker.service billing-worker@.service billing-worker-once.service \
          billing-worker-once.timer billing-worker-audit.service billing-worker-audit.timer
 MANPAGES := man/billing-worker.8 man/billing-worker.conf.5
 
-.PHONY: all test unit integration demo deps clean install uninstall check-deps lint-man deb bench
+.PHONY: all test unit integration demo deps clean install uninstall check-deps lint-man deb bench \
+        valgrind fuzz fuzz-build
 
 all: $(BIN)
 
@@ -106,10 +117,39 @@ deps:
 	sh scripts/install-deps.sh
 
 unit: $(UNIT_BINS)
-	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; $$t; done
+	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; $(UNIT_SAN_ENV) $$t; done
+
+# The harness runs whatever BW_BINARY names.  Under SANITIZE=1 every report
+# goes to a file (a worker's stderr is its log, which tests read), and the
+# run fails when any file appears: a leak or an error in a worker that the
+# test itself did not notice still fails the build.
+SAN_LOGS := $(abspath $(BUILD))/sanitizer-logs
+ifeq ($(SANITIZE),1)
+SAN_ENV := ASAN_OPTIONS=log_path=$(SAN_LOGS)/asan:detect_leaks=1:detect_stack_use_after_return=1:strict_string_checks=1:check_initialization_order=1 \
+           UBSAN_OPTIONS=log_path=$(SAN_LOGS)/ubsan:print_stacktrace=1:halt_on_error=1 \
+           LSAN_OPTIONS=suppressions=$(abspath tests/lsan.supp):print_suppressions=0
+endif
+UNIT_SAN_ENV := LSAN_OPTIONS=suppressions=$(abspath tests/lsan.supp):print_suppressions=0
 
 integration: $(BIN)
-	$(PYTHON) -m pytest -q tests/integration $(PYTEST_ARGS)
+	@rm -rf $(SAN_LOGS); mkdir -p $(SAN_LOGS)
+	$(SAN_ENV) BW_BINARY=$(abspath $(BIN)) $(PYTHON) -m pytest -q tests/integration $(PYTEST_ARGS)
+	@if [ -n "$$(ls -A $(SAN_LOGS))" ]; then \
+		echo "sanitizer reports from worker processes:"; cat $(SAN_LOGS)/*; exit 1; fi
+
+# The worker under valgrind memcheck through a wrapper (tests/valgrind-worker.sh)
+# that fails on any error or definite leak.  Only the tests that tolerate a
+# worker 20-50 times slower: one worker at a time, no throughput races, no
+# kills or pauses timed against leases (those run under SANITIZE=1 instead).
+VALGRIND_TESTS ?= test_invoices.py test_redemptions.py test_hostile_api.py \
+                  test_hostile_rows.py test_secrets.py test_tls.py
+VALGRIND_K ?= not several_hosts and not killed and not eight_workers and not trickle
+valgrind: $(BIN)
+	@rm -rf $(BUILD)/valgrind-logs; mkdir -p $(BUILD)/valgrind-logs
+	BW_REAL_BINARY=$(abspath $(BIN)) BW_VALGRIND_LOGS=$(abspath $(BUILD))/valgrind-logs \
+	BW_BINARY=$(abspath tests/valgrind-worker.sh) \
+	$(PYTHON) -m pytest -q $(addprefix tests/integration/,$(VALGRIND_TESTS)) -k "$(VALGRIND_K)" $(PYTEST_ARGS)
+	sh tests/valgrind-check.sh $(BUILD)/valgrind-logs
 
 test: deps
 	$(MAKE) unit
@@ -173,7 +213,50 @@ bench: all
 	sh scripts/install-deps.sh nginx-light
 	$(PYTHON) scripts/bench.py $(BENCH_ARGS)
 
-clean:
-	rm -rf $(BUILD)
 
--include $(shell find $(BUILD) -name '*.d' 2>/dev/null)
+# libFuzzer targets (clang), in their own tree: tests/fuzz/NAME.c drives one
+# parser with the committed seeds in tests/fuzz/NAME/.  New inputs go to
+# build-fuzz/corpus/NAME, crashes to build-fuzz/crashes/; each crash found
+# becomes a unit test and a fix.
+FUZZ_CC      ?= clang
+FUZZ_BUILD   := build-fuzz
+FUZZ_SECONDS ?= 60
+FUZZ_FLAGS   := -g -O1 -fsanitize=fuzzer-no-link,address,undefined -fno-sanitize-recover=undefined \
+                -fno-omit-frame-pointer
+FUZZ_TARGETS := config classify retry_after item header conninfo
+fuzz_config_DEPS      := config/config.c
+fuzz_classify_DEPS    := billing/response.c
+fuzz_retry_after_DEPS := billing/response.c
+fuzz_item_DEPS        := common/item.c
+fuzz_header_DEPS      := billing/response.c
+fuzz_conninfo_DEPS    := store/conninfo.c
+FUZZ_BINS := $(addprefix $(FUZZ_BUILD)/fuzz_,$(FUZZ_TARGETS))
+
+$(FUZZ_BUILD)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) -std=c17 $(filter-out -Wformat=2 -Wno-format-truncation,$(WARN)) $(FUZZ_FLAGS) -D_GNU_SOURCE -I. \
+	    $(shell pkg-config --cflags $(PKGS) 2>/dev/null) -MMD -MP -c -o $@ $<
+
+fuzz_obj = $(patsubst %.c,$(FUZZ_BUILD)/obj/%.o,$(1))
+$(FUZZ_BUILD)/fuzz_%: $(FUZZ_BUILD)/obj/tests/fuzz/%.o $$(call fuzz_obj,$$(fuzz_$$*_DEPS))
+	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer -o $@ $^ $(LIBS)
+
+fuzz-build: $(FUZZ_BINS)
+
+fuzz: fuzz-build
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		mkdir -p $(FUZZ_BUILD)/corpus/$$t $(FUZZ_BUILD)/crashes; \
+		echo "== fuzz $$t for $(FUZZ_SECONDS) s"; \
+		$(UNIT_SAN_ENV) $(FUZZ_BUILD)/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -timeout=10 \
+		    -rss_limit_mb=2048 -print_final_stats=1 \
+		    -artifact_prefix=$(FUZZ_BUILD)/crashes/$$t- \
+		    $(FUZZ_BUILD)/corpus/$$t tests/fuzz/$$t 2>$(FUZZ_BUILD)/$$t.log || \
+		    { tail -n 60 $(FUZZ_BUILD)/$$t.log; exit 1; }; \
+		grep -E '^(stat::number_of_executed_units|stat::new_units_added|#[0-9]+.*DONE)' \
+		    $(FUZZ_BUILD)/$$t.log || true; \
+	done
+
+clean:
+	rm -rf $(BUILD) build-san $(FUZZ_BUILD)
+
+-include $(shell find $(BUILD) $(FUZZ_BUILD) -name '*.d' 2>/dev/null)

@@ -1,5 +1,6 @@
 #include "billing/api.h"
 
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,6 +33,7 @@ struct api_client {
 	char *url_charges;
 	char *url_redemptions;
 	char *auth_header;          /* "Authorization: Bearer ..." */
+	char *ca_file;              /* NULL: the system CA store */
 	int https;
 	long timeout_ms, connect_timeout_ms;
 	struct call **calls;        /* every call ever allocated */
@@ -70,20 +72,9 @@ static size_t
 on_header(char *data, size_t size, size_t nmemb, void *userp)
 {
 	struct call *c = userp;
-	size_t n = size * nmemb, v, len;
+	size_t n = size * nmemb;
 
-	if (n > 12 && strncasecmp(data, "retry-after:", 12) == 0) {
-		v = 12;
-		while (v < n && (data[v] == ' ' || data[v] == '\t'))
-			v++;
-		len = n - v;
-		while (len > 0 && (data[v + len - 1] == '\r' || data[v + len - 1] == '\n'))
-			len--;
-		if (len >= sizeof(c->retry_after))
-			len = sizeof(c->retry_after) - 1;
-		memcpy(c->retry_after, data + v, len);
-		c->retry_after[len] = '\0';
-	}
+	api_header_value(data, n, "Retry-After", c->retry_after, sizeof(c->retry_after));
 	return n;
 }
 
@@ -121,6 +112,19 @@ api_client_new(const struct api_options *o, api_client **ret, char *err, size_t 
 	if ((api = calloc(1, sizeof(*api))) == NULL)
 		goto oom;
 	api->https = strncmp(base, "https://", 8) == 0;
+	if (o->ca_file != NULL && o->ca_file[0] != '\0') {
+		FILE *f = fopen(o->ca_file, "re");
+
+		if (f == NULL) {
+			snprintf(err, errlen, "could not open billing_api.ca_file \"%s\": %s",
+			    o->ca_file, strerror(errno));
+			api_client_free(api);
+			return -1;
+		}
+		fclose(f);
+		if ((api->ca_file = strdup(o->ca_file)) == NULL)
+			goto oom;
+	}
 	api->url_charges = join(base, "/v1/charges");
 	api->url_redemptions = join(base, "/v1/redemptions");
 	api->auth_header = join("Authorization: Bearer ", o->token);
@@ -171,6 +175,7 @@ api_client_free(api_client *api)
 		curl_multi_cleanup(api->multi);
 	free(api->url_charges);
 	free(api->url_redemptions);
+	free(api->ca_file);
 	if (api->auth_header != NULL) {
 		explicit_bzero(api->auth_header, strlen(api->auth_header));
 		free(api->auth_header);
@@ -282,8 +287,19 @@ api_start(api_client *api, const struct item *it, int tag)
 	curl_easy_setopt(c->easy, CURLOPT_NOSIGNAL, 1L);
 	curl_easy_setopt(c->easy, CURLOPT_TIMEOUT_MS, api->timeout_ms);
 	curl_easy_setopt(c->easy, CURLOPT_CONNECTTIMEOUT_MS, api->connect_timeout_ms);
+	/*
+	 * Never follow a redirect (an answer we cannot trust to mean anything;
+	 * response.c treats it as ambiguous), and only ever speak the base
+	 * URL's own scheme, so an https client can never fall back to http.
+	 */
 	curl_easy_setopt(c->easy, CURLOPT_FOLLOWLOCATION, 0L);
-	curl_easy_setopt(c->easy, CURLOPT_PROTOCOLS_STR, "http,https");
+	curl_easy_setopt(c->easy, CURLOPT_PROTOCOLS_STR, api->https ? "https" : "http");
+	/* libcurl's defaults, spelled out: the token must only go to the real API. */
+	curl_easy_setopt(c->easy, CURLOPT_SSL_VERIFYPEER, 1L);
+	curl_easy_setopt(c->easy, CURLOPT_SSL_VERIFYHOST, 2L);
+	curl_easy_setopt(c->easy, CURLOPT_SSLVERSION, (long)CURL_SSLVERSION_TLSv1_2);
+	if (api->ca_file != NULL)
+		curl_easy_setopt(c->easy, CURLOPT_CAINFO, api->ca_file);
 	curl_easy_setopt(c->easy, CURLOPT_TCP_KEEPALIVE, 1L);
 	curl_easy_setopt(c->easy, CURLOPT_TCP_NODELAY, 1L);
 	curl_easy_setopt(c->easy, CURLOPT_WRITEFUNCTION, on_body);

@@ -21,8 +21,14 @@ struct api_options {
 	long timeout_ms;
 	long connect_timeout_ms;
 	int max_connections;        /* to the API host; calls beyond wait for one */
+	const char *ca_file;        /* copied; NULL or "" = the system CA store */
 };
 
+/*
+ * Creates the client.  https:// peers are always verified, certificate and
+ * host name, against O->ca_file or the system store; a ca_file that cannot
+ * be read fails here, at start, rather than on every call.
+ */
 int api_client_new(const struct api_options *o, api_client **ret, char *err, size_t errlen)
 	__attribute__((warn_unused_result));
 void api_client_free(api_client *api);

@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 
 #include <jansson.h>
@@ -54,6 +55,27 @@ api_parse_retry_after(const char *value, long long now)
 	if (when <= now)
 		return 0;
 	return when - now > RETRY_AFTER_MAX_S ? RETRY_AFTER_MAX_S : (int)(when - now);
+}
+
+int
+api_header_value(const char *line, size_t n, const char *name, char *out, size_t outlen)
+{
+	size_t k = strlen(name), v, len;
+
+	if (outlen == 0 || n <= k || strncasecmp(line, name, k) != 0 || line[k] != ':')
+		return 0;
+	v = k + 1;
+	while (v < n && (line[v] == ' ' || line[v] == '\t'))
+		v++;
+	len = n - v;
+	while (len > 0 && (line[v + len - 1] == '\r' || line[v + len - 1] == '\n' ||
+	    line[v + len - 1] == ' ' || line[v + len - 1] == '\t'))
+		len--;
+	if (len >= outlen)
+		len = outlen - 1;
+	memcpy(out, line + v, len);
+	out[len] = '\0';
+	return 1;
 }
 
 /* Copies S into DST, replacing control characters so a log line stays one line. */

@@ -53,6 +53,15 @@ void api_classify(const struct api_response *resp, struct api_verdict *out);
  */
 int api_parse_retry_after(const char *value, long long now);
 
+/*
+ * Reads one raw header line of an answer (as libcurl hands it over, with
+ * its CRLF, not NUL-terminated, N bytes).  When it is the header NAME
+ * (case-insensitive), copies its value, blanks and CRLF trimmed, cut to
+ * OUTLEN - 1 bytes, into OUT and returns 1; otherwise returns 0 and leaves
+ * OUT alone.  The line comes from the remote server: any bytes at all.
+ */
+int api_header_value(const char *line, size_t n, const char *name, char *out, size_t outlen);
+
 const char *api_class_name(enum api_class cls);
 
 #endif

@@ -23,7 +23,10 @@ item_key(const struct item *it, char *buf, size_t len)
 	snprintf(buf, len, "%s-%" PRId64, item_kind_name(it->kind), it->id);
 }
 
-/* Returns 1 when S is well-formed UTF-8 without C0 controls or DEL. */
+/*
+ * Returns 1 when S is well-formed UTF-8 without control characters: C0,
+ * DEL, and C1 (U+0080..U+009F, which terminals read as escape sequences).
+ */
 static int
 text_is_clean(const char *s)
 {
@@ -47,8 +50,8 @@ text_is_clean(const char *s)
 			n = 3;
 		else
 			return 0;
-		/* Overlongs, surrogates and > U+10FFFF. */
-		if ((c == 0xe0 && p[1] < 0xa0) || (c == 0xed && p[1] > 0x9f) ||
+		/* C1 controls, overlongs, surrogates and > U+10FFFF. */
+		if ((c == 0xc2 && p[1] < 0xa0) || (c == 0xe0 && p[1] < 0xa0) || (c == 0xed && p[1] > 0x9f) ||
 		    (c == 0xf0 && p[1] < 0x90) || (c == 0xf4 && p[1] > 0x8f))
 			return 0;
 		for (int i = 1; i <= n; i++)

@@ -21,6 +21,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <strings.h>
+#include <sys/stat.h>
+
 #include <libconfig.h>
 
 enum opt_type {
@@ -445,6 +450,27 @@ scan_number(const char *p, bool *wide)
 	return q;
 }
 
+/* The end of the comment or string that starts at P, or NULL when none does. */
+static const char *
+skip_comment_or_string(const char *p)
+{
+	const char *end = NULL;
+
+	if (p[0] == '#' || (p[0] == '/' && p[1] == '/')) {
+		end = p + strcspn(p, "\n");
+	} else if (p[0] == '/' && p[1] == '*') {
+		end = strstr(p + 2, "*/");
+		end = end != NULL ? end + 2 : p + strlen(p);
+	} else if (p[0] == '"') {
+		for (end = p + 1; *end != '\0' && *end != '"'; end++)
+			if (*end == '\\' && end[1] != '\0')
+				end++;
+		if (*end == '"')
+			end++;
+	}
+	return end;
+}
+
 /*
  * libconfig 1.5 (Debian 12) reads an integer without an L suffix with
  * atoi(), so 4294967396 silently becomes 100 and passes range checks.
@@ -469,18 +495,10 @@ widen_integers(const char *in)
 		const char *start = p;
 		bool wide = false;
 
-		if (p[0] == '#' || (p[0] == '/' && p[1] == '/')) {
-			p += strcspn(p, "\n");
-		} else if (p[0] == '/' && p[1] == '*') {
-			const char *end = strstr(p + 2, "*/");
+		const char *skipped = skip_comment_or_string(p);
 
-			p = end != NULL ? end + 2 : p + strlen(p);
-		} else if (p[0] == '"') {
-			for (p++; *p != '\0' && *p != '"'; p++)
-				if (*p == '\\' && p[1] != '\0')
-					p++;
-			if (*p == '"')
-				p++;
+		if (skipped != NULL) {
+			p = skipped;
 		} else if (isalpha((unsigned char)*p) || *p == '*') {
 			/* a name, as libconfig's scanner reads one: digits inside are not numbers */
 			for (p++; isalnum((unsigned char)*p) || *p == '-' || *p == '_' || *p == '*'; p++)
@@ -707,6 +725,93 @@ check_rules(struct loader *ld)
 	}
 }
 
+/*
+ * Points at the host of an http(s) URL that check_url accepted and sets
+ * *len to its length, brackets of an IPv6 address excluded.
+ */
+static const char *
+url_host(const char *url, size_t *len)
+{
+	const char *rest = strstr(url, "://") + 3;
+	size_t alen = strcspn(rest, "/?#");
+	const char *at = memchr(rest, '@', alen);
+	const char *host = at != NULL ? at + 1 : rest;
+	const char *end = rest + alen;
+
+	if (host[0] == '[') {
+		host++;
+		end = memchr(host, ']', (size_t)(end - host));
+	} else {
+		const char *colon = memchr(host, ':', (size_t)(end - host));
+
+		if (colon != NULL)
+			end = colon;
+	}
+	*len = (size_t)(end - host);
+	return host;
+}
+
+/* localhost (RFC 6761, with its subdomains), 127.0.0.0/8 or ::1. */
+static bool
+host_is_loopback(const char *host, size_t len)
+{
+	char h[256];
+	struct in_addr a4;
+	struct in6_addr a6;
+
+	if (len == 0 || len >= sizeof(h))
+		return false;
+	memcpy(h, host, len);
+	h[len] = '\0';
+	if (h[len - 1] == '.')
+		h[--len] = '\0';
+	if (strcasecmp(h, "localhost") == 0 ||
+	    (len > 10 && strcasecmp(h + len - 10, ".localhost") == 0))
+		return true;
+	if (inet_pton(AF_INET, h, &a4) == 1)
+		return (ntohl(a4.s_addr) >> 24) == 127;
+	if (inet_pton(AF_INET6, h, &a6) == 1)
+		return IN6_IS_ADDR_LOOPBACK(&a6);
+	return false;
+}
+
+bool
+config_insecure_http(const char *url)
+{
+	size_t len;
+	const char *host;
+
+	if (url == NULL || strncmp(url, "http://", 7) != 0)
+		return false;
+	host = url_host(url, &len);
+	return !host_is_loopback(host, len);
+}
+
+/*
+ * The token and every charge would cross the network in clear text: only
+ * with an explicit opt-in (a TLS-terminating sidecar on another address).
+ * Credentials in the URL itself are refused whatever the scheme: they
+ * would travel in every request line and show in libcurl's messages.
+ */
+static void
+check_transport(struct loader *ld)
+{
+	int ui = find_key("billing_api.base_url");
+	const char *url = ld->cfg.billing_api.base_url;
+	const char *rest;
+
+	if (ld->bad[ui] || ld->seen[ui] == NULL || url == NULL)
+		return;
+	rest = strstr(url, "://") + 3;
+	if (memchr(rest, '@', strcspn(rest, "/?#")) != NULL)
+		error_in(ld, ld->seen[ui], "\"billing_api.base_url\" must not hold a user "
+		    "or password: the token comes from \"billing_api.token_file\"");
+	else if (config_insecure_http(url) && !ld->cfg.billing_api.allow_insecure_http)
+		error_in(ld, ld->seen[ui], "\"billing_api.base_url\" uses http:// to a host "
+		    "that is not loopback: use https://, or set "
+		    "\"billing_api.allow_insecure_http\" = true to send the token in clear text");
+}
+
 static void
 set_defaults(struct loader *ld)
 {
@@ -734,16 +839,102 @@ loader_init(struct loader *ld, const char *name)
 	set_defaults(ld);
 }
 
+/* libconfig's own limit on nested @include; deeper is its error to report. */
+#define INCLUDE_DEPTH_MAX 10
+/* Included files past this size are left to libconfig unread. */
+#define INCLUDE_SIZE_MAX (1024 * 1024)
+
+static void check_includes(struct loader *ld, const char *text, const char *name, int depth);
+
+/* Reads what an @include names, when it is a regular file of sane size. */
+static void
+check_included_file(struct loader *ld, const char *path, int depth)
+{
+	FILE *f;
+	char *buf;
+	size_t n;
+
+	if (depth >= INCLUDE_DEPTH_MAX || (f = fopen(path, "re")) == NULL)
+		return;
+	if ((buf = malloc(INCLUDE_SIZE_MAX + 1)) != NULL) {
+		n = fread(buf, 1, INCLUDE_SIZE_MAX + 1, f);
+		if (n <= INCLUDE_SIZE_MAX && !ferror(f)) {
+			buf[n] = '\0';
+			check_includes(ld, buf, path, depth + 1);
+		}
+		free(buf);
+	}
+	fclose(f);
+}
+
+/*
+ * libconfig 1.5's scanner calls exit() when an @include'd path is a
+ * directory ("input in flex scanner failed"), and blocks on a FIFO: on
+ * SIGHUP either would end or freeze the daemon instead of keeping the
+ * running configuration.  So every @include line (libconfig's rule: at the
+ * start of a line, outside comments and strings), in TEXT and in the files
+ * it includes, is looked at first.  Naming anything but a regular file is
+ * an error here, and libconfig never sees the text.  A path that does not
+ * exist is left to libconfig, which reports it.
+ */
+static void
+check_includes(struct loader *ld, const char *text, const char *name, int depth)
+{
+	const char *p = text, *next;
+	unsigned line = 1;
+	bool line_start = true;
+	struct stat sb;
+
+	while (*p != '\0') {
+		next = NULL;
+		if (line_start) {
+			p += strspn(p, " \t");
+			if (strncmp(p, "@include", 8) == 0 && (p[8] == ' ' || p[8] == '\t') &&
+			    p[8 + strspn(p + 8, " \t")] == '"') {
+				char path[4096];
+				size_t o = 0;
+
+				next = p + 8 + strspn(p + 8, " \t") + 1;
+				for (; *next != '\0' && *next != '"' && o + 1 < sizeof(path); next++) {
+					if (*next == '\\' && next[1] != '\0')
+						next++;
+					path[o++] = *next;
+				}
+				path[o] = '\0';
+				if (stat(path, &sb) == -1)
+					;       /* libconfig says it cannot open it */
+				else if (!S_ISREG(sb.st_mode))
+					error_at(ld, name, line, "@include \"%s\" is not a regular file",
+					    path);
+				else
+					check_included_file(ld, path, depth);
+			}
+		}
+		if (next == NULL)
+			next = skip_comment_or_string(p);
+		if (next == NULL)
+			next = *p != '\0' ? p + 1 : p;
+		for (; p < next; p++)
+			line += *p == '\n';
+		line_start = next > text && next[-1] == '\n';
+	}
+}
+
 /* Parses TEXT, then checks and stores every setting it holds. */
 static void
 load_text(struct loader *ld, const char *text)
 {
 	config_t lc;
 	char *widened = widen_integers(text);
+	int before = ld->nerrors;
 
 	config_init(&lc);
+	if (widened != NULL)
+		check_includes(ld, text, ld->name, 0);
 	if (widened == NULL) {
 		error_in(ld, NULL, "out of memory");
+	} else if (ld->nerrors > before) {
+		/* an @include libconfig cannot survive: reported above */
 	} else if (config_read_string(&lc, widened) != CONFIG_TRUE) {
 		error_at(ld, config_error_file(&lc) != NULL ? config_error_file(&lc) : ld->name,
 		    (unsigned)config_error_line(&lc), "%s", config_error_text(&lc));
@@ -751,6 +942,7 @@ load_text(struct loader *ld, const char *text)
 		walk_root(ld, config_root_setting(&lc));
 		check_required(ld);
 		check_rules(ld);
+		check_transport(ld);
 	}
 	config_destroy(&lc);
 	free(widened);

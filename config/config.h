@@ -105,4 +105,11 @@ int config_restart_needed(const struct bw_config *running,
 
 const char *config_lock_mode_name(enum lock_mode mode);
 
+/*
+ * True when URL is http:// to a host that is not loopback (localhost,
+ * 127.0.0.0/8, ::1): a configuration only allow_insecure_http permits,
+ * and one the worker warns about at every start.
+ */
+bool config_insecure_http(const char *url);
+
 #endif

@@ -14,10 +14,13 @@
 # (e.g. on a machine that is not Debian but has everything).
 set -eu
 
+# clang and libclang-rt-14-dev (libFuzzer; only a Recommends of clang) for
+# `make fuzz`, valgrind for `make valgrind`, openssl for the TLS tests' CA.
 PACKAGES="build-essential pkg-config libhiredis-dev libpq-dev libcurl4-openssl-dev
 libconfig-dev libcmocka-dev libjansson-dev libsystemd-dev libmicrohttpd-dev postgresql
 redis-server systemd mandoc
-python3 python3-psycopg2 python3-pytest curl procps iproute2"
+python3 python3-psycopg2 python3-pytest curl procps iproute2
+clang libclang-rt-14-dev valgrind openssl"
 
 # Extra packages for one target: `make bench` adds nginx-light, `make deb`
 # the Debian packaging tools.

@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "common/log.h"
+#include "store/conninfo.h"
 #include "store/store_int.h"
 
 /*
@@ -13,6 +14,7 @@
  */
 struct store_listener {
 	char *conninfo;
+	char *password;             /* redacted from every message; may be NULL */
 	PGconn *conn;
 	char errmsg[512];
 };
@@ -28,6 +30,9 @@ store_listener_new(const char *conninfo, store_listener **ret)
 		free(sl);
 		return -1;
 	}
+	/* The store already refuses a conninfo it cannot parse; no password then. */
+	if (conninfo_password(conninfo, &sl->password) == -1)
+		sl->password = NULL;
 	*ret = sl;
 	return 0;
 }
@@ -49,6 +54,10 @@ store_listener_free(store_listener *sl)
 	drop(sl);
 	explicit_bzero(sl->conninfo, strlen(sl->conninfo));
 	free(sl->conninfo);
+	if (sl->password != NULL) {
+		explicit_bzero(sl->password, strlen(sl->password));
+		free(sl->password);
+	}
 	free(sl);
 }
 
@@ -58,13 +67,16 @@ store_listener_errmsg(const store_listener *sl)
 	return sl->errmsg;
 }
 
+/* The server and libpq may echo the password: it never reaches errmsg. */
 static void
 set_err(store_listener *sl, const char *what)
 {
+	char raw[512];
 	size_t n;
 
-	snprintf(sl->errmsg, sizeof(sl->errmsg), "%s: %s", what,
+	snprintf(raw, sizeof(raw), "%s: %s", what,
 	    sl->conn != NULL ? PQerrorMessage(sl->conn) : "out of memory");
+	conninfo_redact(raw, sl->password, sl->errmsg, sizeof(sl->errmsg));
 	n = strlen(sl->errmsg);
 	while (n > 0 && (sl->errmsg[n - 1] == '\n' || sl->errmsg[n - 1] == ' '))
 		sl->errmsg[--n] = '\0';

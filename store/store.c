@@ -9,6 +9,7 @@
 #include <libpq-fe.h>
 
 #include "common/log.h"
+#include "store/conninfo.h"
 #include "store/store_int.h"
 
 /* Deadlocks and serialization failures: how often a transaction is redone. */
@@ -150,6 +151,8 @@ struct buf {
 
 struct store {
 	char *conninfo;
+	char *password;             /* the conninfo's, redacted from every message */
+	bool conninfo_unparsable;   /* libpq's parse error may quote it: withheld */
 	char *worker_id;
 	PGconn *conn;
 	bool prepared;
@@ -289,12 +292,16 @@ arr_close(struct buf *b)
 void
 store_errorf(store *st, const char *fmt, ...)
 {
+	char raw[2048];
 	va_list ap;
 	size_t n;
 
 	va_start(ap, fmt);
-	vsnprintf(st->errmsg, sizeof(st->errmsg), fmt, ap);
+	vsnprintf(raw, sizeof(raw), fmt, ap);
 	va_end(ap);
+	/* Messages of libpq and the server may echo the conninfo's password. */
+	conninfo_redact(raw, st->password, st->errmsg, sizeof(st->errmsg));
+	explicit_bzero(raw, sizeof(raw));
 	/* libpq messages end in a newline; ours are one line. */
 	n = strlen(st->errmsg);
 	while (n > 0 && (st->errmsg[n - 1] == '\n' || st->errmsg[n - 1] == ' '))
@@ -344,6 +351,7 @@ store_new(const char *conninfo, const char *worker_id, store **ret)
 		return -1;
 	st->conninfo = strdup(conninfo);
 	st->worker_id = strdup(worker_id);
+	st->conninfo_unparsable = conninfo_password(conninfo, &st->password) == -1;
 	if (st->conninfo == NULL || st->worker_id == NULL) {
 		store_free(st);
 		return -1;
@@ -363,6 +371,10 @@ store_free(store *st)
 		/* The conninfo may hold a password. */
 		explicit_bzero(st->conninfo, strlen(st->conninfo));
 		free(st->conninfo);
+	}
+	if (st->password != NULL) {
+		explicit_bzero(st->password, strlen(st->password));
+		free(st->password);
 	}
 	free(st->worker_id);
 	for (size_t i = 0; i < sizeof(st->arr) / sizeof(st->arr[0]); i++)
@@ -487,6 +499,12 @@ store_connect(store *st)
 	if (st->conn == NULL) {
 		store_errorf(st, "could not connect to the database: out of memory");
 		return -1;
+	}
+	if (st->conninfo_unparsable && conninfo_may_hold_secret(st->conninfo)) {
+		store_errorf(st, "could not connect to the database: \"database.conninfo\" is not "
+		    "a valid connection string (libpq's message is not shown: it may quote the "
+		    "password)");
+		goto out;
 	}
 	if (PQstatus(st->conn) != CONNECTION_OK) {
 		store_errorf(st, "could not connect to the database: %s", PQerrorMessage(st->conn));

@@ -415,6 +415,8 @@ class Handler(BaseHTTPRequestHandler):
         body = self.read_body()
         if body is None:
             return
+        if path.startswith(HOSTILE_PREFIX):
+            return hostile_control(self, path)
         if path in BUSINESS_PATHS:
             self.business(path, body)
         elif path == "/_control/state":
@@ -490,6 +492,8 @@ class Handler(BaseHTTPRequestHandler):
 
         rule = state.pick_rule(key, doc["customer"])
         action = rule.action if rule else None
+        if action in HOSTILE_ACTIONS:
+            return hostile_answer(self, rule, path, key, doc)
 
         if action == "status":
             extra = {"Retry-After": rule.retry_after} if rule.retry_after is not None else None
@@ -621,6 +625,118 @@ class Handler(BaseHTTPRequestHandler):
 
 
 # --------------------------------------------------------------------------
+# Hostile answers and TLS (issue 7).  Kept apart from the faults above: each
+# action applies the request first (the charge happened, the result is
+# stored under the key, so a later request replays it), then answers in a
+# way a well-behaved API never would.  The worker must treat every one as
+# ambiguous and resolve it through the replay.
+#
+#   oversize_after_effect     200, a valid body with an "id", padded to 96 KiB
+#   trickle_after_effect      200 and Content-Length, then one body byte every
+#                             delay_ms (default 200): only a total timeout ends it
+#   wrong_types_after_effect  200 {"id": 12345, "object": ["charge"]}
+#   missing_id_after_effect   200 {"object": "charge", "status": "succeeded"}
+#   long_id_after_effect      200 {"id": "ch_" + 10000 x "a"}
+#   deep_json_after_effect    200 with 60000 nested "[" (a parser stack bomb, under the cap)
+#   redirect_after_effect     `status` (301, 302, 307, 308) to /_hostile/followed
+#   redirect_before_effect    the same, nothing applied
+#
+# GET /_hostile/state -> {"followed": n}: requests that followed a redirect.
+# --------------------------------------------------------------------------
+
+HOSTILE_ACTIONS = (
+    "oversize_after_effect",
+    "trickle_after_effect",
+    "wrong_types_after_effect",
+    "missing_id_after_effect",
+    "long_id_after_effect",
+    "deep_json_after_effect",
+    "redirect_after_effect",
+    "redirect_before_effect",
+)
+ACTIONS = ACTIONS + HOSTILE_ACTIONS
+HOSTILE_PREFIX = "/_hostile/"
+OVERSIZE_BYTES = 96 * 1024
+
+_followed = {"count": 0}
+_followed_lock = threading.Lock()
+
+
+def hostile_control(handler, path):
+    if path == HOSTILE_PREFIX + "followed":
+        with _followed_lock:
+            _followed["count"] += 1
+        return handler.send_json(404, error_body("invalid_request", "not_found",
+                                                 "redirects are not to be followed"))
+    if path == HOSTILE_PREFIX + "state":
+        with _followed_lock:
+            return handler.send_json(200, {"followed": _followed["count"]})
+    return handler.send_json(404, error_body("invalid_request", "not_found", "no such path"))
+
+
+def hostile_answer(handler, rule, path, key, doc):
+    action = rule.action
+    if action == "redirect_before_effect":
+        return handler.send_raw(rule.status, b"", extra={"Location": HOSTILE_PREFIX + "followed"})
+    status, raw, replayed = handler.idempotent(path, key, doc, None)
+    if status != 200:
+        # A 409 (in flight elsewhere) or a stored refusal: answer it as is.
+        return handler.send_raw(status, raw)
+    real = json.loads(raw)
+    if action == "oversize_after_effect":
+        real["padding"] = "x" * OVERSIZE_BYTES
+        return handler.send_raw(200, json.dumps(real).encode())
+    if action == "wrong_types_after_effect":
+        return handler.send_json(200, {"id": 12345, "object": ["charge"]})
+    if action == "missing_id_after_effect":
+        return handler.send_json(200, {"object": "charge", "status": "succeeded"})
+    if action == "long_id_after_effect":
+        return handler.send_json(200, {"id": "ch_" + "a" * 10000})
+    if action == "deep_json_after_effect":
+        return handler.send_raw(200, b"[" * 60000)
+    if action == "redirect_after_effect":
+        return handler.send_raw(rule.status, b"", extra={"Location": HOSTILE_PREFIX + "followed"})
+    if action == "trickle_after_effect":
+        interval = rule.delay_ms or 200
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(raw)))
+        handler.end_headers()
+        handler.wfile.flush()
+        for i in range(len(raw)):
+            handler.sleep_ms(interval)
+            handler.wfile.write(raw[i:i + 1])
+            handler.wfile.flush()
+        return None
+    raise AssertionError("unhandled hostile action %s" % action)
+
+
+def enable_tls(server, cert, key):
+    """Serves HTTPS; the handshake runs in each connection's own thread."""
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True,
+                                    do_handshake_on_connect=False)
+    plain = server.finish_request
+
+    def finish_request(request, client_address):
+        try:
+            request.settimeout(10)
+            request.do_handshake()
+            request.settimeout(None)
+        except (ssl.SSLError, OSError) as e:
+            # A client that refused our certificate: nothing reached the API.
+            if server.verbose:
+                sys.stderr.write("fake_api: TLS handshake failed: %s\n" % e)
+            return
+        plain(request, client_address)
+
+    server.finish_request = finish_request
+
+
+# --------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------
 
@@ -632,6 +748,8 @@ def main(argv=None):
                     help="file holding the expected bearer token (stripped)")
     ap.add_argument("--ready-file", help="write the listening port here once ready")
     ap.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    ap.add_argument("--tls-cert", help="serve HTTPS with this certificate chain (PEM)")
+    ap.add_argument("--tls-key", help="the certificate's private key (PEM)")
     args = ap.parse_args(argv)
 
     stop = threading.Event()
@@ -647,6 +765,8 @@ def main(argv=None):
     except OSError as e:
         sys.stderr.write("fake_api: cannot listen on %s:%d: %s\n" % (args.host, args.port, e))
         return 1
+    if args.tls_cert:
+        enable_tls(server, args.tls_cert, args.tls_key)
     port = server.server_address[1]
 
     if args.ready_file:

@@ -689,6 +689,7 @@ loop_setup(struct loop *l, const char *token, const char *redis_password)
 		.timeout_ms = cfg->billing_api.timeout_ms,
 		.connect_timeout_ms = cfg->billing_api.connect_timeout_ms,
 		.max_connections = cfg->worker.concurrency,
+		.ca_file = cfg->billing_api.ca_file,
 	};
 	struct lock_options lo = {
 		.mode = cfg->locks.mode,

@@ -1,12 +1,16 @@
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "common/log.h"
 #include "config/config.h"
+#include "store/conninfo.h"
 #include "store/report.h"
 #include "store/store.h"
 #include "worker/loop.h"
@@ -35,11 +39,67 @@ usage(FILE *out)
 }
 
 /*
+ * A file holding a secret must be readable by its owner alone: a token
+ * that moves money in a 0644 file is readable by every account on the
+ * host.  Containers that mount secrets 0644 opt out with
+ * worker.allow_readable_secrets, and get a warning at every start.
+ */
+static int
+check_secret_mode(const char *what, const char *path, int fd, bool allow)
+{
+	struct stat sb;
+
+	if (fstat(fd, &sb) == -1) {
+		fprintf(stderr, "billing-worker: could not stat %s \"%s\": %s\n", what, path,
+		    strerror(errno));
+		return -1;
+	}
+	if ((sb.st_mode & (S_IRGRP | S_IROTH)) == 0)
+		return 0;
+	if (allow) {
+		log_warnx("%s \"%s\" is readable by group or others (mode %04o); accepted "
+		    "because worker.allow_readable_secrets is set", what, path,
+		    (unsigned)(sb.st_mode & 07777));
+		return 0;
+	}
+	fprintf(stderr, "billing-worker: %s \"%s\" is readable by group or others (mode "
+	    "%04o): make it readable by its owner only (chmod 600), or set "
+	    "worker.allow_readable_secrets = true\n", what, path, (unsigned)(sb.st_mode & 07777));
+	return -1;
+}
+
+/*
+ * A password written into database.conninfo makes the configuration file
+ * itself a secret file, under the same rule.  (Better: ~/.pgpass, which
+ * libpq itself refuses when others can read it.)
+ */
+static int
+check_config_secret(const struct bw_config *cfg)
+{
+	char *password = NULL;
+	int fd, ret;
+
+	if (conninfo_password(cfg->database.conninfo, &password) == -1 || password == NULL)
+		return 0;
+	explicit_bzero(password, strlen(password));
+	free(password);
+	if ((fd = open(cfg->path, O_RDONLY | O_CLOEXEC)) == -1) {
+		fprintf(stderr, "billing-worker: could not open \"%s\": %s\n", cfg->path,
+		    strerror(errno));
+		return -1;
+	}
+	ret = check_secret_mode("configuration file with a password in database.conninfo",
+	    cfg->path, fd, cfg->worker.allow_readable_secrets);
+	close(fd);
+	return ret;
+}
+
+/*
  * Reads a secret (API token, Redis password) from PATH into BUF, trailing
  * whitespace removed.  Messages name the file, never its content.
  */
 static int
-read_secret(const char *what, const char *path, char *buf, size_t len)
+read_secret(const char *what, const char *path, bool allow_readable, char *buf, size_t len)
 {
 	FILE *f;
 	size_t n;
@@ -47,6 +107,10 @@ read_secret(const char *what, const char *path, char *buf, size_t len)
 	if ((f = fopen(path, "re")) == NULL) {
 		fprintf(stderr, "billing-worker: could not open %s \"%s\": %s\n", what, path,
 		    strerror(errno));
+		return -1;
+	}
+	if (check_secret_mode(what, path, fileno(f), allow_readable) == -1) {
+		fclose(f);
 		return -1;
 	}
 	n = fread(buf, 1, len - 1, f);
@@ -203,11 +267,15 @@ cmd_work(struct bw_config *cfg, bool once)
 	bool have_redis_password = false;
 	int status;
 
+	if (config_insecure_http(cfg->billing_api.base_url))
+		log_warnx("billing_api.base_url \"%s\" is plain http to a host that is not "
+		    "loopback (allow_insecure_http): the token and every request cross the "
+		    "network unencrypted", cfg->billing_api.base_url);
 	if (token_path != NULL)
 		log_info("reading the API token from the systemd credential \"api-token\"");
 	if (read_secret(token_path != NULL ? "credential" : "billing_api.token_file",
-	    token_path != NULL ? token_path : cfg->billing_api.token_file, token,
-	    sizeof(token)) == -1)
+	    token_path != NULL ? token_path : cfg->billing_api.token_file,
+	    cfg->worker.allow_readable_secrets, token, sizeof(token)) == -1)
 		return EXIT_ERROR;
 	if (redis_path == NULL && cfg->redis.password_file[0] != '\0')
 		redis_path = cfg->redis.password_file;
@@ -216,7 +284,8 @@ cmd_work(struct bw_config *cfg, bool once)
 		    "\"redis-password\"");
 	if (redis_path != NULL && cfg->locks.mode != LOCK_MODE_SKIP_LOCKED) {
 		if (read_secret(redis_path == redis_cred ? "credential" : "redis.password_file",
-		    redis_path, redis_password, sizeof(redis_password)) == -1) {
+		    redis_path, cfg->worker.allow_readable_secrets, redis_password,
+		    sizeof(redis_password)) == -1) {
 			explicit_bzero(token, sizeof(token));
 			return EXIT_ERROR;
 		}
@@ -236,6 +305,15 @@ main(int argc, char **argv)
 	char *errors = NULL;
 	bool json = false;
 	int ch, nerr, status;
+
+	/*
+	 * From here on the process holds secrets (the token, the conninfo's
+	 * password): no core dump may carry them off, and no other process of
+	 * the same user may ptrace or read our memory.
+	 */
+	if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == -1)
+		fprintf(stderr, "billing-worker: could not disable core dumps: %s\n",
+		    strerror(errno));
 
 	memset(&cfg, 0, sizeof(cfg));
 	/* "+": options end at the command, whose own options follow it. */
@@ -299,7 +377,9 @@ main(int argc, char **argv)
 	if (strcmp(cmd, "status") == 0 || strcmp(cmd, "audit") == 0)
 		log_set_level(LOG_WARN);
 
-	if (strcmp(cmd, "migrate") == 0)
+	if (check_config_secret(&cfg) == -1)
+		status = EXIT_ERROR;
+	else if (strcmp(cmd, "migrate") == 0)
 		status = cmd_migrate(&cfg);
 	else if (strcmp(cmd, "status") == 0)
 		status = cmd_status(&cfg, json);

@@ -5,7 +5,10 @@ Session-scoped (one each per pytest run):
     redis_server  harness.RedisServer: private redis-server (stop(), start())
 
 Function-scoped:
-    db            harness.Database: a fresh database t_<pid>_<n>, dropped after the test
+    db            harness.Database: a fresh database t_<pid>_<n>, dropped after the test;
+                  under @pytest.mark.worker_role (or a module's pytestmark) the configs
+                  made for it connect as billing_worker, and migrate runs as the owner
+                  then applies sql/roles.sql
     redis         harness.RedisClient: the session redis-server after FLUSHALL
     fake_api      harness.FakeApi: tests/fake_api.py on a free port, stopped after
     binary        path of build/billing-worker (fails the test if it is missing)
@@ -74,10 +77,18 @@ def redis_server():
         atexit.unregister(server.cleanup)
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "worker_role: the worker connects as billing_worker (sql/roles.sql); "
+        "migrate runs as the owner")
+
+
 @pytest.fixture
-def db(pg, _pg_admin):
+def db(pg, _pg_admin, request):
     pg.start()  # a no-op unless an earlier test left it stopped
     database = harness.create_database(pg, _pg_admin())
+    if request.node.get_closest_marker("worker_role") is not None:
+        harness.use_worker_role(database)
     try:
         yield database
     finally:

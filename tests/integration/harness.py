@@ -301,6 +301,7 @@ class Database:
         self.port = cluster.port
         self.user = cluster.superuser
         self.dsn = cluster.conninfo(name)
+        self.worker_dsn = None   # set by use_worker_role(): the worker's own conninfo
         self._conn = None
         self._others = []
 
@@ -599,8 +600,12 @@ class FakeApi:
 
     host = LOCALHOST
 
-    def __init__(self, workdir):
+    def __init__(self, workdir, tls=None, url_host=None):
+        """tls: (cert, key, ca) PEM paths to serve HTTPS (see make_test_ca);
+        url_host: the host name the worker is given (default 127.0.0.1)."""
         self.workdir = Path(workdir)
+        self.tls = tls
+        self.url_host = url_host or self.host
         self.token = secrets.token_hex(24)
         self.token_file = self.workdir / "api-token"
         fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -614,7 +619,12 @@ class FakeApi:
 
     @property
     def url(self):
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self.url_host}:{self.port}"
+
+    @property
+    def _control_url(self):
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def start(self, port=None, timeout=15):
         """Starts it (port: None = the previous one if any, else a free one) and waits for READY."""
@@ -626,7 +636,9 @@ class FakeApi:
         try:
             self.proc = subprocess.Popen(
                 [PYTHON, str(FAKE_API_SCRIPT), "--host", self.host, "--port", str(port),
-                 "--token-file", str(self.token_file)],
+                 "--token-file", str(self.token_file),
+                 *(["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]
+                   if self.tls else [])],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, cwd=REPO_ROOT,
             )
         finally:
@@ -688,13 +700,19 @@ class FakeApi:
     def request(self, method, path, body=None, headers=None, timeout=10):
         """One HTTP request; returns (status, headers dict, parsed JSON or text)."""
         data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-        req = urllib.request.Request(self.url + path, data=data, method=method)
+        req = urllib.request.Request(self._control_url + path, data=data, method=method)
         if data is not None:
             req.add_header("Content-Type", "application/json")
         for k, v in (headers or {}).items():
             req.add_header(k, v)
+        context = None
+        if self.tls:
+            import ssl
+            # The test's own control channel: the worker is what verifies.
+            context = ssl.create_default_context(cafile=str(self.tls[2]))
+            context.check_hostname = False
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
+            with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
                 status, hdrs, raw = resp.status, dict(resp.headers), resp.read()
         except urllib.error.HTTPError as e:
             status, hdrs, raw = e.code, dict(e.headers), e.read()
@@ -725,6 +743,34 @@ class FakeApi:
             return self.logfile.read_text(errors="replace")
         except OSError:
             return ""
+
+
+def make_test_ca(workdir, name, hostnames=("localhost",)):
+    """A throwaway CA and a server certificate it signed, made with openssl.
+
+    Returns (cert, key, ca) PEM paths in workdir/name/; the certificate's
+    subjectAltName lists hostnames (DNS names, or IP: entries as "IP:1.2.3.4").
+    """
+    d = Path(workdir) / name
+    d.mkdir(parents=True, exist_ok=True)
+    san = ",".join(h if h.startswith("IP:") else f"DNS:{h}" for h in hostnames)
+    (d / "ext.cnf").write_text(f"subjectAltName={san}\nbasicConstraints=CA:FALSE\n"
+                               "extendedKeyUsage=serverAuth\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def openssl(*args):
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True,
+                       stdin=subprocess.DEVNULL, timeout=60)
+
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", f"/CN=billing-worker test CA {name}",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr",
+            "-subj", f"/CN={hostnames[0]}")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")
+    return d / "server.pem", d / "server.key", d / "ca.pem"
 
 
 # --------------------------------------------------------------------------
@@ -791,7 +837,7 @@ def make_config(tmp_path, db, redis, fake_api, **overrides):
             "poll_interval_ms": 100,
             "shutdown_timeout_ms": 5000,
         },
-        "database": {"conninfo": db.dsn},
+        "database": {"conninfo": db.worker_dsn or db.dsn},
         "redis": {"host": redis_host, "port": redis_port, "connect_timeout_ms": 500},
         "locks": {"mode": "redis", "ttl_ms": 2000, "renew_interval_ms": 500},
         "billing_api": {
@@ -817,6 +863,12 @@ def make_config(tmp_path, db, redis, fake_api, **overrides):
 
     path = tmp_path / f"worker-{n}.conf"
     path.write_text(render_config(groups))
+    if db.worker_dsn and groups["database"].get("conninfo") == db.worker_dsn:
+        # The twin that `migrate` runs with, as a deploy would: the owner's.
+        groups["database"]["conninfo"] = db.dsn
+        twin = tmp_path / f"worker-{n}-owner.conf"
+        twin.write_text(render_config(groups))
+        _owner_configs[str(path)] = (twin, db)
     return path
 
 
@@ -961,12 +1013,24 @@ def run_cli(config_path, *args, timeout=60, env=None):
     """Runs `billing-worker [-c CONFIG] ARGS...` to completion; returns the CompletedProcess (text).
 
     config_path None leaves out -c.  Fails the test if it runs past timeout.
+    For a database in worker-role mode, `migrate` runs with the owner's twin
+    of the config and then applies sql/roles.sql, as a deploy does.
     """
     binary = require_binary()
     cmd = [str(binary)]
+    owner = _owner_configs.get(str(config_path)) if args and args[0] == "migrate" else None
     if config_path is not None:
-        cmd += ["-c", str(config_path)]
+        cmd += ["-c", str(owner[0] if owner else config_path)]
     cmd += [str(a) for a in args]
+    if owner:
+        proc = _run_cli(cmd, timeout, env)
+        if proc.returncode == 0:
+            apply_roles(owner[1])
+        return proc
+    return _run_cli(cmd, timeout, env)
+
+
+def _run_cli(cmd, timeout, env):
     try:
         return subprocess.run(
             cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
@@ -975,6 +1039,39 @@ def run_cli(config_path, *args, timeout=60, env=None):
     except subprocess.TimeoutExpired as e:
         raise AssertionError(f"{' '.join(cmd)} did not finish within {timeout}s; output:\n"
                              f"{e.stdout or ''}{e.stderr or ''}") from None
+
+
+# --------------------------------------------------------------------------
+# Least privilege: the worker as `billing_worker` (sql/roles.sql)
+# --------------------------------------------------------------------------
+
+WORKER_ROLE = "billing_worker"
+ROLES_SQL = SQL_DIR / "roles.sql"
+_owner_configs = {}    # config path -> (the owner's twin config, Database)
+
+
+def owner_config(config_path):
+    """The config `migrate` should run with: the owner's twin in worker-role mode."""
+    owner = _owner_configs.get(str(config_path))
+    return owner[0] if owner else config_path
+
+
+def apply_roles(db):
+    """Runs sql/roles.sql with psql as the cluster's superuser (the schema's owner)."""
+    proc = db.cluster._run("psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", db.host,
+                           "-p", db.port, "-U", db.cluster.superuser, "-d", db.name,
+                           "-f", ROLES_SQL, check=False)
+    if proc.returncode != 0:
+        raise AssertionError(f"sql/roles.sql failed:\n{proc.stdout}{proc.stderr}")
+
+
+def use_worker_role(db):
+    """Puts db in worker-role mode: configs made for it connect as billing_worker."""
+    db.worker_dsn = f"host={db.host} port={db.port} dbname={db.name} user={WORKER_ROLE}"
+    # The role is the cluster's; roles.sql creates it too, but a test may run
+    # the worker before any migrate (to see it refuse an empty database).
+    db.execute(f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{WORKER_ROLE}') "
+               f"THEN CREATE ROLE {WORKER_ROLE} LOGIN; END IF; END $$")
 
 
 # --------------------------------------------------------------------------

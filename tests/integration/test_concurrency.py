@@ -9,6 +9,9 @@ import pytest
 
 from harness import migrate, Worker, insert_invoices, make_config, run_cli, wait_for
 
+# The worker connects as billing_worker (sql/roles.sql); migrate as the owner.
+pytestmark = pytest.mark.worker_role
+
 
 def pending(db):
     return db.scalar("SELECT count(*) FROM invoices WHERE status = 'pending'")

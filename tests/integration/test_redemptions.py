@@ -6,8 +6,13 @@ import time
 
 import psycopg2
 
+import pytest
+
 from harness import (migrate, Worker, create_subsidy, insert_redemptions, make_config, run_cli,
                      wait_for)
+
+# The worker connects as billing_worker (sql/roles.sql); migrate as the owner.
+pytestmark = pytest.mark.worker_role
 
 
 def open_redemptions(db):

@@ -212,6 +212,53 @@ static struct load_case cases[] = {
 	  DB "billing_api = { base_url = \"http://127.0.0.1:8080\"; };\n", 0, { NULL } },
 	{ "base_url on IPv6 with a path",
 	  DB "billing_api = { base_url = \"https://[::1]:8443/billing/\"; };\n", 0, { NULL } },
+	/* Plain http only to loopback, unless explicitly allowed (issue 7). */
+	{ "http to a remote host is refused",
+	  DB "billing_api = { base_url = \"http://billing.example.com/v1\"; };\n", 1,
+	  { NAME ":2: \"billing_api.base_url\" uses http:// to a host that is not loopback: "
+	    "use https://, or set \"billing_api.allow_insecure_http\" = true to send the token "
+	    "in clear text\n" } },
+	{ "http to a remote address is refused",
+	  DB "billing_api = { base_url = \"http://10.0.0.7:8080\"; };\n", 1,
+	  { "uses http:// to a host that is not loopback" } },
+	{ "http to a name that only starts like loopback is refused",
+	  DB "billing_api = { base_url = \"http://127.0.0.1.example.com\"; };\n", 1,
+	  { "uses http:// to a host that is not loopback" } },
+	{ "http to localhost.example.com is refused",
+	  DB "billing_api = { base_url = \"http://localhost.example.com\"; };\n", 1,
+	  { "uses http:// to a host that is not loopback" } },
+	{ "http to a v4-mapped address is refused",
+	  DB "billing_api = { base_url = \"http://[::ffff:127.0.0.1]\"; };\n", 1,
+	  { "uses http:// to a host that is not loopback" } },
+	{ "http to a remote host when allowed",
+	  DB "billing_api = {\n\tbase_url = \"http://billing.example.com\";\n"
+	  "\tallow_insecure_http = true;\n};\n", 0, { NULL } },
+	{ "http to localhost", DB "billing_api = { base_url = \"http://localhost:8080/\"; };\n",
+	  0, { NULL } },
+	{ "http to LOCALHOST.", DB "billing_api = { base_url = \"http://LOCALHOST.\"; };\n",
+	  0, { NULL } },
+	{ "http to a .localhost name",
+	  DB "billing_api = { base_url = \"http://api.localhost\"; };\n", 0, { NULL } },
+	{ "http to 127.1.2.3", DB "billing_api = { base_url = \"http://127.1.2.3\"; };\n",
+	  0, { NULL } },
+	{ "http to ::1", DB "billing_api = { base_url = \"http://[::1]:8080\"; };\n", 0, { NULL } },
+	{ "credentials in base_url are refused",
+	  DB "billing_api = { base_url = \"https://u:hunter2@billing.example.com\"; };\n", 1,
+	  { NAME ":2: \"billing_api.base_url\" must not hold a user or password: the token "
+	    "comes from \"billing_api.token_file\"\n" } },
+	/* Found by tests/fuzz/config.c: libconfig's scanner exit()s on a directory. */
+	{ "@include of a directory",
+	  DB API "@include \"/\"\n", 1,
+	  { NAME ":3: @include \"/\" is not a regular file\n" } },
+	{ "@include of a device",
+	  "  @include \t\"/dev/null\"\n" DB API, 1,
+	  { NAME ":1: @include \"/dev/null\" is not a regular file\n" } },
+	{ "@include in a comment or a string is not one",
+	  "/*\n@include \"/\"\n*/\n# @include \"/\"\n" DB
+	  "worker = { id = \"\n@include \\\"/\\\"\"; };\n" API, 0, { NULL } },
+	/* Found by tests/fuzz/config.c: libconfig leaks these (tests/lsan.supp). */
+	{ "string token before a syntax error", "\"\"un\xff;;\n", 1, { NAME ":1: syntax error" } },
+	{ "unterminated string", "worker = { id = \"ated; };\n", 1, { NAME ":2: syntax error" } },
 	{ "several errors are all reported",
 	  "worker = {\n"
 	  "\tconcurrency = 0;\n"                 /* 2: range */

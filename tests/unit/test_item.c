@@ -66,12 +66,17 @@ static const struct validate_case cases[] = {
 	{ "0x1f", INV, "cus\x1f", 1999, "usd", R_TEXT },
 	{ "DEL", INV, "cus\x7f" "42", 1999, "usd", R_TEXT },
 	{ "escape", INV, "\x1b[31mcus", 1999, "usd", R_TEXT },
+	/* C1 controls: terminals read U+009B as CSI, U+0085 as a new line. */
+	{ "C1 U+0080", INV, "\xc2\x80x", 1999, "usd", R_TEXT },
+	{ "C1 NEL U+0085", INV, "cus\xc2\x85" "42", 1999, "usd", R_TEXT },
+	{ "C1 CSI U+009B", INV, "\xc2\x9b" "31mcus", 1999, "usd", R_TEXT },
+	{ "C1 U+009F", INV, "cus\xc2\x9f", 1999, "usd", R_TEXT },
 
 	/* Valid multibyte UTF-8. */
 	{ "two-byte UTF-8", INV, "Jos\xc3\xa9", 1999, "usd", NULL },
 	{ "three-byte UTF-8", INV, "\xe6\x97\xa5\xe6\x9c\xac", 1999, "usd", NULL },
 	{ "four-byte UTF-8", INV, "cus_\xf0\x9f\x98\x80", 1999, "usd", NULL },
-	{ "lowest two-byte U+0080", INV, "\xc2\x80x", 1999, "usd", NULL },
+	{ "lowest two-byte after the C1 controls U+00A0", INV, "\xc2\xa0x", 1999, "usd", NULL },
 	{ "lowest three-byte U+0800", INV, "\xe0\xa0\x80", 1999, "usd", NULL },
 	{ "last before surrogates U+D7FF", INV, "\xed\x9f\xbf", 1999, "usd", NULL },
 	{ "first after surrogates U+E000", INV, "\xee\x80\x80", 1999, "usd", NULL },

@@ -378,6 +378,105 @@ test_parse_retry_after_date(void **state)
 	assert_int_equal(api_parse_retry_after("Sun, 06 Foo 1994 08:49:37 GMT", t - 30), -1);
 }
 
+/* Answers only a hostile server gives: each 2xx is ambiguous, never a success. */
+static void
+test_hostile_success_bodies(void **state)
+{
+	static const char *const bodies[] = {
+		"{\"id\":\"ch_\\u0000x\"}",        /* NUL inside the id */
+		"{\"id\":\"ch_1\",\"id\":\"ch_2\"}", /* which one? */
+		"{\"id\":12345}",
+		"{\"id\":[\"ch_1\"]}",
+		"{\"id\":null}",
+		"[{\"id\":\"ch_1\"}]",
+		"\"ch_1\"",
+		"{\"id\":\"ch 1\"}",
+		"{\"id\":\"ch_\u00e9\"}",
+		"{\"id\":\"ch_1\"",
+		"\xef\xbb\xbf{\"id\":\"ch_1\"}",    /* a BOM */
+	};
+	struct api_response r = { .transport = API_TRANSPORT_OK, .status = 200 };
+	struct api_verdict v;
+	char deep[60001];
+
+	(void)state;
+	for (size_t i = 0; i < sizeof(bodies) / sizeof(bodies[0]); i++) {
+		r.body = bodies[i];
+		r.body_len = strlen(bodies[i]);
+		api_classify(&r, &v);
+		if (v.cls != API_AMBIGUOUS)
+			print_message("body %zu: %s\n", i, bodies[i]);
+		assert_int_equal(v.cls, API_AMBIGUOUS);
+		assert_string_equal(v.id, "");
+	}
+	/* 60000 nested arrays: the parser's depth limit, not the stack, ends it. */
+	memset(deep, '[', sizeof(deep) - 1);
+	deep[sizeof(deep) - 1] = '\0';
+	r.body = deep;
+	r.body_len = sizeof(deep) - 1;
+	api_classify(&r, &v);
+	assert_int_equal(v.cls, API_AMBIGUOUS);
+}
+
+/* An error body of the wrong shape still gives a one-line reason. */
+static void
+test_hostile_error_bodies(void **state)
+{
+	struct api_response r = { .transport = API_TRANSPORT_OK, .status = 402 };
+	struct api_verdict v;
+
+	(void)state;
+	r.body = "{\"error\":{\"code\":[1],\"message\":{\"a\":1}}}";
+	r.body_len = strlen(r.body);
+	api_classify(&r, &v);
+	assert_int_equal(v.cls, API_REFUSED);
+	assert_string_equal(v.error, "http 402");
+
+	r.body = "{\"error\":{\"code\":\"x\\ny\\r\\u001b[31m\",\"message\":\"a\\tb\"}}";
+	r.body_len = strlen(r.body);
+	api_classify(&r, &v);
+	assert_string_equal(v.error, "x y  [31m: a b");
+}
+
+static void
+test_header_value(void **state)
+{
+	static const struct {
+		const char *line;
+		int found;
+		const char *value;
+	} rows[] = {
+		{ "Retry-After: 5\r\n", 1, "5" },
+		{ "retry-after:\t120 \r\n", 1, "120" },
+		{ "RETRY-AFTER:5", 1, "5" },
+		{ "Retry-After:\r\n", 1, "" },
+		{ "Retry-After: Sun, 06 Nov 1994 08:49:37 GMT\r\n", 1,
+		  "Sun, 06 Nov 1994 08:49:37 GMT" },
+		{ "Retry-After-Extra: 1\r\n", 0, NULL },
+		{ "Retry-After 5\r\n", 0, NULL },
+		{ "Retry-Afte", 0, NULL },
+		{ "Retry-After", 0, NULL },
+		{ "X-Retry-After: 5\r\n", 0, NULL },
+		{ "", 0, NULL },
+	};
+	char out[40];
+
+	(void)state;
+	for (size_t i = 0; i < sizeof(rows) / sizeof(rows[0]); i++) {
+		strcpy(out, "unset");
+		assert_int_equal(api_header_value(rows[i].line, strlen(rows[i].line), "Retry-After",
+		    out, sizeof(out)), rows[i].found);
+		assert_string_equal(out, rows[i].found ? rows[i].value : "unset");
+	}
+	/* Cut to the buffer, and never read past N (no NUL in a header buffer). */
+	assert_int_equal(api_header_value("Retry-After: 123456789012\r\n", 27, "Retry-After",
+	    out, 8), 1);
+	assert_string_equal(out, "1234567");
+	assert_int_equal(api_header_value("Retry-After: 42XXXX", 15, "Retry-After", out,
+	    sizeof(out)), 1);
+	assert_string_equal(out, "42");
+}
+
 static void
 test_class_names(void **state)
 {
@@ -397,6 +496,9 @@ static const struct CMUnitTest fixed_tests[] = {
 	cmocka_unit_test(test_parse_retry_after_seconds),
 	cmocka_unit_test(test_parse_retry_after_date),
 	cmocka_unit_test(test_class_names),
+	cmocka_unit_test(test_hostile_success_bodies),
+	cmocka_unit_test(test_hostile_error_bodies),
+	cmocka_unit_test(test_header_value),
 };
 
 #define N_FIXED (sizeof(fixed_tests) / sizeof(fixed_tests[0]))

@@ -1,0 +1,76 @@
+#include "store/conninfo.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include <libpq-fe.h>
+
+int
+conninfo_password(const char *conninfo, char **ret)
+{
+	PQconninfoOption *opts, *o;
+	char *err = NULL, *copy = NULL;
+	int rc = -1;
+
+	*ret = NULL;
+	/* The parse error may quote the string: it is dropped, never shown. */
+	if ((opts = PQconninfoParse(conninfo, &err)) == NULL) {
+		PQfreemem(err);
+		return -1;
+	}
+	rc = 0;
+	for (o = opts; o->keyword != NULL; o++) {
+		if (strcmp(o->keyword, "password") == 0 && o->val != NULL && o->val[0] != '\0') {
+			if ((copy = strdup(o->val)) == NULL)
+				rc = -1;
+			explicit_bzero(o->val, strlen(o->val));
+		}
+	}
+	PQconninfoFree(opts);
+	if (rc == 0)
+		*ret = copy;
+	return rc;
+}
+
+bool
+conninfo_may_hold_secret(const char *conninfo)
+{
+	for (const char *p = conninfo; *p != '\0'; p++)
+		if (*p == '@' || strncasecmp(p, "password", 8) == 0)
+			return true;
+	return false;
+}
+
+void
+conninfo_redact(const char *msg, const char *secret, char *out, size_t outlen)
+{
+	size_t slen = secret != NULL ? strlen(secret) : 0;
+	size_t rlen = strlen(CONNINFO_REDACTED), o = 0;
+	const char *p = msg, *hit;
+
+	if (outlen == 0)
+		return;
+	while (*p != '\0' && o + 1 < outlen) {
+		hit = slen > 0 ? strstr(p, secret) : NULL;
+		if (hit == p) {
+			size_t n = rlen < outlen - 1 - o ? rlen : outlen - 1 - o;
+
+			memcpy(out + o, CONNINFO_REDACTED, n);
+			o += n;
+			p += slen;
+			continue;
+		}
+		/* Copy up to the next hit (or the end), as far as room allows. */
+		{
+			size_t n = hit != NULL ? (size_t)(hit - p) : strlen(p);
+
+			if (n > outlen - 1 - o)
+				n = outlen - 1 - o;
+			memcpy(out + o, p, n);
+			o += n;
+			p += n;
+		}
+	}
+	out[o] = '\0';
+}
