@@ -399,6 +399,8 @@ claim_redis(lockmgr *lm, size_t ndue, size_t limit, struct item *items, size_t *
 	struct redis_rate_answer answer;
 	bool failed = false;
 
+	/* The flags are swapped along with their candidates: they must hold a value. */
+	memset(lm->flags, 0, ndue * sizeof(*lm->flags));
 	shuffle_candidates(lm, ndue);
 	for (size_t i = 0; i < ndue; i++) {
 		lock_key(lm->keys[i], sizeof(lm->keys[i]), lm->kinds[i], lm->ids[i]);
