@@ -6,6 +6,9 @@
 #   make demo            install what is missing, build, run workers on sample data
 #   make unit            unit tests only
 #   make integration     integration tests only (PYTEST_ARGS="-k name" to pick)
+#   make chaos           the full chaos run: >= 5000 items, every fault kind, a one-minute
+#                        API outage (about 10 minutes; CHAOS_ARGS="--seed N" to replay)
+#   make chaos-ci        the short chaos run that `make test` includes (about 2 minutes)
 
 CC       ?= gcc
 PREFIX   ?= /usr/local
@@ -52,7 +55,7 @@ test_response_DEPS := billing/response.c common/log.c
 test_outcome_DEPS  := billing/outcome.c billing/backoff.c billing/response.c common/item.c common/log.c
 test_item_DEPS     := common/item.c
 
-.PHONY: all test unit integration demo deps clean install check-deps
+.PHONY: all test unit integration chaos chaos-ci demo deps clean install check-deps
 
 all: $(BIN)
 
@@ -88,9 +91,18 @@ unit: $(UNIT_BINS)
 integration: $(BIN)
 	$(PYTHON) -m pytest -q tests/integration $(PYTEST_ARGS)
 
+# Kill, pause and restart everything at random, then check the books
+# against the fake API's record (tests/chaos/chaos.py, RELIABILITY.md).
+chaos: $(BIN)
+	$(PYTHON) tests/chaos/chaos.py --profile full $(CHAOS_ARGS)
+
+chaos-ci: $(BIN)
+	$(PYTHON) tests/chaos/chaos.py --profile ci $(CHAOS_ARGS)
+
 test: deps
 	$(MAKE) unit
 	$(MAKE) integration
+	$(MAKE) chaos-ci
 
 demo: deps
 	$(MAKE) all
