@@ -121,6 +121,7 @@ struct store {
 	char *worker_id;
 	PGconn *conn;
 	bool prepared;
+	int query_timeout_ms;   /* statement_timeout; the client waits 1 s more */
 	char errmsg[512];
 	uint64_t retries;
 	struct buf arr[8];
@@ -246,6 +247,7 @@ store_new(const char *conninfo, const char *worker_id, store **ret)
 
 	if ((st = calloc(1, sizeof(*st))) == NULL)
 		return -1;
+	st->query_timeout_ms = 30000;
 	st->conninfo = strdup(conninfo);
 	st->worker_id = strdup(worker_id);
 	if (st->conninfo == NULL || st->worker_id == NULL) {
@@ -272,6 +274,19 @@ store_free(store *st)
 	for (size_t i = 0; i < sizeof(st->arr) / sizeof(st->arr[0]); i++)
 		free(st->arr[i].data);
 	free(st);
+}
+
+void
+store_set_query_timeout(store *st, int timeout_ms)
+{
+	st->query_timeout_ms = timeout_ms;
+}
+
+/* The client's deadline: the server's own timeout should fire first. */
+static int
+client_deadline_ms(const store *st)
+{
+	return st->query_timeout_ms + 1000;
 }
 
 bool
@@ -337,7 +352,7 @@ prepare_all(store *st)
 				break;
 			}
 			snprintf(name, sizeof(name), "%s_%s", stmt_names[s], item_kind_name(k));
-			res = PQprepare(st->conn, name, sql, 0, NULL);
+			res = store_prepare_bounded(st->conn, client_deadline_ms(st), name, sql);
 			if (PQresultStatus(res) != PGRES_COMMAND_OK) {
 				store_set_error(st, "could not prepare statements", res);
 				PQclear(res);
@@ -346,8 +361,8 @@ prepare_all(store *st)
 			PQclear(res);
 		}
 	}
-	res = PQprepare(st->conn, "reserve",
-	    "SELECT rid, result FROM bw_reserve($1::bigint[], $2::bigint[])", 0, NULL);
+	res = store_prepare_bounded(st->conn, client_deadline_ms(st), "reserve",
+	    "SELECT rid, result FROM bw_reserve($1::bigint[], $2::bigint[])");
 	if (PQresultStatus(res) != PGRES_COMMAND_OK) {
 		store_set_error(st, "could not prepare statements", res);
 		PQclear(res);
@@ -372,6 +387,7 @@ store_connect(store *st)
 	const char *vals[] = { "5", "1", "10", "5", "3", "20000",
 	    "billing-worker", st->conninfo, NULL };
 	PGresult *res;
+	char settings[160];
 	int ret = -1;
 
 	if (st->conn != NULL) {
@@ -389,8 +405,10 @@ store_connect(store *st)
 		goto out;
 	}
 	/* A statement that hangs (lock waits, a stuck server) must not stall the loop. */
-	res = PQexec(st->conn, "SET statement_timeout = '30s'; SET lock_timeout = '10s'; "
-	    "SET idle_in_transaction_session_timeout = '60s'");
+	snprintf(settings, sizeof(settings), "SET statement_timeout = %d; SET lock_timeout = %d; "
+	    "SET idle_in_transaction_session_timeout = '60s'", st->query_timeout_ms,
+	    st->query_timeout_ms < 10000 ? st->query_timeout_ms : 10000);
+	res = store_exec_bounded(st->conn, client_deadline_ms(st), settings);
 	if (PQresultStatus(res) != PGRES_COMMAND_OK) {
 		store_set_error(st, "could not configure the session", res);
 		PQclear(res);
@@ -430,7 +448,7 @@ exec_stmt(store *st, enum stmt s, enum item_kind kind, int nparams,
 	if (!st->prepared && prepare_all(st) == -1)
 		return NULL;
 	snprintf(name, sizeof(name), "%s_%s", stmt_names[s], item_kind_name(kind));
-	res = PQexecPrepared(st->conn, name, nparams, values, NULL, NULL, 0);
+	res = store_exec_prepared_bounded(st->conn, client_deadline_ms(st), name, nparams, values);
 	if (PQresultStatus(res) != want) {
 		*retryable = res_is_retryable(res);
 		store_set_error(st, stmt_names[s], res);
@@ -647,7 +665,7 @@ oom:
 static int
 exec_simple(store *st, const char *sql)
 {
-	PGresult *res = PQexec(st->conn, sql);
+	PGresult *res = store_exec_bounded(st->conn, client_deadline_ms(st), sql);
 	int ret = 0;
 
 	if (PQresultStatus(res) != PGRES_COMMAND_OK) {
@@ -685,7 +703,7 @@ store_complete(store *st, const struct completion *c, size_t n, bool *accepted)
 		if (!failed && (!both || exec_simple(st, "COMMIT") == 0))
 			return 0;
 		if (both && store_connected(st)) {
-			PGresult *res = PQexec(st->conn, "ROLLBACK");
+			PGresult *res = store_exec_bounded(st->conn, client_deadline_ms(st), "ROLLBACK");
 
 			PQclear(res);
 		}
@@ -728,7 +746,8 @@ store_reserve(store *st, struct item *const *items, size_t n,
 	params[0] = ids->data;
 	params[1] = fences->data;
 	for (int attempt = 0; attempt < TX_RETRIES; attempt++) {
-		res = PQexecPrepared(st->conn, "reserve", 2, params, NULL, NULL, 0);
+		res = store_exec_prepared_bounded(st->conn, client_deadline_ms(st), "reserve", 2,
+		    params);
 		if (PQresultStatus(res) == PGRES_TUPLES_OK)
 			break;
 		store_set_error(st, "reserve", res);

@@ -27,6 +27,13 @@ int store_new(const char *conninfo, const char *worker_id, store **ret)
 	__attribute__((warn_unused_result));
 void store_free(store *st);
 
+/*
+ * The longest a statement may take (default 30 s): sent as
+ * statement_timeout at the next connect, and enforced by the client too,
+ * one second later, so a frozen or cut-off server cannot stall the caller.
+ */
+void store_set_query_timeout(store *st, int timeout_ms);
+
 /* (Re)connects and prepares the statements.  Logs the target without its password. */
 int store_connect(store *st) __attribute__((warn_unused_result));
 bool store_connected(const store *st);

@@ -633,6 +633,7 @@ loop_setup(struct loop *l, const char *token, const char *redis_password)
 		log_error("out of memory");
 		return -1;
 	}
+	store_set_query_timeout(l->st, cfg->database.query_timeout_ms);
 	if (api_client_new(&ao, &l->api, err, sizeof(err)) == -1) {
 		log_error("could not set up the billing API client: %s", err);
 		return -1;

@@ -1,0 +1,149 @@
+"""Dead peers, lost locks, slow consumers and poison rows.
+
+A server that is SIGSTOPped rather than killed is the nasty case: its
+kernel still accepts connections and acknowledges every byte, so neither a
+refused connection nor TCP keepalive nor tcp_user_timeout ever tells the
+worker anything, and PostgreSQL's statement_timeout cannot fire in a
+stopped server.  Only a deadline on the client side ends the wait.
+"""
+
+import os
+import signal
+import time
+
+from harness import Worker, insert_invoices, make_config, run_cli, wait_for
+
+
+def migrate(cfg):
+    r = run_cli(cfg, "migrate")
+    assert r.returncode == 0, r.stderr
+
+
+def count(db, status):
+    return db.scalar("SELECT count(*) FROM invoices WHERE status = %s", (status,))
+
+
+def backend_of(db, app):
+    return db.scalar("SELECT pid FROM pg_stat_activity WHERE application_name = %s", (app,))
+
+
+def worker_with_backend(tmp_path, db, redis, fake_api, query_timeout_ms, n):
+    """A worker that paid N invoices, and the pid of its server process."""
+    app = f"bw-{os.getpid()}-{query_timeout_ms}"
+    cfg = make_config(tmp_path, db, redis, fake_api, **{
+        "database.conninfo": f"{db.dsn} application_name={app}",
+        "database.query_timeout_ms": query_timeout_ms})
+    migrate(cfg)
+    insert_invoices(db, n)
+    w = Worker(cfg, "w").start()
+    wait_for(lambda: count(db, "paid") == n, 20, message=w.log)
+    return w, wait_for(lambda: backend_of(db, app), 10)
+
+
+def test_stopped_postgres_backend_does_not_hang_the_worker(tmp_path, db, redis, fake_api, binary):
+    w, pid = worker_with_backend(tmp_path, db, redis, fake_api, 2000, 5)
+    # Its server process frozen: the next statement waits on a socket whose
+    # peer's kernel acknowledges everything and never answers.
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        insert_invoices(db, 5)
+        wait_for(lambda: "did not answer within" in w.log(), 15, message=w.log)
+        # A new connection (a new server process) takes the work up again.
+        wait_for(lambda: count(db, "paid") == 10, 30, message=w.log)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert w.stop() == 0
+    assert "reachable again" in w.log()
+
+
+def postmaster_pid(pg):
+    return int((pg.datadir / "postmaster.pid").read_text().split()[0])
+
+
+def test_frozen_postgres_server_never_blocks_a_stop(tmp_path, pg, db, redis, fake_api, binary):
+    w, backend = worker_with_backend(tmp_path, db, redis, fake_api, 1000, 3)
+    frozen = [backend, postmaster_pid(pg)]
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        # Dropped after the deadline, then every reconnect times out too.
+        wait_for(lambda: "did not answer within" in w.log(), 10, message=w.log)
+        wait_for(lambda: "retrying in" in w.log(), 20, message=w.log)
+        t = time.monotonic()
+        assert w.stop(timeout=15) == 0
+        assert time.monotonic() - t < 15
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+
+
+def test_frozen_redis_auto_mode_keeps_working(tmp_path, db, redis_server, redis, fake_api, binary):
+    cfg_auto = make_config(tmp_path, db, redis, fake_api, **{
+        "locks.mode": "auto", "redis.command_timeout_ms": 500})
+    cfg_redis = make_config(tmp_path, db, redis, fake_api, **{
+        "locks.mode": "redis", "redis.command_timeout_ms": 500})
+    migrate(cfg_auto)
+    a = Worker(cfg_auto, "auto").start()
+    r = Worker(cfg_redis, "redis").start()
+    wait_for(lambda: "connected to redis" in a.log() and "connected to redis" in r.log(), 10)
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        insert_invoices(db, 20)
+        # The auto worker times its Redis command out and claims with SKIP LOCKED.
+        wait_for(lambda: count(db, "paid") == 20, 30, message=lambda: a.log() + r.log())
+        assert "SKIP LOCKED until it returns" in a.log()
+        wait_for(lambda: "redis unreachable" in r.log(), 15, message=r.log)
+        t = time.monotonic()
+        assert r.stop(timeout=10) == 0          # never stuck on the frozen server
+        assert time.monotonic() - t < 10
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    insert_invoices(db, 5)
+    wait_for(lambda: "back to redis locks" in a.log(), 30, message=a.log)
+    wait_for(lambda: count(db, "paid") == 25, 20, message=a.log)
+    assert a.stop() == 0
+
+
+def test_lost_lease_stops_renewal_and_records_nothing(tmp_path, db, redis, fake_api, binary):
+    cfg = make_config(tmp_path, db, redis, fake_api, **{
+        "locks.ttl_ms": 2000, "locks.renew_interval_ms": 200, "billing_api.timeout_ms": 5000})
+    migrate(cfg)
+    [iid] = insert_invoices(db, 1)
+    key = f"invoice-{iid}"
+    fake_api.faults([{"match": {"key": key}, "action": "delay", "delay_ms": 2500, "times": 1}])
+    w = Worker(cfg, "w").start()
+    wait_for(lambda: fake_api.state()["requests"].get(key, 0) == 1, 10)
+    # Another claim takes the item while the call is in flight (what a
+    # worker on the far side of a partition would do once the lease ran out).
+    db.execute("UPDATE invoices SET fence = fence + 1, locked_by = 'thief', "
+               "lease_until = now() + interval '1 hour', next_attempt_at = now() + interval '1 hour'")
+    wait_for(lambda: f"invoice {iid}: lease lost to another worker" in w.log(), 5, message=w.log)
+    wait_for(lambda: f"invoice {iid}: outcome not recorded" in w.log(), 10, message=w.log)
+    # Logged once: a lost lease is not renewed again.
+    assert w.log().count(f"invoice {iid}: lease lost") == 1
+    # The thief's claim stands untouched; nothing the loser learned was written.
+    assert db.query("SELECT status, charge_id, locked_by, attempts FROM invoices") == \
+        [("pending", None, "thief", 0)]
+    assert redis.keys("billing-worker:lock:*") == []
+    assert w.stop() == 0
+
+
+def test_lost_redis_lock_is_logged_and_the_lease_still_fences(tmp_path, db, redis, fake_api, binary):
+    cfg = make_config(tmp_path, db, redis, fake_api, **{
+        "locks.ttl_ms": 2000, "locks.renew_interval_ms": 200})
+    migrate(cfg)
+    [iid] = insert_invoices(db, 1)
+    key = f"invoice-{iid}"
+    lock = f"billing-worker:lock:invoice:{iid}"
+    fake_api.faults([{"match": {"key": key}, "action": "delay", "delay_ms": 1500, "times": 1}])
+    w = Worker(cfg, "w").start()
+    wait_for(lambda: fake_api.state()["requests"].get(key, 0) == 1, 10)
+    assert redis.keys(lock) == [lock]
+    redis.command("DEL", lock)
+    wait_for(lambda: f"invoice {iid}: redis lock lost" in w.log(), 5, message=w.log)
+    time.sleep(0.6)                          # three renew intervals: it must not come back
+    assert redis.keys(lock) == []
+    # The database lease is intact, so the fenced completion is accepted.
+    wait_for(lambda: count(db, "paid") == 1, 10, message=w.log)
+    assert w.log().count("redis lock lost") == 1
+    assert w.stop() == 0
