@@ -33,7 +33,7 @@ endif
 # Modules, bottom up: common -> store -> billing -> locks -> worker.
 COMMON_SRC  := common/log.c common/item.c
 CONFIG_SRC  := config/config.c
-STORE_SRC   := store/store.c store/deadline.c store/migrate.c store/report.c store/audit.c \
+STORE_SRC   := store/store.c store/deadline.c store/park.c store/migrate.c store/report.c store/audit.c \
                $(BUILD)/migrations.c
 BILLING_SRC := billing/api.c billing/response.c billing/backoff.c billing/outcome.c
 LOCKS_SRC   := locks/lock.c locks/redis_lock.c

@@ -98,6 +98,15 @@ store_exec_prepared_bounded(PGconn *conn, int timeout_ms, const char *name,
 }
 
 PGresult *
+store_exec_params_bounded(PGconn *conn, int timeout_ms, const char *sql, int nparams,
+    const char *const *values)
+{
+	if (PQsendQueryParams(conn, sql, nparams, NULL, values, NULL, NULL, 0) == 0)
+		return send_failed(conn);
+	return collect(conn, timeout_ms);
+}
+
+PGresult *
 store_prepare_bounded(PGconn *conn, int timeout_ms, const char *name, const char *sql)
 {
 	if (PQsendPrepare(conn, name, sql, 0, NULL) == 0)

@@ -122,6 +122,7 @@ struct store {
 	PGconn *conn;
 	bool prepared;
 	int query_timeout_ms;   /* statement_timeout; the client waits 1 s more */
+	char sqlstate[6];       /* of the last failed statement; "" for none */
 	char errmsg[512];
 	uint64_t retries;
 	struct buf arr[8];
@@ -231,6 +232,7 @@ store_errorf(store *st, const char *fmt, ...)
 	va_list ap;
 	size_t n;
 
+	st->sqlstate[0] = '\0';
 	va_start(ap, fmt);
 	vsnprintf(st->errmsg, sizeof(st->errmsg), fmt, ap);
 	va_end(ap);
@@ -282,9 +284,8 @@ store_set_query_timeout(store *st, int timeout_ms)
 	st->query_timeout_ms = timeout_ms;
 }
 
-/* The client's deadline: the server's own timeout should fire first. */
-static int
-client_deadline_ms(const store *st)
+int
+store_client_deadline_ms(const store *st)
 {
 	return st->query_timeout_ms + 1000;
 }
@@ -321,6 +322,17 @@ store_set_error(store *st, const char *what, const PGresult *res)
 	if (msg == NULL || msg[0] == '\0')
 		msg = st->conn != NULL ? PQerrorMessage(st->conn) : "not connected";
 	store_errorf(st, "%s: %s", what, msg);
+	if (res != NULL && PQresultErrorField(res, PG_DIAG_SQLSTATE) != NULL)
+		snprintf(st->sqlstate, sizeof(st->sqlstate), "%s",
+		    PQresultErrorField(res, PG_DIAG_SQLSTATE));
+}
+
+bool
+store_failed_on_data(const store *st)
+{
+	/* 22 data exception, 23 integrity constraint, P0 raised by a trigger. */
+	return strncmp(st->sqlstate, "22", 2) == 0 || strncmp(st->sqlstate, "23", 2) == 0 ||
+	    strncmp(st->sqlstate, "P0", 2) == 0;
 }
 
 static int
@@ -352,7 +364,7 @@ prepare_all(store *st)
 				break;
 			}
 			snprintf(name, sizeof(name), "%s_%s", stmt_names[s], item_kind_name(k));
-			res = store_prepare_bounded(st->conn, client_deadline_ms(st), name, sql);
+			res = store_prepare_bounded(st->conn, store_client_deadline_ms(st), name, sql);
 			if (PQresultStatus(res) != PGRES_COMMAND_OK) {
 				store_set_error(st, "could not prepare statements", res);
 				PQclear(res);
@@ -361,7 +373,7 @@ prepare_all(store *st)
 			PQclear(res);
 		}
 	}
-	res = store_prepare_bounded(st->conn, client_deadline_ms(st), "reserve",
+	res = store_prepare_bounded(st->conn, store_client_deadline_ms(st), "reserve",
 	    "SELECT rid, result FROM bw_reserve($1::bigint[], $2::bigint[])");
 	if (PQresultStatus(res) != PGRES_COMMAND_OK) {
 		store_set_error(st, "could not prepare statements", res);
@@ -408,7 +420,7 @@ store_connect(store *st)
 	snprintf(settings, sizeof(settings), "SET statement_timeout = %d; SET lock_timeout = %d; "
 	    "SET idle_in_transaction_session_timeout = '60s'", st->query_timeout_ms,
 	    st->query_timeout_ms < 10000 ? st->query_timeout_ms : 10000);
-	res = store_exec_bounded(st->conn, client_deadline_ms(st), settings);
+	res = store_exec_bounded(st->conn, store_client_deadline_ms(st), settings);
 	if (PQresultStatus(res) != PGRES_COMMAND_OK) {
 		store_set_error(st, "could not configure the session", res);
 		PQclear(res);
@@ -448,7 +460,7 @@ exec_stmt(store *st, enum stmt s, enum item_kind kind, int nparams,
 	if (!st->prepared && prepare_all(st) == -1)
 		return NULL;
 	snprintf(name, sizeof(name), "%s_%s", stmt_names[s], item_kind_name(kind));
-	res = store_exec_prepared_bounded(st->conn, client_deadline_ms(st), name, nparams, values);
+	res = store_exec_prepared_bounded(st->conn, store_client_deadline_ms(st), name, nparams, values);
 	if (PQresultStatus(res) != want) {
 		*retryable = res_is_retryable(res);
 		store_set_error(st, stmt_names[s], res);
@@ -665,7 +677,7 @@ oom:
 static int
 exec_simple(store *st, const char *sql)
 {
-	PGresult *res = store_exec_bounded(st->conn, client_deadline_ms(st), sql);
+	PGresult *res = store_exec_bounded(st->conn, store_client_deadline_ms(st), sql);
 	int ret = 0;
 
 	if (PQresultStatus(res) != PGRES_COMMAND_OK) {
@@ -703,7 +715,7 @@ store_complete(store *st, const struct completion *c, size_t n, bool *accepted)
 		if (!failed && (!both || exec_simple(st, "COMMIT") == 0))
 			return 0;
 		if (both && store_connected(st)) {
-			PGresult *res = store_exec_bounded(st->conn, client_deadline_ms(st), "ROLLBACK");
+			PGresult *res = store_exec_bounded(st->conn, store_client_deadline_ms(st), "ROLLBACK");
 
 			PQclear(res);
 		}
@@ -746,7 +758,7 @@ store_reserve(store *st, struct item *const *items, size_t n,
 	params[0] = ids->data;
 	params[1] = fences->data;
 	for (int attempt = 0; attempt < TX_RETRIES; attempt++) {
-		res = store_exec_prepared_bounded(st->conn, client_deadline_ms(st), "reserve", 2,
+		res = store_exec_prepared_bounded(st->conn, store_client_deadline_ms(st), "reserve", 2,
 		    params);
 		if (PQresultStatus(res) == PGRES_TUPLES_OK)
 			break;

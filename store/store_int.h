@@ -25,6 +25,12 @@ PGresult *store_exec_prepared_bounded(PGconn *conn, int timeout_ms, const char *
 PGresult *store_prepare_bounded(PGconn *conn, int timeout_ms, const char *name,
     const char *sql);
 
+PGresult *store_exec_params_bounded(PGconn *conn, int timeout_ms, const char *sql,
+    int nparams, const char *const *values);
+
+/* How long the client waits for an answer: the server's own timeout fires first. */
+int store_client_deadline_ms(const store *st);
+
 /* Sets store_errmsg() from a format. */
 void store_errorf(store *st, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 

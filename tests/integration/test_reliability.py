@@ -147,3 +147,104 @@ def test_lost_redis_lock_is_logged_and_the_lease_still_fences(tmp_path, db, redi
     wait_for(lambda: count(db, "paid") == 1, 10, message=w.log)
     assert w.log().count("redis lock lost") == 1
     assert w.stop() == 0
+
+
+def test_an_item_that_always_times_out_blocks_nothing(tmp_path, db, redis, fake_api, binary):
+    # One slot only: the slow item must still let the others through.
+    cfg = make_config(tmp_path, db, redis, fake_api, **{
+        "worker.concurrency": 1, "worker.batch_size": 1, "billing_api.timeout_ms": 800,
+        "billing_api.connect_timeout_ms": 300, "billing_api.backoff_max_ms": 1000,
+        "locks.ttl_ms": 2000, "locks.renew_interval_ms": 300})
+    migrate(cfg)
+    [slow] = insert_invoices(db, 1, customer="slow_{i}")
+    others = insert_invoices(db, 20)
+    fake_api.faults([{"match": {"customer_prefix": "slow"}, "action": "hang", "delay_ms": 5000}],
+                    latency_ms=10)
+    w = Worker(cfg, "w").start()
+    wait_for(lambda: count(db, "paid") == len(others), 60, interval=0.2, message=w.log)
+    # Timed out again and again: pending, marked ambiguous (a timeout after
+    # sending may have charged), never failed, and between attempts neither
+    # its lease nor its Redis lock is held.
+    wait_for(lambda: fake_api.state()["requests"].get(f"invoice-{slow}", 0) >= 3, 30)
+    assert db.query("SELECT status, ambiguous FROM invoices WHERE id = %s", (slow,)) == \
+        [("pending", True)]
+    wait_for(lambda: db.scalar("SELECT locked_by IS NULL FROM invoices WHERE id = %s", (slow,))
+             and redis.keys("billing-worker:lock:invoice:*") == [], 10, interval=0.01)
+    fake_api.faults([])
+    wait_for(lambda: count(db, "paid") == 21, 30, message=w.log)
+    assert w.stop() == 0
+    assert fake_api.state()["applied"][f"invoice-{slow}"]["id"] == \
+        db.scalar("SELECT charge_id FROM invoices WHERE id = %s", (slow,))
+
+
+POISON = [
+    ("", "usd", "customer_id is empty"),
+    ("tab\there", "usd", "customer_id is not valid UTF-8 or holds control characters"),
+    ("x" * 300, "usd", "customer_id is longer than 255 bytes"),
+    ("cus_ok", "dollars", "currency is not a three-letter ISO 4217 code"),
+    ("cus_ok", "u$d", "currency is not a three-letter ISO 4217 code"),
+]
+
+
+def test_poison_rows_fail_with_a_reason_and_never_crash_the_worker(tmp_path, db, redis, fake_api,
+                                                                    binary):
+    cfg = make_config(tmp_path, db, redis, fake_api, **{"worker.batch_size": 4})
+    migrate(cfg)
+    good = insert_invoices(db, 6)
+    bad = [db.scalar("INSERT INTO invoices (customer_id, amount_cents, currency) "
+                     "VALUES (%s, 100, %s) RETURNING id", (c, cur)) for c, cur, _ in POISON]
+    sid = db.scalar("INSERT INTO subsidies (name) VALUES ('s') RETURNING id")
+    db.execute("INSERT INTO ledger_transactions (subsidy_id, amount_cents) VALUES (%s, 1000)", (sid,))
+    bad_red = db.scalar("INSERT INTO redemptions (subsidy_id, customer_id, amount_cents) "
+                        "VALUES (%s, 'bell' || chr(7), 100) RETURNING id", (sid,))
+    good += insert_invoices(db, 6)
+    w = Worker(cfg, "w").start()
+    pid = w.pid
+    wait_for(lambda: db.scalar("SELECT count(*) FROM invoices WHERE status = 'pending'") == 0
+             and db.scalar("SELECT count(*) FROM redemptions WHERE status = 'pending'") == 0,
+             30, message=w.log)
+    for iid, (_, _, reason) in zip(bad, POISON):
+        assert db.query("SELECT status, last_error, attempts FROM invoices WHERE id = %s",
+                        (iid,)) == [("failed", reason, 0)]
+    assert db.query("SELECT status, last_error, attempts FROM redemptions") == \
+        [("failed", "customer_id is not valid UTF-8 or holds control characters", 0)]
+    assert count(db, "paid") == len(good)
+    state = fake_api.state()
+    assert all(f"invoice-{iid}" not in state["requests"] for iid in bad)
+    assert f"redemption-{bad_red}" not in state["requests"]
+    # Refused funds never held: the subsidy is untouched.
+    assert db.scalar("SELECT balance_cents FROM subsidies") == 1000
+    # One process, started once, still running, no crash loop.
+    assert w.alive() and w.pid == pid and w.log().count("starting (run") == 1
+    assert w.stop() == 0
+    r = run_cli(cfg, "audit")
+    assert r.returncode == 0, r.stdout
+
+
+def test_a_row_the_database_refuses_to_complete_holds_nothing_back(tmp_path, db, redis, fake_api,
+                                                                    binary):
+    # A corrupted counter: recording attempts + 1 overflows, so the batch's
+    # completion fails on this row every time.  It used to hold back every
+    # other outcome of its batch (charged, never recorded) and spin the loop.
+    cfg = make_config(tmp_path, db, redis, fake_api, **{"worker.batch_size": 8})
+    migrate(cfg)
+    ids = insert_invoices(db, 8)
+    poison = ids[3]
+    db.execute("UPDATE invoices SET attempts = 2147483647 WHERE id = %s", (poison,))
+    w = Worker(cfg, "w").start()
+    wait_for(lambda: count(db, "paid") == 7, 10, message=w.log)
+    key = f"invoice-{poison}"
+    wait_for(lambda: fake_api.state()["requests"].get(key, 0) >= 3, 10, message=w.log)
+    status, ambiguous, locked_by, err = db.query(
+        "SELECT status, ambiguous, locked_by, last_error FROM invoices WHERE id = %s", (poison,))[0]
+    # Charged, so never failed: parked pending, ambiguous, with the reason and the charge's id.
+    charge = fake_api.state()["applied"][key]["id"]
+    assert (status, ambiguous) == ("pending", True)
+    assert "integer out of range" in err and charge in err
+    assert f"invoice {poison}: could not record the outcome" in w.log()
+    # Retried after backoff_max_ms (500 ms here), not in a tight loop.
+    lines = len(w.log().splitlines())
+    time.sleep(2)
+    assert len(w.log().splitlines()) - lines < 15
+    assert w.alive()
+    assert w.stop() == 0
