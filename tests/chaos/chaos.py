@@ -49,18 +49,18 @@ from harness import (FakeApi, PgCluster, RedisServer, Worker, create_database,  
 
 PROFILES = {
     # At least 5000 items, several of every fault, a one-minute API outage.
-    "full": dict(invoices=3200, redemptions=2000, subsidies=5, workers=6, window=300,
-                 outage=60, fault_gap=(1.5, 4.0), drain_timeout=420),
+    "full": dict(invoices=3200, redemptions=2000, subsidies=5, workers=6, concurrency=5,
+                 window=300, outage=60, fault_gap=(1.5, 4.0), drain_timeout=420),
     # Bounded for `make test`: about two minutes on 2 cores.
-    "ci": dict(invoices=700, redemptions=400, subsidies=3, workers=4, window=55,
-               outage=8, fault_gap=(1.0, 2.5), drain_timeout=150),
+    "ci": dict(invoices=700, redemptions=400, subsidies=3, workers=4, concurrency=7,
+               window=55, outage=8, fault_gap=(1.0, 2.5), drain_timeout=150),
 }
 
 TTL_MS = 3000
 RENEW_MS = 800
 API_TIMEOUT_MS = 2000
 # Every call takes this long, so items stay in flight and the kills land on work.
-BASE_LATENCY_MS = 300
+BASE_LATENCY_MS = 800
 MODES = ("redis", "skip-locked", "auto")
 API_FAULT_KINDS = ("api_5xx", "api_429", "api_slow", "api_timeout")
 WORKER_FAULT_KINDS = ("kill", "kill_in_complete", "kill_after_hold", "pause")
@@ -125,7 +125,6 @@ class Chaos:
         self.items_total = 0
         self.subsidies = []
         self.deposits = 0
-        self.kill_where = Counter()
 
     # ---- setup ----------------------------------------------------------
 
@@ -150,8 +149,8 @@ class Chaos:
                 # application_name names the worker in pg_stat_activity, so
                 # the targeted kills can tell whose statement is waiting.
                 "database.conninfo": f"{self.db.dsn} application_name=chaos-w{i}-{mode}",
-                "worker.concurrency": 4,
-                "worker.batch_size": 4,
+                "worker.concurrency": self.args.concurrency,
+                "worker.batch_size": self.args.concurrency,
                 "worker.poll_interval_ms": 200,
                 "locks.mode": mode,
                 "locks.ttl_ms": TTL_MS,
@@ -276,13 +275,23 @@ class Chaos:
     # ---- worker faults ----------------------------------------------------
 
     def live_workers(self):
-        return [w for w in self.workers if w.alive() and not w._paused]
+        """Running workers, those with items in flight first-choice: a fault
+        on an idle worker proves little."""
+        live = [w for w in self.workers if w.alive() and not w._paused]
+        try:
+            busy = {r[0] for r in self.db.query(
+                "SELECT locked_by FROM invoices WHERE locked_by IS NOT NULL AND status = 'pending' "
+                "UNION SELECT locked_by FROM redemptions WHERE locked_by IS NOT NULL "
+                "AND status = 'pending'")}
+        except psycopg2.Error:
+            return live
+        return [w for w in live if self.worker_ids[w.name] in busy] or live
 
     def restart_later(self, w):
         self.later(self.rng.uniform(0.0, 1.5), lambda: None if w.alive() else w.start())
 
     def fault_kill(self):
-        w = self.rng.choice(self.workers)
+        w = self.rng.choice(self.live_workers() or self.workers)
         w.kill()
         self.restart_later(w)
         return True
@@ -306,8 +315,10 @@ class Chaos:
         return next(w for w in self.workers if self.worker_ids[w.name] == app)
 
     def fault_kill_in_complete(self):
-        """Holds the row locks of a worker's items until one of its statements
-        waits on them (its completion, or a renewal), then kills it there."""
+        """Holds the row locks of a worker's items until its completion
+        statement waits on them, then kills it there.  When another of its
+        statements (a claim, a renewal) blocks first, lets go and fails, so
+        the caller tries again."""
         live = self.live_workers()
         if not live:
             return False
@@ -324,18 +335,18 @@ class Chaos:
                     n += cur.rowcount
                 if n == 0:
                     return False
-                deadline = time.monotonic() + 4
+                deadline = time.monotonic() + 3
                 while time.monotonic() < deadline:
                     mine = [q for _, app, q in self._blocked(cur) if app == wid]
-                    if mine:
+                    if mine and mine[0].startswith(COMPLETE_PREFIXES):
                         w.kill()
-                        where = "completion" if mine[0].startswith(COMPLETE_PREFIXES) else "renewal"
-                        self.notes.append(f"kill_in_complete: {w.name} killed inside its {where} "
-                                          f"statement ({n} rows held)")
-                        self.kill_where[where] += 1
+                        self.notes.append(f"kill_in_complete: {w.name} killed inside its "
+                                          f"completion statement ({n} rows held)")
                         self.restart_later(w)
                         return True
-                    time.sleep(0.02)
+                    if mine:
+                        return False
+                    time.sleep(0.01)
                 return False
         finally:
             conn.rollback()
@@ -458,7 +469,7 @@ class Chaos:
                 self.rng.shuffle(deck)
             kind = deck.pop()
             # The targeted kills need the right moment: a few tries each.
-            for _ in range(3 if kind.startswith("kill_") else 1):
+            for _ in range(6 if kind.startswith("kill_") else 1):
                 try:
                     done = getattr(self, "fault_" + kind)()
                 except Exception as e:  # noqa: BLE001 - a fault that could not be made is logged
@@ -502,7 +513,7 @@ class Chaos:
         self.seed()
         self.sampler = Sampler(self.pg, self.db.name)
         self.sampler.start()
-        producer = threading.Thread(target=self.producer, args=(a.window * 0.7,), daemon=True)
+        producer = threading.Thread(target=self.producer, args=(a.window * 0.85,), daemon=True)
         producer.start()
         t0 = time.monotonic()
         self.inject(a.window)
@@ -617,7 +628,6 @@ class Chaos:
             "by status": dict(sorted(status.items())),
             "deposits during the run": self.deposits,
             "faults injected": dict(sorted(self.faults.items())),
-            "kill_in_complete landed in": dict(self.kill_where),
             "API calls": calls,
             "API calls per item": round(calls / items, 3) if items else 0,
             "items called more than once": sum(1 for n in reqs.values() if n > 1),
@@ -669,7 +679,7 @@ def parse_args(argv=None):
     ap.add_argument("--profile", choices=sorted(PROFILES), default="full")
     ap.add_argument("--seed", type=int, default=None, help="replay the faults of an earlier run")
     for name, typ in (("invoices", int), ("redemptions", int), ("subsidies", int),
-                      ("workers", int), ("window", float), ("outage", float),
+                      ("workers", int), ("concurrency", int), ("window", float), ("outage", float),
                       ("drain_timeout", float)):
         ap.add_argument("--" + name.replace("_", "-"), type=typ, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs) even when clean")
