@@ -213,29 +213,34 @@ class Chaos:
         self.items_total += n_inv + n_red
 
     def producer(self, seconds):
-        """Inserts the rest of the items and some deposits over SECONDS, in small batches."""
+        """Inserts the rest of the items, and deposits, evenly over SECONDS:
+        each round inserts what is due by the clock, so a round held up (a
+        restart, a lock) is caught up by the next instead of running late."""
         a = self.args
-        left_inv = a.invoices - a.invoices * 2 // 5
-        left_red = a.redemptions - a.redemptions * 2 // 5
+        total_inv = a.invoices - a.invoices * 2 // 5
+        total_red = a.redemptions - a.redemptions * 2 // 5
         rng = random.Random(self.rng.random())
-        steps = max(1, int(seconds / 0.5))
+        t0 = time.monotonic()
+        done_inv = done_red = 0
+        next_deposit = 0.0
         try:
-            for step in range(steps):
-                if self.producer_done.is_set():
-                    break
-                n_inv = left_inv // (steps - step)
-                n_red = left_red // (steps - step)
+            while done_inv < total_inv or done_red < total_red:
+                elapsed = time.monotonic() - t0
+                frac = 1.0 if self.producer_done.is_set() else min(1.0, elapsed / seconds)
+                n_inv = int(total_inv * frac) - done_inv
+                n_red = int(total_red * frac) - done_red
                 self._retry_db(lambda: self.insert_batch(n_inv, n_red))
-                left_inv -= n_inv
-                left_red -= n_red
-                if rng.random() < 0.3:
+                done_inv += n_inv
+                done_red += n_red
+                if elapsed >= next_deposit:
                     sid = rng.choice(self.subsidies)
                     self._retry_db(lambda: self.db.execute(
                         "INSERT INTO ledger_transactions (subsidy_id, amount_cents) "
                         "VALUES (%s, %s)", (sid, rng.randrange(1000, 20000))))
                     self.deposits += 1
-                time.sleep(seconds / steps)
-            self._retry_db(lambda: self.insert_batch(left_inv, left_red))
+                    next_deposit = elapsed + rng.uniform(1, 4)
+                if frac < 1.0:
+                    time.sleep(0.5)
         finally:
             self.producer_done.set()
 
@@ -361,7 +366,9 @@ class Chaos:
         try:
             with conn.cursor() as cur:
                 cur.execute("SET lock_timeout = '1s'")
-                cur.execute("SELECT id FROM subsidies ORDER BY id FOR UPDATE")
+                # NO KEY UPDATE: blocks bw_reserve (FOR UPDATE) and deposits, but
+                # not the producer's new redemptions (their foreign key check).
+                cur.execute("SELECT id FROM subsidies ORDER BY id FOR NO KEY UPDATE")
                 deadline = time.monotonic() + 4
                 found = None
                 while found is None and time.monotonic() < deadline:
@@ -390,6 +397,8 @@ class Chaos:
             self.restart_later(w)
             self.notes.append(f"kill_after_hold: {w.name} killed holding {len(held)} "
                               f"redemptions, {len(uncalled)} of them never called")
+            if not uncalled:
+                self.faults["kill"] += 1    # a kill all the same, at a less telling moment
             return bool(uncalled)
         finally:
             if not conn.closed:
@@ -517,8 +526,9 @@ class Chaos:
         producer.start()
         t0 = time.monotonic()
         self.inject(a.window)
-        self.producer_done.wait(120)
-        producer.join(5)
+        producer.join(30)
+        self.producer_done.set()        # late: insert the rest now
+        producer.join(60)
         self.calm()
         log(f"faults stopped after {time.monotonic() - t0:.0f} s; draining")
         t_drain = time.monotonic()
@@ -595,6 +605,9 @@ class Chaos:
         patterns = {
             "outcome not recorded (claim lost)": "outcome not recorded",
             "lease lost (renewal)": "lease lost to another worker",
+            "calls timed out": "timed out",
+            "fell back to SKIP LOCKED (auto)": "SKIP LOCKED until it returns",
+            "parked (completion refused)": "could not record the outcome",
             "redis lock lost (renewal)": "redis lock lost",
             "claim lost before reserve": "claim lost before its funds",
             "database reachable again": "database reachable again",
@@ -615,13 +628,19 @@ class Chaos:
         items = len(rows)
         calls = sum(reqs.values())
         extra = sum(max(0, n - 1) for n in reqs.values())
-        # Each call a fault rule answered forces one more call under that key;
-        # the rest of the extra calls come from claims lost (kills, pauses,
-        # restarts outlasting the lease) or from 409s of overlapping calls.
+        # Each call a fault rule answered forces one more call under that key.
+        # A call whose result was turned away by the fence ("outcome not
+        # recorded") was repeated by the claim's new holder, and a call
+        # answered 409 overlapped another holder's: both are lock loss.  The
+        # rest: calls of killed workers repeated by the next holder, answers
+        # slowed past the timeout, outcomes queued through a database outage
+        # that outlasted their lease.
         by_fault = sum(min(max(0, reqs.get(k, 0) - 1), n) for k, n in faulted.items())
-        by_loss = extra - by_fault
-        status = Counter(s for _, s in rows)
         logs = self.worker_log_counts()
+        not_recorded = logs["outcome not recorded (claim lost)"]
+        overlap = sum(conflicts.values())
+        other = max(0, extra - by_fault - not_recorded - overlap)
+        status = Counter(s for _, s in rows)
         fig = {
             "seed": self.args.seed,
             "items": items,
@@ -632,9 +651,10 @@ class Chaos:
             "API calls per item": round(calls / items, 3) if items else 0,
             "items called more than once": sum(1 for n in reqs.values() if n > 1),
             "extra calls (beyond the first per key)": extra,
-            "  answered by an injected API fault": by_fault,
-            "  caused by claim/lock loss or overlap": by_loss,
-            "409 in progress (overlapping calls)": sum(conflicts.values()),
+            "  after an injected API fault": by_fault,
+            "  lock loss: result turned away by the fence": not_recorded,
+            "  lock loss: 409, overlapping another holder's call": overlap,
+            "  other: killed worker's call repeated, slow answer past the timeout": other,
             "max calls for one key": max(reqs.values()) if reqs else 0,
             "worker log": dict(sorted(logs.items())),
             "balance samples": self.sampler.samples,
