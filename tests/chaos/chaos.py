@@ -125,6 +125,7 @@ class Chaos:
         self.items_total = 0
         self.subsidies = []
         self.deposits = 0
+        self.outage_backlog = {}
 
     # ---- setup ----------------------------------------------------------
 
@@ -457,6 +458,31 @@ class Chaos:
 
     # ---- the run ----------------------------------------------------------
 
+    def watch_recovery(self, seconds):
+        """Measures how long after the API outage the backlog it left takes
+        to fall back to what was open when it began."""
+        before = self._retry_db(self.open_items)
+        self.outage_backlog = {"open items when the outage began": before}
+
+        def watch():
+            time.sleep(seconds)
+            peak, t_end = 0, time.monotonic()
+            while time.monotonic() - t_end < 600:
+                try:
+                    n = self.open_items()
+                except psycopg2.Error:
+                    n = None
+                if n is not None:
+                    peak = max(peak, n)
+                    if n <= before:
+                        break
+                time.sleep(0.5)
+            self.outage_backlog.update({
+                "open items when it ended": peak,
+                "seconds to work that backlog off": round(time.monotonic() - t_end, 1)})
+
+        threading.Thread(target=watch, daemon=True).start()
+
     def inject(self, window):
         a = self.args
         start = time.monotonic()
@@ -470,6 +496,7 @@ class Chaos:
             now = time.monotonic()
             if not outage_done and now >= outage_at:
                 log(f"fault api_outage for {a.outage} s")
+                self.watch_recovery(a.outage)
                 self.fault_api_outage(a.outage)
                 self.faults["api_outage"] += 1
                 outage_done = True
@@ -658,7 +685,8 @@ class Chaos:
             "max calls for one key": max(reqs.values()) if reqs else 0,
             "worker log": dict(sorted(logs.items())),
             "balance samples": self.sampler.samples,
-            "time to drain (s)": round(self.drain_s, 1),
+            "API outage": self.outage_backlog,
+            "time to drain after the faults stopped (s)": round(self.drain_s, 1),
             "violations": len(v),
         }
         print(json.dumps(fig, indent=2), flush=True)
