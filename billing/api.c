@@ -321,7 +321,8 @@ api_wait(api_client *api, struct api_waitfd *extra, unsigned nextra, int timeout
 static enum api_transport
 transport_of(api_client *api, struct call *c, CURLcode rc)
 {
-	curl_off_t connected = 0, handshaken = 0;
+	curl_off_t connected = 0, handshaken = 0, pretransfer = 0;
+	long request_bytes = 0;
 
 	switch (rc) {
 	case CURLE_OK:
@@ -340,7 +341,18 @@ transport_of(api_client *api, struct call *c, CURLcode rc)
 	case CURLE_URL_MALFORMAT:
 		return API_TRANSPORT_NOT_SENT;
 	case CURLE_OPERATION_TIMEDOUT:
-		/* A timeout before the connection (or TLS) was up sent nothing. */
+		/*
+		 * A timeout before the connection (or TLS) was up sent nothing.
+		 * But on a reused keep-alive connection libcurl reports connect
+		 * and handshake times of 0, so they alone would call a request
+		 * that went out, and may have charged, "never sent": once the
+		 * request started (bytes of it written, or the transfer past its
+		 * connect phase), a timeout is ambiguous whatever those say.
+		 */
+		curl_easy_getinfo(c->easy, CURLINFO_REQUEST_SIZE, &request_bytes);
+		curl_easy_getinfo(c->easy, CURLINFO_PRETRANSFER_TIME_T, &pretransfer);
+		if (request_bytes > 0 || pretransfer > 0)
+			return API_TRANSPORT_LOST;
 		curl_easy_getinfo(c->easy, CURLINFO_CONNECT_TIME_T, &connected);
 		curl_easy_getinfo(c->easy, CURLINFO_APPCONNECT_TIME_T, &handshaken);
 		if (connected == 0 || (api->https && handshaken == 0))

@@ -248,3 +248,28 @@ def test_a_row_the_database_refuses_to_complete_holds_nothing_back(tmp_path, db,
     assert len(w.log().splitlines()) - lines < 15
     assert w.alive()
     assert w.stop() == 0
+
+
+def test_timeout_on_a_reused_connection_is_ambiguous_not_unsent(tmp_path, db, redis, fake_api,
+                                                                 binary):
+    # Found by `make chaos` (seed 20261122): an invoice whose call timed out
+    # after the API had applied it, on a keep-alive connection reused from an
+    # earlier call, was classified "could not reach the billing API" (never
+    # sent), so after max_attempts it was marked failed - while charged.
+    cfg = make_config(tmp_path, db, redis, fake_api, **{
+        "worker.concurrency": 1, "worker.batch_size": 1, "billing_api.timeout_ms": 800,
+        "billing_api.connect_timeout_ms": 300, "billing_api.max_attempts": 1})
+    migrate(cfg)
+    [first] = insert_invoices(db, 1)
+    w = Worker(cfg, "w").start()
+    wait_for(lambda: count(db, "paid") == 1, 10, message=w.log)      # the connection is open now
+    [second] = insert_invoices(db, 1, customer="slow_{i}")
+    fake_api.faults([{"match": {"customer_prefix": "slow"}, "action": "timeout_after_effect",
+                      "delay_ms": 3000, "times": 1}])
+    wait_for(lambda: db.scalar("SELECT status FROM invoices WHERE id = %s", (second,)) != "pending",
+             20, message=w.log)
+    assert w.stop() == 0
+    charge = fake_api.state()["applied"][f"invoice-{second}"]["id"]
+    assert db.query("SELECT status, charge_id, ambiguous FROM invoices WHERE id = %s",
+                    (second,)) == [("paid", charge, True)], w.log()
+    assert "may have taken effect" in w.log()
