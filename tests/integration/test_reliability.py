@@ -7,8 +7,12 @@ worker anything, and PostgreSQL's statement_timeout cannot fire in a
 stopped server.  Only a deadline on the client side ends the wait.
 """
 
+import json
 import os
+import re
 import signal
+import socket
+import threading
 import time
 
 from harness import Worker, insert_invoices, make_config, run_cli, wait_for
@@ -273,3 +277,60 @@ def test_timeout_on_a_reused_connection_is_ambiguous_not_unsent(tmp_path, db, re
     assert db.query("SELECT status, charge_id, ambiguous FROM invoices WHERE id = %s",
                     (second,)) == [("paid", charge, True)], w.log()
     assert "may have taken effect" in w.log()
+
+
+class OneShotApi(threading.Thread):
+    """A billing API that answers the first request, reads the second on the
+    same keep-alive connection, then dies: closes that connection unanswered
+    and stops listening, so libcurl's retry on a new connection is refused.
+    Whether the second request was applied is unknown to the client."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.requests = []
+
+    def _read_request(self, f):
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            line = f.readline()
+            if not line:
+                return None
+            head += line
+        n = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+        return head + f.read(n)
+
+    def run(self):
+        conn, _ = self.sock.accept()
+        f = conn.makefile("rb")
+        self.requests.append(self._read_request(f))
+        body = json.dumps({"id": "ch_first", "object": "charge"}).encode()
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        self.requests.append(self._read_request(f))
+        self.sock.close()           # the retry's connect is refused
+        conn.close()
+
+
+def test_request_lost_with_a_reused_connection_then_refused_is_ambiguous(tmp_path, db, redis,
+                                                                         binary):
+    api = OneShotApi()
+    api.start()
+    cfg = make_config(tmp_path, db, redis, None, **{
+        "billing_api.base_url": f"http://127.0.0.1:{api.port}",
+        "worker.concurrency": 1, "worker.batch_size": 1, "billing_api.max_attempts": 1,
+        "billing_api.backoff_max_ms": 60000, "billing_api.backoff_initial_ms": 60000})
+    migrate(cfg)
+    [first] = insert_invoices(db, 1)
+    w = Worker(cfg, "w").start()
+    wait_for(lambda: count(db, "paid") == 1, 10, message=w.log)
+    [second] = insert_invoices(db, 1)
+    wait_for(lambda: "invoice %d: " % second in w.log(), 15, message=w.log)
+    assert w.stop() == 0
+    assert api.requests[1] is not None and b"invoice-%d" % second in api.requests[1]
+    # The API read it and may have charged: never failed, retried under the same key.
+    assert db.query("SELECT status, ambiguous FROM invoices WHERE id = %s", (second,)) == \
+        [("pending", True)], w.log()
