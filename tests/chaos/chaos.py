@@ -750,16 +750,18 @@ def main(argv=None):
     violations = None
     try:
         violations = chaos.run()
-    except (AssertionError, RuntimeError) as e:
-        log(f"the run failed: {e}")
+    except (AssertionError, RuntimeError, KeyboardInterrupt, SystemExit) as e:
+        log(f"the run failed: {e!r}")
         for w in chaos.workers:
             print(f"--- {w.name} log tail ---\n{w.log_tail(30)}")
-        chaos.cleanup(keep=True)
         log(f"seed {args.seed}: replay with --seed {args.seed}")
         return 2
+    finally:
+        # Servers, workers and timers go whatever happened; the logs stay
+        # when something went wrong.
+        chaos.cleanup(keep=args.keep or violations is None or bool(violations))
     if args.json:
         Path(args.json).write_text(json.dumps(chaos.figures, indent=2) + "\n")
-    chaos.cleanup(keep=args.keep or bool(violations))
     log(f"seed {args.seed}: {len(violations)} violations")
     return 1 if violations else 0
 
