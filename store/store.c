@@ -460,7 +460,8 @@ exec_stmt(store *st, enum stmt s, enum item_kind kind, int nparams,
 	if (!st->prepared && prepare_all(st) == -1)
 		return NULL;
 	snprintf(name, sizeof(name), "%s_%s", stmt_names[s], item_kind_name(kind));
-	res = store_exec_prepared_bounded(st->conn, store_client_deadline_ms(st), name, nparams, values);
+	res = store_exec_prepared_bounded(st->conn, store_client_deadline_ms(st), name, nparams,
+	    values);
 	if (PQresultStatus(res) != want) {
 		*retryable = res_is_retryable(res);
 		store_set_error(st, stmt_names[s], res);
@@ -715,7 +716,8 @@ store_complete(store *st, const struct completion *c, size_t n, bool *accepted)
 		if (!failed && (!both || exec_simple(st, "COMMIT") == 0))
 			return 0;
 		if (both && store_connected(st)) {
-			PGresult *res = store_exec_bounded(st->conn, store_client_deadline_ms(st), "ROLLBACK");
+			PGresult *res = store_exec_bounded(st->conn, store_client_deadline_ms(st),
+			    "ROLLBACK");
 
 			PQclear(res);
 		}

@@ -61,6 +61,8 @@ RENEW_MS = 800
 API_TIMEOUT_MS = 2000
 # Every call takes this long, so items stay in flight and the kills land on work.
 BASE_LATENCY_MS = 800
+# Worker statements: statement_timeout, lock_timeout and the client deadline.
+QUERY_TIMEOUT_MS = 3000
 MODES = ("redis", "skip-locked", "auto")
 API_FAULT_KINDS = ("api_5xx", "api_429", "api_slow", "api_timeout")
 WORKER_FAULT_KINDS = ("kill", "kill_in_complete", "kill_after_hold", "pause")
@@ -162,6 +164,7 @@ class Chaos:
                 "billing_api.backoff_initial_ms": 100,
                 "billing_api.backoff_max_ms": 2000,
                 "redis.command_timeout_ms": 1000,
+                "database.query_timeout_ms": QUERY_TIMEOUT_MS,
             })
             if i == 0:
                 r = run_cli(cfg, "migrate")
@@ -313,6 +316,8 @@ class Chaos:
 
     def _blocked(self, cur):
         """(pid, application_name, query) of the backends waiting on a lock we hold."""
+        # Activity is snapshotted once per transaction: look afresh each time.
+        cur.execute("SELECT pg_stat_clear_snapshot()")
         cur.execute("SELECT pid, application_name, query FROM pg_stat_activity "
                     "WHERE pg_backend_pid() = ANY (pg_blocking_pids(pid))")
         return cur.fetchall()
@@ -322,9 +327,9 @@ class Chaos:
 
     def fault_kill_in_complete(self):
         """Holds the row locks of a worker's items until its completion
-        statement waits on them, then kills it there.  When another of its
-        statements (a claim, a renewal) blocks first, lets go and fails, so
-        the caller tries again."""
+        statement waits on them, then kills it there.  A renewal or claim
+        that blocks first gives up after lock_timeout (QUERY_TIMEOUT_MS), and
+        the worker goes on to record its outcomes: so wait through those."""
         live = self.live_workers()
         if not live:
             return False
@@ -341,7 +346,8 @@ class Chaos:
                     n += cur.rowcount
                 if n == 0:
                     return False
-                deadline = time.monotonic() + 3
+                # A claim, a renewal, another claim may each wait out lock_timeout first.
+                deadline = time.monotonic() + 3 * QUERY_TIMEOUT_MS / 1000 + 2
                 while time.monotonic() < deadline:
                     mine = [q for _, app, q in self._blocked(cur) if app == wid]
                     if mine and mine[0].startswith(COMPLETE_PREFIXES):
@@ -350,8 +356,6 @@ class Chaos:
                                           f"completion statement ({n} rows held)")
                         self.restart_later(w)
                         return True
-                    if mine:
-                        return False
                     time.sleep(0.01)
                 return False
         finally:
@@ -505,7 +509,7 @@ class Chaos:
                 self.rng.shuffle(deck)
             kind = deck.pop()
             # The targeted kills need the right moment: a few tries each.
-            for _ in range(6 if kind.startswith("kill_") else 1):
+            for _ in range({"kill_after_hold": 6, "kill_in_complete": 2}.get(kind, 1)):
                 try:
                     done = getattr(self, "fault_" + kind)()
                 except Exception as e:  # noqa: BLE001 - a fault that could not be made is logged
