@@ -13,6 +13,9 @@
 #   make test SANITIZE=1 the same, built with ASan + UBSan in build-san/
 #   make valgrind        integration tests with the worker under valgrind memcheck
 #   make fuzz            every libFuzzer target for FUZZ_SECONDS (default 60) each
+#   make chaos           the full chaos run: >= 5000 items, every fault kind, a one-minute
+#                        API outage (about 10 minutes; CHAOS_ARGS="--seed N" to replay)
+#   make chaos-ci        the short chaos run that `make test` includes (about 2 minutes)
 
 CC       ?= gcc
 PREFIX   ?= /usr/local
@@ -51,8 +54,8 @@ endif
 # Modules, bottom up: common -> store -> billing -> locks -> worker.
 COMMON_SRC  := common/log.c common/item.c common/metrics.c
 CONFIG_SRC  := config/config.c
-STORE_SRC   := store/store.c store/conninfo.c store/migrate.c store/report.c store/audit.c \
-               store/listen.c $(BUILD)/migrations.c
+STORE_SRC   := store/store.c store/conninfo.c store/deadline.c store/park.c store/migrate.c \
+               store/report.c store/audit.c store/listen.c $(BUILD)/migrations.c
 BILLING_SRC := billing/api.c billing/response.c billing/backoff.c billing/outcome.c billing/pace.c
 LOCKS_SRC   := locks/lock.c locks/redis_lock.c
 WORKER_SRC  := worker/loop.c worker/telemetry.c worker/notify.c worker/metrics_http.c \
@@ -86,7 +89,7 @@ UNITS := billing-worker.service billing-worker@.service billing-worker-once.serv
 MANPAGES := man/billing-worker.8 man/billing-worker.conf.5
 
 .PHONY: all test unit integration demo deps clean install uninstall check-deps lint-man deb bench \
-        valgrind fuzz fuzz-build
+        valgrind fuzz fuzz-build chaos chaos-ci
 
 all: $(BIN)
 
@@ -151,10 +154,19 @@ valgrind: $(BIN)
 	$(PYTHON) -m pytest -q $(addprefix tests/integration/,$(VALGRIND_TESTS)) -k "$(VALGRIND_K)" $(PYTEST_ARGS)
 	sh tests/valgrind-check.sh $(BUILD)/valgrind-logs
 
+# Kill, pause and restart everything at random, then check the books
+# against the fake API's record (tests/chaos/chaos.py, RELIABILITY.md).
+chaos: $(BIN)
+	$(SAN_ENV) BW_BINARY=$(abspath $(BIN)) $(PYTHON) tests/chaos/chaos.py --profile full $(CHAOS_ARGS)
+
+chaos-ci: $(BIN)
+	$(SAN_ENV) BW_BINARY=$(abspath $(BIN)) $(PYTHON) tests/chaos/chaos.py --profile ci $(CHAOS_ARGS)
+
 test: deps
 	$(MAKE) unit
 	$(MAKE) lint-man
 	$(MAKE) integration
+	$(MAKE) chaos-ci
 
 # mandoc exits non-zero on any warning at this level or above.
 lint-man:

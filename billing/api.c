@@ -345,8 +345,17 @@ api_wait(api_client *api, struct api_waitfd *extra, unsigned nextra, int timeout
 static enum api_transport
 transport_of(api_client *api, struct call *c, CURLcode rc)
 {
-	curl_off_t connected = 0, handshaken = 0;
+	curl_off_t connected = 0, handshaken = 0, pretransfer = 0;
+	long request_bytes = 0;
 
+	/*
+	 * Bytes of the request written, on any connection of this transfer:
+	 * libcurl silently retries a request on a fresh connection when a
+	 * reused keep-alive one dies unanswered, so a final "could not
+	 * connect" may follow a request the API read, and applied.  Once any
+	 * of it went out, nothing is "not sent" (found by the chaos suite).
+	 */
+	curl_easy_getinfo(c->easy, CURLINFO_REQUEST_SIZE, &request_bytes);
 	switch (rc) {
 	case CURLE_OK:
 		return API_TRANSPORT_OK;
@@ -362,9 +371,17 @@ transport_of(api_client *api, struct call *c, CURLcode rc)
 	case CURLE_SSL_CIPHER:
 	case CURLE_UNSUPPORTED_PROTOCOL:
 	case CURLE_URL_MALFORMAT:
-		return API_TRANSPORT_NOT_SENT;
+		return request_bytes > 0 ? API_TRANSPORT_LOST : API_TRANSPORT_NOT_SENT;
 	case CURLE_OPERATION_TIMEDOUT:
-		/* A timeout before the connection (or TLS) was up sent nothing. */
+		/*
+		 * A timeout before the connection (or TLS) was up sent nothing.
+		 * But on a reused connection libcurl reports connect and
+		 * handshake times of 0, so those alone would call a request that
+		 * went out "never sent": past the connect phase, it is ambiguous.
+		 */
+		curl_easy_getinfo(c->easy, CURLINFO_PRETRANSFER_TIME_T, &pretransfer);
+		if (request_bytes > 0 || pretransfer > 0)
+			return API_TRANSPORT_LOST;
 		curl_easy_getinfo(c->easy, CURLINFO_CONNECT_TIME_T, &connected);
 		curl_easy_getinfo(c->easy, CURLINFO_APPCONNECT_TIME_T, &handshaken);
 		if (connected == 0 || (api->https && handshaken == 0))

@@ -97,6 +97,8 @@ static const struct opt opts[] = {
 	BOOL_OPT("worker.allow_readable_secrets", false, RESTART, worker.allow_readable_secrets),
 
 	STR_OPT("database.conninfo", NULL, check_nonempty, RESTART, database.conninfo),
+	INT_OPT("database.query_timeout_ms", 100, 3600000, 30000, RESTART,
+	    database.query_timeout_ms),
 
 	STR_OPT("redis.host", "127.0.0.1", NULL, RESTART, redis.host),
 	INT_OPT("redis.port", 1, 65535, 6379, RESTART, redis.port),

@@ -39,6 +39,7 @@ struct bw_config {
 	} worker;
 	struct {
 		char *conninfo;         /* required; may hold a password: never log it */
+		int query_timeout_ms;   /* longest a statement may take, server and client side */
 	} database;
 	struct {
 		char *host;

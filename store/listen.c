@@ -12,6 +12,8 @@
  * notification on billing_worker (sent by the insert triggers) tells the
  * loop to claim now instead of at the next poll.
  */
+#define LISTEN_TIMEOUT_MS 10000
+
 struct store_listener {
 	char *conninfo;
 	char *password;             /* redacted from every message; may be NULL */
@@ -94,7 +96,8 @@ store_listener_connect(store_listener *sl)
 		drop(sl);
 		return -1;
 	}
-	res = PQexec(sl->conn, "LISTEN billing_worker");
+	/* Bounded like every statement: a frozen server must not stall the loop. */
+	res = store_exec_bounded(sl->conn, LISTEN_TIMEOUT_MS, "LISTEN billing_worker");
 	if (PQresultStatus(res) != PGRES_COMMAND_OK) {
 		set_err(sl, "LISTEN failed");
 		PQclear(res);

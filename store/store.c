@@ -156,6 +156,8 @@ struct store {
 	char *worker_id;
 	PGconn *conn;
 	bool prepared;
+	int query_timeout_ms;   /* statement_timeout; the client waits 1 s more */
+	char sqlstate[6];       /* of the last failed statement; "" for none */
 	char errmsg[512];
 	uint64_t retries;
 	struct buf arr[8];
@@ -296,6 +298,7 @@ store_errorf(store *st, const char *fmt, ...)
 	va_list ap;
 	size_t n;
 
+	st->sqlstate[0] = '\0';
 	va_start(ap, fmt);
 	vsnprintf(raw, sizeof(raw), fmt, ap);
 	va_end(ap);
@@ -349,6 +352,7 @@ store_new(const char *conninfo, const char *worker_id, store **ret)
 
 	if ((st = calloc(1, sizeof(*st))) == NULL)
 		return -1;
+	st->query_timeout_ms = 30000;
 	st->conninfo = strdup(conninfo);
 	st->worker_id = strdup(worker_id);
 	st->conninfo_unparsable = conninfo_password(conninfo, &st->password) == -1;
@@ -383,6 +387,18 @@ store_free(store *st)
 	free(st);
 }
 
+void
+store_set_query_timeout(store *st, int timeout_ms)
+{
+	st->query_timeout_ms = timeout_ms;
+}
+
+int
+store_client_deadline_ms(const store *st)
+{
+	return st->query_timeout_ms + 1000;
+}
+
 bool
 store_connected(const store *st)
 {
@@ -415,6 +431,17 @@ store_set_error(store *st, const char *what, const PGresult *res)
 	if (msg == NULL || msg[0] == '\0')
 		msg = st->conn != NULL ? PQerrorMessage(st->conn) : "not connected";
 	store_errorf(st, "%s: %s", what, msg);
+	if (res != NULL && PQresultErrorField(res, PG_DIAG_SQLSTATE) != NULL)
+		snprintf(st->sqlstate, sizeof(st->sqlstate), "%s",
+		    PQresultErrorField(res, PG_DIAG_SQLSTATE));
+}
+
+bool
+store_failed_on_data(const store *st)
+{
+	/* 22 data exception, 23 integrity constraint, P0 raised by a trigger. */
+	return strncmp(st->sqlstate, "22", 2) == 0 || strncmp(st->sqlstate, "23", 2) == 0 ||
+	    strncmp(st->sqlstate, "P0", 2) == 0;
 }
 
 static int
@@ -443,7 +470,7 @@ prepare_all(store *st)
 				break;
 			}
 			snprintf(name, sizeof(name), "%s_%s", stmt_names[s], item_kind_name(k));
-			res = PQprepare(st->conn, name, sql, 0, NULL);
+			res = store_prepare_bounded(st->conn, store_client_deadline_ms(st), name, sql);
 			if (PQresultStatus(res) != PGRES_COMMAND_OK) {
 				store_set_error(st, "could not prepare statements", res);
 				PQclear(res);
@@ -453,9 +480,9 @@ prepare_all(store *st)
 		}
 	}
 	for (int i = 0; i < 2; i++) {
-		res = PQprepare(st->conn, i == 0 ? "reserve" : "due", i == 0 ?
-		    "SELECT rid, result FROM bw_reserve($1::bigint[], $2::bigint[])" : sql_due,
-		    0, NULL);
+		res = store_prepare_bounded(st->conn, store_client_deadline_ms(st),
+		    i == 0 ? "reserve" : "due", i == 0 ?
+		    "SELECT rid, result FROM bw_reserve($1::bigint[], $2::bigint[])" : sql_due);
 		if (PQresultStatus(res) != PGRES_COMMAND_OK) {
 			store_set_error(st, "could not prepare statements", res);
 			PQclear(res);
@@ -488,6 +515,7 @@ int
 store_connect(store *st)
 {
 	PGresult *res;
+	char settings[160];
 	int ret = -1;
 
 	if (st->conn != NULL) {
@@ -511,8 +539,10 @@ store_connect(store *st)
 		goto out;
 	}
 	/* A statement that hangs (lock waits, a stuck server) must not stall the loop. */
-	res = PQexec(st->conn, "SET statement_timeout = '30s'; SET lock_timeout = '10s'; "
-	    "SET idle_in_transaction_session_timeout = '60s'");
+	snprintf(settings, sizeof(settings), "SET statement_timeout = %d; SET lock_timeout = %d; "
+	    "SET idle_in_transaction_session_timeout = '60s'", st->query_timeout_ms,
+	    st->query_timeout_ms < 10000 ? st->query_timeout_ms : 10000);
+	res = store_exec_bounded(st->conn, store_client_deadline_ms(st), settings);
 	if (PQresultStatus(res) != PGRES_COMMAND_OK) {
 		store_set_error(st, "could not configure the session", res);
 		PQclear(res);
@@ -552,7 +582,8 @@ exec_stmt(store *st, enum stmt s, enum item_kind kind, int nparams,
 	if (!st->prepared && prepare_all(st) == -1)
 		return NULL;
 	snprintf(name, sizeof(name), "%s_%s", stmt_names[s], item_kind_name(kind));
-	res = PQexecPrepared(st->conn, name, nparams, values, NULL, NULL, 0);
+	res = store_exec_prepared_bounded(st->conn, store_client_deadline_ms(st), name, nparams,
+	    values);
 	if (PQresultStatus(res) != want) {
 		*retryable = res_is_retryable(res);
 		store_set_error(st, stmt_names[s], res);
@@ -577,7 +608,7 @@ store_due(store *st, size_t limit, enum item_kind *kinds, int64_t *ids, size_t *
 	if (!st->prepared && prepare_all(st) == -1)
 		return -1;
 	snprintf(lim, sizeof(lim), "%zu", limit);
-	res = PQexecPrepared(st->conn, "due", 1, params, NULL, NULL, 0);
+	res = store_exec_prepared_bounded(st->conn, store_client_deadline_ms(st), "due", 1, params);
 	if (PQresultStatus(res) != PGRES_TUPLES_OK) {
 		store_set_error(st, "due", res);
 		PQclear(res);
@@ -791,7 +822,7 @@ oom:
 static int
 exec_simple(store *st, const char *sql)
 {
-	PGresult *res = PQexec(st->conn, sql);
+	PGresult *res = store_exec_bounded(st->conn, store_client_deadline_ms(st), sql);
 	int ret = 0;
 
 	if (PQresultStatus(res) != PGRES_COMMAND_OK) {
@@ -829,7 +860,8 @@ store_complete(store *st, const struct completion *c, size_t n, bool *accepted)
 		if (!failed && (!both || exec_simple(st, "COMMIT") == 0))
 			return 0;
 		if (both && store_connected(st)) {
-			PGresult *res = PQexec(st->conn, "ROLLBACK");
+			PGresult *res = store_exec_bounded(st->conn, store_client_deadline_ms(st),
+			    "ROLLBACK");
 
 			PQclear(res);
 		}
@@ -873,7 +905,8 @@ store_reserve(store *st, struct item *const *items, size_t n,
 	params[0] = ids->data;
 	params[1] = fences->data;
 	for (int attempt = 0; attempt < TX_RETRIES; attempt++) {
-		res = PQexecPrepared(st->conn, "reserve", 2, params, NULL, NULL, 0);
+		res = store_exec_prepared_bounded(st->conn, store_client_deadline_ms(st), "reserve", 2,
+		    params);
 		if (PQresultStatus(res) == PGRES_TUPLES_OK)
 			break;
 		store_set_error(st, "reserve", res);

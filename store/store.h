@@ -27,6 +27,13 @@ int store_new(const char *conninfo, const char *worker_id, store **ret)
 	__attribute__((warn_unused_result));
 void store_free(store *st);
 
+/*
+ * The longest a statement may take (default 30 s): sent as
+ * statement_timeout at the next connect, and enforced by the client too,
+ * one second later, so a frozen or cut-off server cannot stall the caller.
+ */
+void store_set_query_timeout(store *st, int timeout_ms);
+
 /* (Re)connects and prepares the statements.  Logs the target without its password. */
 int store_connect(store *st) __attribute__((warn_unused_result));
 bool store_connected(const store *st);
@@ -95,6 +102,25 @@ struct completion {
  */
 int store_complete(store *st, const struct completion *c, size_t n,
     bool *accepted) __attribute__((warn_unused_result));
+
+/*
+ * True when the last failure came from the data (SQLSTATE classes 22, 23
+ * and P0: a value out of range, a constraint, a trigger's exception), so
+ * the same statement on the same rows fails again whatever the connection.
+ */
+bool store_failed_on_data(const store *st);
+
+/*
+ * For an item whose completion the database refuses: keeps it pending,
+ * takes this claim off it (lease and holder cleared), sets last_error to
+ * REASON and next_attempt_at to DELAY_MS from now, and marks it ambiguous
+ * when C says an attempt may have taken effect.  Touches nothing else, so
+ * it goes through where the full completion did not.  Fenced like a
+ * completion: *ret_parked is false when the claim was no longer ours.
+ * Never marks it failed: a charge may stand behind it.
+ */
+int store_park(store *st, const struct completion *c, int64_t delay_ms,
+    const char *reason, bool *ret_parked) __attribute__((warn_unused_result));
 
 enum reserve_result {
 	RESERVE_HELD,           /* the hold is in the ledger (now or before) */

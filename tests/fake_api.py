@@ -736,6 +736,69 @@ def enable_tls(server, cert, key):
     server.finish_request = finish_request
 
 
+# Chaos extensions (tests/chaos): per-key counts of injected faults and 409s
+# --------------------------------------------------------------------------
+#
+# The chaos suite separates repeated calls caused by injected API faults
+# from those caused by lost leases (a paused or killed worker whose item
+# was taken over).  For that it needs, per key, how many requests a fault
+# rule answered ("faulted") and how many got 409 because another request
+# with the key was in flight ("conflicts").  These wrap the code above
+# rather than change it; GET /_control/state gains the two maps.
+#
+# An outage of the API is a fault rule that answers every request without
+# applying anything (see tests/chaos/chaos.py), never a restart: this
+# process's memory is the API's durable store, and a restart would forget
+# the results it must replay.
+
+_base_clear = State._clear
+_base_pick_rule = State.pick_rule
+_base_snapshot = State.snapshot
+_base_conflict_response = Handler.conflict_response
+
+
+def _chaos_clear(self):
+    _base_clear(self)
+    self.faulted = {}      # key -> requests answered by a fault rule (not "delay")
+    self.conflicts = {}    # key -> requests answered 409 in_progress
+
+
+def _chaos_pick_rule(self, key, customer):
+    rule = _base_pick_rule(self, key, customer)
+    if rule is not None and rule.action != "delay":
+        with self.lock:
+            self.faulted[key] = self.faulted.get(key, 0) + 1
+    return rule
+
+
+def _chaos_snapshot(self):
+    doc = json.loads(_base_snapshot(self))
+    with self.lock:
+        doc["faulted"] = dict(self.faulted)
+    with _conflicts_lock:
+        doc["conflicts"] = dict(self.conflicts)
+    return json.dumps(doc).encode()
+
+
+# conflict_response() is called with State.lock held on one path and not on
+# the other, so the 409 counts have a lock of their own.
+_conflicts_lock = threading.Lock()
+
+
+def _chaos_conflict_response(self):
+    key = (self.headers.get("Idempotency-Key") or "").strip()
+    conflicts = self.server.state.conflicts
+    with _conflicts_lock:
+        conflicts[key] = conflicts.get(key, 0) + 1
+    return _base_conflict_response(self)
+
+
+State._clear = _chaos_clear
+State.pick_rule = _chaos_pick_rule
+State.snapshot = _chaos_snapshot
+Handler.conflict_response = _chaos_conflict_response
+
+
 # --------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------

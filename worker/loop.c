@@ -305,6 +305,58 @@ db_ready(struct loop *l)
 }
 
 /*
+ * The batch's completion failed on the data: some row refuses it.  Records
+ * the outcomes one at a time so that row cannot hold the others back, and
+ * parks each row that refuses its own (pending, with the reason, retried
+ * after backoff_max_ms).  Compacts the batch to the outcomes recorded or
+ * turned away by their fence, and returns how many; those that failed for
+ * any other reason (the connection) stay queued for the next flush.
+ */
+static size_t
+record_one_by_one(struct loop *l, size_t n)
+{
+	size_t m = 0;
+
+	for (size_t j = 0; j < n; j++) {
+		struct flight *f = &l->flights[l->batch_flight[j]];
+		char reason[600];
+		bool parked = false;
+
+		if (store_complete(l->st, &l->batch[j], 1, &l->accepted[j]) == 0) {
+			l->batch[m] = l->batch[j];
+			l->accepted[m] = l->accepted[j];
+			l->batch_flight[m++] = l->batch_flight[j];
+			continue;
+		}
+		if (!store_connected(l->st) || !store_failed_on_data(l->st))
+			continue;
+		snprintf(reason, sizeof(reason), "could not record the outcome (%s%s): %s",
+		    f->done.state == COMPLETION_DONE ? "done, id " :
+		    f->done.state == COMPLETION_FAILED ? "failed: " : "retry",
+		    f->done.state == COMPLETION_DONE ? f->done.result_id :
+		    f->done.state == COMPLETION_FAILED ? f->done.error : "", store_errmsg(l->st));
+		if (store_park(l->st, &f->done, l->cfg->billing_api.backoff_max_ms, reason,
+		    &parked) == -1) {
+			if (!store_connected(l->st))
+				continue;       /* queued: recorded when the database returns */
+			log_error("%s %" PRId64 ": %s; could not park it either (%s): dropped, "
+			    "its lease runs out and it is retried", item_kind_name(f->item.kind),
+			    f->item.id, reason, store_errmsg(l->st));
+		} else {
+			log_error("%s %" PRId64 ": %s; %s", item_kind_name(f->item.kind), f->item.id,
+			    reason, parked ? "left pending for an operator (see status), retried "
+			    "later" : "the claim was lost meanwhile");
+		}
+		l->itemp[0] = &f->item;
+		lock_release(l->locks, l->itemp, 1);
+		item_clear(&f->item);
+		f->state = FLIGHT_FREE;
+		l->busy--;
+	}
+	return m;
+}
+
+/*
  * Records every queued outcome in one transaction, then frees their
  * flights and gives back their Redis locks.  When the database is down the
  * outcomes stay queued and are tried again; if the leases run out first,
@@ -326,8 +378,11 @@ flush(struct loop *l)
 	if (n == 0 || !db_ready(l))
 		return;
 	if (store_complete(l->st, l->batch, n, l->accepted) == -1) {
-		note_db_failure(l, "could not record outcomes");
-		return;
+		if (!store_connected(l->st) || !store_failed_on_data(l->st)) {
+			note_db_failure(l, "could not record outcomes");
+			return;
+		}
+		n = record_one_by_one(l, n);
 	}
 	for (size_t j = 0; j < n; j++) {
 		struct flight *f = &l->flights[l->batch_flight[j]];
@@ -721,6 +776,7 @@ loop_setup(struct loop *l, const char *token, const char *redis_password)
 		log_error("out of memory");
 		return -1;
 	}
+	store_set_query_timeout(l->st, cfg->database.query_timeout_ms);
 	lock_set_rate(l->locks, cfg->billing_api.max_requests_per_second);
 	if (telemetry_new(cfg, l->st, l->once, &l->tm) == -1)
 		return -1;

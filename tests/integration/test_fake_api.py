@@ -575,7 +575,8 @@ def test_state_counts_and_reset(fake):
     fake.reset()
     s = fake.state()
     assert s == {"applied": {}, "results": {}, "requests": {}, "total_requests": 0,
-                 "per_second": {}, "last_headers": {}, "fired": {}}
+                 "per_second": {}, "last_headers": {}, "fired": {},
+                 "faulted": {}, "conflicts": {}}
     # rules are gone too, and old keys are new again
     st, h, _ = fake.charge(101)
     assert st == 200 and "idempotent-replayed" not in h
@@ -668,3 +669,25 @@ def test_sigint_exits_cleanly():
             assert f.proc.wait(10) == 0
         finally:
             f.stop()
+
+
+def test_state_counts_faults_and_conflicts_per_key(fake_api):
+    """The chaos suite's per-key counts: answers by a fault rule, and 409s."""
+    from harness import wait_for
+    fake_api.faults([{"match": {"key": "invoice-7"}, "action": "status", "status": 503, "times": 2},
+                     {"match": {"key": "invoice-8"}, "action": "delay", "delay_ms": 600}])
+    body = {"invoice_id": 7, "customer": "c", "amount": 1, "currency": "usd"}
+    hdrs = {"Authorization": f"Bearer {fake_api.token}", "Idempotency-Key": "invoice-7"}
+    assert [fake_api.request("POST", "/v1/charges", body, hdrs)[0] for _ in range(3)] == [503, 503, 200]
+    body8 = {**body, "invoice_id": 8}
+    hdrs8 = {**hdrs, "Idempotency-Key": "invoice-8"}
+    slow = threading.Thread(target=fake_api.request, args=("POST", "/v1/charges", body8, hdrs8))
+    slow.start()
+    wait_for(lambda: fake_api.state()["requests"].get("invoice-8") == 1, 5)
+    assert fake_api.request("POST", "/v1/charges", body8, hdrs8)[0] == 409
+    slow.join(5)
+    s = fake_api.state()
+    assert s["faulted"] == {"invoice-7": 2}            # a delay is not a fault answer
+    assert s["conflicts"] == {"invoice-8": 1}
+    fake_api.reset()
+    assert fake_api.state()["faulted"] == {} and fake_api.state()["conflicts"] == {}

@@ -1,0 +1,55 @@
+#include <inttypes.h>
+#include <stdio.h>
+
+#include "store/store_int.h"
+
+/*
+ * The last resort for a poison row: one whose completion the database
+ * refuses (a corrupted counter out of range, a producer's trigger, a
+ * constraint).  Recording it again would fail again, and retrying the
+ * batch at once would spin and hold every other outcome of the batch back.
+ * Parking writes only columns that cannot overflow or violate anything of
+ * ours, so the row carries the reason for an operator (status lists it as
+ * overdue) and is retried after a long delay instead of spinning.
+ */
+static const char *const sql_park[ITEM_KIND_COUNT] = {
+	"UPDATE invoices SET last_error = $3, ambiguous = ambiguous OR $4::bool, "
+	"next_attempt_at = now() + $5 * interval '1 millisecond', locked_by = NULL, "
+	"lease_until = NULL, updated_at = now() "
+	"WHERE id = $1 AND fence = $2 AND status = 'pending' RETURNING id",
+	"UPDATE redemptions SET last_error = $3, ambiguous = ambiguous OR $4::bool, "
+	"next_attempt_at = now() + $5 * interval '1 millisecond', locked_by = NULL, "
+	"lease_until = NULL, updated_at = now() "
+	"WHERE id = $1 AND fence = $2 AND status = 'pending' RETURNING id",
+};
+
+int
+store_park(store *st, const struct completion *c, int64_t delay_ms, const char *reason,
+    bool *ret_parked)
+{
+	char id[24], fence[24], delay[24];
+	/* A recorded success is a charge that stands: never to be given up on. */
+	bool ambiguous = c->ambiguous || c->state == COMPLETION_DONE;
+	const char *params[5] = { id, fence, reason, ambiguous ? "t" : "f", delay };
+	PGresult *res;
+	int ret = -1;
+
+	if (!store_connected(st)) {
+		store_errorf(st, "not connected to the database");
+		return -1;
+	}
+	snprintf(id, sizeof(id), "%" PRId64, c->id);
+	snprintf(fence, sizeof(fence), "%" PRId64, c->fence);
+	snprintf(delay, sizeof(delay), "%" PRId64, delay_ms);
+	res = store_exec_params_bounded(store_conn(st), store_client_deadline_ms(st),
+	    sql_park[c->kind], 5, params);
+	if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+		store_set_error(st, "park", res);
+		goto out;
+	}
+	*ret_parked = PQntuples(res) == 1;
+	ret = 0;
+out:
+	PQclear(res);
+	return ret;
+}
