@@ -52,7 +52,7 @@ SAN_FLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-
 endif
 
 # Modules, bottom up: common -> store -> billing -> locks -> worker.
-COMMON_SRC  := common/log.c common/item.c common/metrics.c
+COMMON_SRC  := common/log.c common/item.c common/metrics.c common/clock.c common/jitter.c
 CONFIG_SRC  := config/config.c
 STORE_SRC   := store/store.c store/conninfo.c store/deadline.c store/park.c store/migrate.c \
                store/report.c store/audit.c store/listen.c $(BUILD)/migrations.c

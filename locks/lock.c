@@ -8,6 +8,8 @@
 #include <time.h>
 
 #include "billing/pace.h"
+#include "common/clock.h"
+#include "common/jitter.h"
 #include "common/log.h"
 #include "common/metrics.h"
 
@@ -49,7 +51,7 @@ struct lockmgr {
 	int workers_seen;
 	struct pace pace;
 	int64_t wait_ms;                /* from the last claim: until calls may start */
-	uint64_t rng;                   /* shuffles candidates; not for secrets */
+	struct jitter rng;              /* shuffles candidates; not for secrets */
 	/* scratch reused across calls */
 	int64_t *ids;
 	enum item_kind *kinds;
@@ -64,14 +66,6 @@ struct lockmgr {
 
 static void note_redis_failure(lockmgr *lm);
 
-static int64_t
-now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static int
 grow(lockmgr *lm, size_t n)
@@ -115,9 +109,8 @@ lock_new(const struct lock_options *o, store *st, lockmgr **ret)
 	lm->st = st;
 	lm->reconnect_delay_ms = RECONNECT_MIN_MS;
 	lm->workers_seen = 1;
-	if (getrandom(&lm->rng, sizeof(lm->rng), 0) != (ssize_t)sizeof(lm->rng) || lm->rng == 0)
-		lm->rng = (uint64_t)now_ms() | 1;
-	pace_init(&lm->pace, 0, RATE_BURST_MS, now_ms());
+	jitter_seed(&lm->rng);
+	pace_init(&lm->pace, 0, RATE_BURST_MS, clock_ms());
 	snprintf(lm->worker_id, sizeof(lm->worker_id), "%s", o->worker_id);
 	if (lm->mode != LOCK_MODE_SKIP_LOCKED &&
 	    redis_lock_new(&o->redis, &lm->redis) == -1) {
@@ -159,7 +152,7 @@ pace_reset(lockmgr *lm)
 	int64_t paused = lm->pace.paused_until_ms;
 	double share = lm->rate > 0 ? (double)lm->rate / lm->workers_seen : 0;
 
-	pace_init(&lm->pace, share, RATE_BURST_MS, now_ms());
+	pace_init(&lm->pace, share, RATE_BURST_MS, clock_ms());
 	pace_pause(&lm->pace, paused);
 }
 
@@ -179,7 +172,7 @@ lock_wait_ms(const lockmgr *lm)
 void
 lock_pause(lockmgr *lm, int pause_ms)
 {
-	pace_pause(&lm->pace, now_ms() + pause_ms);
+	pace_pause(&lm->pace, clock_ms() + pause_ms);
 	if (lm->redis != NULL && redis_lock_connected(lm->redis) &&
 	    redis_lock_pause(lm->redis, pause_ms) == -1)
 		note_redis_failure(lm);
@@ -229,7 +222,7 @@ mark_redis_down(lockmgr *lm)
 		    "; claiming with FOR UPDATE SKIP LOCKED until it returns" :
 		    "; no new items are taken until it returns");
 	lm->redis_down = true;
-	lm->next_reconnect_ms = now_ms() + lm->reconnect_delay_ms;
+	lm->next_reconnect_ms = clock_ms() + lm->reconnect_delay_ms;
 	lm->reconnect_delay_ms = lm->reconnect_delay_ms * 2 > RECONNECT_MAX_MS ?
 	    RECONNECT_MAX_MS : lm->reconnect_delay_ms * 2;
 }
@@ -248,7 +241,7 @@ redis_usable(lockmgr *lm)
 		return false;
 	if (redis_lock_connected(lm->redis))
 		return true;
-	now = now_ms();
+	now = clock_ms();
 	if (now < lm->next_reconnect_ms)
 		return false;
 	if (redis_lock_connect(lm->redis) == 0) {
@@ -339,7 +332,7 @@ claim_skip_locked(lockmgr *lm, size_t ndue, size_t limit, struct item *items,
     size_t *ret_n)
 {
 	size_t due[ITEM_KIND_COUNT] = { 0, 0 }, got = 0, n;
-	int64_t now = now_ms();
+	int64_t now = clock_ms();
 	int granted = pace_take(&lm->pace, (int)(ndue < limit ? ndue : limit), now);
 
 	if ((size_t)granted < limit)
@@ -368,21 +361,12 @@ claim_skip_locked(lockmgr *lm, size_t ndue, size_t limit, struct item *items,
 	return 0;
 }
 
-static uint64_t
-rng_next(lockmgr *lm)
-{
-	lm->rng ^= lm->rng >> 12;
-	lm->rng ^= lm->rng << 25;
-	lm->rng ^= lm->rng >> 27;
-	return lm->rng * 2685821657736338717ULL;
-}
-
 /* Fisher-Yates over the first N candidates. */
 static void
 shuffle_candidates(lockmgr *lm, size_t n)
 {
 	for (size_t i = n; i > 1; i--)
-		swap_candidates(lm, i - 1, (size_t)(rng_next(lm) % i));
+		swap_candidates(lm, i - 1, (size_t)(jitter_next(&lm->rng) % i));
 }
 
 /*
@@ -472,7 +456,7 @@ claim_redis(lockmgr *lm, size_t ndue, size_t limit, struct item *items, size_t *
 	if (nback > 0)
 		(void)redis_lock_release(lm->redis, lm->keyp, lm->tokp, nback);
 	if (got == 0 && !failed && lm->wait_ms == 0)
-		lm->wait_ms = 1 + (int64_t)(rng_next(lm) % CONTENDED_BACKOFF_MS);
+		lm->wait_ms = 1 + (int64_t)(jitter_next(&lm->rng) % CONTENDED_BACKOFF_MS);
 	/*
 	 * Contended: offered candidates another worker held in Redis, plus those
 	 * we locked but the database had already given to someone else.  The

@@ -5,6 +5,7 @@
 #include <time.h>
 
 #include "common/log.h"
+#include "common/clock.h"
 #include "store/store_int.h"
 
 /*
@@ -20,14 +21,6 @@
  * an ordinary "connection lost" failure and reconnects.
  */
 
-static int64_t
-mono_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 /*
  * Waits until the statement sent on CONN has its whole answer, or the
@@ -37,14 +30,14 @@ mono_ms(void)
 static PGresult *
 collect(PGconn *conn, int timeout_ms)
 {
-	int64_t deadline = mono_ms() + timeout_ms;
+	int64_t deadline = clock_ms() + timeout_ms;
 	PGresult *res, *keep = NULL;
 	bool cut = false;
 
 	for (;;) {
 		while (!cut && PQisBusy(conn)) {
 			struct pollfd p = { .fd = PQsocket(conn), .events = POLLIN };
-			int64_t left = deadline - mono_ms();
+			int64_t left = deadline - clock_ms();
 			int r;
 
 			if (left <= 0 || (r = poll(&p, 1, (int)left)) == 0) {

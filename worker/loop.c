@@ -14,7 +14,9 @@
 
 #include "billing/api.h"
 #include "billing/outcome.h"
+#include "common/clock.h"
 #include "common/item.h"
+#include "common/jitter.h"
 #include "common/log.h"
 #include "common/metrics.h"
 #include "locks/lock.h"
@@ -83,7 +85,7 @@ struct loop {
 	int64_t db_down_since_ms;
 	bool db_outage_logged;
 	bool db_seen;           /* connected once: later connects are reconnects */
-	uint64_t rng;
+	struct jitter rng;
 
 	bool stopping;
 	int64_t stop_deadline_ms;
@@ -139,24 +141,6 @@ drain_wake_pipe(void)
 		;
 }
 
-static int64_t
-now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-/* xorshift64*: jitter only, seeded from the kernel. */
-static uint64_t
-rng_next(struct loop *l)
-{
-	l->rng ^= l->rng >> 12;
-	l->rng ^= l->rng << 25;
-	l->rng ^= l->rng >> 27;
-	return l->rng * 2685821657736338717ULL;
-}
 
 static void
 policy_from(struct retry_policy *p, const struct bw_config *cfg)
@@ -266,8 +250,8 @@ note_db_failure(struct loop *l, const char *what)
 	if (l->db_down_since_ms == 0) {
 		log_warnx("%s: %s; reconnecting", what, store_errmsg(l->st));
 		l->db_outage_logged = true;
-		l->db_down_since_ms = now_ms();
-		l->next_db_try_ms = now_ms() + l->db_delay_ms;
+		l->db_down_since_ms = clock_ms();
+		l->next_db_try_ms = clock_ms() + l->db_delay_ms;
 	}
 }
 
@@ -278,7 +262,7 @@ note_db_failure(struct loop *l, const char *what)
 static bool
 db_ready(struct loop *l)
 {
-	int64_t now = now_ms();
+	int64_t now = clock_ms();
 
 	if (store_connected(l->st))
 		return true;
@@ -466,7 +450,7 @@ launch(struct loop *l, struct item *it, const char *refuse, const char *defer)
 		struct api_verdict v = { .cls = API_TRANSIENT, .retry_after_s = -1 };
 
 		snprintf(v.error, sizeof(v.error), "could not start the API call");
-		outcome_after_call(&f->item, &v, &l->policy, rng_next(l), &f->done);
+		outcome_after_call(&f->item, &v, &l->policy, jitter_next(&l->rng), &f->done);
 		f->done.calls = 0;
 		f->state = FLIGHT_DONE;
 		return;
@@ -579,7 +563,7 @@ collect(struct loop *l)
 		f->latency_ms = latency;
 		f->http_status = status;
 		metrics_api_call(status, latency);
-		outcome_after_call(&f->item, &v, &l->policy, rng_next(l), &f->done);
+		outcome_after_call(&f->item, &v, &l->policy, jitter_next(&l->rng), &f->done);
 		if (status == 429) {
 			/* The API is over its limit for everyone: the whole fleet waits. */
 			int pause_ms = v.retry_after_s > 0 ? v.retry_after_s * 1000 : 1000;
@@ -697,7 +681,7 @@ abandon_calls(struct loop *l)
 static void
 listen_service(struct loop *l, bool readable)
 {
-	int64_t now = now_ms();
+	int64_t now = clock_ms();
 	int n;
 
 	if (l->listener == NULL)
@@ -727,7 +711,7 @@ listen_service(struct loop *l, bool readable)
 		return;
 	}
 	if (n > 0) {
-		int64_t at = now + (int64_t)(rng_next(l) % (NOTIFY_JITTER_MS + 1));
+		int64_t at = now + (int64_t)(jitter_next(&l->rng) % (NOTIFY_JITTER_MS + 1));
 
 		if (at < l->next_poll_ms)
 			l->next_poll_ms = at;
@@ -761,8 +745,7 @@ loop_setup(struct loop *l, const char *token, const char *redis_password)
 	};
 	char err[256];
 
-	if (getrandom(&l->rng, sizeof(l->rng), 0) != (ssize_t)sizeof(l->rng) || l->rng == 0)
-		l->rng = (uint64_t)now_ms() | 1;
+	jitter_seed(&l->rng);
 	policy_from(&l->policy, cfg);
 	l->db_delay_ms = DB_RETRY_MIN_MS;
 	l->listen_delay_ms = DB_RETRY_MIN_MS;
@@ -815,7 +798,7 @@ loop_teardown(struct loop *l)
 static bool
 first_connect(struct loop *l)
 {
-	int64_t start = now_ms();
+	int64_t start = clock_ms();
 
 	for (;;) {
 		if (got_stop)
@@ -826,8 +809,8 @@ first_connect(struct loop *l)
 			log_error("%s", store_errmsg(l->st));
 			return false;
 		}
-		telemetry_waiting(l->tm, now_ms(), store_errmsg(l->st));
-		if (l->once && now_ms() - start > ONCE_DB_PATIENCE_MS) {
+		telemetry_waiting(l->tm, clock_ms(), store_errmsg(l->st));
+		if (l->once && clock_ms() - start > ONCE_DB_PATIENCE_MS) {
 			log_error("database unreachable for %d s; giving up this run",
 			    ONCE_DB_PATIENCE_MS / 1000);
 			return false;
@@ -858,11 +841,11 @@ loop_run(struct bw_config *cfg, const char *token, const char *redis_password, b
 	status = 0;
 	lock_start(l.locks);
 	listen_service(&l, false);
-	l.next_renew_ms = now_ms() + cfg->locks.renew_interval_ms;
-	telemetry_ready(l.tm, now_ms());
+	l.next_renew_ms = clock_ms() + cfg->locks.renew_interval_ms;
+	telemetry_ready(l.tm, clock_ms());
 
 	for (;;) {
-		now = now_ms();
+		now = clock_ms();
 		if (got_stop && !l.stopping) {
 			l.stopping = true;
 			l.stop_deadline_ms = now + l.cfg->worker.shutdown_timeout_ms;
