@@ -2,6 +2,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -626,6 +627,22 @@ store_due(store *st, size_t limit, enum item_kind *kinds, int64_t *ids, size_t *
 	return 0;
 }
 
+/*
+ * attempts as read from a row, clamped to [0, INT_MAX - 1]: the worker adds
+ * the call it is about to make, and a corrupted counter must not make that
+ * addition overflow (the database then refuses the update, and the row is
+ * parked; see store/park.c).
+ */
+static int
+attempts_of(const char *text)
+{
+	long long v = strtoll(text, NULL, 10);
+
+	if (v < 0)
+		return 0;
+	return v >= INT_MAX ? INT_MAX - 1 : (int)v;
+}
+
 static char *
 dup_value(const PGresult *res, int row, int col)
 {
@@ -686,7 +703,7 @@ store_claim(store *st, enum item_kind kind, const int64_t *ids, size_t nids,
 		it->kind = kind;
 		it->id = strtoll(PQgetvalue(res, i, 0), NULL, 10);
 		it->fence = strtoll(PQgetvalue(res, i, 1), NULL, 10);
-		it->attempts = atoi(PQgetvalue(res, i, 2));
+		it->attempts = attempts_of(PQgetvalue(res, i, 2));
 		it->ambiguous = PQgetvalue(res, i, 3)[0] == 't';
 		it->amount_cents = strtoll(PQgetvalue(res, i, 4), NULL, 10);
 		it->customer_id = dup_value(res, i, 5);
