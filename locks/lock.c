@@ -163,6 +163,12 @@ lock_set_rate(lockmgr *lm, int calls_per_second)
 	pace_reset(lm);
 }
 
+bool
+lock_redis_down(const lockmgr *lm)
+{
+	return lm->redis_down;
+}
+
 int64_t
 lock_wait_ms(const lockmgr *lm)
 {

@@ -49,6 +49,9 @@ void lock_set_rate(lockmgr *lm, int calls_per_second);
  */
 int64_t lock_wait_ms(const lockmgr *lm);
 
+/* True while Redis is unreachable (the outage is logged once, here). */
+bool lock_redis_down(const lockmgr *lm);
+
 /* A 429: no worker of the fleet starts a call for PAUSE_MS. */
 void lock_pause(lockmgr *lm, int pause_ms);
 

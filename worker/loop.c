@@ -530,8 +530,9 @@ claim(struct loop *l)
 	if (lock_claim(l->locks, want, l->claimed, &n, &more) == -1) {
 		if (!store_connected(l->st))
 			note_db_failure(l, "could not claim items");
-		else
+		else if (!lock_redis_down(l->locks))
 			log_warnx("could not claim items: %s", lock_errmsg(l->locks));
+		/* A Redis outage is logged once, by the lock manager, not every poll. */
 		return -1;
 	}
 	/* Invoices go straight to their calls; redemptions first reserve funds. */
