@@ -31,16 +31,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 
+def _serve(server):
+    """Starts SERVER for the session; cleaned up at the end, or at exit if pytest dies."""
+    atexit.register(server.cleanup)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+        atexit.unregister(server.cleanup)
+
+
 @pytest.fixture(scope="session")
 def pg():
-    cluster = harness.PgCluster()
-    atexit.register(cluster.cleanup)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.cleanup()
-        atexit.unregister(cluster.cleanup)
+    yield from _serve(harness.PgCluster())
 
 
 @pytest.fixture(scope="session")
@@ -67,14 +71,7 @@ def _pg_admin(pg):
 
 @pytest.fixture(scope="session")
 def redis_server():
-    server = harness.RedisServer()
-    atexit.register(server.cleanup)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.cleanup()
-        atexit.unregister(server.cleanup)
+    yield from _serve(harness.RedisServer())
 
 
 def pytest_configure(config):

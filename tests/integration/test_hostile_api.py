@@ -9,18 +9,13 @@ failed at once, and the test would see it.
 
 import pytest
 
-from harness import Worker, create_subsidy, insert_invoices, insert_redemptions, make_config, \
+from harness import migrate, Worker, create_subsidy, insert_invoices, insert_redemptions, make_config, \
     run_cli, wait_for
 from test_concurrency import assert_books_agree
 from test_redemptions import assert_redemption_books
 
 # The worker connects as billing_worker (sql/roles.sql); migrate as the owner.
 pytestmark = pytest.mark.worker_role
-
-
-def migrate(cfg):
-    r = run_cli(cfg, "migrate")
-    assert r.returncode == 0, r.stderr
 
 
 def pending(db, table="invoices"):

@@ -8,18 +8,13 @@ ends with a `once` run that must exit 0 on its own.
 
 import pytest
 
-from harness import create_subsidy, insert_redemptions, make_config, run_cli
+from harness import migrate, create_subsidy, insert_redemptions, make_config, run_cli
 from test_redemptions import assert_redemption_books
 
 # The worker connects as billing_worker (sql/roles.sql); migrate as the owner.
 pytestmark = pytest.mark.worker_role
 
 INT64_MAX = 2**63 - 1
-
-
-def migrate(cfg):
-    r = run_cli(cfg, "migrate")
-    assert r.returncode == 0, r.stderr
 
 
 def once(cfg):

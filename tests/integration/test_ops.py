@@ -14,13 +14,8 @@ import urllib.request
 
 import pytest
 
-from harness import (LOCALHOST, Worker, free_port, insert_invoices, make_config, run_cli,
+from harness import (migrate, LOCALHOST, Worker, free_port, insert_invoices, make_config, run_cli,
                      wait_for)
-
-
-def migrate(cfg):
-    r = run_cli(cfg, "migrate")
-    assert r.returncode == 0, r.stderr
 
 
 def count(db, status):

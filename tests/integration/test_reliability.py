@@ -15,12 +15,7 @@ import socket
 import threading
 import time
 
-from harness import Worker, insert_invoices, make_config, run_cli, wait_for
-
-
-def migrate(cfg):
-    r = run_cli(cfg, "migrate")
-    assert r.returncode == 0, r.stderr
+from harness import migrate, Worker, insert_invoices, make_config, run_cli, wait_for
 
 
 def count(db, status):

@@ -10,13 +10,8 @@ import secrets
 
 import pytest
 
-from harness import (WORKER_ROLE, Worker, apply_roles, create_subsidy, free_port, insert_invoices,
+from harness import (migrate, WORKER_ROLE, Worker, apply_roles, create_subsidy, free_port, insert_invoices,
                      insert_redemptions, make_config, run_cli, wait_for)
-
-
-def migrate(cfg):
-    r = run_cli(cfg, "migrate")
-    assert r.returncode == 0, r.stderr
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])

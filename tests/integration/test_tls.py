@@ -8,12 +8,7 @@ transient failure (CONTRACT section 2: nothing was done).
 
 import pytest
 
-from harness import FakeApi, Worker, insert_invoices, make_config, make_test_ca, run_cli, wait_for
-
-
-def migrate(cfg):
-    r = run_cli(cfg, "migrate")
-    assert r.returncode == 0, r.stderr
+from harness import migrate, FakeApi, Worker, insert_invoices, make_config, make_test_ca, run_cli, wait_for
 
 
 # Time enough to load a CA store and finish (or fail) a handshake on its

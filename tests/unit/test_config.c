@@ -17,6 +17,7 @@
 
 #include <cmocka.h>
 
+#include "tests/unit/table.h"
 #include "config/config.h"
 
 #define NAME "t.conf"
@@ -276,7 +277,6 @@ static struct load_case cases[] = {
 	    NAME ":0: missing required setting \"database.conninfo\"\n" } },
 };
 
-#define N_CASES (sizeof(cases) / sizeof(cases[0]))
 
 static int
 count_lines(const char *s)
@@ -570,19 +570,20 @@ write_temp(const char *text, size_t len)
 	return path;
 }
 
+/*
+ * Writes LEN bytes of TEXT to a file, loads it by path, and checks that the
+ * one error reported is "PATH:LINE: MESSAGE".
+ */
 static void
-test_load_file(void **state)
+assert_file_error(const char *text, size_t len, int line, const char *message)
 {
-	static const char text[] = DB API "worker = {\n\tconcurrency = 0;\n};\n";
-	char *path = write_temp(text, sizeof(text) - 1);
-	char expect[256];
+	char *path = write_temp(text, len);
+	char expect[512];
 	struct bw_config cfg;
 	char *errors = NULL;
 
-	(void)state;
 	assert_int_equal(config_load(path, &cfg, &errors), 1);
-	snprintf(expect, sizeof(expect),
-	    "%s:4: \"worker.concurrency\" must be between 1 and 10000, not 0\n", path);
+	snprintf(expect, sizeof(expect), "%s:%d: %s\n", path, line, message);
 	assert_string_equal(errors, expect);
 	free(errors);
 	config_free(&cfg);
@@ -591,22 +592,22 @@ test_load_file(void **state)
 }
 
 static void
+test_load_file(void **state)
+{
+	static const char text[] = DB API "worker = {\n\tconcurrency = 0;\n};\n";
+
+	(void)state;
+	assert_file_error(text, sizeof(text) - 1, 4,
+	    "\"worker.concurrency\" must be between 1 and 10000, not 0");
+}
+
+static void
 test_load_file_syntax_error(void **state)
 {
 	static const char text[] = DB API "worker = {\n\tconcurrency = 3\n\tbatch_size = ;\n};\n";
-	char *path = write_temp(text, sizeof(text) - 1);
-	char expect[256];
-	struct bw_config cfg;
-	char *errors = NULL;
 
 	(void)state;
-	assert_int_equal(config_load(path, &cfg, &errors), 1);
-	snprintf(expect, sizeof(expect), "%s:5: syntax error\n", path);
-	assert_string_equal(errors, expect);
-	free(errors);
-	config_free(&cfg);
-	unlink(path);
-	free(path);
+	assert_file_error(text, sizeof(text) - 1, 5, "syntax error");
 }
 
 /* A NUL would make libconfig ignore the rest of the file. */
@@ -614,19 +615,9 @@ static void
 test_load_null_byte(void **state)
 {
 	static const char text[] = DB API "\0worker = { concurrency = 0; };\n";
-	char *path = write_temp(text, sizeof(text) - 1);
-	char expect[256];
-	struct bw_config cfg;
-	char *errors = NULL;
 
 	(void)state;
-	assert_int_equal(config_load(path, &cfg, &errors), 1);
-	snprintf(expect, sizeof(expect), "%s:3: file contains a null byte\n", path);
-	assert_string_equal(errors, expect);
-	free(errors);
-	config_free(&cfg);
-	unlink(path);
-	free(path);
+	assert_file_error(text, sizeof(text) - 1, 3, "file contains a null byte");
 }
 
 /* Larger than one read buffer, with the settings at the end. */
@@ -731,21 +722,4 @@ static const struct CMUnitTest fixed_tests[] = {
 	cmocka_unit_test(test_lock_mode_name),
 };
 
-#define N_FIXED (sizeof(fixed_tests) / sizeof(fixed_tests[0]))
-
-int
-main(void)
-{
-	struct CMUnitTest tests[N_CASES + N_FIXED];
-
-	/* One test per table row, named after it, then the rest. */
-	for (size_t i = 0; i < N_CASES; i++)
-		tests[i] = (struct CMUnitTest){
-			.name = cases[i].name,
-			.test_func = test_case,
-			.initial_state = &cases[i],
-		};
-	for (size_t i = 0; i < N_FIXED; i++)
-		tests[N_CASES + i] = fixed_tests[i];
-	return cmocka_run_group_tests(tests, NULL, NULL);
-}
+TABLE_TESTS_MAIN(cases, test_case, fixed_tests)

@@ -13,6 +13,7 @@
 
 #include <cmocka.h>
 
+#include "tests/unit/table.h"
 #include "common/item.h"
 
 #define C10  "cccccccccc"
@@ -125,7 +126,6 @@ static const struct validate_case cases[] = {
 	{ "NULL currency on an invoice", INV, "cus_42", 1999, NULL, R_CURRENCY },
 };
 
-#define N_CASES (sizeof(cases) / sizeof(cases[0]))
 
 static char *
 dup_or_null(const char *s)
@@ -247,21 +247,4 @@ static const struct CMUnitTest fixed_tests[] = {
 	cmocka_unit_test(test_clear),
 };
 
-#define N_FIXED (sizeof(fixed_tests) / sizeof(fixed_tests[0]))
-
-int
-main(void)
-{
-	struct CMUnitTest tests[N_CASES + N_FIXED];
-
-	/* One test per table row, named after it, then the rest. */
-	for (size_t i = 0; i < N_CASES; i++)
-		tests[i] = (struct CMUnitTest){
-			.name = cases[i].name,
-			.test_func = test_case,
-			.initial_state = (void *)&cases[i],
-		};
-	for (size_t i = 0; i < N_FIXED; i++)
-		tests[N_CASES + i] = fixed_tests[i];
-	return cmocka_run_group_tests(tests, NULL, NULL);
-}
+TABLE_TESTS_MAIN(cases, test_case, fixed_tests)

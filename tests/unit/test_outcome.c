@@ -14,6 +14,7 @@
 
 #include <cmocka.h>
 
+#include "tests/unit/table.h"
 #include "billing/backoff.h"
 #include "billing/outcome.h"
 
@@ -116,7 +117,6 @@ static const struct outcome_case cases[] = {
 	  COMPLETION_RETRY, false, 86400000, V_ERR },
 };
 
-#define N_CASES (sizeof(cases) / sizeof(cases[0]))
 
 static void
 make_item(struct item *it, int attempts, bool ambiguous)
@@ -313,21 +313,4 @@ static const struct CMUnitTest fixed_tests[] = {
 	cmocka_unit_test(test_abandoned),
 };
 
-#define N_FIXED (sizeof(fixed_tests) / sizeof(fixed_tests[0]))
-
-int
-main(void)
-{
-	struct CMUnitTest tests[N_CASES + N_FIXED];
-
-	/* One test per table row, named after it, then the rest. */
-	for (size_t i = 0; i < N_CASES; i++)
-		tests[i] = (struct CMUnitTest){
-			.name = cases[i].name,
-			.test_func = test_case,
-			.initial_state = (void *)&cases[i],
-		};
-	for (size_t i = 0; i < N_FIXED; i++)
-		tests[N_CASES + i] = fixed_tests[i];
-	return cmocka_run_group_tests(tests, NULL, NULL);
-}
+TABLE_TESTS_MAIN(cases, test_case, fixed_tests)

@@ -15,6 +15,7 @@
 
 #include <cmocka.h>
 
+#include "tests/unit/table.h"
 #include "billing/response.h"
 
 #define C10  "cccccccccc"
@@ -217,7 +218,6 @@ static const struct classify_case cases[] = {
 	  API_AMBIGUOUS, "", "http 402 answer too large, cut off", NULL, -1 },
 };
 
-#define N_CASES (sizeof(cases) / sizeof(cases[0]))
 
 static void
 assert_clean(const char *s)
@@ -501,21 +501,4 @@ static const struct CMUnitTest fixed_tests[] = {
 	cmocka_unit_test(test_header_value),
 };
 
-#define N_FIXED (sizeof(fixed_tests) / sizeof(fixed_tests[0]))
-
-int
-main(void)
-{
-	struct CMUnitTest tests[N_CASES + N_FIXED];
-
-	/* One test per table row, named after it, then the rest. */
-	for (size_t i = 0; i < N_CASES; i++)
-		tests[i] = (struct CMUnitTest){
-			.name = cases[i].name,
-			.test_func = test_case,
-			.initial_state = (void *)&cases[i],
-		};
-	for (size_t i = 0; i < N_FIXED; i++)
-		tests[N_CASES + i] = fixed_tests[i];
-	return cmocka_run_group_tests(tests, NULL, NULL);
-}
+TABLE_TESTS_MAIN(cases, test_case, fixed_tests)
