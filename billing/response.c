@@ -16,13 +16,33 @@ api_class_name(enum api_class cls)
 {
 	switch (cls) {
 	case API_SUCCESS: return "success";
+	case API_DECLINED: return "declined";
 	case API_REFUSED: return "refused";
 	case API_KEY_REUSED: return "key reused";
+	case API_WORKER: return "worker refused";
 	case API_IN_PROGRESS: return "in progress";
 	case API_TRANSIENT: return "transient";
 	case API_AMBIGUOUS: return "ambiguous";
 	}
 	return "unknown";
+}
+
+int
+api_class_admitted(enum api_class cls)
+{
+	switch (cls) {
+	case API_SUCCESS:
+	case API_DECLINED:
+	case API_REFUSED:
+	case API_KEY_REUSED:
+	case API_IN_PROGRESS:
+		return 1;
+	case API_WORKER:
+	case API_TRANSIENT:
+	case API_AMBIGUOUS:
+		break;
+	}
+	return 0;
 }
 
 int
@@ -195,6 +215,18 @@ api_classify(const struct api_response *r, struct api_verdict *v)
 	} else if (r->status == 422) {
 		v->cls = API_KEY_REUSED;
 		describe_error(r, v, "idempotency key reused with a different body: ");
+	} else if (r->status == 401 || r->status == 403 || r->status == 404 ||
+	    r->status == 405) {
+		/*
+		 * Authentication and routing answer before the idempotency
+		 * layer: they say the token or the base URL is wrong (or a
+		 * proxy is in the way), nothing about the item (CONTRACT 2).
+		 */
+		v->cls = API_WORKER;
+		describe_error(r, v, "");
+	} else if (r->status == 402) {
+		v->cls = API_DECLINED;
+		describe_error(r, v, "");
 	} else if (r->status >= 400 && r->status <= 499) {
 		v->cls = API_REFUSED;
 		describe_error(r, v, "");

@@ -21,8 +21,10 @@ enum api_transport {
 
 enum api_class {
 	API_SUCCESS,        /* 2xx with an id: record it */
-	API_REFUSED,        /* a definitive 4xx: failed, with the API's reason */
+	API_DECLINED,       /* 402: a business refusal, stored under the key: final */
+	API_REFUSED,        /* another 4xx (400 ...), not stored under the key */
 	API_KEY_REUSED,     /* 422: the key was used with another body; a bug */
+	API_WORKER,         /* 401, 403, 404, 405: the worker's token or URL is wrong */
 	API_IN_PROGRESS,    /* 409: another request with the key is running */
 	API_TRANSIENT,      /* nothing was done: retry with backoff */
 	API_AMBIGUOUS,      /* may have taken effect: retry the same key, never give up */
@@ -63,5 +65,13 @@ int api_parse_retry_after(const char *value, long long now);
 int api_header_value(const char *line, size_t n, const char *name, char *out, size_t outlen);
 
 const char *api_class_name(enum api_class cls);
+
+/*
+ * True when an answer of class CLS shows that the request got past the
+ * API's authentication and routing (a 2xx, a refusal about the item, a
+ * 409): what a worker stopped by a worker-level answer waits for before it
+ * takes new items again.  Transport failures, 5xx and 429 prove nothing.
+ */
+int api_class_admitted(enum api_class cls);
 
 #endif

@@ -28,6 +28,8 @@ struct item {
 	int64_t id;
 	int64_t fence;          /* this claim's fencing token, from the database */
 	int attempts;           /* API calls recorded before this claim */
+	int blocked_calls;      /* of those, answered 401/403/404/405: never counted to give up */
+	int64_t key_age_ms;     /* since the first claim: the idempotency key is no older */
 	bool ambiguous;         /* an earlier attempt may have taken effect */
 	int64_t amount_cents;
 	int64_t subsidy_id;     /* redemptions only */

@@ -77,6 +77,9 @@ enum completion_state {
 	COMPLETION_RETRY,       /* pending again after delay_ms */
 };
 
+/* RETRY with this delay: not before an operator looks (next_attempt_at infinity). */
+#define COMPLETION_DELAY_NEVER (-1)
+
 /*
  * What one attempt at an item ended with, as the store records it.  Fixed
  * buffers: a completion costs no allocation.
@@ -87,10 +90,17 @@ struct completion {
 	int64_t fence;
 	enum completion_state state;
 	int calls;              /* API calls this attempt made: 0 or 1 */
+	bool blocked;           /* the call was answered 401/403/404/405 */
 	bool ambiguous;         /* some attempt so far may have taken effect */
-	int64_t delay_ms;       /* RETRY: when to try again */
+	int64_t delay_ms;       /* RETRY: when to try again, or COMPLETION_DELAY_NEVER */
 	char result_id[256];    /* DONE: the API's id */
 	char error[512];        /* FAILED, RETRY: last_error ("" for none) */
+	/*
+	 * RETRY: why the item waits for an operator ("" when it does not);
+	 * status lists it, with error as the answer that stopped it.  With
+	 * error "" the item's last_error is kept.
+	 */
+	char operator_note[256];
 };
 
 /*

@@ -38,83 +38,99 @@ struct outcome_case {
 	bool ambiguous;
 	int64_t delay_ms;       /* exact, or ANY_DELAY */
 	const char *error;      /* exact */
+	bool needs_operator;    /* an operator note is set */
+	bool blocked;           /* counted as a worker-level answer */
 };
 
 #define V_ERR "http 503"
 
 static const struct outcome_case cases[] = {
 	{ "success", API_SUCCESS, -1, 0, false, 7,
-	  COMPLETION_DONE, false, 0, "" },
+	  COMPLETION_DONE, false, 0, "", false, false },
 	{ "success after ambiguous keeps the flag", API_SUCCESS, -1, 9, true, 7,
-	  COMPLETION_DONE, true, 0, "" },
+	  COMPLETION_DONE, true, 0, "", false, false },
+	{ "declined", API_DECLINED, -1, 0, false, 7,
+	  COMPLETION_FAILED, false, 0, V_ERR, false, false },
+	{ "declined after ambiguous fails: it is stored under the key", API_DECLINED, -1, 2,
+	  true, 7, COMPLETION_FAILED, true, 0, V_ERR, false, false },
+	{ "declined beyond max fails without give-up text", API_DECLINED, -1, 20, false, 7,
+	  COMPLETION_FAILED, false, 0, V_ERR, false, false },
 	{ "refused", API_REFUSED, -1, 0, false, 7,
-	  COMPLETION_FAILED, false, 0, V_ERR },
-	{ "refused after ambiguous fails", API_REFUSED, -1, 2, true, 7,
-	  COMPLETION_FAILED, true, 0, V_ERR },
-	{ "refused beyond max fails without give-up text", API_REFUSED, -1, 20, false, 7,
-	  COMPLETION_FAILED, false, 0, V_ERR },
+	  COMPLETION_FAILED, false, 0, V_ERR, false, false },
+	{ "refused after ambiguous waits for an operator", API_REFUSED, -1, 2, true, 7,
+	  COMPLETION_RETRY, true, 60000, V_ERR, true, false },
 	{ "key reused", API_KEY_REUSED, -1, 1, false, 7,
-	  COMPLETION_FAILED, false, 0, V_ERR },
-	{ "key reused after ambiguous fails", API_KEY_REUSED, -1, 1, true, 7,
-	  COMPLETION_FAILED, true, 0, V_ERR },
+	  COMPLETION_FAILED, false, 0, V_ERR, false, false },
+	{ "key reused after ambiguous waits for an operator", API_KEY_REUSED, -1, 1, true, 7,
+	  COMPLETION_RETRY, true, 60000, V_ERR, true, false },
+
+	/* Worker-level answers: never failed, never counted, no operator needed. */
+	{ "worker-level first call", API_WORKER, -1, 0, false, 7,
+	  COMPLETION_RETRY, false, 7, V_ERR, false, true },
+	{ "worker-level at max does not give up", API_WORKER, -1, 4, false, 7,
+	  COMPLETION_RETRY, false, 7, V_ERR, false, true },
+	{ "worker-level far past max", API_WORKER, -1, 500, false, 1000,
+	  COMPLETION_RETRY, false, 1000, V_ERR, false, true },
+	{ "worker-level after ambiguous stays ambiguous", API_WORKER, -1, 3, true, 7,
+	  COMPLETION_RETRY, true, 7, V_ERR, false, true },
 
 	/* Transient: retry with backoff, give up at max_attempts. */
 	{ "transient first call", API_TRANSIENT, -1, 0, false, 12345,
-	  COMPLETION_RETRY, false, ANY_DELAY, V_ERR },
+	  COMPLETION_RETRY, false, ANY_DELAY, V_ERR, false, false },
 	{ "transient first call rnd at cap", API_TRANSIENT, -1, 0, false, 1000,
-	  COMPLETION_RETRY, false, 1000, V_ERR },
+	  COMPLETION_RETRY, false, 1000, V_ERR, false, false },
 	{ "transient third call rnd at cap", API_TRANSIENT, -1, 2, false, 4000,
-	  COMPLETION_RETRY, false, 4000, V_ERR },
+	  COMPLETION_RETRY, false, 4000, V_ERR, false, false },
 	{ "transient third call rnd past cap", API_TRANSIENT, -1, 2, false, 4001,
-	  COMPLETION_RETRY, false, 0, V_ERR },
+	  COMPLETION_RETRY, false, 0, V_ERR, false, false },
 	{ "transient one below max", API_TRANSIENT, -1, 3, false, 8000,
-	  COMPLETION_RETRY, false, 8000, V_ERR },
+	  COMPLETION_RETRY, false, 8000, V_ERR, false, false },
 	{ "transient at max gives up", API_TRANSIENT, -1, 4, false, 7,
-	  COMPLETION_FAILED, false, 0, "gave up after 5 attempts: " V_ERR },
+	  COMPLETION_FAILED, false, 0, "gave up after 5 attempts: " V_ERR, false, false },
 	{ "transient past max gives up", API_TRANSIENT, -1, 10, false, 7,
-	  COMPLETION_FAILED, false, 0, "gave up after 11 attempts: " V_ERR },
+	  COMPLETION_FAILED, false, 0, "gave up after 11 attempts: " V_ERR, false, false },
 	{ "transient at max with Retry-After still gives up", API_TRANSIENT, 30, 4, false, 7,
-	  COMPLETION_FAILED, false, 0, "gave up after 5 attempts: " V_ERR },
+	  COMPLETION_FAILED, false, 0, "gave up after 5 attempts: " V_ERR, false, false },
 	{ "transient below max after ambiguous", API_TRANSIENT, -1, 1, true, 2000,
-	  COMPLETION_RETRY, true, 2000, V_ERR },
+	  COMPLETION_RETRY, true, 2000, V_ERR, false, false },
 	{ "transient at max after ambiguous never gives up", API_TRANSIENT, -1, 4, true, 7,
-	  COMPLETION_RETRY, true, 60000, V_ERR },
+	  COMPLETION_RETRY, true, 60000, V_ERR, false, false },
 	{ "transient far past max after ambiguous", API_TRANSIENT, -1, 999, true, 7,
-	  COMPLETION_RETRY, true, 60000, V_ERR },
+	  COMPLETION_RETRY, true, 60000, V_ERR, false, false },
 
 	/* Ambiguous and in progress: the item becomes ambiguous, never fails. */
 	{ "ambiguous first call", API_AMBIGUOUS, -1, 0, false, 999,
-	  COMPLETION_RETRY, true, 999, V_ERR },
+	  COMPLETION_RETRY, true, 999, V_ERR, false, false },
 	{ "ambiguous below max", API_AMBIGUOUS, -1, 2, false, UINT64_MAX,
-	  COMPLETION_RETRY, true, ANY_DELAY, V_ERR },
+	  COMPLETION_RETRY, true, ANY_DELAY, V_ERR, false, false },
 	{ "ambiguous at max", API_AMBIGUOUS, -1, 4, false, 7,
-	  COMPLETION_RETRY, true, 60000, V_ERR },
+	  COMPLETION_RETRY, true, 60000, V_ERR, false, false },
 	{ "ambiguous past max", API_AMBIGUOUS, -1, 50, false, 0,
-	  COMPLETION_RETRY, true, 60000, V_ERR },
+	  COMPLETION_RETRY, true, 60000, V_ERR, false, false },
 	{ "in progress first call", API_IN_PROGRESS, -1, 0, false, 0,
-	  COMPLETION_RETRY, true, 0, V_ERR },
+	  COMPLETION_RETRY, true, 0, V_ERR, false, false },
 	{ "in progress at max", API_IN_PROGRESS, -1, 4, false, 7,
-	  COMPLETION_RETRY, true, 60000, V_ERR },
+	  COMPLETION_RETRY, true, 60000, V_ERR, false, false },
 	{ "in progress past max after ambiguous", API_IN_PROGRESS, -1, 8, true, 7,
-	  COMPLETION_RETRY, true, 60000, V_ERR },
+	  COMPLETION_RETRY, true, 60000, V_ERR, false, false },
 
 	/* Retry-After raises the delay, never lowers it. */
 	{ "Retry-After above backoff raises", API_TRANSIENT, 30, 0, false, 500,
-	  COMPLETION_RETRY, false, 30000, V_ERR },
+	  COMPLETION_RETRY, false, 30000, V_ERR, false, false },
 	{ "Retry-After below backoff does not lower", API_TRANSIENT, 1, 2, false, 4000,
-	  COMPLETION_RETRY, false, 4000, V_ERR },
+	  COMPLETION_RETRY, false, 4000, V_ERR, false, false },
 	{ "Retry-After zero does not lower", API_TRANSIENT, 0, 0, false, 500,
-	  COMPLETION_RETRY, false, 500, V_ERR },
+	  COMPLETION_RETRY, false, 500, V_ERR, false, false },
 	{ "Retry-After equal to backoff", API_TRANSIENT, 4, 2, false, 4000,
-	  COMPLETION_RETRY, false, 4000, V_ERR },
+	  COMPLETION_RETRY, false, 4000, V_ERR, false, false },
 	{ "Retry-After on 409", API_IN_PROGRESS, 3, 0, false, 0,
-	  COMPLETION_RETRY, true, 3000, V_ERR },
+	  COMPLETION_RETRY, true, 3000, V_ERR, false, false },
 	{ "Retry-After above max when overdue", API_AMBIGUOUS, 120, 4, false, 7,
-	  COMPLETION_RETRY, true, 120000, V_ERR },
+	  COMPLETION_RETRY, true, 120000, V_ERR, false, false },
 	{ "Retry-After below max when overdue", API_AMBIGUOUS, 5, 4, false, 7,
-	  COMPLETION_RETRY, true, 60000, V_ERR },
+	  COMPLETION_RETRY, true, 60000, V_ERR, false, false },
 	{ "Retry-After of a day", API_TRANSIENT, 86400, 0, false, 7,
-	  COMPLETION_RETRY, false, 86400000, V_ERR },
+	  COMPLETION_RETRY, false, 86400000, V_ERR, false, false },
 };
 
 
@@ -176,6 +192,8 @@ test_case(void **state)
 		assert_int_equal(out.delay_ms, c->delay_ms);
 	assert_string_equal(out.error, c->error);
 	assert_string_equal(out.result_id, c->state == COMPLETION_DONE ? "re_123" : "");
+	assert_int_equal(out.operator_note[0] != '\0', c->needs_operator);
+	assert_int_equal(out.blocked, c->blocked);
 	/* The item itself is left alone. */
 	assert_int_equal(it.attempts, c->attempts);
 	assert_int_equal(it.ambiguous, c->was_ambiguous);
@@ -216,7 +234,7 @@ test_delay_within_cap(void **state)
 static void
 test_single_attempt_policy(void **state)
 {
-	const struct retry_policy one = { 1, 1000, 60000 };
+	const struct retry_policy one = { 1, 1000, 60000, 0 };
 	struct item it;
 	struct api_verdict v;
 	struct completion out;
@@ -305,7 +323,75 @@ test_abandoned(void **state)
 	assert_true(out.ambiguous);
 }
 
+/*
+ * Calls answered 401/403/404/405 stay in attempts but never count toward
+ * max_attempts: after any number of them, a transient failure is judged on
+ * the other calls alone.
+ */
+static void
+test_blocked_calls_not_counted(void **state)
+{
+	struct item it;
+	struct api_verdict v;
+	struct completion out;
+
+	(void)state;
+	make_item(&it, 104, false);
+	it.blocked_calls = 100;         /* 4 counted calls so far */
+	make_verdict(&v, API_TRANSIENT, -1, V_ERR);
+	outcome_after_call(&it, &v, &policy, 7, &out);
+	assert_int_equal(out.state, COMPLETION_FAILED);
+	assert_string_equal(out.error, "gave up after 5 attempts: " V_ERR);
+
+	it.blocked_calls = 101;         /* 3 counted: one more may follow */
+	outcome_after_call(&it, &v, &policy, 7, &out);
+	assert_int_equal(out.state, COMPLETION_RETRY);
+
+	/* A corrupted counter above attempts counts as none counted. */
+	it.attempts = 2;
+	it.blocked_calls = 50;
+	outcome_after_call(&it, &v, &policy, 7, &out);
+	assert_int_equal(out.state, COMPLETION_RETRY);
+}
+
+/* The key's age: only an ambiguous item past the key's ttl is held back. */
+static void
+test_before_call_key_ttl(void **state)
+{
+	struct retry_policy ttl = policy;
+	struct item it;
+	struct completion out;
+
+	(void)state;
+	ttl.key_ttl_ms = 86400000;
+	make_item(&it, 3, true);
+	it.key_age_ms = 86400000 - 1;
+	assert_int_equal(outcome_before_call(&it, &ttl, &out), 0);
+
+	it.key_age_ms = 86400000;
+	memset(&out, 0xa5, sizeof(out));
+	assert_int_equal(outcome_before_call(&it, &ttl, &out), 1);
+	assert_copied(&out, &it);
+	assert_int_equal(out.state, COMPLETION_RETRY);
+	assert_int_equal(out.calls, 0);
+	assert_true(out.ambiguous);
+	assert_int_equal(out.delay_ms, COMPLETION_DELAY_NEVER);
+	assert_string_equal(out.error, "");
+	assert_non_null(strstr(out.operator_note, "first claimed 86400 s ago"));
+
+	/* Not ambiguous: no attempt took effect, a retry under any key is safe. */
+	it.ambiguous = false;
+	it.key_age_ms = 10 * 86400000LL;
+	assert_int_equal(outcome_before_call(&it, &ttl, &out), 0);
+
+	/* ttl 0: the API keeps keys forever. */
+	it.ambiguous = true;
+	assert_int_equal(outcome_before_call(&it, &policy, &out), 0);
+}
+
 static const struct CMUnitTest fixed_tests[] = {
+	cmocka_unit_test(test_blocked_calls_not_counted),
+	cmocka_unit_test(test_before_call_key_ttl),
 	cmocka_unit_test(test_delay_within_cap),
 	cmocka_unit_test(test_single_attempt_policy),
 	cmocka_unit_test(test_long_error_fits),

@@ -150,42 +150,49 @@ static const struct classify_case cases[] = {
 	  "idempotency key reused with a different body: idempotency_key_reused: "
 	  "Keys are for one body.", NULL, -1 },
 
-	/* Other 4xx: refused, with the API's reason. */
+	/*
+	 * 402: declined, stored under the key.  401, 403, 404, 405: about
+	 * the worker.  Other 4xx: refused, not stored under the key.
+	 */
 	{ "402 card declined", OK, 402, CARD_DECLINED, NULL, NULL,
-	  API_REFUSED, "", "card_declined: Your card was declined.", NULL, -1 },
+	  API_DECLINED, "", "card_declined: Your card was declined.", NULL, -1 },
 	{ "402 redemption declined", OK, 402,
 	  "{\"error\":{\"type\":\"redemption_error\",\"code\":\"redemption_declined\","
 	  "\"message\":\"Subsidy exhausted.\"}}", NULL, NULL,
-	  API_REFUSED, "", "redemption_declined: Subsidy exhausted.", NULL, -1 },
+	  API_DECLINED, "", "redemption_declined: Subsidy exhausted.", NULL, -1 },
 	{ "400 code only", OK, 400, "{\"error\":{\"code\":\"invalid_request\"}}", NULL, NULL,
 	  API_REFUSED, "", "invalid_request (http 400)", NULL, -1 },
 	{ "400 code and non-string message", OK, 400,
 	  "{\"error\":{\"code\":\"invalid_request\",\"message\":7}}", NULL, NULL,
 	  API_REFUSED, "", "invalid_request (http 400)", NULL, -1 },
-	{ "401 no body", OK, 401, NULL, NULL, NULL, API_REFUSED, "", "http 401", NULL, -1 },
+	{ "401 no body", OK, 401, NULL, NULL, NULL, API_WORKER, "", "http 401", NULL, -1 },
 	{ "402 message only", OK, 402, "{\"error\":{\"message\":\"no\"}}", NULL, NULL,
-	  API_REFUSED, "", "no (http 402)", NULL, -1 },
+	  API_DECLINED, "", "no (http 402)", NULL, -1 },
 	{ "403 HTML", OK, 403, "<h1>Forbidden</h1>", NULL, NULL,
-	  API_REFUSED, "", "http 403", NULL, -1 },
+	  API_WORKER, "", "http 403", NULL, -1 },
 	{ "404 without an error object", OK, 404, "{\"message\":\"not found\"}", NULL, NULL,
-	  API_REFUSED, "", "http 404", NULL, -1 },
+	  API_WORKER, "", "http 404", NULL, -1 },
 	{ "404 error is a string", OK, 404, "{\"error\":\"not found\"}", NULL, NULL,
-	  API_REFUSED, "", "http 404", NULL, -1 },
+	  API_WORKER, "", "http 404", NULL, -1 },
+	{ "405 through a proxy", OK, 405, "<h1>Method Not Allowed</h1>", NULL, NULL,
+	  API_WORKER, "", "http 405", NULL, -1 },
+	{ "413 from a proxy is refused, not declined", OK, 413, NULL, NULL, NULL,
+	  API_REFUSED, "", "http 413", NULL, -1 },
 	{ "418 is another 4xx", OK, 418, NULL, NULL, NULL,
 	  API_REFUSED, "", "http 418", NULL, -1 },
 	{ "402 message with control chars", OK, 402,
 	  "{\"error\":{\"code\":\"card_declined\","
 	  "\"message\":\"line one\\nline two\\r\\u0001\\u007f\\tend\"}}", NULL, NULL,
-	  API_REFUSED, "", "card_declined: line one line two    end", NULL, -1 },
+	  API_DECLINED, "", "card_declined: line one line two    end", NULL, -1 },
 	{ "402 code with control chars", OK, 402,
 	  "{\"error\":{\"code\":\"card\\ndeclined\"}}", NULL, NULL,
-	  API_REFUSED, "", "card declined (http 402)", NULL, -1 },
+	  API_DECLINED, "", "card declined (http 402)", NULL, -1 },
 	{ "402 message with UTF-8 kept", OK, 402,
 	  "{\"error\":{\"code\":\"card_declined\",\"message\":\"Carte refus\xc3\xa9" "e\"}}",
-	  NULL, NULL, API_REFUSED, "", "card_declined: Carte refus\xc3\xa9" "e", NULL, -1 },
+	  NULL, NULL, API_DECLINED, "", "card_declined: Carte refus\xc3\xa9" "e", NULL, -1 },
 	{ "402 very long message is cut", OK, 402,
 	  "{\"error\":{\"code\":\"card_declined\",\"message\":\"" M1000 "\"}}", NULL, NULL,
-	  API_REFUSED, "", NULL, "card_declined: mmmm", -1 },
+	  API_DECLINED, "", NULL, "card_declined: mmmm", -1 },
 
 	/* Anything else: we cannot know it did nothing. */
 	{ "301", OK, 301, NULL, NULL, NULL, API_AMBIGUOUS, "",
@@ -284,7 +291,7 @@ test_body_not_terminated(void **state)
 	r.body = CARD_DECLINED "trailing";
 	r.body_len = strlen(CARD_DECLINED);
 	api_classify(&r, &v);
-	assert_int_equal(v.cls, API_REFUSED);
+	assert_int_equal(v.cls, API_DECLINED);
 	assert_string_equal(v.error, "card_declined: Your card was declined.");
 }
 
@@ -429,7 +436,7 @@ test_hostile_error_bodies(void **state)
 	r.body = "{\"error\":{\"code\":[1],\"message\":{\"a\":1}}}";
 	r.body_len = strlen(r.body);
 	api_classify(&r, &v);
-	assert_int_equal(v.cls, API_REFUSED);
+	assert_int_equal(v.cls, API_DECLINED);
 	assert_string_equal(v.error, "http 402");
 
 	r.body = "{\"error\":{\"code\":\"x\\ny\\r\\u001b[31m\",\"message\":\"a\\tb\"}}";
@@ -482,7 +489,9 @@ test_class_names(void **state)
 {
 	(void)state;
 	assert_string_equal(api_class_name(API_SUCCESS), "success");
+	assert_string_equal(api_class_name(API_DECLINED), "declined");
 	assert_string_equal(api_class_name(API_REFUSED), "refused");
+	assert_string_equal(api_class_name(API_WORKER), "worker refused");
 	assert_string_equal(api_class_name(API_KEY_REUSED), "key reused");
 	assert_string_equal(api_class_name(API_IN_PROGRESS), "in progress");
 	assert_string_equal(api_class_name(API_TRANSIENT), "transient");
@@ -490,7 +499,23 @@ test_class_names(void **state)
 	assert_string_equal(api_class_name((enum api_class)42), "unknown");
 }
 
+/* Which answers show the worker got past authentication and routing. */
+static void
+test_class_admitted(void **state)
+{
+	(void)state;
+	assert_true(api_class_admitted(API_SUCCESS));
+	assert_true(api_class_admitted(API_DECLINED));
+	assert_true(api_class_admitted(API_REFUSED));
+	assert_true(api_class_admitted(API_KEY_REUSED));
+	assert_true(api_class_admitted(API_IN_PROGRESS));
+	assert_false(api_class_admitted(API_WORKER));
+	assert_false(api_class_admitted(API_TRANSIENT));
+	assert_false(api_class_admitted(API_AMBIGUOUS));
+}
+
 static const struct CMUnitTest fixed_tests[] = {
+	cmocka_unit_test(test_class_admitted),
 	cmocka_unit_test(test_body_not_terminated),
 	cmocka_unit_test(test_classify_retry_after_date),
 	cmocka_unit_test(test_parse_retry_after_seconds),
