@@ -55,11 +55,12 @@ endif
 COMMON_SRC  := common/log.c common/item.c common/metrics.c common/clock.c common/jitter.c
 CONFIG_SRC  := config/config.c
 STORE_SRC   := store/store.c store/conninfo.c store/deadline.c store/park.c store/migrate.c \
-               store/report.c store/audit.c store/listen.c $(BUILD)/migrations.c
+               store/report.c store/audit.c store/listen.c store/worker_status.c \
+               $(BUILD)/migrations.c
 BILLING_SRC := billing/api.c billing/response.c billing/backoff.c billing/outcome.c billing/pace.c
 LOCKS_SRC   := locks/lock.c locks/redis_lock.c
 WORKER_SRC  := worker/loop.c worker/telemetry.c worker/notify.c worker/metrics_http.c \
-               worker/main.c
+               worker/secret.c worker/main.c
 
 LIB_SRC := $(COMMON_SRC) $(CONFIG_SRC) $(STORE_SRC) $(BILLING_SRC) $(LOCKS_SRC) \
            $(filter-out worker/main.c,$(WORKER_SRC))

@@ -25,6 +25,7 @@
 #include <netinet/in.h>
 #include <strings.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <libconfig.h>
 
@@ -94,6 +95,7 @@ static const struct opt opts[] = {
 	INT_OPT("worker.batch_size", 1, 10000, 100, RELOAD, worker.batch_size),
 	INT_OPT("worker.poll_interval_ms", 10, 3600000, 1000, RELOAD, worker.poll_interval_ms),
 	INT_OPT("worker.shutdown_timeout_ms", 0, 3600000, 30000, RELOAD, worker.shutdown_timeout_ms),
+	INT_OPT("worker.once_patience_ms", 1000, 3600000, 60000, RELOAD, worker.once_patience_ms),
 	BOOL_OPT("worker.allow_readable_secrets", false, RESTART, worker.allow_readable_secrets),
 
 	STR_OPT("database.conninfo", NULL, check_nonempty, RESTART, database.conninfo),
@@ -124,6 +126,8 @@ static const struct opt opts[] = {
 	    billing_api.backoff_max_ms),
 	INT_OPT("billing_api.max_requests_per_second", 0, 1000000, 0, RELOAD,
 	    billing_api.max_requests_per_second),
+	INT_OPT("billing_api.idempotency_key_ttl_s", 0, 315360000, 0, RELOAD,
+	    billing_api.idempotency_key_ttl_s),
 	STR_OPT("billing_api.ca_file", "", NULL, RESTART, billing_api.ca_file),
 	BOOL_OPT("billing_api.allow_insecure_http", false, RESTART, billing_api.allow_insecure_http),
 
@@ -1122,4 +1126,43 @@ config_lock_mode_name(enum lock_mode mode)
 	if ((unsigned)mode < sizeof(lock_mode_names) / sizeof(lock_mode_names[0]) - 1)
 		name = lock_mode_names[mode];
 	return name;
+}
+
+int
+config_resolve_worker_id(struct bw_config *cfg)
+{
+	char host[256], id[300];
+	char *p;
+
+	if (cfg->worker.id[0] != '\0')
+		return 0;
+	if (gethostname(host, sizeof(host)) == -1)
+		snprintf(host, sizeof(host), "localhost");
+	host[sizeof(host) - 1] = '\0';
+	snprintf(id, sizeof(id), "%s:%ld", host, (long)getpid());
+	if ((p = strdup(id)) == NULL)
+		return -1;
+	free(cfg->worker.id);
+	cfg->worker.id = p;
+	return 0;
+}
+
+void
+config_url_for_log(const char *url, char *buf, size_t len)
+{
+	const char *rest = strstr(url, "://");
+	const char *at;
+	size_t alen;
+
+	if (rest == NULL) {
+		snprintf(buf, len, "%s", url);
+		return;
+	}
+	rest += 3;
+	alen = strcspn(rest, "/?#");
+	at = memchr(rest, '@', alen);
+	if (at == NULL)
+		snprintf(buf, len, "%s", url);
+	else
+		snprintf(buf, len, "%.*s%s", (int)(rest - url), url, at + 1);
 }

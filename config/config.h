@@ -2,6 +2,7 @@
 #define BW_CONFIG_H
 
 #include <stdbool.h>
+#include <stddef.h>
 
 /*
  * The parsed configuration file.  A value type the caller embeds: fill it
@@ -35,6 +36,7 @@ struct bw_config {
 		int batch_size;
 		int poll_interval_ms;
 		int shutdown_timeout_ms;
+		int once_patience_ms;   /* once: longest wait for a lost server or a refusing API */
 		bool allow_readable_secrets; /* accept group/world-readable secret files, with a warning */
 	} worker;
 	struct {
@@ -63,6 +65,7 @@ struct bw_config {
 		int backoff_initial_ms;
 		int backoff_max_ms;
 		int max_requests_per_second; /* shared by every worker; 0 = no limit */
+		int idempotency_key_ttl_s; /* how long the API keeps a key; 0 = forever */
 		char *ca_file;          /* "" = the system CA store */
 		bool allow_insecure_http; /* http:// to a host that is not loopback */
 	} billing_api;
@@ -105,6 +108,20 @@ int config_restart_needed(const struct bw_config *running,
     const struct bw_config *loaded, char **names);
 
 const char *config_lock_mode_name(enum lock_mode mode);
+
+/*
+ * Gives CFG its worker id when the file left it "": hostname:pid.  The same
+ * process resolves the same file to the same id, so a reloaded config
+ * compares equal to the running one unless the operator changed the key.
+ * Returns -1 without memory.
+ */
+int config_resolve_worker_id(struct bw_config *cfg) __attribute__((warn_unused_result));
+
+/*
+ * Copies URL into BUF (LEN bytes) without any user:password@ part, for a
+ * log line or a status report.
+ */
+void config_url_for_log(const char *url, char *buf, size_t len);
 
 /*
  * True when URL is http:// to a host that is not loopback (localhost,

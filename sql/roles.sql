@@ -34,20 +34,22 @@ BEGIN
     EXECUTE format('GRANT USAGE ON SCHEMA %I TO billing_worker', current_schema());
 END $$;
 
-REVOKE ALL ON invoices, redemptions, subsidies, ledger_transactions, schema_version
-    FROM billing_worker;
+REVOKE ALL ON invoices, redemptions, subsidies, ledger_transactions, schema_version,
+    worker_status FROM billing_worker;
 
 -- run and once refuse to start on an older schema: they read its version.
 GRANT SELECT ON schema_version TO billing_worker;
 
 GRANT SELECT ON invoices TO billing_worker;
 GRANT UPDATE (status, charge_id, attempts, last_error, next_attempt_at, ambiguous,
-              fence, locked_by, lease_until, updated_at, finished_at)
+              fence, locked_by, lease_until, updated_at, finished_at, blocked_calls,
+              first_claimed_at, needs_operator)
     ON invoices TO billing_worker;
 
 GRANT SELECT ON redemptions TO billing_worker;
 GRANT UPDATE (status, fulfillment_id, attempts, last_error, next_attempt_at, ambiguous,
-              fence, locked_by, lease_until, updated_at, finished_at)
+              fence, locked_by, lease_until, updated_at, finished_at, blocked_calls,
+              first_claimed_at, needs_operator)
     ON redemptions TO billing_worker;
 
 GRANT SELECT ON ledger_transactions TO billing_worker;
@@ -55,6 +57,9 @@ GRANT INSERT (subsidy_id, amount_cents, redemption_id, kind)
     ON ledger_transactions TO billing_worker;
 
 GRANT SELECT (id, name, balance_cents) ON subsidies TO billing_worker;
+
+-- A worker the billing API refuses says so here, and clears it.
+GRANT SELECT, INSERT, UPDATE, DELETE ON worker_status TO billing_worker;
 GRANT UPDATE (balance_cents) ON subsidies TO billing_worker;
 
 -- Functions are executable by PUBLIC unless told otherwise; only the worker

@@ -53,6 +53,16 @@ static const struct check checks[] = {
 	  "SELECT format('redemption %s is %s %s a fulfillment_id', id, status, "
 	  "CASE WHEN fulfillment_id IS NULL THEN 'without' ELSE 'with' END) FROM redemptions "
 	  "WHERE (status = 'redeemed') <> (fulfillment_id IS NOT NULL)" },
+	{ "needs an operator",
+	  "SELECT format('%s %s needs an operator (first claimed %s s ago, %s attempts): %s; "
+	  "last answer: %s', kind, id, coalesce(extract(epoch FROM now() - first_claimed_at)"
+	  "::numeric(12,0), 0), attempts, needs_operator, coalesce(last_error, 'none')) "
+	  "FROM (SELECT 'invoice' AS kind, id, first_claimed_at, attempts, needs_operator, "
+	  "      last_error FROM invoices WHERE status = 'pending' AND needs_operator IS NOT NULL "
+	  "      UNION ALL "
+	  "      SELECT 'redemption', id, first_claimed_at, attempts, needs_operator, last_error "
+	  "      FROM redemptions WHERE status = 'pending' AND needs_operator IS NOT NULL) AS o "
+	  "ORDER BY kind, id" },
 	{ "stuck in flight",
 	  "SELECT format('%s %s has been in flight with an expired lease since %s "
 	  "(holder \"%s\"): no worker is taking it', kind, id, lease_until, locked_by) "

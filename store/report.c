@@ -58,6 +58,28 @@ static const char sql_overdue[] =
     "       WHERE status = 'pending' AND ambiguous AND attempts >= $1) AS o "
     "ORDER BY kind, id LIMIT 100";
 
+/*
+ * Items that wait for an operator (needs_operator, schema version 4): an
+ * attempt may have taken effect and the last answer was not final, or the
+ * idempotency key may have expired.  The worker never fails them.
+ */
+static const char sql_operator[] =
+    "SELECT kind, id, attempts, "
+    " coalesce(extract(epoch FROM now() - first_claimed_at), 0)::numeric(12,0), "
+    " needs_operator, coalesce(last_error, '') "
+    "FROM (SELECT 'invoice' AS kind, id, attempts, first_claimed_at, needs_operator, "
+    "       last_error FROM invoices WHERE status = 'pending' AND needs_operator IS NOT NULL "
+    "      UNION ALL "
+    "      SELECT 'redemption', id, attempts, first_claimed_at, needs_operator, last_error "
+    "       FROM redemptions WHERE status = 'pending' AND needs_operator IS NOT NULL) AS o "
+    "ORDER BY kind, id LIMIT 100";
+
+/* Workers the billing API refuses (401, 403, 404, 405), by their own record. */
+static const char sql_refused_workers[] =
+    "SELECT worker_id, to_char(api_blocked_since, 'YYYY-MM-DD HH24:MI:SSOF'), "
+    " api_blocked_reason, extract(epoch FROM now() - updated_at)::numeric(12,0) "
+    "FROM worker_status ORDER BY worker_id LIMIT 100";
+
 static PGresult *
 query(store *st, const char *sql, int nparams, const char *const *params)
 {
@@ -74,7 +96,7 @@ query(store *st, const char *sql, int nparams, const char *const *params)
 
 /* The three result sets of the report, fetched in one place for both formats. */
 struct status_rows {
-	PGresult *counts, *flight, *overdue;
+	PGresult *counts, *flight, *overdue, *operator, *workers;
 };
 
 static void
@@ -83,6 +105,8 @@ status_rows_clear(struct status_rows *r)
 	PQclear(r->counts);
 	PQclear(r->flight);
 	PQclear(r->overdue);
+	PQclear(r->operator);
+	PQclear(r->workers);
 	memset(r, 0, sizeof(*r));
 }
 
@@ -96,7 +120,9 @@ status_fetch(store *st, int max_attempts, struct status_rows *r)
 	snprintf(maxa, sizeof(maxa), "%d", max_attempts);
 	if ((r->counts = query(st, sql_counts, 0, NULL)) == NULL ||
 	    (r->flight = query(st, sql_in_flight, 0, NULL)) == NULL ||
-	    (r->overdue = query(st, sql_overdue, 1, params)) == NULL) {
+	    (r->overdue = query(st, sql_overdue, 1, params)) == NULL ||
+	    (r->operator = query(st, sql_operator, 0, NULL)) == NULL ||
+	    (r->workers = query(st, sql_refused_workers, 0, NULL)) == NULL) {
 		status_rows_clear(r);
 		return -1;
 	}
@@ -138,6 +164,23 @@ store_status(store *st, FILE *out, int max_attempts)
 		fprintf(out, "  %s %s  attempts %s  last error: %s\n",
 		    PQgetvalue(overdue, r, 0), PQgetvalue(overdue, r, 1),
 		    PQgetvalue(overdue, r, 2), PQgetvalue(overdue, r, 3));
+
+	fprintf(out, "\nneeds an operator (pending, never failed by the worker): %d%s\n",
+	    PQntuples(rows.operator), PQntuples(rows.operator) == STATUS_LIST_MAX ?
+	    " (first 100)" : "");
+	for (int r = 0; r < PQntuples(rows.operator); r++)
+		fprintf(out, "  %s %s  attempts %s  first claimed %ss ago\n    why: %s\n"
+		    "    last answer: %s\n", PQgetvalue(rows.operator, r, 0),
+		    PQgetvalue(rows.operator, r, 1), PQgetvalue(rows.operator, r, 2),
+		    PQgetvalue(rows.operator, r, 3), PQgetvalue(rows.operator, r, 4),
+		    PQgetvalue(rows.operator, r, 5));
+
+	fprintf(out, "\nworkers the billing API refuses (taking no new items): %d\n",
+	    PQntuples(rows.workers));
+	for (int r = 0; r < PQntuples(rows.workers); r++)
+		fprintf(out, "  \"%s\"  since %s  last probe %ss ago: %s\n",
+		    PQgetvalue(rows.workers, r, 0), PQgetvalue(rows.workers, r, 1),
+		    PQgetvalue(rows.workers, r, 3), PQgetvalue(rows.workers, r, 2));
 	status_rows_clear(&rows);
 	return 0;
 }
@@ -172,7 +215,9 @@ static json_t *
 status_json(const struct status_rows *rows)
 {
 	json_t *kinds = json_array(), *flight = json_array(), *overdue = json_array();
-	bool ok = kinds != NULL && flight != NULL && overdue != NULL;
+	json_t *operator = json_array(), *workers = json_array();
+	bool ok = kinds != NULL && flight != NULL && overdue != NULL && operator != NULL &&
+	    workers != NULL;
 
 	for (int r = 0; ok && r < PQntuples(rows->counts); r++) {
 		const PGresult *c = rows->counts;
@@ -196,16 +241,34 @@ status_json(const struct status_rows *rows)
 		    "kind", j_str(o, r, 0), "id", j_int(o, r, 1), "attempts", j_int(o, r, 2),
 		    "last_error", j_str(o, r, 3))) == 0;
 	}
+	for (int r = 0; ok && r < PQntuples(rows->operator); r++) {
+		const PGresult *o = rows->operator;
+
+		ok = json_array_append_new(operator, json_pack("{s:o, s:o, s:o, s:o, s:o, s:o}",
+		    "kind", j_str(o, r, 0), "id", j_int(o, r, 1), "attempts", j_int(o, r, 2),
+		    "first_claimed_s_ago", j_real(o, r, 3), "why", j_str(o, r, 4),
+		    "last_error", j_str(o, r, 5))) == 0;
+	}
+	for (int r = 0; ok && r < PQntuples(rows->workers); r++) {
+		const PGresult *w = rows->workers;
+
+		ok = json_array_append_new(workers, json_pack("{s:o, s:o, s:o, s:o}",
+		    "worker_id", j_str(w, r, 0), "since", j_str(w, r, 1), "reason", j_str(w, r, 2),
+		    "last_probe_s_ago", j_real(w, r, 3))) == 0;
+	}
 	if (!ok) {
 		json_decref(kinds);
 		json_decref(flight);
 		json_decref(overdue);
+		json_decref(operator);
+		json_decref(workers);
 		return NULL;
 	}
-	/* json_pack takes the three arrays over, on failure too. */
-	return json_pack("{s:o, s:o, s:b, s:o, s:b}", "kinds", kinds, "in_flight", flight,
-	    "in_flight_truncated", PQntuples(rows->flight) == STATUS_LIST_MAX,
-	    "overdue", overdue, "overdue_truncated", PQntuples(rows->overdue) == STATUS_LIST_MAX);
+	/* json_pack takes the arrays over, on failure too. */
+	return json_pack("{s:o, s:o, s:b, s:o, s:b, s:o, s:o}", "kinds", kinds,
+	    "in_flight", flight, "in_flight_truncated", PQntuples(rows->flight) == STATUS_LIST_MAX,
+	    "overdue", overdue, "overdue_truncated", PQntuples(rows->overdue) == STATUS_LIST_MAX,
+	    "needs_operator", operator, "api_refused_workers", workers);
 }
 
 int

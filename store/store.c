@@ -47,14 +47,21 @@ static const char sql_due[] =
 	"SET fence = t.fence + 1, locked_by = $1, "                            \
 	"lease_until = now() + $2 * interval '1 millisecond', "                \
 	"next_attempt_at = now() + $2 * interval '1 millisecond', "            \
-	"ambiguous = t.ambiguous OR t.lease_until IS NOT NULL, updated_at = now() "
+	"ambiguous = t.ambiguous OR t.lease_until IS NOT NULL, updated_at = now(), " \
+	"first_claimed_at = coalesce(t.first_claimed_at, now()) "
+
+/* After the kind's own columns: what the give-up rule and the key's age need. */
+#define CLAIM_RETURNING_COMMON                                                 \
+	", t.blocked_calls, "                                                  \
+	"(extract(epoch FROM now() - t.first_claimed_at) * 1000)::bigint"
 
 static const char *const claim_returning[ITEM_KIND_COUNT] = {
 	"RETURNING t.id, t.fence, t.attempts, t.ambiguous, t.amount_cents, "
-	"t.customer_id, t.currency, NULL::bigint, false",
+	"t.customer_id, t.currency, NULL::bigint, false" CLAIM_RETURNING_COMMON,
 	"RETURNING t.id, t.fence, t.attempts, t.ambiguous, t.amount_cents, "
 	"t.customer_id, NULL::text, t.subsidy_id, EXISTS (SELECT 1 FROM "
-	"ledger_transactions h WHERE h.redemption_id = t.id AND h.kind = 'hold')",
+	"ledger_transactions h WHERE h.redemption_id = t.id AND h.kind = 'hold')"
+	CLAIM_RETURNING_COMMON,
 };
 
 /*
@@ -98,18 +105,23 @@ static const char sql_renew[] =
  */
 #define COMPLETE_INPUT                                                         \
 	"unnest($1::bigint[], $2::bigint[], $3::text[], $4::int[], $5::bool[], " \
-	"$6::bigint[], $7::text[], $8::text[]) "                               \
-	"AS u(id, fence, state, calls, ambiguous, delay_ms, result_id, error), " \
+	"$6::bigint[], $7::text[], $8::text[], $9::bool[], $10::text[]) "      \
+	"AS u(id, fence, state, calls, ambiguous, delay_ms, result_id, error, " \
+	"blocked, operator_note), "                                            \
 	"(SELECT set_config('synchronous_commit', 'off', true)) AS async_commit"
 
 #define COMPLETE_SET(done_state, id_column)                                    \
 	"SET status = CASE u.state WHEN 'done' THEN '" done_state "' "         \
 	"WHEN 'failed' THEN 'failed' ELSE 'pending' END, "                     \
 	id_column " = u.result_id, attempts = t.attempts + u.calls, "          \
-	"last_error = u.error, ambiguous = t.ambiguous OR u.ambiguous, "       \
-	"next_attempt_at = CASE WHEN u.state = 'retry' "                       \
-	"THEN now() + u.delay_ms * interval '1 millisecond' "                  \
-	"ELSE t.next_attempt_at END, "                                         \
+	"blocked_calls = t.blocked_calls + u.blocked::int, "                   \
+	"last_error = CASE WHEN u.error IS NULL AND u.operator_note IS NOT NULL " \
+	"THEN t.last_error ELSE u.error END, "                                 \
+	"needs_operator = u.operator_note, "                                   \
+	"ambiguous = t.ambiguous OR u.ambiguous, "                             \
+	"next_attempt_at = CASE WHEN u.state <> 'retry' THEN t.next_attempt_at " \
+	"WHEN u.delay_ms < 0 THEN 'infinity' "                                 \
+	"ELSE now() + u.delay_ms * interval '1 millisecond' END, "             \
 	"locked_by = NULL, lease_until = NULL, updated_at = now(), "           \
 	"finished_at = CASE WHEN u.state = 'retry' THEN NULL ELSE now() END "
 
@@ -161,7 +173,7 @@ struct store {
 	char sqlstate[6];       /* of the last failed statement; "" for none */
 	char errmsg[512];
 	uint64_t retries;
-	struct buf arr[8];
+	struct buf arr[10];
 	struct id_pos *index;       /* scratch for index_ids() */
 	size_t index_cap;
 };
@@ -711,6 +723,8 @@ store_claim(store *st, enum item_kind kind, const int64_t *ids, size_t nids,
 		if (!PQgetisnull(res, i, 7))
 			it->subsidy_id = strtoll(PQgetvalue(res, i, 7), NULL, 10);
 		it->held = PQgetvalue(res, i, 8)[0] == 't';
+		it->blocked_calls = attempts_of(PQgetvalue(res, i, 9));
+		it->key_age_ms = strtoll(PQgetvalue(res, i, 10), NULL, 10);
 		if (it->customer_id == NULL && !PQgetisnull(res, i, 5)) {
 			/* Out of memory: give back what was filled; leases run out. */
 			for (int j = 0; j <= i; j++)
@@ -787,11 +801,11 @@ complete_kind(store *st, enum item_kind kind, const struct completion *c,
 {
 	struct buf *a = st->arr;
 	struct id_pos *ix;
-	const char *params[8];
+	const char *params[10];
 	PGresult *res;
 	size_t count = 0;
 
-	for (int i = 0; i < 8; i++)
+	for (int i = 0; i < 10; i++)
 		if (arr_open(&a[i]) == -1)
 			goto oom;
 	if ((ix = index_reserve(st, n)) == NULL)
@@ -809,17 +823,20 @@ complete_kind(store *st, enum item_kind kind, const struct completion *c,
 		    arr_add_raw(&a[4], c[i].ambiguous ? "t" : "f") == -1 ||
 		    arr_add_int(&a[5], c[i].delay_ms) == -1 ||
 		    arr_add_text(&a[6], c[i].state == COMPLETION_DONE ? c[i].result_id : NULL) == -1 ||
-		    arr_add_text(&a[7], c[i].state == COMPLETION_DONE ? NULL : c[i].error) == -1)
+		    arr_add_text(&a[7], c[i].state == COMPLETION_DONE ? NULL : c[i].error) == -1 ||
+		    arr_add_raw(&a[8], c[i].blocked ? "t" : "f") == -1 ||
+		    arr_add_text(&a[9], c[i].state == COMPLETION_RETRY ? c[i].operator_note :
+		    NULL) == -1)
 			goto oom;
 	}
 	if (count == 0)
 		return 0;
-	for (int i = 0; i < 8; i++) {
+	for (int i = 0; i < 10; i++) {
 		if (arr_close(&a[i]) == -1)
 			goto oom;
 		params[i] = a[i].data;
 	}
-	res = exec_stmt(st, STMT_COMPLETE, kind, 8, params, PGRES_TUPLES_OK, retryable);
+	res = exec_stmt(st, STMT_COMPLETE, kind, 10, params, PGRES_TUPLES_OK, retryable);
 	if (res == NULL)
 		return -1;
 	qsort(ix, count, sizeof(*ix), id_pos_cmp);

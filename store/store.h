@@ -178,6 +178,16 @@ int store_listener_fd(const store_listener *sl);
 int store_listener_drain(store_listener *sl);
 const char *store_listener_errmsg(const store_listener *sl);
 
+/*
+ * Records in the database that the billing API refuses WORKER_ID (a
+ * worker-level answer; REASON says which, with the base URL, never the
+ * token), or with REASON NULL that it no longer does.  `status` lists the
+ * workers so recorded.  The first record keeps its start time; later ones
+ * refresh the reason and the time of the last probe.
+ */
+int store_set_api_blocked(store *st, const char *worker_id, const char *reason)
+	__attribute__((warn_unused_result));
+
 /* Creates or upgrades the schema; safe from several hosts at once. */
 int store_migrate(store *st) __attribute__((warn_unused_result));
 
