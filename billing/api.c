@@ -141,6 +141,21 @@ oom:
 	return -1;
 }
 
+int
+api_client_set_token(api_client *api, const char *token)
+{
+	char *header = join("Authorization: Bearer ", token);
+
+	if (header == NULL)
+		return -1;
+	if (api->auth_header != NULL) {
+		explicit_bzero(api->auth_header, strlen(api->auth_header));
+		free(api->auth_header);
+	}
+	api->auth_header = header;
+	return 0;
+}
+
 void
 api_client_set_limits(api_client *api, long timeout_ms, long connect_timeout_ms,
     int max_connections)

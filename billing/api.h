@@ -33,6 +33,14 @@ int api_client_new(const struct api_options *o, api_client **ret, char *err, siz
 	__attribute__((warn_unused_result));
 void api_client_free(api_client *api);
 
+/*
+ * Replaces the bearer token for calls started from now on (SIGHUP, after a
+ * rotation).  TOKEN is copied.  Returns -1 without memory; the old token
+ * stays.
+ */
+int api_client_set_token(api_client *api, const char *token)
+	__attribute__((warn_unused_result));
+
 /* Applies to calls started from now on (SIGHUP). */
 void api_client_set_limits(api_client *api, long timeout_ms, long connect_timeout_ms,
     int max_connections);

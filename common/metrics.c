@@ -39,6 +39,7 @@ static struct {
 	int in_flight;
 	int concurrency;
 	bool database_up;
+	bool api_blocked;
 	bool backlog_known[ITEM_KIND_COUNT];
 	int64_t backlog[ITEM_KIND_COUNT];
 	double oldest_pending_s[ITEM_KIND_COUNT];
@@ -112,6 +113,12 @@ void
 metrics_set_concurrency(int n)
 {
 	m.concurrency = n;
+}
+
+void
+metrics_set_api_blocked(bool blocked)
+{
+	m.api_blocked = blocked;
 }
 
 void
@@ -216,6 +223,9 @@ render_gauges(FILE *out)
 	fprintf(out, "billing_worker_concurrency %d\n", m.concurrency);
 	head(out, "database_up", "gauge", "1 while the database connection is up.");
 	fprintf(out, "billing_worker_database_up %d\n", m.database_up ? 1 : 0);
+	head(out, "api_blocked", "gauge", "1 while the billing API refuses this worker "
+	    "(401, 403, 404, 405): no new items are taken.");
+	fprintf(out, "billing_worker_api_blocked %d\n", m.api_blocked ? 1 : 0);
 	head(out, "backlog", "gauge",
 	    "Items due now and not yet claimed, fleet-wide, by kind (counted up to a cap).");
 	for (int k = 0; k < ITEM_KIND_COUNT; k++)

@@ -21,6 +21,7 @@
 #include "common/metrics.h"
 #include "locks/lock.h"
 #include "store/store.h"
+#include "worker/secret.h"
 #include "worker/telemetry.h"
 
 #define DB_RETRY_MIN_MS 200
@@ -34,8 +35,15 @@
  * inside the window fold into that one claim.
  */
 #define NOTIFY_JITTER_MS 4
-/* A once run gives up when the database stays unreachable this long. */
-#define ONCE_DB_PATIENCE_MS 60000
+/* Outcomes that could not be recorded are tried again with this backoff. */
+#define FLUSH_RETRY_MIN_MS 200
+#define FLUSH_RETRY_MAX_MS 10000
+/*
+ * A worker the billing API refuses (401, 403, 404, 405) probes it again
+ * with one item after this long, doubling up to the maximum.
+ */
+#define PROBE_MIN_MS 1000
+#define PROBE_MAX_MS 30000
 
 enum flight_state {
 	FLIGHT_FREE,
@@ -80,6 +88,24 @@ struct loop {
 
 	int64_t next_poll_ms;
 	int64_t next_renew_ms;
+	int64_t next_flush_ms;          /* after a failed flush: not before */
+	int flush_delay_ms;
+	int64_t flush_failing_since_ms; /* 0 while outcomes get recorded */
+	int64_t claim_failing_since_ms; /* 0 while claims work */
+
+	/*
+	 * The billing API refuses this worker (a worker-level answer): no new
+	 * items are taken but one probe item now and then; calls in flight
+	 * finish and are recorded.
+	 */
+	struct {
+		bool on;
+		int64_t since_ms;
+		int64_t probe_at_ms;
+		int probe_delay_ms;
+		int64_t recorded_at_ms;     /* last write of worker_status */
+		char reason[600];
+	} refused;
 	int64_t next_db_try_ms;
 	int db_delay_ms;
 	int64_t db_down_since_ms;
@@ -148,6 +174,7 @@ policy_from(struct retry_policy *p, const struct bw_config *cfg)
 	p->max_attempts = cfg->billing_api.max_attempts;
 	p->backoff_initial_ms = cfg->billing_api.backoff_initial_ms;
 	p->backoff_max_ms = cfg->billing_api.backoff_max_ms;
+	p->key_ttl_ms = (int64_t)cfg->billing_api.idempotency_key_ttl_s * 1000;
 }
 
 /* Makes room for CONCURRENCY flights and a batch of BATCH claims. */
@@ -196,6 +223,11 @@ free_flight(struct loop *l)
 	return l->nfree > 0 ? l->free_slots[--l->nfree] : -1;
 }
 
+/*
+ * The one way a flight ends, whatever became of its item: the slot goes
+ * back on the free stack, so busy and the stack always agree.  The Redis
+ * lock, if any, must have been given back (or left to expire) first.
+ */
 static void
 release_flight(struct loop *l, int slot)
 {
@@ -233,9 +265,19 @@ log_outcome(const struct flight *f, bool accepted)
 			    kind, it->id, c->error, attempt, f->http_status, f->latency_ms);
 		break;
 	case COMPLETION_RETRY:
-		log_info("%s %" PRId64 ": retry in %" PRId64 " ms%s: %s (attempt %d, http %ld, %.1f ms)",
-		    kind, it->id, c->delay_ms, c->ambiguous ? " (may have taken effect)" : "",
-		    c->error, attempt, f->http_status, f->latency_ms);
+		if (c->operator_note[0] != '\0')
+			log_error("%s %" PRId64 ": left pending for an operator (see status): %s%s%s",
+			    kind, it->id, c->operator_note, c->error[0] != '\0' ? "; last answer: " : "",
+			    c->error);
+		else if (c->blocked)
+			log_debug("%s %" PRId64 ": pending again, the billing API refused this "
+			    "worker: %s (attempt %d, http %ld)", kind, it->id, c->error, attempt,
+			    f->http_status);
+		else
+			log_info("%s %" PRId64 ": retry in %" PRId64 " ms%s: %s (attempt %d, http %ld, "
+			    "%.1f ms)", kind, it->id, c->delay_ms, c->ambiguous ?
+			    " (may have taken effect)" : "", c->error, attempt, f->http_status,
+			    f->latency_ms);
 		break;
 	}
 }
@@ -294,12 +336,15 @@ db_ready(struct loop *l)
  * parks each row that refuses its own (pending, with the reason, retried
  * after backoff_max_ms).  Compacts the batch to the outcomes recorded or
  * turned away by their fence, and returns how many; those that failed for
- * any other reason (the connection) stay queued for the next flush.
+ * any other reason (the connection) stay queued for the next flush, and
+ * *LEFT says how many did.
  */
 static size_t
-record_one_by_one(struct loop *l, size_t n)
+record_one_by_one(struct loop *l, size_t n, size_t *left)
 {
 	size_t m = 0;
+
+	*left = 0;
 
 	for (size_t j = 0; j < n; j++) {
 		struct flight *f = &l->flights[l->batch_flight[j]];
@@ -312,8 +357,10 @@ record_one_by_one(struct loop *l, size_t n)
 			l->batch_flight[m++] = l->batch_flight[j];
 			continue;
 		}
-		if (!store_connected(l->st) || !store_failed_on_data(l->st))
+		if (!store_connected(l->st) || !store_failed_on_data(l->st)) {
+			(*left)++;
 			continue;
+		}
 		snprintf(reason, sizeof(reason), "could not record the outcome (%s%s): %s",
 		    f->done.state == COMPLETION_DONE ? "done, id " :
 		    f->done.state == COMPLETION_FAILED ? "failed: " : "retry",
@@ -321,8 +368,10 @@ record_one_by_one(struct loop *l, size_t n)
 		    f->done.state == COMPLETION_FAILED ? f->done.error : "", store_errmsg(l->st));
 		if (store_park(l->st, &f->done, l->cfg->billing_api.backoff_max_ms, reason,
 		    &parked) == -1) {
-			if (!store_connected(l->st))
-				continue;       /* queued: recorded when the database returns */
+			if (!store_connected(l->st)) {
+				(*left)++;      /* queued: recorded when the database returns */
+				continue;
+			}
 			log_error("%s %" PRId64 ": %s; could not park it either (%s): dropped, "
 			    "its lease runs out and it is retried", item_kind_name(f->item.kind),
 			    f->item.id, reason, store_errmsg(l->st));
@@ -333,9 +382,7 @@ record_one_by_one(struct loop *l, size_t n)
 		}
 		l->itemp[0] = &f->item;
 		lock_release(l->locks, l->itemp, 1);
-		item_clear(&f->item);
-		f->state = FLIGHT_FREE;
-		l->busy--;
+		release_flight(l, l->batch_flight[j]);
 	}
 	return m;
 }
@@ -347,9 +394,41 @@ record_one_by_one(struct loop *l, size_t n)
  * another worker repeats the calls under the same keys and the fenced
  * completion turns ours away.
  */
+/*
+ * The batch could not be recorded, for a reason other than its data (the
+ * connection, a read-only server after a failover, permissions, a full
+ * disk): the outcomes stay queued and the flush is tried again with
+ * backoff, logged once per outage instead of once per try.
+ */
+static void
+flush_failed(struct loop *l, size_t n, int64_t now)
+{
+	if (!store_connected(l->st)) {
+		note_db_failure(l, "could not record outcomes");
+	} else if (l->flush_failing_since_ms == 0) {
+		log_warnx("could not record %zu outcome%s: %s; keeping them, retrying with "
+		    "backoff", n, n == 1 ? "" : "s", store_errmsg(l->st));
+	}
+	if (l->flush_failing_since_ms == 0) {
+		l->flush_failing_since_ms = now;
+		l->flush_delay_ms = FLUSH_RETRY_MIN_MS;
+	}
+	l->next_flush_ms = now + l->flush_delay_ms;
+	l->flush_delay_ms = l->flush_delay_ms * 2 > FLUSH_RETRY_MAX_MS ? FLUSH_RETRY_MAX_MS :
+	    l->flush_delay_ms * 2;
+}
+
+/* True when queued outcomes can be tried now: the loop must not sleep. */
+static bool
+flush_due(const struct loop *l, int64_t now)
+{
+	return now >= l->next_flush_ms && store_connected(l->st);
+}
+
 static void
 flush(struct loop *l)
 {
+	int64_t now = clock_ms();
 	size_t n = 0;
 
 	for (int i = 0; i < l->nflights; i++) {
@@ -359,14 +438,25 @@ flush(struct loop *l)
 		l->batch_flight[n] = i;
 		n++;
 	}
-	if (n == 0 || !db_ready(l))
+	if (n == 0 || now < l->next_flush_ms || !db_ready(l))
 		return;
 	if (store_complete(l->st, l->batch, n, l->accepted) == -1) {
+		size_t left;
+
 		if (!store_connected(l->st) || !store_failed_on_data(l->st)) {
-			note_db_failure(l, "could not record outcomes");
+			flush_failed(l, n, now);
 			return;
 		}
-		n = record_one_by_one(l, n);
+		n = record_one_by_one(l, n, &left);
+		if (left > 0)
+			flush_failed(l, left, now);
+		else if (l->flush_failing_since_ms != 0)
+			l->flush_failing_since_ms = 0;
+	} else if (l->flush_failing_since_ms != 0) {
+		log_info("recording outcomes again after %.1f s",
+		    (double)(now - l->flush_failing_since_ms) / 1000.0);
+		l->flush_failing_since_ms = 0;
+		l->next_flush_ms = 0;
 	}
 	for (size_t j = 0; j < n; j++) {
 		struct flight *f = &l->flights[l->batch_flight[j]];
@@ -439,10 +529,17 @@ launch(struct loop *l, struct item *it, const char *refuse, const char *defer)
 			outcome_abandoned(&f->item, reason, &f->done);
 			f->done.calls = 0;
 			f->done.delay_ms = l->cfg->billing_api.backoff_max_ms;
+			snprintf(f->done.operator_note, sizeof(f->done.operator_note),
+			    "an earlier attempt may have taken effect and the row has changed "
+			    "since (%s): it is not sent again as it is", reason);
 		} else {
 			outcome_refused(&f->item, reason, &f->done);
 		}
 		f->state = FLIGHT_DONE;
+		return;
+	}
+	if (outcome_before_call(&f->item, &l->policy, &f->done)) {
+		f->state = FLIGHT_DONE;     /* logged with its outcome */
 		return;
 	}
 	if (api_start(l->api, &f->item, slot) == -1) {
@@ -519,7 +616,7 @@ reserve_then_launch(struct loop *l, size_t n)
 static int
 claim(struct loop *l)
 {
-	int room = l->cfg->worker.concurrency - l->busy;
+	int room = l->refused.on ? 1 : l->cfg->worker.concurrency - l->busy;
 	size_t want, n, nred = 0;
 	bool more;
 
@@ -533,8 +630,11 @@ claim(struct loop *l)
 		else if (!lock_redis_down(l->locks))
 			log_warnx("could not claim items: %s", lock_errmsg(l->locks));
 		/* A Redis outage is logged once, by the lock manager, not every poll. */
+		if (l->claim_failing_since_ms == 0)
+			l->claim_failing_since_ms = clock_ms();
 		return -1;
 	}
+	l->claim_failing_since_ms = 0;
 	/* Invoices go straight to their calls; redemptions first reserve funds. */
 	for (size_t i = 0; i < n; i++) {
 		if (l->claimed[i].kind == ITEM_INVOICE) {
@@ -548,6 +648,86 @@ claim(struct loop *l)
 	}
 	reserve_then_launch(l, nred);
 	return more ? 1 : 0;
+}
+
+/* Writes (ON) or clears this worker's row in worker_status; best effort. */
+static void
+record_refused(struct loop *l, int64_t now, bool on)
+{
+	l->refused.recorded_at_ms = now;
+	if (!store_connected(l->st))
+		return;         /* the next probe writes it */
+	if (store_set_api_blocked(l->st, l->cfg->worker.id, on ? l->refused.reason : NULL) == -1)
+		log_warnx("%s", store_errmsg(l->st));
+}
+
+/*
+ * The billing API answered 401, 403, 404 or 405: the token or the base URL
+ * is wrong, for every item alike.  Stop taking items (each would only get
+ * the same answer) and say so once; the items stay pending, and one item
+ * now and then probes whether the API lets the worker in again.
+ */
+static void
+api_refused(struct loop *l, const struct api_verdict *v, long status, int64_t now)
+{
+	char url[512];
+
+	if (l->refused.on) {
+		/* A probe's answer: when it was, for status. */
+		if (now - l->refused.recorded_at_ms >= PROBE_MIN_MS)
+			record_refused(l, now, true);
+		return;
+	}
+	config_url_for_log(l->cfg->billing_api.base_url, url, sizeof(url));
+	l->refused.on = true;
+	l->refused.since_ms = now;
+	l->refused.probe_delay_ms = PROBE_MIN_MS;
+	l->refused.probe_at_ms = now + PROBE_MIN_MS;
+	snprintf(l->refused.reason, sizeof(l->refused.reason), "http %ld from the billing API "
+	    "at \"%s\" (%s)", status, url, v->error);
+	log_error("the billing API at \"%s\" answered http %ld (%s): the token "
+	    "(billing_api.token_file) or billing_api.base_url is wrong, or a proxy is in the "
+	    "way; taking no new items and keeping every item pending, probing again with "
+	    "backoff (at most every %d s); after fixing the token, SIGHUP probes at once",
+	    url, status, v->error, PROBE_MAX_MS / 1000);
+	metrics_set_api_blocked(true);
+	telemetry_api_refused(l->tm, l->refused.reason);
+	record_refused(l, now, true);
+}
+
+/* An answer that got past authentication and routing: the worker is let in. */
+static void
+api_admitted(struct loop *l, long status, int64_t now)
+{
+	if (!l->refused.on)
+		return;
+	log_info("the billing API lets this worker in again (http %ld) after %.1f s; taking "
+	    "new items", status, (double)(now - l->refused.since_ms) / 1000.0);
+	l->refused.on = false;
+	metrics_set_api_blocked(false);
+	telemetry_api_refused(l->tm, NULL);
+	record_refused(l, now, false);
+}
+
+/*
+ * Whether claims may run now.  While the API refuses the worker, only a
+ * probe: one item, once nothing is in flight, when the probe's time comes.
+ */
+static bool
+may_claim(const struct loop *l, int64_t now)
+{
+	if (!l->refused.on)
+		return true;
+	return l->busy == 0 && now >= l->refused.probe_at_ms;
+}
+
+/* A probe was sent: the next one waits longer, up to PROBE_MAX_MS. */
+static void
+probe_sent(struct loop *l, int64_t now)
+{
+	l->refused.probe_at_ms = now + l->refused.probe_delay_ms;
+	l->refused.probe_delay_ms = l->refused.probe_delay_ms * 2 > PROBE_MAX_MS ? PROBE_MAX_MS :
+	    l->refused.probe_delay_ms * 2;
 }
 
 static void
@@ -565,6 +745,10 @@ collect(struct loop *l)
 		f->http_status = status;
 		metrics_api_call(status, latency);
 		outcome_after_call(&f->item, &v, &l->policy, jitter_next(&l->rng), &f->done);
+		if (v.cls == API_WORKER)
+			api_refused(l, &v, status, clock_ms());
+		else if (api_class_admitted(v.cls))
+			api_admitted(l, status, clock_ms());
 		if (status == 429) {
 			/* The API is over its limit for everyone: the whole fleet waits. */
 			int pause_ms = v.retry_after_s > 0 ? v.retry_after_s * 1000 : 1000;
@@ -594,6 +778,30 @@ renew(struct loop *l)
 		note_db_failure(l, "could not renew leases");
 }
 
+/*
+ * SIGHUP reads the API token again, so a rotation needs no restart; a
+ * worker the API refused probes at once with it.  A token that cannot be
+ * read keeps the running one.
+ */
+static void
+reload_token(struct loop *l)
+{
+	static char token[SECRET_MAX];
+
+	if (secret_api_token(l->cfg, token, sizeof(token)) == -1) {
+		log_warnx("reload: keeping the running API token");
+		return;
+	}
+	if (api_client_set_token(l->api, token) == -1)
+		log_warnx("reload: out of memory; keeping the running API token");
+	explicit_bzero(token, sizeof(token));
+	if (l->refused.on) {
+		l->refused.probe_at_ms = clock_ms();
+		l->refused.probe_delay_ms = PROBE_MIN_MS;
+		log_info("reload: API token read again; probing the billing API now");
+	}
+}
+
 /* SIGHUP: load the file again; apply what can change live, keep the rest. */
 static void
 reload(struct loop *l)
@@ -608,6 +816,13 @@ reload(struct loop *l)
 	}
 	telemetry_reloading(l->tm);
 	nerr = config_load(l->cfg->path, fresh, &errors);
+	if (nerr == 0 && config_resolve_worker_id(fresh) == -1) {
+		log_warnx("reload: out of memory; keeping the running configuration");
+		config_free(fresh);
+		free(fresh);
+		telemetry_reloaded(l->tm);
+		return;
+	}
 	if (nerr != 0) {
 		log_warnx("reload: \"%s\" has %d error%s; keeping the running configuration:\n%s",
 		    l->cfg->path, nerr, nerr == 1 ? "" : "s", errors ? errors : "");
@@ -631,12 +846,14 @@ reload(struct loop *l)
 	l->cfg->worker.batch_size = fresh->worker.batch_size;
 	l->cfg->worker.poll_interval_ms = fresh->worker.poll_interval_ms;
 	l->cfg->worker.shutdown_timeout_ms = fresh->worker.shutdown_timeout_ms;
+	l->cfg->worker.once_patience_ms = fresh->worker.once_patience_ms;
 	l->cfg->billing_api.timeout_ms = fresh->billing_api.timeout_ms;
 	l->cfg->billing_api.connect_timeout_ms = fresh->billing_api.connect_timeout_ms;
 	l->cfg->billing_api.max_attempts = fresh->billing_api.max_attempts;
 	l->cfg->billing_api.backoff_initial_ms = fresh->billing_api.backoff_initial_ms;
 	l->cfg->billing_api.backoff_max_ms = fresh->billing_api.backoff_max_ms;
 	l->cfg->billing_api.max_requests_per_second = fresh->billing_api.max_requests_per_second;
+	l->cfg->billing_api.idempotency_key_ttl_s = fresh->billing_api.idempotency_key_ttl_s;
 	l->cfg->locks.ttl_ms = fresh->locks.ttl_ms;
 	l->cfg->locks.renew_interval_ms = fresh->locks.renew_interval_ms;
 	l->cfg->log.level = fresh->log.level;
@@ -651,6 +868,7 @@ reload(struct loop *l)
 	lock_set_rate(l->locks, l->cfg->billing_api.max_requests_per_second);
 	log_set_level((int)l->cfg->log.level);
 	log_set_json(l->cfg->log.format == LOG_FORMAT_JSON);
+	reload_token(l);
 	telemetry_reloaded(l->tm);
 	log_info("configuration reloaded (concurrency %d, batch %d, poll %d ms)",
 	    l->cfg->worker.concurrency, l->cfg->worker.batch_size,
@@ -795,6 +1013,56 @@ loop_teardown(struct loop *l)
 	store_free(l->st);
 }
 
+/*
+ * A once run must end, whatever is wrong: it has worker.once_patience_ms of
+ * patience for a database or Redis it cannot reach, for claims that keep
+ * failing, for outcomes it cannot record and for an API that refuses it,
+ * then gives up (logged, with the reason) and exits 1.  Returns 0 while it
+ * is patient, 1 when the run should stop taking items and end once its
+ * calls in flight are recorded, 2 when it should end now (nothing it waits
+ * for can be recorded).
+ */
+static int
+once_out_of_patience(struct loop *l, int64_t now)
+{
+	const char *why = NULL, *detail = "";
+	int64_t since = 0;
+	int verdict = 1;
+
+	if (l->db_down_since_ms != 0) {
+		why = "the database was unreachable";
+		since = l->db_down_since_ms;
+		detail = store_errmsg(l->st);
+		verdict = 2;
+	} else if (l->claim_failing_since_ms != 0) {
+		why = "claims kept failing";
+		since = l->claim_failing_since_ms;
+		detail = lock_errmsg(l->locks);
+	} else if (l->flush_failing_since_ms != 0) {
+		why = "outcomes could not be recorded";
+		since = l->flush_failing_since_ms;
+		detail = store_errmsg(l->st);
+		verdict = 2;
+	} else if (l->refused.on) {
+		why = "the billing API refused this worker";
+		since = l->refused.since_ms;
+		detail = l->refused.reason;
+	}
+	if (why == NULL || now - since <= l->cfg->worker.once_patience_ms)
+		return 0;
+	if (verdict == 2)
+		log_error("%s for %.1f s (worker.once_patience_ms): %s; ending this once run with "
+		    "%d item%s unrecorded (their leases run out and they are retried)", why,
+		    (double)(now - since) / 1000.0, detail[0] != '\0' ? detail : "no detail",
+		    l->busy, l->busy == 1 ? "" : "s");
+	else
+		log_error("%s for %.1f s (worker.once_patience_ms): %s; ending this once run: no "
+		    "new items, %d call%s in flight still recorded", why,
+		    (double)(now - since) / 1000.0, detail[0] != '\0' ? detail : "no detail",
+		    l->busy, l->busy == 1 ? "" : "s");
+	return verdict;
+}
+
 /* Waits for the database at start; false when a once run should give up. */
 static bool
 first_connect(struct loop *l)
@@ -811,9 +1079,9 @@ first_connect(struct loop *l)
 			return false;
 		}
 		telemetry_waiting(l->tm, clock_ms(), store_errmsg(l->st));
-		if (l->once && clock_ms() - start > ONCE_DB_PATIENCE_MS) {
-			log_error("database unreachable for %d s; giving up this run",
-			    ONCE_DB_PATIENCE_MS / 1000);
+		if (l->once && clock_ms() - start > l->cfg->worker.once_patience_ms) {
+			log_error("database unreachable for %.1f s (worker.once_patience_ms); "
+			    "giving up this run", (double)l->cfg->worker.once_patience_ms / 1000.0);
 			return false;
 		}
 		usleep(50 * 1000);
@@ -837,8 +1105,14 @@ loop_run(struct bw_config *cfg, const char *token, const char *redis_password, b
 	log_info("starting (%s, lock mode %s, concurrency %d, batch %d)",
 	    once ? "once" : "run", config_lock_mode_name(cfg->locks.mode),
 	    cfg->worker.concurrency, cfg->worker.batch_size);
-	if (!first_connect(&l))
+	if (!first_connect(&l)) {
+		/* A stop asked for while waiting is a clean exit (systemctl stop). */
+		if (got_stop) {
+			log_info("stopped while waiting for the database");
+			status = 0;
+		}
 		goto out;
+	}
 	status = 0;
 	lock_start(l.locks);
 	listen_service(&l, false);
@@ -870,10 +1144,13 @@ loop_run(struct bw_config *cfg, const char *token, const char *redis_password, b
 		}
 
 		if (!l.stopping && now >= l.next_poll_ms && l.busy < l.cfg->worker.concurrency &&
-		    db_ready(&l)) {
+		    may_claim(&l, now) && db_ready(&l)) {
+			bool probing = l.refused.on;
 			int r = claim(&l);
 			int64_t hold = lock_wait_ms(l.locks);
 
+			if (probing && l.busy > 0)
+				probe_sent(&l, now);
 			if (hold > 0)
 				l.next_poll_ms = now + hold;    /* rate budget spent or a 429 pause */
 			else if (r == 1)
@@ -885,13 +1162,17 @@ loop_run(struct bw_config *cfg, const char *token, const char *redis_password, b
 				break;
 			}
 		}
-		if (once && l.db_down_since_ms != 0 &&
-		    now - l.db_down_since_ms > ONCE_DB_PATIENCE_MS) {
-			log_error("database unreachable for %d s; ending this run with %d item%s "
-			    "unrecorded (their leases run out and they are retried)",
-			    ONCE_DB_PATIENCE_MS / 1000, l.busy, l.busy == 1 ? "" : "s");
-			status = 1;
-			break;
+		if (once && (!l.stopping || l.db_down_since_ms != 0)) {
+			int give_up = once_out_of_patience(&l, now);
+
+			if (give_up != 0)
+				status = 1;
+			if (give_up == 2)
+				break;
+			if (give_up == 1) {
+				l.stopping = true;
+				l.stop_deadline_ms = now + l.cfg->worker.shutdown_timeout_ms;
+			}
 		}
 
 		if (l.stopping) {
@@ -910,15 +1191,33 @@ loop_run(struct bw_config *cfg, const char *token, const char *redis_password, b
 
 		/* Sleep until the next thing to do, or a call, or a signal. */
 		wait = WAIT_MAX_MS;
-		if (!l.stopping && l.busy < l.cfg->worker.concurrency && l.next_poll_ms - now < wait)
-			wait = l.next_poll_ms - now;
+		if (!l.stopping && l.busy < l.cfg->worker.concurrency &&
+		    (!l.refused.on || l.busy == 0)) {
+			/* Refused with calls in flight: their answers wake us, not the clock. */
+			int64_t at = l.next_poll_ms;
+
+			if (l.refused.on && l.refused.probe_at_ms > at)
+				at = l.refused.probe_at_ms;
+			/* No claim before the database is back: not before the reconnect. */
+			if (!store_connected(l.st) && l.next_db_try_ms > at)
+				at = l.next_db_try_ms;
+			if (at - now < wait)
+				wait = at - now;
+		}
 		if (l.next_renew_ms - now < wait)
 			wait = l.next_renew_ms - now;
 		if (l.db_down_since_ms != 0 && l.next_db_try_ms - now < wait)
 			wait = l.next_db_try_ms - now;
-		for (int i = 0; i < l.nflights; i++)
-			if (l.flights[i].state == FLIGHT_DONE)
+		for (int i = 0; i < l.nflights; i++) {
+			if (l.flights[i].state != FLIGHT_DONE)
+				continue;
+			/* Queued outcomes: now if they can be tried, else at the retry. */
+			if (flush_due(&l, now))
 				wait = 0;
+			else if (store_connected(l.st) && l.next_flush_ms - now < wait)
+				wait = l.next_flush_ms - now;
+			break;
+		}
 		if (wait < 0)
 			wait = 0;
 		wake[0].fd = wake_pipe[0];
@@ -945,6 +1244,8 @@ loop_run(struct bw_config *cfg, const char *token, const char *redis_password, b
 				l.itemp[n++] = &l.flights[i].item;
 		lock_release(l.locks, l.itemp, n);
 	}
+	if (l.refused.on)
+		record_refused(&l, clock_ms(), false);  /* no longer running: not refused */
 	log_info("stopped: %" PRIu64 " done, %" PRIu64 " failed, %" PRIu64 " to retry, %" PRIu64
 	    " not recorded (claim lost), %" PRIu64 " API calls, %" PRIu64 " transaction retries",
 	    l.n_done, l.n_failed, l.n_retry, l.n_rejected, l.n_calls,

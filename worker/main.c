@@ -14,9 +14,9 @@
 #include "store/report.h"
 #include "store/store.h"
 #include "worker/loop.h"
+#include "worker/secret.h"
 
 #define DEFAULT_CONFIG "/etc/billing-worker/billing-worker.conf"
-#define SECRET_MAX 4096
 
 enum { EXIT_OK = 0, EXIT_ERROR = 1, EXIT_USAGE = 2 };
 
@@ -39,36 +39,6 @@ usage(FILE *out)
 }
 
 /*
- * A file holding a secret must be readable by its owner alone: a token
- * that moves money in a 0644 file is readable by every account on the
- * host.  Containers that mount secrets 0644 opt out with
- * worker.allow_readable_secrets, and get a warning at every start.
- */
-static int
-check_secret_mode(const char *what, const char *path, int fd, bool allow)
-{
-	struct stat sb;
-
-	if (fstat(fd, &sb) == -1) {
-		fprintf(stderr, "billing-worker: could not stat %s \"%s\": %s\n", what, path,
-		    strerror(errno));
-		return -1;
-	}
-	if ((sb.st_mode & (S_IRGRP | S_IROTH)) == 0)
-		return 0;
-	if (allow) {
-		log_warnx("%s \"%s\" is readable by group or others (mode %04o); accepted "
-		    "because worker.allow_readable_secrets is set", what, path,
-		    (unsigned)(sb.st_mode & 07777));
-		return 0;
-	}
-	fprintf(stderr, "billing-worker: %s \"%s\" is readable by group or others (mode "
-	    "%04o): make it readable by its owner only (chmod 600), or set "
-	    "worker.allow_readable_secrets = true\n", what, path, (unsigned)(sb.st_mode & 07777));
-	return -1;
-}
-
-/*
  * A password written into database.conninfo makes the configuration file
  * itself a secret file, under the same rule.  (Better: ~/.pgpass, which
  * libpq itself refuses when others can read it.)
@@ -88,78 +58,10 @@ check_config_secret(const struct bw_config *cfg)
 		    strerror(errno));
 		return -1;
 	}
-	ret = check_secret_mode("configuration file with a password in database.conninfo",
+	ret = secret_check_mode("configuration file with a password in database.conninfo",
 	    cfg->path, fd, cfg->worker.allow_readable_secrets);
 	close(fd);
 	return ret;
-}
-
-/*
- * Reads a secret (API token, Redis password) from PATH into BUF, trailing
- * whitespace removed.  Messages name the file, never its content.
- */
-static int
-read_secret(const char *what, const char *path, bool allow_readable, char *buf, size_t len)
-{
-	FILE *f;
-	size_t n;
-
-	if ((f = fopen(path, "re")) == NULL) {
-		fprintf(stderr, "billing-worker: could not open %s \"%s\": %s\n", what, path,
-		    strerror(errno));
-		return -1;
-	}
-	if (check_secret_mode(what, path, fileno(f), allow_readable) == -1) {
-		fclose(f);
-		return -1;
-	}
-	n = fread(buf, 1, len - 1, f);
-	if (ferror(f)) {
-		fprintf(stderr, "billing-worker: could not read %s \"%s\": %s\n", what, path,
-		    strerror(errno));
-		fclose(f);
-		return -1;
-	}
-	if (!feof(f)) {
-		fprintf(stderr, "billing-worker: %s \"%s\" is longer than %d bytes\n", what,
-		    path, SECRET_MAX - 1);
-		fclose(f);
-		return -1;
-	}
-	fclose(f);
-	buf[n] = '\0';
-	while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == '\r' || buf[n - 1] == ' ' ||
-	    buf[n - 1] == '\t'))
-		buf[--n] = '\0';
-	if (n == 0) {
-		fprintf(stderr, "billing-worker: %s \"%s\" is empty\n", what, path);
-		return -1;
-	}
-	if (strpbrk(buf, "\r\n") != NULL) {
-		fprintf(stderr, "billing-worker: %s \"%s\" holds more than one line\n", what, path);
-		return -1;
-	}
-	return 0;
-}
-
-/* worker.id, or hostname:pid when the file leaves it empty. */
-static int
-resolve_worker_id(struct bw_config *cfg)
-{
-	char host[256], id[300];
-	char *p;
-
-	if (cfg->worker.id[0] != '\0')
-		return 0;
-	if (gethostname(host, sizeof(host)) == -1)
-		snprintf(host, sizeof(host), "localhost");
-	host[sizeof(host) - 1] = '\0';
-	snprintf(id, sizeof(id), "%s:%ld", host, (long)getpid());
-	if ((p = strdup(id)) == NULL)
-		return -1;
-	free(cfg->worker.id);
-	cfg->worker.id = p;
-	return 0;
 }
 
 static int
@@ -240,30 +142,13 @@ cmd_audit(const struct bw_config *cfg)
 	return status;
 }
 
-/*
- * systemd's LoadCredential=NAME:PATH hands the service a copy of a secret
- * in $CREDENTIALS_DIRECTORY/NAME, readable by the service alone, so the
- * secret's file itself can stay root's.  Returns that path when the unit
- * passed credential NAME, else NULL.
- */
-static const char *
-credential(const char *name, char *buf, size_t len)
-{
-	const char *dir = getenv("CREDENTIALS_DIRECTORY");
-
-	if (dir == NULL || dir[0] == '\0')
-		return NULL;
-	snprintf(buf, len, "%s/%s", dir, name);
-	return access(buf, F_OK) == 0 ? buf : NULL;
-}
-
 static int
 cmd_work(struct bw_config *cfg, bool once)
 {
 	static char token[SECRET_MAX], redis_password[SECRET_MAX];
 	char token_cred[4096], redis_cred[4096];
-	const char *token_path = credential("api-token", token_cred, sizeof(token_cred));
-	const char *redis_path = credential("redis-password", redis_cred, sizeof(redis_cred));
+	const char *token_path = secret_credential("api-token", token_cred, sizeof(token_cred));
+	const char *redis_path = secret_credential("redis-password", redis_cred, sizeof(redis_cred));
 	bool have_redis_password = false;
 	int status;
 
@@ -273,9 +158,7 @@ cmd_work(struct bw_config *cfg, bool once)
 		    "network unencrypted", cfg->billing_api.base_url);
 	if (token_path != NULL)
 		log_info("reading the API token from the systemd credential \"api-token\"");
-	if (read_secret(token_path != NULL ? "credential" : "billing_api.token_file",
-	    token_path != NULL ? token_path : cfg->billing_api.token_file,
-	    cfg->worker.allow_readable_secrets, token, sizeof(token)) == -1)
+	if (secret_api_token(cfg, token, sizeof(token)) == -1)
 		return EXIT_ERROR;
 	if (redis_path == NULL && cfg->redis.password_file[0] != '\0')
 		redis_path = cfg->redis.password_file;
@@ -283,7 +166,7 @@ cmd_work(struct bw_config *cfg, bool once)
 		log_info("reading the Redis password from the systemd credential "
 		    "\"redis-password\"");
 	if (redis_path != NULL && cfg->locks.mode != LOCK_MODE_SKIP_LOCKED) {
-		if (read_secret(redis_path == redis_cred ? "credential" : "redis.password_file",
+		if (secret_read(redis_path == redis_cred ? "credential" : "redis.password_file",
 		    redis_path, cfg->worker.allow_readable_secrets, redis_password,
 		    sizeof(redis_password)) == -1) {
 			explicit_bzero(token, sizeof(token));
@@ -365,7 +248,7 @@ main(int argc, char **argv)
 		config_free(&cfg);
 		return EXIT_OK;
 	}
-	if (resolve_worker_id(&cfg) == -1) {
+	if (config_resolve_worker_id(&cfg) == -1) {
 		fprintf(stderr, "billing-worker: out of memory\n");
 		config_free(&cfg);
 		return EXIT_ERROR;

@@ -32,6 +32,7 @@ struct telemetry {
 	int64_t status_at_ms;
 	int64_t now_ms;         /* the loop's clock at the last tick */
 	int in_flight, concurrency;
+	char refused[600];      /* why the billing API refuses this worker; "" if it does not */
 };
 
 /* Queries the backlog when the last answer is older than MAX_AGE_MS. */
@@ -104,6 +105,11 @@ send_status(telemetry *t, int64_t now)
 		notify_status("stopping: %d in flight", t->in_flight);
 		return;
 	}
+	if (t->refused[0] != '\0') {
+		notify_status("taking no new items: the billing API refuses this worker: %s; "
+		    "probing with backoff", t->refused);
+		return;
+	}
 	refresh_backlog(t, now, BACKLOG_STATUS_MAX_AGE_MS);
 	if (t->backlog_known)
 		snprintf(backlog, sizeof(backlog), "; due: %" PRId64 " invoices, %" PRId64
@@ -153,6 +159,13 @@ telemetry_recorded(enum item_kind kind, enum completion_state state, bool accept
 		metrics_retry_scheduled(kind);
 	else
 		metrics_item_finished(kind, state == COMPLETION_DONE);
+}
+
+void
+telemetry_api_refused(telemetry *t, const char *reason)
+{
+	snprintf(t->refused, sizeof(t->refused), "%s", reason != NULL ? reason : "");
+	t->status_at_ms = t->now_ms - STATUS_EVERY_MS;  /* the next tick tells systemd */
 }
 
 void

@@ -41,6 +41,11 @@ void telemetry_recorded(enum item_kind kind, enum completion_state state, bool a
 void telemetry_reloading(telemetry *t);
 void telemetry_reloaded(telemetry *t);
 void telemetry_stopping(telemetry *t, int in_flight);
+/*
+ * The billing API refuses this worker for REASON (copied), or with NULL no
+ * longer does: the systemd status line says so from now on.
+ */
+void telemetry_api_refused(telemetry *t, const char *reason);
 
 /*
  * Adds the descriptors to wait on to FDS (room for at least 1) and returns
