@@ -635,6 +635,16 @@ lock_claim(lockmgr *lm, size_t limit, struct item *items, size_t *ret_n, bool *m
 		    redis_lock_errmsg(lm->redis));
 		return -1;
 	}
+	/*
+	 * A full claim with candidates left over: the rest are due now and wait
+	 * only for room, not for the next poll.  In redis mode the window is
+	 * 4 x LIMIT, so a backlog's last 4 x LIMIT items would otherwise go one
+	 * claim per poll_interval_ms.  A claim that found every candidate held
+	 * elsewhere got nothing, so this never makes it spin; its backoff is
+	 * lock_wait_ms().
+	 */
+	if (ret == 0 && *ret_n == limit && ndue > *ret_n)
+		*more = true;
 	return ret;
 }
 

@@ -71,7 +71,8 @@ void lock_start(lockmgr *lm);
 /*
  * Claims up to LIMIT due items, of either kind, oldest first, into ITEMS
  * (capacity LIMIT), which the caller then owns.  *MORE tells whether more
- * items may be due right now.  Each kind is claimed on its own: one kind's
+ * items may be due right now (LIMIT claimed and more were due, or the due
+ * query filled its window).  Each kind is claimed on its own: one kind's
  * failure is logged and does not stop the other.  A row the database
  * refuses to claim on its data is found by claiming the candidates one by
  * one, and parked (store_park_unclaimed) so it holds back nothing.  Returns

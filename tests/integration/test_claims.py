@@ -1,4 +1,5 @@
-"""Claims: a row the database refuses to claim, and one kind's failing claim.
+"""Claims: a row the database refuses to claim, one kind's failing claim, and
+how fast a backlog's tail is taken.
 
 A claim bumps the row's fence in the database.  A row that cannot take the
 bump (its fence at INT64_MAX, a producer's trigger) must be found, parked
@@ -12,7 +13,7 @@ import time
 import pytest
 
 from harness import (Worker, create_subsidy, insert_invoices, insert_redemptions, make_config,
-                     migrate, wait_for)
+                     migrate, run_cli, wait_for)
 
 # The worker connects as billing_worker (sql/roles.sql); migrate as the owner.
 pytestmark = pytest.mark.worker_role
@@ -111,3 +112,25 @@ def test_redemptions_are_claimed_in_the_same_poll_when_the_invoice_claim_fails(
                  message=lambda: f"lock keys left: {redis.keys('*lock*')}")
     assert w.stop() == 0
 
+
+def test_once_takes_a_backlogs_tail_without_waiting_for_polls(tmp_path, db, redis, fake_api,
+                                                              binary):
+    """Covers lock_claim's *more in redis mode (locks/lock.c): with fewer items due
+    than the 4 x limit candidate window but more than a claim may take, the next
+    claim follows as soon as there is room instead of a poll_interval_ms later."""
+    cfg = make_config(tmp_path, db, redis, fake_api, **{
+        "locks.mode": "redis", "worker.concurrency": 16, "worker.batch_size": 16,
+        "worker.poll_interval_ms": 2000})
+    migrate(cfg)
+    insert_invoices(db, 154)
+    started = db.scalar("SELECT clock_timestamp()")
+    t0 = time.monotonic()
+    r = run_cli(cfg, "once", timeout=60)
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert count(db, "invoices", "paid") == 154
+    # One batch per poll would take about 4 x 2 s for the last 64 items.
+    work = (db.scalar("SELECT max(finished_at) FROM invoices") - started).total_seconds()
+    assert work < 1.5, f"the last invoice was paid {work:.1f} s after the start"
+    # The run then ends at its next poll, which finds nothing due.
+    assert elapsed < 3.0 + 0.5, f"once took {elapsed:.1f} s"
