@@ -36,6 +36,7 @@ struct id_pos {
 struct lockmgr {
 	enum lock_mode mode;
 	int ttl_ms;
+	int park_ms;                    /* a row the database refuses to claim rests this long */
 	char worker_id[ITEM_TOKEN_MAX - 34];
 	store *st;
 	redis_lock *redis;
@@ -106,6 +107,7 @@ lock_new(const struct lock_options *o, store *st, lockmgr **ret)
 		return -1;
 	lm->mode = o->mode;
 	lm->ttl_ms = o->ttl_ms;
+	lm->park_ms = o->park_ms;
 	lm->st = st;
 	lm->reconnect_delay_ms = RECONNECT_MIN_MS;
 	lm->workers_seen = 1;
@@ -143,6 +145,12 @@ void
 lock_set_ttl(lockmgr *lm, int ttl_ms)
 {
 	lm->ttl_ms = ttl_ms;
+}
+
+void
+lock_set_park_delay(lockmgr *lm, int delay_ms)
+{
+	lm->park_ms = delay_ms;
 }
 
 /* The local fallback bucket, at this process's share of the fleet's rate. */
@@ -332,12 +340,107 @@ swap_candidates(lockmgr *lm, size_t a, size_t b)
 	lm->tokp[b] = tok;
 }
 
+/*
+ * Why each kind's claim failed, when it did: kept until the other kind's
+ * claim is done, so one kind's failure never stops the other.
+ */
+struct claim_failures {
+	bool any;
+	char msg[ITEM_KIND_COUNT][512];
+};
+
+/* Remembers the store's error as the reason KIND could not be claimed. */
+static void
+note_kind_failure(lockmgr *lm, struct claim_failures *f, enum item_kind kind)
+{
+	f->any = true;
+	snprintf(f->msg[kind], sizeof(f->msg[kind]), "%s", store_errmsg(lm->st));
+}
+
+/*
+ * The end of a claim of both kinds.  Nothing claimed and something failed:
+ * -1, and the first failure is lock_errmsg() for the caller to report.  Some
+ * items claimed: 0, and each kind that failed is logged here, since the
+ * caller hears only of success.  A broken connection is not logged here:
+ * the next statement finds it, and the loop reports and reconnects.
+ */
+static int
+claim_end(lockmgr *lm, const struct claim_failures *f, size_t got)
+{
+	if (!f->any)
+		return 0;
+	for (int k = 0; k < ITEM_KIND_COUNT; k++) {
+		if (f->msg[k][0] == '\0')
+			continue;
+		if (got == 0) {
+			if (lm->errmsg[0] == '\0')
+				snprintf(lm->errmsg, sizeof(lm->errmsg), "%s", f->msg[k]);
+		} else if (store_connected(lm->st)) {
+			log_warnx("could not claim %ss: %s", item_kind_name(k), f->msg[k]);
+		}
+	}
+	return got == 0 ? -1 : 0;
+}
+
+/*
+ * The claim of KIND's candidates among [FROM, TO) failed on the data: some
+ * row refuses its fence bump (a fence at INT64_MAX), a constraint or a
+ * producer's trigger.  Claims those candidates one at a time, so that row
+ * cannot hold the others back, and parks each row that refuses its own
+ * claim, so it is not claimed again in a spin.  Each id claimed gets
+ * flags[i] set and, with TOKENS, its Redis lock's token.  Up to LIMIT items
+ * go to ITEMS; *ret_n says how many, also on -1 (a claim failed otherwise,
+ * e.g. the connection: the ids not yet tried are left alone).
+ */
+static int
+claim_each(lockmgr *lm, enum item_kind kind, size_t from, size_t to, bool tokens,
+    size_t limit, struct item *items, size_t *ret_n)
+{
+	size_t got = 0, n;
+	char reason[600];
+	bool parked;
+	int ret = 0;
+
+	for (size_t i = from; i < to && got < limit; i++) {
+		if (lm->kinds[i] != kind)
+			continue;
+		if (store_claim(lm->st, kind, &lm->ids[i], 1, 1, lm->ttl_ms, items + got, &n) == 0) {
+			if (n == 1) {
+				if (tokens)
+					snprintf(items[got].token, sizeof(items[got].token), "%s",
+					    lm->tokp[i]);
+				lm->flags[i] = true;
+				got++;
+			}
+			continue;       /* n == 0: finished or taken meanwhile */
+		}
+		if (!store_connected(lm->st) || !store_failed_on_data(lm->st)) {
+			ret = -1;
+			break;
+		}
+		snprintf(reason, sizeof(reason), "could not be claimed: %s", store_errmsg(lm->st));
+		if (store_park_unclaimed(lm->st, kind, lm->ids[i], lm->park_ms, reason,
+		    &parked) == -1) {
+			if (!store_connected(lm->st)) {
+				ret = -1;
+				break;
+			}
+			/* Still due: tried again at the next poll, after the others. */
+			log_error("%s %" PRId64 ": %s; could not park it either (%s)",
+			    item_kind_name(kind), lm->ids[i], reason, store_errmsg(lm->st));
+		}
+	}
+	*ret_n = got;
+	return ret;
+}
+
 /* Claims, with FOR UPDATE SKIP LOCKED, as many of each kind as were due. */
 static int
 claim_skip_locked(lockmgr *lm, size_t ndue, size_t limit, struct item *items,
     size_t *ret_n)
 {
 	size_t due[ITEM_KIND_COUNT] = { 0, 0 }, got = 0, n;
+	struct claim_failures failures = { 0 };
 	int64_t now = clock_ms();
 	int granted = pace_take(&lm->pace, (int)(ndue < limit ? ndue : limit), now);
 
@@ -355,16 +458,23 @@ claim_skip_locked(lockmgr *lm, size_t ndue, size_t limit, struct item *items,
 
 		if (want == 0)
 			continue;
-		if (store_claim(lm->st, k, NULL, 0, want, lm->ttl_ms, items + got, &n) == -1) {
-			snprintf(lm->errmsg, sizeof(lm->errmsg), "%s", store_errmsg(lm->st));
-			*ret_n = got;
-			return got > 0 ? 0 : -1;
+		if (store_claim(lm->st, k, NULL, 0, want, lm->ttl_ms, items + got, &n) == 0) {
+			got += n;
+			continue;
 		}
-		got += n;
+		/* The rows this claim took are among the oldest due ones store_due listed. */
+		if (store_connected(lm->st) && store_failed_on_data(lm->st)) {
+			int r = claim_each(lm, k, 0, ndue, false, want, items + got, &n);
+
+			got += n;
+			if (r == 0)
+				continue;
+		}
+		note_kind_failure(lm, &failures, k);
 	}
 	metrics_lock(METRICS_LOCK_ACQUIRED, got);
 	*ret_n = got;
-	return 0;
+	return claim_end(lm, &failures, got);
 }
 
 /* Fisher-Yates over the first N candidates. */
@@ -387,7 +497,7 @@ claim_redis(lockmgr *lm, size_t ndue, size_t limit, struct item *items, size_t *
 	size_t got = 0, nlocked = 0, nback = 0, locked = 0, contended = 0;
 	struct redis_rate rate;
 	struct redis_rate_answer answer;
-	bool failed = false;
+	struct claim_failures failures = { 0 };
 
 	/* The flags are swapped along with their candidates: they must hold a value. */
 	memset(lm->flags, 0, ndue * sizeof(*lm->flags));
@@ -422,6 +532,7 @@ claim_redis(lockmgr *lm, size_t ndue, size_t limit, struct item *items, size_t *
 	}
 	for (int k = 0; k < ITEM_KIND_COUNT; k++) {
 		size_t start = nlocked, n = 0;
+		int r;
 
 		/* This kind's locked candidates, moved to [start, nlocked). */
 		for (size_t i = start; i < ndue; i++)
@@ -429,18 +540,24 @@ claim_redis(lockmgr *lm, size_t ndue, size_t limit, struct item *items, size_t *
 				swap_candidates(lm, i, nlocked++);
 		if (nlocked == start)
 			continue;
-		if (store_claim(lm->st, k, lm->ids + start, nlocked - start, limit - got,
-		    lm->ttl_ms, items + got, &n) == -1) {
-			snprintf(lm->errmsg, sizeof(lm->errmsg), "%s", store_errmsg(lm->st));
-			(void)redis_lock_release(lm->redis, lm->keyp + start, lm->tokp + start,
-			    nlocked - start);
-			nlocked = start;
-			failed = true;
-			break;
-		}
-		/* From here flags[] in [start, nlocked) means "claimed". */
+		r = store_claim(lm->st, k, lm->ids + start, nlocked - start, limit - got,
+		    lm->ttl_ms, items + got, &n);
+		/*
+		 * From here flags[] in [start, nlocked) means "claimed": whatever
+		 * fails below, every lock left unclaimed is given back after the loop.
+		 */
 		for (size_t i = start; i < nlocked; i++)
 			lm->flags[i] = false;
+		if (r == -1) {
+			if (store_connected(lm->st) && store_failed_on_data(lm->st)) {
+				r = claim_each(lm, k, start, nlocked, true, limit - got, items + got, &n);
+				got += n;
+				if (r == 0)
+					continue;
+			}
+			note_kind_failure(lm, &failures, k);
+			continue;
+		}
 		index_ids(lm, start, nlocked - start);
 		for (size_t j = got; j < got + n; j++) {
 			ssize_t i = find_id(lm, nlocked - start, items[j].id);
@@ -461,7 +578,7 @@ claim_redis(lockmgr *lm, size_t ndue, size_t limit, struct item *items, size_t *
 	}
 	if (nback > 0)
 		(void)redis_lock_release(lm->redis, lm->keyp, lm->tokp, nback);
-	if (got == 0 && !failed && lm->wait_ms == 0)
+	if (got == 0 && !failures.any && lm->wait_ms == 0)
 		lm->wait_ms = 1 + (int64_t)(jitter_next(&lm->rng) % CONTENDED_BACKOFF_MS);
 	/*
 	 * Contended: offered candidates another worker held in Redis, plus those
@@ -471,13 +588,14 @@ claim_redis(lockmgr *lm, size_t ndue, size_t limit, struct item *items, size_t *
 	metrics_lock(METRICS_LOCK_CONTENDED, contended + nback);
 	metrics_lock(METRICS_LOCK_ACQUIRED, got);
 	*ret_n = got;
-	return failed && got == 0 ? -1 : 0;
+	return claim_end(lm, &failures, got);
 }
 
 int
 lock_claim(lockmgr *lm, size_t limit, struct item *items, size_t *ret_n, bool *more)
 {
 	size_t ndue = 0, window;
+	int ret;
 
 	*ret_n = 0;
 	*more = false;
@@ -507,14 +625,27 @@ lock_claim(lockmgr *lm, size_t limit, struct item *items, size_t *ret_n, bool *m
 	if (ndue == 0)
 		return 0;
 	if (lm->mode == LOCK_MODE_SKIP_LOCKED)
-		return claim_skip_locked(lm, ndue, limit, items, ret_n);
-	if (redis_usable(lm))
-		return claim_redis(lm, ndue, limit, items, ret_n);
-	if (lm->mode == LOCK_MODE_AUTO)
-		return claim_skip_locked(lm, ndue, limit, items, ret_n);
-	snprintf(lm->errmsg, sizeof(lm->errmsg), "redis unreachable: %s",
-	    redis_lock_errmsg(lm->redis));
-	return -1;
+		ret = claim_skip_locked(lm, ndue, limit, items, ret_n);
+	else if (redis_usable(lm))
+		ret = claim_redis(lm, ndue, limit, items, ret_n);
+	else if (lm->mode == LOCK_MODE_AUTO)
+		ret = claim_skip_locked(lm, ndue, limit, items, ret_n);
+	else {
+		snprintf(lm->errmsg, sizeof(lm->errmsg), "redis unreachable: %s",
+		    redis_lock_errmsg(lm->redis));
+		return -1;
+	}
+	/*
+	 * A full claim with candidates left over: the rest are due now and wait
+	 * only for room, not for the next poll.  In redis mode the window is
+	 * 4 x LIMIT, so a backlog's last 4 x LIMIT items would otherwise go one
+	 * claim per poll_interval_ms.  A claim that found every candidate held
+	 * elsewhere got nothing, so this never makes it spin; its backoff is
+	 * lock_wait_ms().
+	 */
+	if (ret == 0 && *ret_n == limit && ndue > *ret_n)
+		*more = true;
+	return ret;
 }
 
 static void

@@ -25,6 +25,11 @@ typedef struct lockmgr lockmgr;
 struct lock_options {
 	enum lock_mode mode;
 	int ttl_ms;
+	/*
+	 * How long a row the database refuses to claim is left alone
+	 * (billing_api.backoff_max_ms, as for a row it refuses to complete).
+	 */
+	int park_ms;
 	const char *worker_id;          /* copied; part of every token */
 	struct redis_options redis;     /* unused in skip-locked mode */
 };
@@ -35,6 +40,7 @@ int lock_new(const struct lock_options *o, store *st, lockmgr **ret)
 void lock_free(lockmgr *lm);
 
 void lock_set_ttl(lockmgr *lm, int ttl_ms);
+void lock_set_park_delay(lockmgr *lm, int delay_ms);
 
 /*
  * The fleet's API call budget (billing_api.max_requests_per_second, 0 =
@@ -65,9 +71,13 @@ void lock_start(lockmgr *lm);
 /*
  * Claims up to LIMIT due items, of either kind, oldest first, into ITEMS
  * (capacity LIMIT), which the caller then owns.  *MORE tells whether more
- * items may be due right now.  Returns -1 when nothing could be claimed
- * because the database (or, in redis mode, Redis) is unreachable;
- * lock_errmsg() says why.
+ * items may be due right now (LIMIT claimed and more were due, or the due
+ * query filled its window).  Each kind is claimed on its own: one kind's
+ * failure is logged and does not stop the other.  A row the database
+ * refuses to claim on its data is found by claiming the candidates one by
+ * one, and parked (store_park_unclaimed) so it holds back nothing.  Returns
+ * -1 when nothing could be claimed because something failed (the database
+ * or, in redis mode, Redis); lock_errmsg() says why.
  */
 int lock_claim(lockmgr *lm, size_t limit, struct item *items, size_t *ret_n, bool *more)
 	__attribute__((warn_unused_result));

@@ -1,6 +1,7 @@
 #include <inttypes.h>
 #include <stdio.h>
 
+#include "common/log.h"
 #include "store/store_int.h"
 
 /*
@@ -48,6 +49,56 @@ store_park(store *st, const struct completion *c, int64_t delay_ms, const char *
 		goto out;
 	}
 	*ret_parked = PQntuples(res) == 1;
+	ret = 0;
+out:
+	PQclear(res);
+	return ret;
+}
+
+/*
+ * A row whose claim the database refuses (its fence cannot be bumped, a
+ * producer's trigger) has no claim and so no fence to check: it is parked
+ * only while it is pending, due and under no live lease, which is exactly
+ * what a claim would have required.  Fence, holder, lease and attempts stay
+ * as they are, so a later claim still sees an expired lease as ambiguous.
+ */
+static const char *const sql_park_unclaimed[ITEM_KIND_COUNT] = {
+	"UPDATE invoices SET last_error = $2, "
+	"next_attempt_at = now() + $3 * interval '1 millisecond', updated_at = now() "
+	"WHERE id = $1 AND status = 'pending' AND next_attempt_at <= now() "
+	"AND (lease_until IS NULL OR lease_until <= now()) RETURNING id",
+	"UPDATE redemptions SET last_error = $2, "
+	"next_attempt_at = now() + $3 * interval '1 millisecond', updated_at = now() "
+	"WHERE id = $1 AND status = 'pending' AND next_attempt_at <= now() "
+	"AND (lease_until IS NULL OR lease_until <= now()) RETURNING id",
+};
+
+int
+store_park_unclaimed(store *st, enum item_kind kind, int64_t id, int64_t delay_ms,
+    const char *reason, bool *ret_parked)
+{
+	char idtext[24], delay[24];
+	const char *params[3] = { idtext, reason, delay };
+	PGresult *res;
+	int ret = -1;
+
+	if (!store_connected(st)) {
+		store_errorf(st, "not connected to the database");
+		return -1;
+	}
+	snprintf(idtext, sizeof(idtext), "%" PRId64, id);
+	snprintf(delay, sizeof(delay), "%" PRId64, delay_ms);
+	res = store_exec_params_bounded(store_conn(st), store_client_deadline_ms(st),
+	    sql_park_unclaimed[kind], 3, params);
+	if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+		store_set_error(st, "park", res);
+		goto out;
+	}
+	*ret_parked = PQntuples(res) == 1;
+	if (*ret_parked)
+		log_error("%s %" PRId64 ": %s; left pending with this reason for an operator, "
+		    "not claimed again for %" PRId64 " ms", item_kind_name(kind), id, reason,
+		    delay_ms);
 	ret = 0;
 out:
 	PQclear(res);

@@ -132,6 +132,20 @@ bool store_failed_on_data(const store *st);
 int store_park(store *st, const struct completion *c, int64_t delay_ms,
     const char *reason, bool *ret_parked) __attribute__((warn_unused_result));
 
+/*
+ * For an item whose claim the database refuses on its data (a fence that
+ * cannot be bumped, a constraint, a producer's trigger): no claim exists,
+ * so nothing is fenced.  If the item is still pending, due and under no
+ * live lease, sets last_error to REASON and next_attempt_at to DELAY_MS
+ * from now, so it is neither claimed again in a spin nor stuck without a
+ * word, and logs one error line naming it.  Touches nothing else: never
+ * marks it failed, since an earlier holder's call may have charged.
+ * *ret_parked is false when it was no longer pending and due (finished or
+ * claimed meanwhile).  REASON is borrowed for the call.
+ */
+int store_park_unclaimed(store *st, enum item_kind kind, int64_t id, int64_t delay_ms,
+    const char *reason, bool *ret_parked) __attribute__((warn_unused_result));
+
 enum reserve_result {
 	RESERVE_HELD,           /* the hold is in the ledger (now or before) */
 	RESERVE_INSUFFICIENT,   /* the subsidy's balance does not cover it */

@@ -865,6 +865,7 @@ reload(struct loop *l)
 	api_client_set_limits(l->api, l->cfg->billing_api.timeout_ms,
 	    l->cfg->billing_api.connect_timeout_ms, l->cfg->worker.concurrency);
 	lock_set_ttl(l->locks, l->cfg->locks.ttl_ms);
+	lock_set_park_delay(l->locks, l->cfg->billing_api.backoff_max_ms);
 	lock_set_rate(l->locks, l->cfg->billing_api.max_requests_per_second);
 	log_set_level((int)l->cfg->log.level);
 	log_set_json(l->cfg->log.format == LOG_FORMAT_JSON);
@@ -952,6 +953,7 @@ loop_setup(struct loop *l, const char *token, const char *redis_password)
 	struct lock_options lo = {
 		.mode = cfg->locks.mode,
 		.ttl_ms = cfg->locks.ttl_ms,
+		.park_ms = cfg->billing_api.backoff_max_ms,
 		.worker_id = cfg->worker.id,
 		.redis = {
 			.host = cfg->redis.host,
