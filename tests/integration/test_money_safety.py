@@ -20,6 +20,7 @@ import secrets
 import signal
 import urllib.request
 
+from test_ops import NotifyListener
 from harness import (LOCALHOST, Worker, create_subsidy, free_port, insert_invoices,
                      insert_redemptions, ledger_balance, make_config, migrate, run_cli,
                      wait_for)
@@ -179,8 +180,9 @@ def test_a_wrong_token_fails_no_item_and_sighup_resumes(tmp_path, db, redis, fak
         "worker.concurrency": 4, "worker.batch_size": 4,
         "metrics.listen": f"{LOCALHOST}:{port}"})
     migrate(cfg)
-    ids = insert_invoices(db, 20)
-    w = Worker(cfg, "w").start()
+    insert_invoices(db, 20)
+    notify = NotifyListener()
+    w = Worker(cfg, "w", env={"NOTIFY_SOCKET": notify.address}).start()
     # The first batch, then a probe after 1 s and 2 s more: each a 401, and
     # with max_attempts 1 each would have been the item's last attempt.
     wait_for(lambda: fake_api.state()["total_requests"] >= 4 + 2, 30, message=w.log)
@@ -197,6 +199,9 @@ def test_a_wrong_token_fails_no_item_and_sighup_resumes(tmp_path, db, redis, fak
     assert re.search(r"workers the billing API refuses .*: 1\n  \"test-worker-", st.stdout), \
         st.stdout
     assert "http 401" in st.stdout
+    wait_for(lambda: notify.seen("STATUS=taking no new items: the billing API refuses this "
+                                 "worker: http 401"), 10, message=lambda: notify.messages)
+    notify.close()
 
     # The operator fixes the file and reloads.
     token_file.write_text(fake_api.token + "\n")
