@@ -152,13 +152,19 @@ class PgCluster:
     start() runs initdb the first time.  stop(mode), start(), restart() and
     running() are there for chaos tests; cleanup() stops it (immediate) and
     removes the temp dir.
+
+    settings overrides or adds postgresql.conf lines (values written as
+    given, so strings need their quotes).  The defaults trade durability
+    for speed (fsync and synchronous_commit off); a crash test that must
+    see which commits survive passes e.g. {"fsync": "on"}.
     """
 
     superuser = "postgres"
     host = LOCALHOST
 
-    def __init__(self):
+    def __init__(self, settings=None):
         self.bindir = find_pg_bindir()
+        self.overrides = dict(settings or {})
         self.as_postgres = os.geteuid() == 0
         self.dir = Path(tempfile.mkdtemp(prefix="bw-pg-"))
         self.datadir = self.dir / "data"
@@ -210,6 +216,7 @@ class PgCluster:
             "log_line_prefix": "'%m [%p] %q%u@%d '",
             "include_if_exists": "'port.conf'",
         }
+        settings.update(self.overrides)
         conf = "".join(f"{k} = {v}\n" for k, v in settings.items())
         # Append as the cluster's owner: the file belongs to postgres when root.
         with open(self.datadir / "postgresql.conf", "a") as f:
