@@ -516,7 +516,7 @@ int
 store_connect(store *st)
 {
 	PGresult *res;
-	char settings[160];
+	char settings[192];
 	int ret = -1;
 
 	if (st->conn != NULL) {
@@ -539,8 +539,15 @@ store_connect(store *st)
 		store_errorf(st, "could not connect to the database: %s", PQerrorMessage(st->conn));
 		goto out;
 	}
-	/* A statement that hangs (lock waits, a stuck server) must not stall the loop. */
-	snprintf(settings, sizeof(settings), "SET statement_timeout = %d; SET lock_timeout = %d; "
+	/*
+	 * A statement that hangs (lock waits, a stuck server) must not stall the
+	 * loop.  synchronous_commit is set, not inherited: a claim and a hold
+	 * allow an API call, so they must be on disk before it is made, and a
+	 * server or role may default to off.  Only the completions opt out, per
+	 * transaction (COMPLETE_INPUT): a completion lost in a crash is replayed.
+	 */
+	snprintf(settings, sizeof(settings), "SET synchronous_commit = on; "
+	    "SET statement_timeout = %d; SET lock_timeout = %d; "
 	    "SET idle_in_transaction_session_timeout = '60s'", st->query_timeout_ms,
 	    st->query_timeout_ms < 10000 ? st->query_timeout_ms : 10000);
 	res = store_exec_bounded(st->conn, store_client_deadline_ms(st), settings);
