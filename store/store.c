@@ -650,12 +650,11 @@ attempts_of(const char *text)
 	return v >= INT_MAX ? INT_MAX - 1 : (int)v;
 }
 
-static char *
-dup_value(const PGresult *res, int row, int col)
+/* A cell's text, or NULL for SQL NULL; owned by RES. */
+static const char *
+value_or_null(const PGresult *res, int row, int col)
 {
-	if (PQgetisnull(res, row, col))
-		return NULL;
-	return strdup(PQgetvalue(res, row, col));
+	return PQgetisnull(res, row, col) ? NULL : PQgetvalue(res, row, col);
 }
 
 int
@@ -705,6 +704,7 @@ store_claim(store *st, enum item_kind kind, const int64_t *ids, size_t nids,
 		n = (int)limit;
 	for (int i = 0; i < n; i++) {
 		struct item *it = &items[i];
+		bool copied;
 
 		memset(it, 0, sizeof(*it));
 		it->kind = kind;
@@ -713,12 +713,11 @@ store_claim(store *st, enum item_kind kind, const int64_t *ids, size_t nids,
 		it->attempts = attempts_of(PQgetvalue(res, i, 2));
 		it->ambiguous = PQgetvalue(res, i, 3)[0] == 't';
 		it->amount_cents = strtoll(PQgetvalue(res, i, 4), NULL, 10);
-		it->customer_id = dup_value(res, i, 5);
-		it->currency = dup_value(res, i, 6);
+		copied = item_set_strings(it, value_or_null(res, i, 5), value_or_null(res, i, 6)) == 0;
 		if (!PQgetisnull(res, i, 7))
 			it->subsidy_id = strtoll(PQgetvalue(res, i, 7), NULL, 10);
 		it->held = PQgetvalue(res, i, 8)[0] == 't';
-		if (it->customer_id == NULL && !PQgetisnull(res, i, 5)) {
+		if (!copied) {
 			/* Out of memory: give back what was filled; leases run out. */
 			for (int j = 0; j <= i; j++)
 				item_clear(&items[j]);
