@@ -607,11 +607,13 @@ class FakeApi:
 
     host = LOCALHOST
 
-    def __init__(self, workdir, tls=None, url_host=None):
+    def __init__(self, workdir, tls=None, url_host=None, alpn=None):
         """tls: (cert, key, ca) PEM paths to serve HTTPS (see make_test_ca);
-        url_host: the host name the worker is given (default 127.0.0.1)."""
+        url_host: the host name the worker is given (default 127.0.0.1);
+        alpn: protocols the TLS server offers, e.g. ("h2", "http/1.1")."""
         self.workdir = Path(workdir)
         self.tls = tls
+        self.alpn = tuple(alpn or ())
         self.url_host = url_host or self.host
         self.token = secrets.token_hex(24)
         self.token_file = self.workdir / "api-token"
@@ -645,7 +647,8 @@ class FakeApi:
                 [PYTHON, str(FAKE_API_SCRIPT), "--host", self.host, "--port", str(port),
                  "--token-file", str(self.token_file),
                  *(["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]
-                   if self.tls else [])],
+                   if self.tls else []),
+                 *(["--tls-alpn", ",".join(self.alpn)] if self.tls and self.alpn else [])],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, cwd=REPO_ROOT,
             )
         finally:
