@@ -85,6 +85,9 @@ test_metrics_DEPS  := common/metrics.c common/item.c
 test_log_DEPS      := common/log.c
 test_conninfo_DEPS := store/conninfo.c
 
+# Extra link flags of a unit test: test_item makes strdup fail on demand.
+test_item_LDFLAGS  := -Wl,--wrap=strdup
+
 UNITS := billing-worker.service billing-worker@.service billing-worker-once.service \
          billing-worker-once.timer billing-worker-audit.service billing-worker-audit.timer
 MANPAGES := man/billing-worker.8 man/billing-worker.conf.5
@@ -115,7 +118,7 @@ $(BUILD)/migrations.c: scripts/embed-sql.sh $(sort $(wildcard sql/[0-9]*.sql))
 .SECONDEXPANSION:
 $(BUILD)/tests/%: tests/unit/%.c $$(call obj,$$($$*_DEPS))
 	@mkdir -p $(dir $@)
-	$(CC) $(ALL_CFLAGS) $(CPPFLAGS) $(LDFLAGS) -o $@ $(filter %.c %.o,$^) $(LIBS) $(CMOCKA_LIBS)
+	$(CC) $(ALL_CFLAGS) $(CPPFLAGS) $(LDFLAGS) $($*_LDFLAGS) -o $@ $(filter %.c %.o,$^) $(LIBS) $(CMOCKA_LIBS)
 
 deps:
 	sh scripts/install-deps.sh

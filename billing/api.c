@@ -309,6 +309,13 @@ api_start(api_client *api, const struct item *it, int tag)
 	 */
 	curl_easy_setopt(c->easy, CURLOPT_FOLLOWLOCATION, 0L);
 	curl_easy_setopt(c->easy, CURLOPT_PROTOCOLS_STR, api->https ? "https" : "http");
+	/*
+	 * The contract's protocol, whatever the server offers: libcurl would
+	 * take h2 by ALPN and multiplex every call onto one connection, where
+	 * one stream reset or GOAWAY makes all the calls in flight ambiguous.
+	 * HTTP/1.1 keeps one call per connection, so a broken one costs one.
+	 */
+	curl_easy_setopt(c->easy, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
 	/* libcurl's defaults, spelled out: the token must only go to the real API. */
 	curl_easy_setopt(c->easy, CURLOPT_SSL_VERIFYPEER, 1L);
 	curl_easy_setopt(c->easy, CURLOPT_SSL_VERIFYHOST, 2L);

@@ -96,6 +96,28 @@ item_validate(const struct item *it, const char **reason)
 	return 0;
 }
 
+/*
+ * All or nothing: a string missing because its copy failed would read as a
+ * row with the field absent, and item_validate would fail the item for good
+ * ("currency is not a three-letter ISO 4217 code") over a passing shortage
+ * of memory.
+ */
+int
+item_set_strings(struct item *it, const char *customer_id, const char *currency)
+{
+	char *cus = NULL, *cur = NULL;
+
+	if ((customer_id != NULL && (cus = strdup(customer_id)) == NULL) ||
+	    (currency != NULL && (cur = strdup(currency)) == NULL)) {
+		free(cus);
+		it->customer_id = it->currency = NULL;
+		return -1;
+	}
+	it->customer_id = cus;
+	it->currency = cur;
+	return 0;
+}
+
 void
 item_clear(struct item *it)
 {

@@ -52,6 +52,16 @@ void item_key(const struct item *it, char *buf, size_t len);
  */
 int item_validate(const struct item *it, const char **reason);
 
+/*
+ * Gives IT its own copies of CUSTOMER_ID and CURRENCY (either may be NULL:
+ * absent).  Returns 0, or -1 when a copy could not be allocated: the item
+ * then holds neither string, so an out-of-memory can never pass for a row
+ * with a missing or bad field.  IT's strings must be unset (a zeroed item);
+ * item_clear() frees the copies.
+ */
+int item_set_strings(struct item *it, const char *customer_id, const char *currency)
+    __attribute__((warn_unused_result));
+
 /* Frees the strings and zeroes the item; accepts a zeroed item. */
 void item_clear(struct item *it);
 

@@ -84,7 +84,9 @@ store_audit(store *st, FILE *out, int stuck_after_s, int *violations)
 	int found = 0, ret = -1;
 
 	snprintf(stuck, sizeof(stuck), "%d", stuck_after_s);
-	res = PQexec(conn, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY");
+	/* Every statement bounded: a frozen server ends the audit with an error. */
+	res = store_exec_bounded(conn, store_client_deadline_ms(st),
+	    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY");
 	if (PQresultStatus(res) != PGRES_COMMAND_OK) {
 		store_set_error(st, "audit", res);
 		PQclear(res);
@@ -94,7 +96,8 @@ store_audit(store *st, FILE *out, int stuck_after_s, int *violations)
 	for (size_t c = 0; c < sizeof(checks) / sizeof(checks[0]); c++) {
 		int nparams = strstr(checks[c].sql, "$1") != NULL ? 1 : 0;
 
-		res = PQexecParams(conn, checks[c].sql, nparams, NULL, params, NULL, NULL, 0);
+		res = store_exec_params_bounded(conn, store_client_deadline_ms(st), checks[c].sql,
+		    nparams, params);
 		if (PQresultStatus(res) != PGRES_TUPLES_OK) {
 			store_set_error(st, checks[c].name, res);
 			PQclear(res);
@@ -109,6 +112,6 @@ store_audit(store *st, FILE *out, int stuck_after_s, int *violations)
 	*violations = found;
 	ret = 0;
 out:
-	PQclear(PQexec(conn, "ROLLBACK"));
+	PQclear(store_exec_bounded(conn, store_client_deadline_ms(st), "ROLLBACK"));
 	return ret;
 }

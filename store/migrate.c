@@ -116,10 +116,14 @@ store_check_schema(store *st)
 	PGresult *res;
 	int have;
 
-	res = PQexec(store_conn(st), "SELECT coalesce(max(version), 0) FROM schema_version");
+	/* Run by the daemon at start: bounded like its other statements. */
+	res = store_exec_bounded(store_conn(st), store_client_deadline_ms(st),
+	    "SELECT coalesce(max(version), 0) FROM schema_version");
 	if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-		store_set_error(st, "could not read the schema version "
-		    "(run \"billing-worker migrate\" first)", res);
+		/* Advice to migrate only when the server answered, not when it was lost. */
+		store_set_error(st, store_connected(st) ? "could not read the schema version "
+		    "(run \"billing-worker migrate\" first)" : "could not read the schema version",
+		    res);
 		PQclear(res);
 		return -1;
 	}

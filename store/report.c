@@ -13,7 +13,10 @@
 
 /*
  * The status report: read-only queries an operator runs by hand, so they
- * are plain parameterized queries rather than prepared statements.
+ * are plain parameterized queries rather than prepared statements.  The
+ * backlog query below runs inside the daemon's loop (a scrape of /metrics,
+ * the systemd status line), so like every other statement it has the
+ * client-side deadline: a frozen server must not stall the loop.
  */
 
 static const char sql_counts[] =
@@ -83,8 +86,8 @@ static const char sql_refused_workers[] =
 static PGresult *
 query(store *st, const char *sql, int nparams, const char *const *params)
 {
-	PGresult *res = PQexecParams(store_conn(st), sql, nparams, NULL, params,
-	    NULL, NULL, 0);
+	PGresult *res = store_exec_params_bounded(store_conn(st), store_client_deadline_ms(st),
+	    sql, nparams, params);
 
 	if (PQresultStatus(res) != PGRES_TUPLES_OK) {
 		store_set_error(st, "status", res);

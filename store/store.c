@@ -528,7 +528,7 @@ int
 store_connect(store *st)
 {
 	PGresult *res;
-	char settings[160];
+	char settings[192];
 	int ret = -1;
 
 	if (st->conn != NULL) {
@@ -551,8 +551,15 @@ store_connect(store *st)
 		store_errorf(st, "could not connect to the database: %s", PQerrorMessage(st->conn));
 		goto out;
 	}
-	/* A statement that hangs (lock waits, a stuck server) must not stall the loop. */
-	snprintf(settings, sizeof(settings), "SET statement_timeout = %d; SET lock_timeout = %d; "
+	/*
+	 * A statement that hangs (lock waits, a stuck server) must not stall the
+	 * loop.  synchronous_commit is set, not inherited: a claim and a hold
+	 * allow an API call, so they must be on disk before it is made, and a
+	 * server or role may default to off.  Only the completions opt out, per
+	 * transaction (COMPLETE_INPUT): a completion lost in a crash is replayed.
+	 */
+	snprintf(settings, sizeof(settings), "SET synchronous_commit = on; "
+	    "SET statement_timeout = %d; SET lock_timeout = %d; "
 	    "SET idle_in_transaction_session_timeout = '60s'", st->query_timeout_ms,
 	    st->query_timeout_ms < 10000 ? st->query_timeout_ms : 10000);
 	res = store_exec_bounded(st->conn, store_client_deadline_ms(st), settings);
@@ -655,12 +662,11 @@ attempts_of(const char *text)
 	return v >= INT_MAX ? INT_MAX - 1 : (int)v;
 }
 
-static char *
-dup_value(const PGresult *res, int row, int col)
+/* A cell's text, or NULL for SQL NULL; owned by RES. */
+static const char *
+value_or_null(const PGresult *res, int row, int col)
 {
-	if (PQgetisnull(res, row, col))
-		return NULL;
-	return strdup(PQgetvalue(res, row, col));
+	return PQgetisnull(res, row, col) ? NULL : PQgetvalue(res, row, col);
 }
 
 int
@@ -710,6 +716,7 @@ store_claim(store *st, enum item_kind kind, const int64_t *ids, size_t nids,
 		n = (int)limit;
 	for (int i = 0; i < n; i++) {
 		struct item *it = &items[i];
+		bool copied;
 
 		memset(it, 0, sizeof(*it));
 		it->kind = kind;
@@ -718,14 +725,13 @@ store_claim(store *st, enum item_kind kind, const int64_t *ids, size_t nids,
 		it->attempts = attempts_of(PQgetvalue(res, i, 2));
 		it->ambiguous = PQgetvalue(res, i, 3)[0] == 't';
 		it->amount_cents = strtoll(PQgetvalue(res, i, 4), NULL, 10);
-		it->customer_id = dup_value(res, i, 5);
-		it->currency = dup_value(res, i, 6);
+		copied = item_set_strings(it, value_or_null(res, i, 5), value_or_null(res, i, 6)) == 0;
 		if (!PQgetisnull(res, i, 7))
 			it->subsidy_id = strtoll(PQgetvalue(res, i, 7), NULL, 10);
 		it->held = PQgetvalue(res, i, 8)[0] == 't';
 		it->blocked_calls = attempts_of(PQgetvalue(res, i, 9));
 		it->key_age_ms = strtoll(PQgetvalue(res, i, 10), NULL, 10);
-		if (it->customer_id == NULL && !PQgetisnull(res, i, 5)) {
+		if (!copied) {
 			/* Out of memory: give back what was filled; leases run out. */
 			for (int j = 0; j <= i; j++)
 				item_clear(&items[j]);

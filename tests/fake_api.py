@@ -196,6 +196,7 @@ class State:
         self.per_second = {}   # "<unix second>" -> count
         self.last_headers = {}
         self.fired = {}        # "<rule index>" -> count
+        self.alpn = {}         # TLS: protocol chosen by ALPN ("none": no ALPN) -> handshakes
         self.latency_ms = 0
         self.rules = []
 
@@ -246,6 +247,7 @@ class State:
                 "per_second": self.per_second,
                 "last_headers": self.last_headers,
                 "fired": self.fired,
+                "alpn": self.alpn,
             }
             # Serialise under the lock: the dicts are mutated by other threads.
             return json.dumps(doc).encode()
@@ -711,12 +713,21 @@ def hostile_answer(handler, rule, path, key, doc):
     raise AssertionError("unhandled hostile action %s" % action)
 
 
-def enable_tls(server, cert, key):
-    """Serves HTTPS; the handshake runs in each connection's own thread."""
+def enable_tls(server, cert, key, alpn=None):
+    """Serves HTTPS; the handshake runs in each connection's own thread.
+
+    alpn: protocols to offer by ALPN, in order of preference (e.g. ["h2",
+    "http/1.1"], as an HTTP/2-capable API would).  This server only speaks
+    HTTP/1.1, so a client that picks h2 gets answers it cannot read, as it
+    would from a real API whose HTTP/2 it does not want.  The protocol each
+    handshake settled on is counted in the state's "alpn".
+    """
     import ssl
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
     server.socket = ctx.wrap_socket(server.socket, server_side=True,
                                     do_handshake_on_connect=False)
     plain = server.finish_request
@@ -726,6 +737,9 @@ def enable_tls(server, cert, key):
             request.settimeout(10)
             request.do_handshake()
             request.settimeout(None)
+            proto = request.selected_alpn_protocol() or "none"
+            with server.state.lock:
+                server.state.alpn[proto] = server.state.alpn.get(proto, 0) + 1
         except (ssl.SSLError, OSError) as e:
             # A client that refused our certificate: nothing reached the API.
             if server.verbose:
@@ -813,6 +827,8 @@ def main(argv=None):
     ap.add_argument("--verbose", action="store_true", help="log every request to stderr")
     ap.add_argument("--tls-cert", help="serve HTTPS with this certificate chain (PEM)")
     ap.add_argument("--tls-key", help="the certificate's private key (PEM)")
+    ap.add_argument("--tls-alpn", help="protocols to offer by ALPN, comma-separated "
+                    "(e.g. h2,http/1.1); default: no ALPN")
     args = ap.parse_args(argv)
 
     stop = threading.Event()
@@ -829,7 +845,8 @@ def main(argv=None):
         sys.stderr.write("fake_api: cannot listen on %s:%d: %s\n" % (args.host, args.port, e))
         return 1
     if args.tls_cert:
-        enable_tls(server, args.tls_cert, args.tls_key)
+        enable_tls(server, args.tls_cert, args.tls_key,
+                   args.tls_alpn.split(",") if args.tls_alpn else None)
     port = server.server_address[1]
 
     if args.ready_file:

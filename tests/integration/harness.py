@@ -152,13 +152,19 @@ class PgCluster:
     start() runs initdb the first time.  stop(mode), start(), restart() and
     running() are there for chaos tests; cleanup() stops it (immediate) and
     removes the temp dir.
+
+    settings overrides or adds postgresql.conf lines (values written as
+    given, so strings need their quotes).  The defaults trade durability
+    for speed (fsync and synchronous_commit off); a crash test that must
+    see which commits survive passes e.g. {"fsync": "on"}.
     """
 
     superuser = "postgres"
     host = LOCALHOST
 
-    def __init__(self):
+    def __init__(self, settings=None):
         self.bindir = find_pg_bindir()
+        self.overrides = dict(settings or {})
         self.as_postgres = os.geteuid() == 0
         self.dir = Path(tempfile.mkdtemp(prefix="bw-pg-"))
         self.datadir = self.dir / "data"
@@ -210,6 +216,7 @@ class PgCluster:
             "log_line_prefix": "'%m [%p] %q%u@%d '",
             "include_if_exists": "'port.conf'",
         }
+        settings.update(self.overrides)
         conf = "".join(f"{k} = {v}\n" for k, v in settings.items())
         # Append as the cluster's owner: the file belongs to postgres when root.
         with open(self.datadir / "postgresql.conf", "a") as f:
@@ -600,11 +607,13 @@ class FakeApi:
 
     host = LOCALHOST
 
-    def __init__(self, workdir, tls=None, url_host=None):
+    def __init__(self, workdir, tls=None, url_host=None, alpn=None):
         """tls: (cert, key, ca) PEM paths to serve HTTPS (see make_test_ca);
-        url_host: the host name the worker is given (default 127.0.0.1)."""
+        url_host: the host name the worker is given (default 127.0.0.1);
+        alpn: protocols the TLS server offers, e.g. ("h2", "http/1.1")."""
         self.workdir = Path(workdir)
         self.tls = tls
+        self.alpn = tuple(alpn or ())
         self.url_host = url_host or self.host
         self.token = secrets.token_hex(24)
         self.token_file = self.workdir / "api-token"
@@ -638,7 +647,8 @@ class FakeApi:
                 [PYTHON, str(FAKE_API_SCRIPT), "--host", self.host, "--port", str(port),
                  "--token-file", str(self.token_file),
                  *(["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]
-                   if self.tls else [])],
+                   if self.tls else []),
+                 *(["--tls-alpn", ",".join(self.alpn)] if self.tls and self.alpn else [])],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, cwd=REPO_ROOT,
             )
         finally:

@@ -575,7 +575,7 @@ def test_state_counts_and_reset(fake):
     fake.reset()
     s = fake.state()
     assert s == {"applied": {}, "results": {}, "requests": {}, "total_requests": 0,
-                 "per_second": {}, "last_headers": {}, "fired": {},
+                 "per_second": {}, "last_headers": {}, "fired": {}, "alpn": {},
                  "faulted": {}, "conflicts": {}}
     # rules are gone too, and old keys are new again
     st, h, _ = fake.charge(101)

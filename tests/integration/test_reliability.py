@@ -14,8 +14,10 @@ import signal
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 
-from harness import migrate, Worker, insert_invoices, make_config, run_cli, wait_for
+from harness import migrate, Worker, free_port, insert_invoices, make_config, run_cli, wait_for
 
 
 def count(db, status):
@@ -74,6 +76,169 @@ def test_frozen_postgres_server_never_blocks_a_stop(tmp_path, pg, db, redis, fak
     finally:
         for pid in frozen:
             os.kill(pid, signal.SIGCONT)
+
+
+class FreezingProxy:
+    """A TCP proxy to PostgreSQL that freezes a connection at a given statement.
+
+    Every byte goes through both ways until the client's bytes on a
+    connection contain TRIGGER (a statement's text, as the Parse or Query
+    message carries it).  From then on nothing more is forwarded on that
+    connection, in either direction, and nothing is closed: to the worker it
+    is a server that stopped answering while its kernel still acknowledges
+    every byte.  Only the first `times` connections that send the trigger
+    are frozen; later ones pass, so a worker that reconnects can go on.
+    """
+
+    def __init__(self, target_host, target_port, trigger, times=1):
+        self.target = (target_host, target_port)
+        self.trigger = trigger
+        self.times_left = times
+        self.frozen = 0
+        self.lock = threading.Lock()
+        self.closed = threading.Event()
+        self.socks = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.closed.is_set():
+            try:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(self.target, timeout=5)
+                server.settimeout(None)
+            except OSError:
+                continue
+            frozen = threading.Event()
+            with self.lock:
+                self.socks += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, frozen, True),
+                             daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, frozen, False),
+                             daemon=True).start()
+
+    def _pump(self, src, dst, frozen, from_client):
+        tail = b""
+        try:
+            while not frozen.is_set():
+                data = src.recv(65536)
+                if not data or frozen.is_set():
+                    break
+                if from_client and self.trigger in tail + data:
+                    with self.lock:
+                        hit = self.times_left > 0
+                        if hit:
+                            self.times_left -= 1
+                            self.frozen += 1
+                    if hit:
+                        frozen.set()
+                        break
+                tail = data[-len(self.trigger):]
+                dst.sendall(data)
+        except OSError:
+            return
+        if frozen.is_set():
+            self.closed.wait()      # open, silent, until the test ends
+        else:
+            for s in (src, dst):    # a normal end: pass the close on
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def conninfo(self, db, **extra):
+        params = {"host": "127.0.0.1", "port": self.port, "dbname": db.name, "user": db.user,
+                  **extra}
+        return " ".join(f"{k}={v}" for k, v in params.items())
+
+    def close(self):
+        self.closed.set()
+        self.listener.close()
+        with self.lock:
+            for s in self.socks:
+                s.close()
+
+
+# The statements' texts, as store/report.c and store/migrate.c send them.
+BACKLOG_SQL = b"SELECT 0, (SELECT count(*) FROM (SELECT 1 FROM invoices WHERE status = 'pending'"
+SCHEMA_CHECK_SQL = b"SELECT coalesce(max(version), 0) FROM schema_version"
+
+
+def scrape(port, timeout):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as resp:
+        return resp.read().decode()
+
+
+def test_frozen_server_during_the_backlog_query_does_not_stall_the_worker(
+        tmp_path, db, redis, fake_api, binary):
+    """store_backlog (store/report.c query(), run by a scrape of /metrics
+    and by the systemd status line) has the client-side deadline of
+    store/deadline.c: with the server frozen in the middle of it, the
+    worker drops the connection after database.query_timeout_ms + 1 s,
+    answers the scrape, reconnects and goes on paying.  Before, it was the
+    one statement of the loop sent with a plain PQexecParams: the scrape got
+    no answer and the worker never paid anything again.
+    """
+    migrate(make_config(tmp_path, db, redis, fake_api))
+    proxy = FreezingProxy(db.host, db.port, BACKLOG_SQL)
+    try:
+        port = free_port()
+        cfg = make_config(tmp_path, db, redis, fake_api, **{
+            "database.conninfo": proxy.conninfo(db),
+            "database.query_timeout_ms": 1000,
+            "metrics.listen": f"127.0.0.1:{port}"})
+        w = Worker(cfg, "w").start()
+        insert_invoices(db, 3)
+        wait_for(lambda: count(db, "paid") == 3, 20, message=w.log)
+
+        t = time.monotonic()
+        try:
+            scrape(port, timeout=15)
+        except (socket.timeout, urllib.error.URLError) as e:
+            raise AssertionError(f"the scrape got no answer in 15 s ({e!r}): the worker is "
+                                 f"stuck in the backlog query; log:\n{w.log_tail()}") from None
+        assert proxy.frozen == 1
+        # Dropped at the deadline (2 s), not at some TCP timeout.
+        assert time.monotonic() - t < 10, w.log_tail()
+        assert "the database did not answer within 2000 ms" in w.log()
+
+        insert_invoices(db, 3)
+        wait_for(lambda: count(db, "paid") == 6, 20, message=w.log)
+        assert w.log().count("connected to the database") >= 2   # a new connection
+        assert w.stop() == 0
+    finally:
+        proxy.close()
+
+
+def test_frozen_server_during_the_schema_check_ends_a_once_run(
+        tmp_path, db, redis, fake_api, binary):
+    """store_check_schema (store/migrate.c), the first statement of `run`
+    and `once`, has the client-side deadline: a server frozen in the middle
+    of it ends the run with a clear error after query_timeout_ms + 1 s.
+    Before, it was a plain PQexec and `once` hung forever.
+    """
+    migrate(make_config(tmp_path, db, redis, fake_api))
+    insert_invoices(db, 1)
+    proxy = FreezingProxy(db.host, db.port, SCHEMA_CHECK_SQL)
+    try:
+        cfg = make_config(tmp_path, db, redis, fake_api, **{
+            "database.conninfo": proxy.conninfo(db),
+            "database.query_timeout_ms": 1000})
+        t = time.monotonic()
+        r = run_cli(cfg, "once", timeout=30)
+        took = time.monotonic() - t
+        assert proxy.frozen == 1
+        assert r.returncode == 1, r.stderr
+        assert "the database did not answer within 2000 ms" in r.stderr
+        assert "could not read the schema version: " in r.stderr
+        # The connection was lost, not the schema: no advice to migrate.
+        assert "migrate" not in r.stderr, r.stderr
+        assert took < 15, (took, r.stderr)
+        assert fake_api.state()["total_requests"] == 0
+        assert count(db, "pending") == 1
+    finally:
+        proxy.close()
 
 
 def test_frozen_redis_auto_mode_keeps_working(tmp_path, db, redis_server, redis, fake_api, binary):

@@ -125,3 +125,36 @@ def test_credentials_in_base_url_are_refused(tmp_path, db, redis, fake_api, bina
     assert r.returncode == 2
     assert "must not hold a user or password" in r.stderr
     assert "hunter2" not in r.stderr + r.stdout
+
+
+def test_http2_offered_but_http11_spoken(tmp_path, db, redis, binary):
+    """billing/api.c pins CURLOPT_HTTP_VERSION to HTTP/1.1 (CONTRACT section 2).
+
+    An API that offers h2 by ALPN must still be spoken to in HTTP/1.1: over
+    one HTTP/2 connection every call shares its fate, and one stream reset
+    or GOAWAY makes all the calls in flight on it ambiguous.  libcurl picks
+    h2 when the server offers it unless told otherwise; this fake then
+    cannot answer it, and before the pin no invoice was ever paid.
+    """
+    cert, key, ca = make_test_ca(tmp_path, "alpn", ("localhost",))
+    api = FakeApi(tmp_path, tls=(cert, key, ca), url_host="localhost", alpn=("h2", "http/1.1"))
+    api.start()
+    try:
+        cfg = make_config(tmp_path, db, redis, api, **{"billing_api.ca_file": str(ca),
+                                                       **SLOW_HANDSHAKE})
+        migrate(cfg)
+        ids = insert_invoices(db, 3)
+        w = Worker(cfg, "w").start()
+        # libcurl always offers ALPN; the test's own control requests offer
+        # none, and count as "none".
+        worker_alpn = lambda: {p: n for p, n in api.state()["alpn"].items()  # noqa: E731
+                               if p != "none"}
+        alpn = wait_for(worker_alpn, 20, message=w.log)
+        assert set(alpn) == {"http/1.1"}, f"negotiated {alpn}; worker log:\n{w.log_tail()}"
+        wait_for(lambda: db.scalar("SELECT count(*) FROM invoices WHERE status = 'paid'") == 3,
+                 20, message=w.log)
+        assert w.stop() == 0
+        assert set(worker_alpn()) == {"http/1.1"}
+        assert sorted(api.state()["applied"]) == sorted(f"invoice-{i}" for i in ids)
+    finally:
+        api.stop()

@@ -1,9 +1,15 @@
 /*
  * Unit tests for common/item.c: the idempotency key, the checks run on
- * producers' data before any API call (one cmocka test per row), and
- * item_clear.  Run under valgrind to see item_clear free everything.
+ * producers' data before any API call (one cmocka test per row),
+ * item_set_strings and item_clear.  Run under valgrind to see item_clear
+ * free everything.
+ *
+ * Linked with -Wl,--wrap=strdup (test_item_LDFLAGS in the Makefile): every
+ * strdup of this test and of item.c goes through __wrap_strdup, which can
+ * be told to fail one call, as an out-of-memory would.
  */
 
+#include <errno.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -127,6 +133,32 @@ static const struct validate_case cases[] = {
 };
 
 
+char *__real_strdup(const char *s);
+char *__wrap_strdup(const char *s);
+
+/* The strdup call (1 = the next one) that fails; 0: none. */
+static int strdup_fail_at;
+static int strdup_calls;
+
+char *
+__wrap_strdup(const char *s)
+{
+	if (strdup_fail_at > 0 && ++strdup_calls == strdup_fail_at) {
+		strdup_fail_at = 0;
+		errno = ENOMEM;
+		return NULL;
+	}
+	return __real_strdup(s);
+}
+
+/* Makes the Nth strdup from now fail. */
+static void
+fail_strdup(int n)
+{
+	strdup_calls = 0;
+	strdup_fail_at = n;
+}
+
 static char *
 dup_or_null(const char *s)
 {
@@ -241,10 +273,73 @@ test_clear(void **state)
 	assert_memory_equal(&it, &zero, sizeof(it));
 }
 
+static void
+test_set_strings(void **state)
+{
+	const char cus[] = "cus_42", cur[] = "usd";
+	struct item it;
+
+	(void)state;
+	memset(&it, 0, sizeof(it));
+	assert_int_equal(item_set_strings(&it, cus, cur), 0);
+	assert_string_equal(it.customer_id, "cus_42");
+	assert_string_equal(it.currency, "usd");
+	assert_ptr_not_equal(it.customer_id, cus);      /* copies, owned by the item */
+	assert_ptr_not_equal(it.currency, cur);
+	item_clear(&it);
+
+	/* NULL is "absent", not a failure: redemptions have no currency. */
+	assert_int_equal(item_set_strings(&it, "learner-9", NULL), 0);
+	assert_string_equal(it.customer_id, "learner-9");
+	assert_null(it.currency);
+	item_clear(&it);
+	assert_int_equal(item_set_strings(&it, NULL, NULL), 0);
+	assert_null(it.customer_id);
+	assert_null(it.currency);
+}
+
+/*
+ * Covers the claim's copy of a row's strings (store_claim in store/store.c
+ * calls item_set_strings): a failed allocation of either string must fail
+ * the whole copy, never leave an item with a NULL currency that
+ * item_validate would then refuse for good as "currency is not a
+ * three-letter ISO 4217 code".
+ */
+static void
+test_set_strings_out_of_memory(void **state)
+{
+	struct item it;
+
+	(void)state;
+	/* The first copy (customer_id) fails. */
+	memset(&it, 0, sizeof(it));
+	fail_strdup(1);
+	assert_int_equal(item_set_strings(&it, "cus_42", "usd"), -1);
+	assert_int_equal(strdup_fail_at, 0);    /* the failure did happen */
+	assert_null(it.customer_id);
+	assert_null(it.currency);
+
+	/* The second copy (currency) fails: customer_id is given back too. */
+	memset(&it, 0, sizeof(it));
+	fail_strdup(2);
+	assert_int_equal(item_set_strings(&it, "cus_42", "usd"), -1);
+	assert_int_equal(strdup_fail_at, 0);
+	assert_null(it.customer_id);
+	assert_null(it.currency);
+
+	/* One string only: its copy failing fails too. */
+	memset(&it, 0, sizeof(it));
+	fail_strdup(1);
+	assert_int_equal(item_set_strings(&it, NULL, "usd"), -1);
+	assert_null(it.currency);
+}
+
 static const struct CMUnitTest fixed_tests[] = {
 	cmocka_unit_test(test_key),
 	cmocka_unit_test(test_kind_name),
 	cmocka_unit_test(test_clear),
+	cmocka_unit_test(test_set_strings),
+	cmocka_unit_test(test_set_strings_out_of_memory),
 };
 
 TABLE_TESTS_MAIN(cases, test_case, fixed_tests)
