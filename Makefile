@@ -71,7 +71,7 @@ obj = $(patsubst %.c,$(BUILD)/obj/%.o,$(patsubst $(BUILD)/%,%,$(1)))
 BIN := $(BUILD)/billing-worker
 
 UNIT_TESTS := test_config test_backoff test_response test_outcome test_item test_pace \
-              test_metrics test_log test_conninfo
+              test_metrics test_log test_conninfo test_loop
 UNIT_BINS  := $(addprefix $(BUILD)/tests/,$(UNIT_TESTS))
 
 # What each unit test links besides itself: the module under test alone.
@@ -84,6 +84,11 @@ test_pace_DEPS     := billing/pace.c
 test_metrics_DEPS  := common/metrics.c common/item.c
 test_log_DEPS      := common/log.c
 test_conninfo_DEPS := store/conninfo.c
+# The loop against fakes of the store, locks, API client, telemetry and
+# secrets (defined in the test itself); the pure modules are the real ones.
+test_loop_DEPS     := worker/loop.c billing/outcome.c billing/backoff.c billing/response.c \
+                      common/item.c common/log.c common/clock.c common/jitter.c \
+                      common/metrics.c config/config.c
 
 # Extra link flags of a unit test: test_item makes strdup fail on demand.
 test_item_LDFLAGS  := -Wl,--wrap=strdup

@@ -1,0 +1,509 @@
+/*
+ * Unit tests for worker/loop.c's bookkeeping: flights and their slots, the
+ * flush and its backoff, claim sizing, worker-level refusals.  The loop is
+ * linked against small fakes of the modules it drives (the store, the lock
+ * manager, the API client, telemetry, secrets), defined below: a scripted
+ * backlog of invoices that the fake lock manager hands out, an API that
+ * answers every call at the next turn, a store that records completions
+ * and can refuse them.  Real outcome, config, log and metrics modules.
+ */
+
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "billing/api.h"
+#include "common/clock.h"
+#include "common/log.h"
+#include "locks/lock.h"
+#include "store/store.h"
+#include "worker/loop.h"
+#include "worker/secret.h"
+#include "worker/telemetry.h"
+
+#define BACKLOG_MAX 256
+#define CALLS_MAX 1024
+
+/* The scripted world the fakes share; reset by world_reset(). */
+static struct {
+	int64_t due[BACKLOG_MAX];       /* ids still due, oldest first */
+	size_t ndue;
+	int64_t poison[8];              /* completions of these fail on the data */
+	size_t npoison;
+	long answer_status;             /* the API's answer to every call */
+	int64_t refuse_flush_until_ms;  /* completions fail (not on data) until then */
+	bool data_error;                /* the last store failure was on the data */
+
+	int calls[CALLS_MAX];           /* tags of calls in flight, FIFO */
+	size_t ncalls;
+	size_t in_flight_max;
+	size_t busy_items;              /* claimed, not yet recorded or parked */
+	size_t busy_max;
+	size_t claim_over_limit;        /* claims that asked beyond free room */
+
+	size_t recorded_done, parked, complete_calls, api_started, zero_waits;
+	int concurrency;
+} w;
+
+static void
+world_reset(void)
+{
+	memset(&w, 0, sizeof(w));
+	w.answer_status = 200;
+}
+
+static bool
+is_poison(int64_t id)
+{
+	for (size_t i = 0; i < w.npoison; i++)
+		if (w.poison[i] == id)
+			return true;
+	return false;
+}
+
+/* ---- the store ---- */
+
+struct store {
+	int unused;
+};
+static struct store the_store;
+
+int
+store_new(const char *conninfo, const char *worker_id, store **ret)
+{
+	(void)conninfo;
+	(void)worker_id;
+	*ret = &the_store;
+	return 0;
+}
+
+void store_free(store *st) { (void)st; }
+void store_set_query_timeout(store *st, int ms) { (void)st; (void)ms; }
+int store_connect(store *st) { (void)st; return 0; }
+bool store_connected(const store *st) { (void)st; return true; }
+const char *store_errmsg(const store *st) { (void)st; return "fake store error"; }
+uint64_t store_retries(const store *st) { (void)st; return 0; }
+int store_check_schema(store *st) { (void)st; return 0; }
+bool store_failed_on_data(const store *st) { (void)st; return w.data_error; }
+
+int
+store_set_api_blocked(store *st, const char *worker_id, const char *reason)
+{
+	(void)st;
+	(void)worker_id;
+	(void)reason;
+	return 0;
+}
+
+int
+store_complete(store *st, const struct completion *c, size_t n, bool *accepted)
+{
+	(void)st;
+	w.complete_calls++;
+	w.data_error = false;
+	if (clock_ms() < w.refuse_flush_until_ms)
+		return -1;
+	for (size_t i = 0; i < n; i++) {
+		if (is_poison(c[i].id)) {
+			w.data_error = true;
+			return -1;
+		}
+	}
+	for (size_t i = 0; i < n; i++) {
+		accepted[i] = true;
+		w.busy_items--;
+		if (c[i].state == COMPLETION_DONE)
+			w.recorded_done++;
+		else if (c[i].state == COMPLETION_RETRY && w.ndue < BACKLOG_MAX)
+			w.due[w.ndue++] = c[i].id;     /* due again */
+	}
+	return 0;
+}
+
+int
+store_park(store *st, const struct completion *c, int64_t delay_ms, const char *reason,
+    bool *ret_parked)
+{
+	(void)st;
+	(void)c;
+	(void)delay_ms;
+	(void)reason;
+	w.parked++;
+	w.busy_items--;
+	*ret_parked = true;
+	return 0;
+}
+
+int
+store_reserve(store *st, struct item *const *items, size_t n, enum reserve_result *results)
+{
+	(void)st;
+	(void)items;
+	for (size_t i = 0; i < n; i++)
+		results[i] = RESERVE_HELD;
+	return 0;
+}
+
+struct store_listener {
+	int unused;
+};
+
+int store_listener_new(const char *c, store_listener **ret) { (void)c; *ret = NULL; return 0; }
+void store_listener_free(store_listener *sl) { (void)sl; }
+int store_listener_connect(store_listener *sl) { (void)sl; return -1; }
+int store_listener_fd(const store_listener *sl) { (void)sl; return -1; }
+int store_listener_drain(store_listener *sl) { (void)sl; return 0; }
+const char *store_listener_errmsg(const store_listener *sl) { (void)sl; return ""; }
+
+/* ---- the lock manager ---- */
+
+struct lockmgr {
+	int unused;
+};
+static struct lockmgr the_locks;
+
+int
+lock_new(const struct lock_options *o, store *st, lockmgr **ret)
+{
+	(void)o;
+	(void)st;
+	*ret = &the_locks;
+	return 0;
+}
+
+void lock_free(lockmgr *lm) { (void)lm; }
+void lock_set_ttl(lockmgr *lm, int ttl_ms) { (void)lm; (void)ttl_ms; }
+void lock_set_park_delay(lockmgr *lm, int ms) { (void)lm; (void)ms; }
+void lock_set_rate(lockmgr *lm, int r) { (void)lm; (void)r; }
+int64_t lock_wait_ms(const lockmgr *lm) { (void)lm; return 0; }
+bool lock_redis_down(const lockmgr *lm) { (void)lm; return false; }
+void lock_pause(lockmgr *lm, int ms) { (void)lm; (void)ms; }
+void lock_start(lockmgr *lm) { (void)lm; }
+const char *lock_errmsg(const lockmgr *lm) { (void)lm; return "fake lock error"; }
+void lock_release(lockmgr *lm, struct item *const *items, size_t n)
+{
+	(void)lm;
+	(void)items;
+	(void)n;
+}
+
+int
+lock_renew(lockmgr *lm, struct item *const *items, size_t n)
+{
+	(void)lm;
+	(void)items;
+	(void)n;
+	return 0;
+}
+
+int
+lock_claim(lockmgr *lm, size_t limit, struct item *items, size_t *ret_n, bool *more)
+{
+	size_t n = 0;
+
+	(void)lm;
+	if (w.busy_items + limit > (size_t)w.concurrency)
+		w.claim_over_limit++;
+	while (n < limit && w.ndue > 0) {
+		struct item *it = &items[n++];
+
+		memset(it, 0, sizeof(*it));
+		it->kind = ITEM_INVOICE;
+		it->id = w.due[0];
+		it->fence = 1;
+		it->amount_cents = 100;
+		assert_int_equal(item_set_strings(it, "cus_1", "usd"), 0);
+		memmove(w.due, w.due + 1, --w.ndue * sizeof(w.due[0]));
+		w.busy_items++;
+	}
+	if (w.busy_items > w.busy_max)
+		w.busy_max = w.busy_items;
+	*ret_n = n;
+	*more = w.ndue > 0;
+	return 0;
+}
+
+/* ---- the API client: every call is answered at the next wait ---- */
+
+struct api_client {
+	int unused;
+};
+static struct api_client the_api;
+
+int
+api_client_new(const struct api_options *o, api_client **ret, char *err, size_t errlen)
+{
+	(void)o;
+	(void)err;
+	(void)errlen;
+	*ret = &the_api;
+	return 0;
+}
+
+void api_client_free(api_client *api) { (void)api; }
+int api_client_set_token(api_client *api, const char *t) { (void)api; (void)t; return 0; }
+void api_client_set_limits(api_client *api, long a, long b, int c)
+{
+	(void)api;
+	(void)a;
+	(void)b;
+	(void)c;
+}
+int api_in_flight(const api_client *api) { (void)api; return (int)w.ncalls; }
+void api_abort(api_client *api, int tag) { (void)api; (void)tag; }
+
+int
+api_start(api_client *api, const struct item *it, int tag)
+{
+	(void)api;
+	(void)it;
+	assert_true(w.ncalls < CALLS_MAX);
+	w.calls[w.ncalls++] = tag;
+	w.api_started++;
+	if (w.ncalls > w.in_flight_max)
+		w.in_flight_max = w.ncalls;
+	return 0;
+}
+
+/*
+ * Nothing in flight: sleeps as asked (at most 50 ms), so a loop that does
+ * not mean to spin does not, and counts the waits of 0 ms with nothing to
+ * wait for: a spinning loop shows as thousands of them.
+ */
+int
+api_wait(api_client *api, struct api_waitfd *extra, unsigned nextra, int timeout_ms)
+{
+	(void)api;
+	(void)extra;
+	(void)nextra;
+	if (w.ncalls == 0 && timeout_ms == 0)
+		w.zero_waits++;
+	if (w.ncalls == 0 && timeout_ms > 0)
+		usleep((useconds_t)(timeout_ms < 50 ? timeout_ms : 50) * 1000);
+	return 0;
+}
+
+int
+api_next_result(api_client *api, int *tag, struct api_verdict *v, double *latency_ms,
+    long *http_status)
+{
+	(void)api;
+	if (w.ncalls == 0)
+		return 0;
+	*tag = w.calls[0];
+	memmove(w.calls, w.calls + 1, --w.ncalls * sizeof(w.calls[0]));
+	memset(v, 0, sizeof(*v));
+	v->retry_after_s = -1;
+	*latency_ms = 1;
+	*http_status = w.answer_status;
+	if (w.answer_status == 200) {
+		v->cls = API_SUCCESS;
+		snprintf(v->id, sizeof(v->id), "ch_fake");
+	} else {
+		v->cls = API_WORKER;
+		snprintf(v->error, sizeof(v->error), "unauthorized: bad token");
+	}
+	return 1;
+}
+
+/* ---- telemetry and secrets ---- */
+
+struct telemetry {
+	int unused;
+};
+static struct telemetry the_telemetry;
+
+int
+telemetry_new(const struct bw_config *cfg, store *st, bool once, telemetry **ret)
+{
+	(void)cfg;
+	(void)st;
+	(void)once;
+	*ret = &the_telemetry;
+	return 0;
+}
+
+void telemetry_free(telemetry *t) { (void)t; }
+void telemetry_ready(telemetry *t, int64_t now) { (void)t; (void)now; }
+void telemetry_waiting(telemetry *t, int64_t now, const char *why)
+{
+	(void)t;
+	(void)now;
+	(void)why;
+}
+void telemetry_tick(telemetry *t, int64_t now, int a, int b, bool up)
+{
+	(void)t;
+	(void)now;
+	(void)a;
+	(void)b;
+	(void)up;
+}
+void telemetry_recorded(enum item_kind k, enum completion_state s, bool a)
+{
+	(void)k;
+	(void)s;
+	(void)a;
+}
+void telemetry_reloading(telemetry *t) { (void)t; }
+void telemetry_reloaded(telemetry *t) { (void)t; }
+void telemetry_stopping(telemetry *t, int n) { (void)t; (void)n; }
+void telemetry_api_refused(telemetry *t, const char *r) { (void)t; (void)r; }
+unsigned telemetry_wait_fds(telemetry *t, int64_t now, struct api_waitfd *fds, int *wait)
+{
+	(void)t;
+	(void)now;
+	(void)fds;
+	(void)wait;
+	return 0;
+}
+void telemetry_after_wait(telemetry *t) { (void)t; }
+
+int
+secret_api_token(const struct bw_config *cfg, char *buf, size_t len)
+{
+	(void)cfg;
+	snprintf(buf, len, "token");
+	return 0;
+}
+
+/* ---- the tests ---- */
+
+static void
+load_config(struct bw_config *cfg, int concurrency, int batch, const char *extra)
+{
+	char text[1024];
+	char *errors = NULL;
+
+	snprintf(text, sizeof(text),
+	    "worker = { id = \"unit\"; concurrency = %d; batch_size = %d; poll_interval_ms = 10;"
+	    " once_patience_ms = 1000; };\n"
+	    "database = { conninfo = \"dbname=none\"; };\n"
+	    "locks = { mode = \"skip-locked\"; };\n"
+	    "billing_api = { base_url = \"http://127.0.0.1:9\"; backoff_initial_ms = 1;"
+	    " backoff_max_ms = 5; };\n"
+	    "log = { level = \"error\"; };\n%s", concurrency, batch, extra);
+	memset(cfg, 0, sizeof(*cfg));
+	if (config_load_string(text, "unit.conf", cfg, &errors) != 0)
+		fail_msg("config: %s", errors ? errors : "?");
+	free(errors);
+	w.concurrency = concurrency;
+	log_init("unit", LOG_LEVEL_ERROR);
+}
+
+static void
+backlog(int64_t first, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		w.due[w.ndue++] = first + (int64_t)i;
+}
+
+/*
+ * Rows the database refuses to complete are parked, one at a time, and
+ * their flights must go back on the free stack: with concurrency 2 and two
+ * such rows first in line, the old record_one_by_one left no free slot,
+ * and every later item was dropped unrecorded, never called.
+ */
+static void
+test_parked_rows_give_their_slots_back(void **state)
+{
+	struct bw_config cfg;
+
+	(void)state;
+	world_reset();
+	load_config(&cfg, 2, 2, "");
+	backlog(1, 8);
+	w.poison[w.npoison++] = 1;
+	w.poison[w.npoison++] = 2;
+	assert_int_equal(loop_run(&cfg, "token", NULL, true), 0);
+	assert_int_equal(w.parked, 2);
+	assert_int_equal(w.recorded_done, 6);
+	assert_int_equal(w.api_started, 8);
+	assert_int_equal(w.busy_items, 0);
+	config_free(&cfg);
+}
+
+/* A claim never asks for more than the free room, nor more than a batch. */
+static void
+test_claims_fit_the_free_room(void **state)
+{
+	struct bw_config cfg;
+
+	(void)state;
+	world_reset();
+	load_config(&cfg, 4, 3, "");
+	backlog(100, 50);
+	assert_int_equal(loop_run(&cfg, "token", NULL, true), 0);
+	assert_int_equal(w.recorded_done, 50);
+	assert_int_equal(w.claim_over_limit, 0);
+	assert_true(w.busy_max <= 4);
+	assert_true(w.in_flight_max <= 3 + 1);
+	config_free(&cfg);
+}
+
+/*
+ * A flush refused for a reason other than the data backs off: over 600 ms
+ * of refusals it is tried a handful of times (200 ms, doubling), not at
+ * every turn of the loop, and nothing is lost when it goes through.
+ */
+static void
+test_refused_flush_backs_off(void **state)
+{
+	struct bw_config cfg;
+
+	(void)state;
+	world_reset();
+	load_config(&cfg, 4, 4, "");
+	backlog(1, 4);
+	w.refuse_flush_until_ms = clock_ms() + 600;
+	assert_int_equal(loop_run(&cfg, "token", NULL, true), 0);
+	assert_int_equal(w.recorded_done, 4);
+	assert_int_equal(w.api_started, 4);
+	assert_in_range(w.complete_calls, 2, 6);
+	/* The outcomes waited for the retry; the loop slept meanwhile. */
+	assert_true(w.zero_waits < 50);
+	config_free(&cfg);
+}
+
+/*
+ * A worker-level answer (401) stops new claims: after the first batch's
+ * answers, only one probe item at a time, spaced out, and once gives up
+ * after its patience with exit 1.  No item is recorded done, none lost.
+ */
+static void
+test_refused_worker_probes_one_at_a_time(void **state)
+{
+	struct bw_config cfg;
+
+	(void)state;
+	world_reset();
+	load_config(&cfg, 4, 4, "");
+	backlog(1, 40);
+	w.answer_status = 401;
+	assert_int_equal(loop_run(&cfg, "token", NULL, true), 1);
+	assert_int_equal(w.recorded_done, 0);
+	/* The first batch, then one probe after 1 s; patience is 1 s. */
+	assert_in_range(w.api_started, 4, 4 + 2);
+	assert_int_equal(w.busy_items, 0);
+	config_free(&cfg);
+}
+
+int
+main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_parked_rows_give_their_slots_back),
+		cmocka_unit_test(test_claims_fit_the_free_room),
+		cmocka_unit_test(test_refused_flush_backs_off),
+		cmocka_unit_test(test_refused_worker_probes_one_at_a_time),
+	};
+
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
