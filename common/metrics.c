@@ -40,6 +40,7 @@ static struct {
 	int concurrency;
 	bool database_up;
 	bool api_blocked;
+	bool paused[ITEM_KIND_COUNT];
 	bool backlog_known[ITEM_KIND_COUNT];
 	int64_t backlog[ITEM_KIND_COUNT];
 	double oldest_pending_s[ITEM_KIND_COUNT];
@@ -119,6 +120,12 @@ void
 metrics_set_api_blocked(bool blocked)
 {
 	m.api_blocked = blocked;
+}
+
+void
+metrics_set_paused(enum item_kind kind, bool paused)
+{
+	m.paused[kind] = paused;
 }
 
 void
@@ -226,6 +233,11 @@ render_gauges(FILE *out)
 	head(out, "api_blocked", "gauge", "1 while the billing API refuses this worker "
 	    "(401, 403, 404, 405): no new items are taken.");
 	fprintf(out, "billing_worker_api_blocked %d\n", m.api_blocked ? 1 : 0);
+	head(out, "paused", "gauge", "1 while the fleet's billing of this kind is paused "
+	    "(billing-worker pause), as this process last saw it.");
+	for (int k = 0; k < ITEM_KIND_COUNT; k++)
+		fprintf(out, "billing_worker_paused{kind=\"%s\"} %d\n", item_kind_name(k),
+		    m.paused[k] ? 1 : 0);
 	head(out, "backlog", "gauge",
 	    "Items due now and not yet claimed, fleet-wide, by kind (counted up to a cap).");
 	for (int k = 0; k < ITEM_KIND_COUNT; k++)

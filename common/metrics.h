@@ -49,6 +49,8 @@ void metrics_set_concurrency(int n);
 void metrics_set_database_up(bool up);
 /* Whether the billing API refuses this worker (401, 403, 404, 405) now. */
 void metrics_set_api_blocked(bool blocked);
+/* Whether the fleet's billing of KIND is paused (billing-worker pause). */
+void metrics_set_paused(enum item_kind kind, bool paused);
 /*
  * The backlog of KIND: items due now (capped by the query that counts
  * them) and the age of the oldest pending item in seconds.

@@ -77,6 +77,11 @@ static const char sql_operator[] =
     "       FROM redemptions WHERE status = 'pending' AND needs_operator IS NOT NULL) AS o "
     "ORDER BY kind, id LIMIT 100";
 
+/* Kinds the fleet does not bill now (billing-worker pause). */
+static const char sql_pauses[] =
+    "SELECT kind, to_char(since, 'YYYY-MM-DD HH24:MI:SSOF'), paused_by, reason "
+    "FROM fleet_pause ORDER BY kind";
+
 /* Workers the billing API refuses (401, 403, 404, 405), by their own record. */
 static const char sql_refused_workers[] =
     "SELECT worker_id, to_char(api_blocked_since, 'YYYY-MM-DD HH24:MI:SSOF'), "
@@ -99,7 +104,7 @@ query(store *st, const char *sql, int nparams, const char *const *params)
 
 /* The three result sets of the report, fetched in one place for both formats. */
 struct status_rows {
-	PGresult *counts, *flight, *overdue, *operator, *workers;
+	PGresult *counts, *flight, *overdue, *operator, *workers, *pauses;
 };
 
 static void
@@ -110,6 +115,7 @@ status_rows_clear(struct status_rows *r)
 	PQclear(r->overdue);
 	PQclear(r->operator);
 	PQclear(r->workers);
+	PQclear(r->pauses);
 	memset(r, 0, sizeof(*r));
 }
 
@@ -125,7 +131,8 @@ status_fetch(store *st, int max_attempts, struct status_rows *r)
 	    (r->flight = query(st, sql_in_flight, 0, NULL)) == NULL ||
 	    (r->overdue = query(st, sql_overdue, 1, params)) == NULL ||
 	    (r->operator = query(st, sql_operator, 0, NULL)) == NULL ||
-	    (r->workers = query(st, sql_refused_workers, 0, NULL)) == NULL) {
+	    (r->workers = query(st, sql_refused_workers, 0, NULL)) == NULL ||
+	    (r->pauses = query(st, sql_pauses, 0, NULL)) == NULL) {
 		status_rows_clear(r);
 		return -1;
 	}
@@ -144,6 +151,12 @@ store_status(store *st, FILE *out, int max_attempts)
 	flight = rows.flight;
 	overdue = rows.overdue;
 
+	for (int r = 0; r < PQntuples(rows.pauses); r++)
+		fprintf(out, "PAUSED: %ss since %s by %s: %s\n", PQgetvalue(rows.pauses, r, 0),
+		    PQgetvalue(rows.pauses, r, 1), PQgetvalue(rows.pauses, r, 2),
+		    PQgetvalue(rows.pauses, r, 3));
+	if (PQntuples(rows.pauses) > 0)
+		fputc('\n', out);
 	fprintf(out, "%-12s %9s %9s %9s %9s %9s %14s\n", "kind", "pending",
 	    "in-flight", "retrying", "done", "failed", "oldest-pending");
 	for (int r = 0; r < PQntuples(counts); r++)
@@ -218,9 +231,9 @@ static json_t *
 status_json(const struct status_rows *rows)
 {
 	json_t *kinds = json_array(), *flight = json_array(), *overdue = json_array();
-	json_t *operator = json_array(), *workers = json_array();
+	json_t *operator = json_array(), *workers = json_array(), *pauses = json_array();
 	bool ok = kinds != NULL && flight != NULL && overdue != NULL && operator != NULL &&
-	    workers != NULL;
+	    workers != NULL && pauses != NULL;
 
 	for (int r = 0; ok && r < PQntuples(rows->counts); r++) {
 		const PGresult *c = rows->counts;
@@ -259,16 +272,24 @@ status_json(const struct status_rows *rows)
 		    "worker_id", j_str(w, r, 0), "since", j_str(w, r, 1), "reason", j_str(w, r, 2),
 		    "last_probe_s_ago", j_real(w, r, 3))) == 0;
 	}
+	for (int r = 0; ok && r < PQntuples(rows->pauses); r++) {
+		const PGresult *p = rows->pauses;
+
+		ok = json_array_append_new(pauses, json_pack("{s:o, s:o, s:o, s:o}",
+		    "kind", j_str(p, r, 0), "since", j_str(p, r, 1), "paused_by", j_str(p, r, 2),
+		    "reason", j_str(p, r, 3))) == 0;
+	}
 	if (!ok) {
 		json_decref(kinds);
 		json_decref(flight);
 		json_decref(overdue);
 		json_decref(operator);
 		json_decref(workers);
+		json_decref(pauses);
 		return NULL;
 	}
 	/* json_pack takes the arrays over, on failure too. */
-	return json_pack("{s:o, s:o, s:b, s:o, s:b, s:o, s:o}", "kinds", kinds,
+	return json_pack("{s:o, s:o, s:o, s:b, s:o, s:b, s:o, s:o}", "paused", pauses, "kinds", kinds,
 	    "in_flight", flight, "in_flight_truncated", PQntuples(rows->flight) == STATUS_LIST_MAX,
 	    "overdue", overdue, "overdue_truncated", PQntuples(rows->overdue) == STATUS_LIST_MAX,
 	    "needs_operator", operator, "api_refused_workers", workers);

@@ -27,16 +27,29 @@ static const char *const table_of[ITEM_KIND_COUNT] = { "invoices", "redemptions"
  * costs one query per poll, and neither kind can starve the other.  Each
  * branch is served by its partial index.
  */
+/*
+ * The fleet's pauses (schema version 5) ride along: a paused kind's branch
+ * returns nothing (its NOT EXISTS is one uncorrelated lookup per
+ * statement), and each pause comes first as a row of kind 2 + its kind,
+ * with its reason, so the worker knows at no extra round trip.
+ */
 static const char sql_due[] =
-    "SELECT kind, id FROM ("
-    " (SELECT 0 AS kind, id, next_attempt_at FROM invoices"
-    "   WHERE status = 'pending' AND next_attempt_at <= now()"
-    "   ORDER BY next_attempt_at, id LIMIT $1)"
+    "SELECT kind, id, note FROM ("
+    " (SELECT 2 + (kind = 'redemption')::int AS kind, 0::bigint AS id,"
+    "   '-infinity'::timestamptz AS next_attempt_at, format('%s (paused by %s since %s)',"
+    "   reason, paused_by, to_char(since, 'YYYY-MM-DD HH24:MI:SSOF')) AS note"
+    "   FROM fleet_pause)"
     " UNION ALL"
-    " (SELECT 1, id, next_attempt_at FROM redemptions"
+    " (SELECT 0, id, next_attempt_at, NULL FROM invoices"
     "   WHERE status = 'pending' AND next_attempt_at <= now()"
+    "   AND NOT EXISTS (SELECT 1 FROM fleet_pause WHERE kind = 'invoice')"
+    "   ORDER BY next_attempt_at, id LIMIT $1::bigint)"
+    " UNION ALL"
+    " (SELECT 1, id, next_attempt_at, NULL FROM redemptions"
+    "   WHERE status = 'pending' AND next_attempt_at <= now()"
+    "   AND NOT EXISTS (SELECT 1 FROM fleet_pause WHERE kind = 'redemption')"
     "   ORDER BY next_attempt_at, id LIMIT $1)) AS d "
-    "ORDER BY next_attempt_at, kind, id LIMIT $1";
+    "ORDER BY next_attempt_at, kind, id LIMIT $1::bigint + 2";
 
 /*
  * A claim's SET: bump the fence, take the lease, and hide the item until the
@@ -54,6 +67,13 @@ static const char sql_due[] =
 #define CLAIM_RETURNING_COMMON                                                 \
 	", t.blocked_calls, "                                                  \
 	"(extract(epoch FROM now() - t.first_claimed_at) * 1000)::bigint"
+
+/*
+ * A claim racing a pause takes nothing once the pause committed: the due
+ * query that chose the ids may be older.  %3$s is the kind's name.
+ */
+#define CLAIM_NOT_PAUSED \
+	"AND NOT EXISTS (SELECT 1 FROM fleet_pause WHERE kind = '%3$s') "
 
 static const char *const claim_returning[ITEM_KIND_COUNT] = {
 	"RETURNING t.id, t.fence, t.attempts, t.ambiguous, t.amount_cents, "
@@ -75,7 +95,7 @@ static const char sql_claim_skip[] =
     "UPDATE %1$s AS t " CLAIM_SET
     "WHERE t.id = ANY (ARRAY(SELECT id FROM %1$s WHERE status = 'pending' "
     "AND next_attempt_at <= now() ORDER BY next_attempt_at, id LIMIT $3 "
-    "FOR UPDATE SKIP LOCKED)) %2$s";
+    "FOR UPDATE SKIP LOCKED)) " CLAIM_NOT_PAUSED "%2$s";
 
 /*
  * The ids come from us, so only the primary key may serve this: the due
@@ -86,7 +106,8 @@ static const char sql_claim_ids[] =
     "UPDATE %1$s AS t " CLAIM_SET
     "WHERE t.id = ANY (ARRAY(SELECT i.id FROM unnest($3::bigint[]) AS x(id) "
     "JOIN %1$s i ON i.id = x.id WHERE i.status = 'pending' "
-    "AND (i.next_attempt_at <= now()) IS TRUE FOR UPDATE OF i SKIP LOCKED)) %2$s";
+    "AND (i.next_attempt_at <= now()) IS TRUE FOR UPDATE OF i SKIP LOCKED)) "
+    CLAIM_NOT_PAUSED "%2$s";
 
 static const char sql_renew[] =
     "UPDATE %1$s AS t SET lease_until = now() + $3 * interval '1 millisecond', "
@@ -174,6 +195,7 @@ struct store {
 	char errmsg[512];
 	uint64_t retries;
 	struct buf arr[10];
+	char pause_note[ITEM_KIND_COUNT][600]; /* from the last due query; "" = not paused */
 	struct id_pos *index;       /* scratch for index_ids() */
 	size_t index_cap;
 };
@@ -419,6 +441,12 @@ store_connected(const store *st)
 }
 
 const char *
+store_pause_note(const store *st, enum item_kind kind)
+{
+	return st->pause_note[kind];
+}
+
+const char *
 store_errmsg(const store *st)
 {
 	return st->errmsg;
@@ -469,10 +497,12 @@ prepare_all(store *st)
 
 			switch (s) {
 			case STMT_CLAIM_SKIP:
-				snprintf(sql, sizeof(sql), sql_claim_skip, table_of[k], claim_returning[k]);
+				snprintf(sql, sizeof(sql), sql_claim_skip, table_of[k], claim_returning[k],
+				    item_kind_name(k));
 				break;
 			case STMT_CLAIM_IDS:
-				snprintf(sql, sizeof(sql), sql_claim_ids, table_of[k], claim_returning[k]);
+				snprintf(sql, sizeof(sql), sql_claim_ids, table_of[k], claim_returning[k],
+				    item_kind_name(k));
 				break;
 			case STMT_RENEW:
 				snprintf(sql, sizeof(sql), sql_renew, table_of[k]);
@@ -634,12 +664,21 @@ store_due(store *st, size_t limit, enum item_kind *kinds, int64_t *ids, size_t *
 		PQclear(res);
 		return -1;
 	}
-	n = (size_t)PQntuples(res);
-	if (n > limit)
-		n = limit;
-	for (size_t i = 0; i < n; i++) {
-		kinds[i] = PQgetvalue(res, (int)i, 0)[0] == '1' ? ITEM_REDEMPTION : ITEM_INVOICE;
-		ids[i] = strtoll(PQgetvalue(res, (int)i, 1), NULL, 10);
+	for (int k = 0; k < ITEM_KIND_COUNT; k++)
+		st->pause_note[k][0] = '\0';
+	n = 0;
+	for (int r = 0; r < PQntuples(res); r++) {
+		int kind = atoi(PQgetvalue(res, r, 0));
+
+		if (kind >= 2 && kind < 2 + ITEM_KIND_COUNT) {
+			snprintf(st->pause_note[kind - 2], sizeof(st->pause_note[0]), "%s",
+			    PQgetvalue(res, r, 2));
+			continue;
+		}
+		if (n == limit)
+			break;
+		kinds[n] = kind == 1 ? ITEM_REDEMPTION : ITEM_INVOICE;
+		ids[n++] = strtoll(PQgetvalue(res, r, 1), NULL, 10);
 	}
 	*ret_n = n;
 	PQclear(res);

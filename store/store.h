@@ -51,6 +51,24 @@ int store_due(store *st, size_t limit, enum item_kind *kinds, int64_t *ids,
     size_t *ret_n) __attribute__((warn_unused_result));
 
 /*
+ * Whether KIND was paused fleet-wide (billing-worker pause) at the last
+ * store_due(): "" when not, else the reason, who paused it and since when.
+ * The due query reads the pauses itself, so this costs nothing.  The
+ * string lives until the next store_due().
+ */
+const char *store_pause_note(const store *st, enum item_kind kind);
+
+/*
+ * Pauses (PAUSE true, with REASON and BY, e.g. "alice@host") or resumes the
+ * kinds set in KINDS (indexed by enum item_kind) for the whole fleet.  A
+ * pause of a kind already paused keeps its start and takes the new reason.
+ * Resuming notifies the workers, which poll at once.  *RET_CHANGED: how
+ * many kinds changed state.
+ */
+int store_set_pause(store *st, const bool kinds[ITEM_KIND_COUNT], bool pause,
+    const char *reason, const char *by, int *ret_changed) __attribute__((warn_unused_result));
+
+/*
  * Claims due items of KIND for LEASE_MS: bumps each one's fence, records
  * this worker as holder and hides it from other claims until the lease
  * ends.  With IDS, only those items (still due) are claimed; with IDS NULL,

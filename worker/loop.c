@@ -106,6 +106,7 @@ struct loop {
 		int64_t recorded_at_ms;     /* last write of worker_status */
 		char reason[600];
 	} refused;
+	bool paused[ITEM_KIND_COUNT];   /* as the last due query saw the fleet */
 	int64_t next_db_try_ms;
 	int db_delay_ms;
 	int64_t db_down_since_ms;
@@ -710,6 +711,31 @@ api_admitted(struct loop *l, long status, int64_t now)
 }
 
 /*
+ * The due query reads the fleet's pauses (billing-worker pause): a change
+ * is logged once and shown in the metrics and the systemd status line.
+ * Claims of a paused kind take nothing; calls in flight finish.
+ */
+static void
+note_pauses(struct loop *l)
+{
+	for (int k = 0; k < ITEM_KIND_COUNT; k++) {
+		const char *note = store_pause_note(l->st, k);
+		bool paused = note[0] != '\0';
+
+		if (paused == l->paused[k])
+			continue;
+		if (paused)
+			log_warnx("billing of %ss is paused fleet-wide: %s; taking none until "
+			    "billing-worker resume", item_kind_name(k), note);
+		else
+			log_info("billing of %ss resumed", item_kind_name(k));
+		l->paused[k] = paused;
+		metrics_set_paused(k, paused);
+		telemetry_paused(l->tm, k, paused ? note : NULL);
+	}
+}
+
+/*
  * Whether claims may run now.  While the API refuses the worker, only a
  * probe: one item, once nothing is in flight, when the probe's time comes.
  */
@@ -1151,6 +1177,7 @@ loop_run(struct bw_config *cfg, const char *token, const char *redis_password, b
 			int r = claim(&l);
 			int64_t hold = lock_wait_ms(l.locks);
 
+			note_pauses(&l);
 			if (probing && l.busy > 0)
 				probe_sent(&l, now);
 			if (hold > 0)

@@ -1,6 +1,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
+#include <pwd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,7 +26,7 @@ usage(FILE *out)
 {
 	fprintf(out,
 	    "usage: billing-worker [-c FILE] [run | once | check-config | migrate | status [--json] |\n"
-	    "                      audit]\n"
+	    "                      audit | pause [--kind KIND] --reason TEXT | resume [--kind KIND]]\n"
 	    "\n"
 	    "  run           the daemon (default); SIGTERM/SIGINT stop, SIGHUP reloads\n"
 	    "  once          process everything due now, then exit\n"
@@ -34,6 +35,9 @@ usage(FILE *out)
 	    "  status        counts by state, oldest pending, items in flight\n"
 	    "                (--json: the same as one JSON document)\n"
 	    "  audit         check the ledger and item invariants; exit 1 on a violation\n"
+	    "  pause         stop billing fleet-wide (KIND invoice or redemption; default both);\n"
+	    "                calls in flight finish and are recorded\n"
+	    "  resume        take up billing again\n"
 	    "\n"
 	    "  -c FILE       configuration file (default " DEFAULT_CONFIG ")\n");
 }
@@ -120,6 +124,48 @@ cmd_status(const struct bw_config *cfg, bool json)
 /* A pending item whose lease ran out this long ago is taken by no one. */
 #define AUDIT_STUCK_AFTER_S 300
 
+/*
+ * pause / resume: fleet-wide, in the database, so every worker on every
+ * host sees it at its next poll.  BY names the operator ("user@host") in
+ * the record and in every worker's log.
+ */
+static int
+cmd_pause(const struct bw_config *cfg, bool pause, const char *kind, const char *reason)
+{
+	bool kinds[ITEM_KIND_COUNT] = { kind == NULL, kind == NULL };
+	struct passwd *pw = getpwuid(getuid());
+	char host[256], by[512];
+	store *st;
+	int changed, status = EXIT_ERROR;
+
+	if (kind != NULL) {
+		for (int k = 0; k < ITEM_KIND_COUNT; k++)
+			kinds[k] = strcmp(kind, item_kind_name(k)) == 0;
+		if (!kinds[ITEM_INVOICE] && !kinds[ITEM_REDEMPTION]) {
+			fprintf(stderr, "billing-worker: --kind must be \"invoice\" or "
+			    "\"redemption\", not \"%s\"\n", kind);
+			return EXIT_USAGE;
+		}
+	}
+	if (gethostname(host, sizeof(host)) == -1)
+		snprintf(host, sizeof(host), "localhost");
+	host[sizeof(host) - 1] = '\0';
+	snprintf(by, sizeof(by), "%s@%s", pw != NULL ? pw->pw_name : "uid", host);
+	if (open_store(cfg, &st) == -1)
+		return EXIT_ERROR;
+	if (store_check_schema(st) == -1 ||
+	    store_set_pause(st, kinds, pause, reason, by, &changed) == -1) {
+		fprintf(stderr, "billing-worker: %s\n", store_errmsg(st));
+		goto out;
+	}
+	printf("%s %s%s (%d changed)\n", pause ? "paused" : "resumed",
+	    kind == NULL ? "invoices and redemptions" : kind, kind == NULL ? "" : "s", changed);
+	status = EXIT_OK;
+out:
+	store_free(st);
+	return status;
+}
+
 static int
 cmd_audit(const struct bw_config *cfg)
 {
@@ -186,6 +232,7 @@ main(int argc, char **argv)
 	const char *path = DEFAULT_CONFIG, *cmd = "run";
 	struct bw_config cfg;
 	char *errors = NULL;
+	const char *kind = NULL, *reason = NULL;
 	bool json = false;
 	int ch, nerr, status;
 
@@ -219,6 +266,15 @@ main(int argc, char **argv)
 		json = true;
 		optind++;
 	}
+	while (optind + 1 < argc && (strcmp(cmd, "pause") == 0 || strcmp(cmd, "resume") == 0) &&
+	    (strcmp(argv[optind], "--kind") == 0 ||
+	    (strcmp(argv[optind], "--reason") == 0 && strcmp(cmd, "pause") == 0))) {
+		if (strcmp(argv[optind], "--kind") == 0)
+			kind = argv[optind + 1];
+		else
+			reason = argv[optind + 1];
+		optind += 2;
+	}
 	if (optind < argc) {
 		fprintf(stderr, "billing-worker: unexpected argument \"%s\"\n", argv[optind]);
 		usage(stderr);
@@ -226,9 +282,15 @@ main(int argc, char **argv)
 	}
 	if (strcmp(cmd, "run") != 0 && strcmp(cmd, "once") != 0 &&
 	    strcmp(cmd, "check-config") != 0 && strcmp(cmd, "migrate") != 0 &&
-	    strcmp(cmd, "status") != 0 && strcmp(cmd, "audit") != 0) {
+	    strcmp(cmd, "status") != 0 && strcmp(cmd, "audit") != 0 &&
+	    strcmp(cmd, "pause") != 0 && strcmp(cmd, "resume") != 0) {
 		fprintf(stderr, "billing-worker: unknown command \"%s\"\n", cmd);
 		usage(stderr);
+		return EXIT_USAGE;
+	}
+	if (strcmp(cmd, "pause") == 0 && (reason == NULL || reason[0] == '\0')) {
+		fprintf(stderr, "billing-worker: pause needs --reason TEXT: it is shown in every "
+		    "worker's log and in status\n");
 		return EXIT_USAGE;
 	}
 
@@ -257,7 +319,8 @@ main(int argc, char **argv)
 	log_set_json(cfg.log.format == LOG_FORMAT_JSON);
 
 	/* Reports print to stdout; keep connection chatter out of them. */
-	if (strcmp(cmd, "status") == 0 || strcmp(cmd, "audit") == 0)
+	if (strcmp(cmd, "status") == 0 || strcmp(cmd, "audit") == 0 ||
+	    strcmp(cmd, "pause") == 0 || strcmp(cmd, "resume") == 0)
 		log_set_level(LOG_WARN);
 
 	if (check_config_secret(&cfg) == -1)
@@ -268,6 +331,8 @@ main(int argc, char **argv)
 		status = cmd_status(&cfg, json);
 	else if (strcmp(cmd, "audit") == 0)
 		status = cmd_audit(&cfg);
+	else if (strcmp(cmd, "pause") == 0 || strcmp(cmd, "resume") == 0)
+		status = cmd_pause(&cfg, strcmp(cmd, "pause") == 0, kind, reason);
 	else
 		status = cmd_work(&cfg, strcmp(cmd, "once") == 0);
 	config_free(&cfg);

@@ -33,6 +33,7 @@ struct telemetry {
 	int64_t now_ms;         /* the loop's clock at the last tick */
 	int in_flight, concurrency;
 	char refused[600];      /* why the billing API refuses this worker; "" if it does not */
+	char paused[ITEM_KIND_COUNT][600]; /* why each kind is paused; "" if it is not */
 };
 
 /* Queries the backlog when the last answer is older than MAX_AGE_MS. */
@@ -110,6 +111,13 @@ send_status(telemetry *t, int64_t now)
 		    "probing with backoff", t->refused);
 		return;
 	}
+	for (int k = 0; k < ITEM_KIND_COUNT; k++) {
+		if (t->paused[k][0] == '\0')
+			continue;
+		notify_status("paused: %ss: %s%s; in flight %d", item_kind_name(k), t->paused[k],
+		    t->paused[1 - k][0] != '\0' ? " (both kinds)" : "", t->in_flight);
+		return;
+	}
 	refresh_backlog(t, now, BACKLOG_STATUS_MAX_AGE_MS);
 	if (t->backlog_known)
 		snprintf(backlog, sizeof(backlog), "; due: %" PRId64 " invoices, %" PRId64
@@ -166,6 +174,13 @@ telemetry_api_refused(telemetry *t, const char *reason)
 {
 	snprintf(t->refused, sizeof(t->refused), "%s", reason != NULL ? reason : "");
 	t->status_at_ms = t->now_ms - STATUS_EVERY_MS;  /* the next tick tells systemd */
+}
+
+void
+telemetry_paused(telemetry *t, enum item_kind kind, const char *note)
+{
+	snprintf(t->paused[kind], sizeof(t->paused[kind]), "%s", note != NULL ? note : "");
+	t->status_at_ms = t->now_ms - STATUS_EVERY_MS;
 }
 
 void

@@ -46,6 +46,8 @@ void telemetry_stopping(telemetry *t, int in_flight);
  * longer does: the systemd status line says so from now on.
  */
 void telemetry_api_refused(telemetry *t, const char *reason);
+/* The fleet's billing of KIND is paused (NOTE, copied), or with NULL resumed. */
+void telemetry_paused(telemetry *t, enum item_kind kind, const char *note);
 
 /*
  * Adds the descriptors to wait on to FDS (room for at least 1) and returns

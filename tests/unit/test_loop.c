@@ -92,6 +92,7 @@ const char *store_errmsg(const store *st) { (void)st; return "fake store error";
 uint64_t store_retries(const store *st) { (void)st; return 0; }
 int store_check_schema(store *st) { (void)st; return 0; }
 bool store_failed_on_data(const store *st) { (void)st; return w.data_error; }
+const char *store_pause_note(const store *st, enum item_kind k) { (void)st; (void)k; return ""; }
 
 int
 store_set_api_blocked(store *st, const char *worker_id, const char *reason)
@@ -356,6 +357,12 @@ void telemetry_reloading(telemetry *t) { (void)t; }
 void telemetry_reloaded(telemetry *t) { (void)t; }
 void telemetry_stopping(telemetry *t, int n) { (void)t; (void)n; }
 void telemetry_api_refused(telemetry *t, const char *r) { (void)t; (void)r; }
+void telemetry_paused(telemetry *t, enum item_kind k, const char *n)
+{
+	(void)t;
+	(void)k;
+	(void)n;
+}
 unsigned telemetry_wait_fds(telemetry *t, int64_t now, struct api_waitfd *fds, int *wait)
 {
 	(void)t;
