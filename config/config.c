@@ -135,6 +135,9 @@ static const struct opt opts[] = {
 	ENUM_OPT("log.format", log_format_names, LOG_FORMAT_TEXT, RELOAD, log.format),
 
 	STR_OPT("metrics.listen", "", check_listen, RESTART, metrics.listen),
+
+	BOOL_OPT("history.enabled", true, RELOAD, history.enabled),
+	INT_OPT("history.retention_days", 0, 36500, 0, RELOAD, history.retention_days),
 };
 
 #define N_OPTS (sizeof(opts) / sizeof(opts[0]))

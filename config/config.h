@@ -76,6 +76,10 @@ struct bw_config {
 	struct {
 		char *listen;           /* "host:port" of the metrics endpoint; "" = off */
 	} metrics;
+	struct {
+		bool enabled;           /* completions write the attempts history */
+		int retention_days;     /* finished items' history older than this goes; 0 = kept */
+	} history;
 };
 
 /*

@@ -35,7 +35,7 @@ BEGIN
 END $$;
 
 REVOKE ALL ON invoices, redemptions, subsidies, ledger_transactions, schema_version,
-    worker_status, fleet_pause FROM billing_worker;
+    worker_status, fleet_pause, attempts FROM billing_worker;
 
 -- run and once refuse to start on an older schema: they read its version.
 GRANT SELECT ON schema_version TO billing_worker;
@@ -64,6 +64,9 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON worker_status TO billing_worker;
 -- Every poll reads the pauses; pause and resume run with the worker's
 -- configuration, so the role writes them too.
 GRANT SELECT, INSERT, UPDATE, DELETE ON fleet_pause TO billing_worker;
+
+-- The history: appended with each completion, pruned by retention only.
+GRANT SELECT, INSERT, DELETE ON attempts TO billing_worker;
 GRANT UPDATE (balance_cents) ON subsidies TO billing_worker;
 
 -- Functions are executable by PUBLIC unless told otherwise; only the worker

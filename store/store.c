@@ -126,9 +126,10 @@ static const char sql_renew[] =
  */
 #define COMPLETE_INPUT                                                         \
 	"unnest($1::bigint[], $2::bigint[], $3::text[], $4::int[], $5::bool[], " \
-	"$6::bigint[], $7::text[], $8::text[], $9::bool[], $10::text[]) "      \
+	"$6::bigint[], $7::text[], $8::text[], $9::bool[], $10::text[], "      \
+	"$11::bigint[], $12::int[], $13::text[]) "                             \
 	"AS u(id, fence, state, calls, ambiguous, delay_ms, result_id, error, " \
-	"blocked, operator_note), "                                            \
+	"blocked, operator_note, started_ms, http_status, class), "            \
 	"(SELECT set_config('synchronous_commit', 'off', true)) AS async_commit"
 
 #define COMPLETE_SET(done_state, id_column)                                    \
@@ -148,9 +149,31 @@ static const char sql_renew[] =
 
 #define COMPLETE_WHERE "WHERE t.id = u.id AND t.fence = u.fence AND t.status = 'pending' "
 
+/*
+ * What a completion hands to the history: the outcomes that applied (a
+ * completion turned away by its fence leaves no trace, its holder's does).
+ */
+#define COMPLETE_RETURNING                                                     \
+	"RETURNING t.id, t.status, t.attempts, u.started_ms, u.http_status, "  \
+	"u.class, u.result_id, u.error"
+
+/*
+ * The history of each outcome recorded, in the same statement, so it can
+ * neither be lost nor written for an outcome that was not ($14: this
+ * worker; $15: history.enabled).
+ */
+#define COMPLETE_HISTORY(kind)                                                 \
+	"hist AS (INSERT INTO attempts (kind, item_id, attempt, worker_id, "   \
+	"started_at, finished_at, http_status, class, result_id, error) "      \
+	"SELECT '" kind "', id, attempts, $14, "                               \
+	"to_timestamp(started_ms / 1000.0), now(), nullif(http_status, 0), "   \
+	"coalesce(class, 'not called'), result_id, error FROM upd WHERE $15::bool) "
+
 static const char sql_complete_invoice[] =
-    "UPDATE invoices AS t " COMPLETE_SET("paid", "charge_id")
-    "FROM " COMPLETE_INPUT " " COMPLETE_WHERE "RETURNING t.id";
+    "WITH upd AS (UPDATE invoices AS t " COMPLETE_SET("paid", "charge_id")
+    "FROM " COMPLETE_INPUT " " COMPLETE_WHERE COMPLETE_RETURNING "), "
+    COMPLETE_HISTORY("invoice")
+    "SELECT id FROM upd";
 
 /*
  * A failed redemption gives its hold back in the same statement that marks
@@ -158,7 +181,8 @@ static const char sql_complete_invoice[] =
  */
 static const char sql_complete_redemption[] =
     "WITH upd AS (UPDATE redemptions AS t " COMPLETE_SET("redeemed", "fulfillment_id")
-    "FROM " COMPLETE_INPUT " " COMPLETE_WHERE "RETURNING t.id, t.status), "
+    "FROM " COMPLETE_INPUT " " COMPLETE_WHERE COMPLETE_RETURNING "), "
+    COMPLETE_HISTORY("redemption") ", "
     "rev AS (INSERT INTO ledger_transactions (subsidy_id, amount_cents, redemption_id, kind) "
     "SELECT h.subsidy_id, -h.amount_cents, h.redemption_id, 'reversal' "
     "FROM ledger_transactions h JOIN upd ON h.redemption_id = upd.id "
@@ -194,8 +218,9 @@ struct store {
 	char sqlstate[6];       /* of the last failed statement; "" for none */
 	char errmsg[512];
 	uint64_t retries;
-	struct buf arr[10];
+	struct buf arr[13];
 	char pause_note[ITEM_KIND_COUNT][600]; /* from the last due query; "" = not paused */
+	bool history;               /* completions write the attempts history */
 	struct id_pos *index;       /* scratch for index_ids() */
 	size_t index_cap;
 };
@@ -388,6 +413,7 @@ store_new(const char *conninfo, const char *worker_id, store **ret)
 	if ((st = calloc(1, sizeof(*st))) == NULL)
 		return -1;
 	st->query_timeout_ms = 30000;
+	st->history = true;
 	st->conninfo = strdup(conninfo);
 	st->worker_id = strdup(worker_id);
 	st->conninfo_unparsable = conninfo_password(conninfo, &st->password) == -1;
@@ -420,6 +446,12 @@ store_free(store *st)
 		free(st->arr[i].data);
 	free(st->index);
 	free(st);
+}
+
+void
+store_set_history(store *st, bool on)
+{
+	st->history = on;
 }
 
 void
@@ -846,11 +878,11 @@ complete_kind(store *st, enum item_kind kind, const struct completion *c,
 {
 	struct buf *a = st->arr;
 	struct id_pos *ix;
-	const char *params[10];
+	const char *params[15];
 	PGresult *res;
 	size_t count = 0;
 
-	for (int i = 0; i < 10; i++)
+	for (int i = 0; i < 13; i++)
 		if (arr_open(&a[i]) == -1)
 			goto oom;
 	if ((ix = index_reserve(st, n)) == NULL)
@@ -871,17 +903,22 @@ complete_kind(store *st, enum item_kind kind, const struct completion *c,
 		    arr_add_text(&a[7], c[i].state == COMPLETION_DONE ? NULL : c[i].error) == -1 ||
 		    arr_add_raw(&a[8], c[i].blocked ? "t" : "f") == -1 ||
 		    arr_add_text(&a[9], c[i].state == COMPLETION_RETRY ? c[i].operator_note :
-		    NULL) == -1)
+		    NULL) == -1 ||
+		    arr_add_int(&a[10], c[i].started_unix_ms) == -1 ||
+		    arr_add_int(&a[11], c[i].http_status) == -1 ||
+		    arr_add_text(&a[12], c[i].history_class) == -1)
 			goto oom;
 	}
 	if (count == 0)
 		return 0;
-	for (int i = 0; i < 10; i++) {
+	for (int i = 0; i < 13; i++) {
 		if (arr_close(&a[i]) == -1)
 			goto oom;
 		params[i] = a[i].data;
 	}
-	res = exec_stmt(st, STMT_COMPLETE, kind, 10, params, PGRES_TUPLES_OK, retryable);
+	params[13] = st->worker_id;
+	params[14] = st->history ? "t" : "f";
+	res = exec_stmt(st, STMT_COMPLETE, kind, 15, params, PGRES_TUPLES_OK, retryable);
 	if (res == NULL)
 		return -1;
 	qsort(ix, count, sizeof(*ix), id_pos_cmp);

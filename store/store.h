@@ -34,6 +34,28 @@ void store_free(store *st);
  */
 void store_set_query_timeout(store *st, int timeout_ms);
 
+/*
+ * Whether completions also write the attempts history (history.enabled,
+ * default on).  Applies to the next completion.
+ */
+void store_set_history(store *st, bool on);
+
+/*
+ * Deletes the history of finished items older than DAYS, at most LIMIT
+ * rows (one short statement: it never holds a long lock); *RET_N says how
+ * many went, so a caller can tell whether more are left.
+ */
+int store_prune_history(store *st, int days, int limit, int *ret_n)
+	__attribute__((warn_unused_result));
+
+/*
+ * Prints KIND's item ID, its ledger rows (redemptions) and its history to
+ * OUT, as text or one JSON document.  *RET_FOUND is false when there is no
+ * such item.
+ */
+int store_show(store *st, enum item_kind kind, int64_t id, bool json, FILE *out,
+    bool *ret_found) __attribute__((warn_unused_result));
+
 /* (Re)connects and prepares the statements.  Logs the target without its password. */
 int store_connect(store *st) __attribute__((warn_unused_result));
 bool store_connected(const store *st);
@@ -119,6 +141,10 @@ struct completion {
 	 * error "" the item's last_error is kept.
 	 */
 	char operator_note[256];
+	/* For the history (attempts): when the call started, what answered. */
+	int64_t started_unix_ms;
+	long http_status;               /* 0: no HTTP answer */
+	const char *history_class;      /* static; NULL: "not called" */
 };
 
 /*

@@ -58,6 +58,7 @@ struct flight {
 	struct completion done;
 	double latency_ms;
 	long http_status;
+	int64_t started_unix_ms;        /* for the history */
 };
 
 struct loop {
@@ -92,6 +93,7 @@ struct loop {
 	int flush_delay_ms;
 	int64_t flush_failing_since_ms; /* 0 while outcomes get recorded */
 	int64_t claim_failing_since_ms; /* 0 while claims work */
+	int64_t next_prune_ms;          /* history.retention_days */
 
 	/*
 	 * The billing API refuses this worker (a worker-level answer): no new
@@ -436,6 +438,9 @@ flush(struct loop *l)
 		if (l->flights[i].state != FLIGHT_DONE)
 			continue;
 		l->batch[n] = l->flights[i].done;
+		/* Outcomes decided without a call: "not called" in the history. */
+		if (l->batch[n].started_unix_ms == 0)
+			l->batch[n].started_unix_ms = l->flights[i].started_unix_ms;
 		l->batch_flight[n] = i;
 		n++;
 	}
@@ -479,6 +484,32 @@ flush(struct loop *l)
 		release_flight(l, l->batch_flight[j]);
 }
 
+/* How the history names the answer to a call (attempts.class). */
+static const char *
+history_class(enum item_kind kind, enum api_class cls)
+{
+	switch (cls) {
+	case API_SUCCESS: return kind == ITEM_INVOICE ? "paid" : "redeemed";
+	case API_DECLINED: return "declined";
+	case API_REFUSED: return "refused";
+	case API_KEY_REUSED: return "key reused";
+	case API_WORKER: return "worker-level";
+	case API_IN_PROGRESS: return "in progress";
+	case API_TRANSIENT: return "transient";
+	case API_AMBIGUOUS: return "ambiguous";
+	}
+	return "unknown";
+}
+
+/* The history's view of a completion: when it started, what answered. */
+static void
+stamp_history(struct flight *f, long http_status, const char *cls)
+{
+	f->done.started_unix_ms = f->started_unix_ms;
+	f->done.http_status = http_status;
+	f->done.history_class = cls;
+}
+
 /*
  * Takes a freshly claimed item into a flight: starts its call, or queues
  * its refusal (REFUSE: failed with that reason, no call) or its deferral
@@ -503,6 +534,7 @@ launch(struct loop *l, struct item *it, const char *refuse, const char *defer)
 	memset(it, 0, sizeof(*it));
 	f->latency_ms = 0;
 	f->http_status = 0;
+	f->started_unix_ms = clock_wall_ms();
 	l->busy++;
 	if (refuse != NULL) {
 		outcome_refused(&f->item, refuse, &f->done);
@@ -550,6 +582,7 @@ launch(struct loop *l, struct item *it, const char *refuse, const char *defer)
 		snprintf(v.error, sizeof(v.error), "could not start the API call");
 		outcome_after_call(&f->item, &v, &l->policy, jitter_next(&l->rng), &f->done);
 		f->done.calls = 0;
+		stamp_history(f, 0, NULL);
 		f->state = FLIGHT_DONE;
 		return;
 	}
@@ -771,6 +804,7 @@ collect(struct loop *l)
 		f->http_status = status;
 		metrics_api_call(status, latency);
 		outcome_after_call(&f->item, &v, &l->policy, jitter_next(&l->rng), &f->done);
+		stamp_history(f, status, history_class(f->item.kind, v.cls));
 		if (v.cls == API_WORKER)
 			api_refused(l, &v, status, clock_ms());
 		else if (api_class_admitted(v.cls))
@@ -790,6 +824,31 @@ collect(struct loop *l)
 			    f->item.id, v.error);
 		f->state = FLIGHT_DONE;
 	}
+}
+
+/*
+ * history.retention_days: a thousand rows at most per statement, so no
+ * prune holds a lock for long; again after a second while a batch comes
+ * back full, else after a minute.  Only the daemon prunes.
+ */
+#define PRUNE_BATCH 1000
+#define PRUNE_EVERY_MS 60000
+static void
+prune_history(struct loop *l, int64_t now)
+{
+	int n = 0;
+
+	if (l->once || l->cfg->history.retention_days == 0 || now < l->next_prune_ms ||
+	    !store_connected(l->st))
+		return;
+	if (store_prune_history(l->st, l->cfg->history.retention_days, PRUNE_BATCH, &n) == -1) {
+		log_warnx("%s", store_errmsg(l->st));
+		n = 0;
+	} else if (n > 0) {
+		log_debug("history: pruned %d attempt%s of items finished more than %d days ago",
+		    n, n == 1 ? "" : "s", l->cfg->history.retention_days);
+	}
+	l->next_prune_ms = now + (n == PRUNE_BATCH ? 1000 : PRUNE_EVERY_MS);
 }
 
 static void
@@ -880,6 +939,8 @@ reload(struct loop *l)
 	l->cfg->billing_api.backoff_max_ms = fresh->billing_api.backoff_max_ms;
 	l->cfg->billing_api.max_requests_per_second = fresh->billing_api.max_requests_per_second;
 	l->cfg->billing_api.idempotency_key_ttl_s = fresh->billing_api.idempotency_key_ttl_s;
+	l->cfg->history.enabled = fresh->history.enabled;
+	l->cfg->history.retention_days = fresh->history.retention_days;
 	l->cfg->locks.ttl_ms = fresh->locks.ttl_ms;
 	l->cfg->locks.renew_interval_ms = fresh->locks.renew_interval_ms;
 	l->cfg->log.level = fresh->log.level;
@@ -891,6 +952,7 @@ reload(struct loop *l)
 	api_client_set_limits(l->api, l->cfg->billing_api.timeout_ms,
 	    l->cfg->billing_api.connect_timeout_ms, l->cfg->worker.concurrency);
 	lock_set_ttl(l->locks, l->cfg->locks.ttl_ms);
+	store_set_history(l->st, l->cfg->history.enabled);
 	lock_set_park_delay(l->locks, l->cfg->billing_api.backoff_max_ms);
 	lock_set_rate(l->locks, l->cfg->billing_api.max_requests_per_second);
 	log_set_level((int)l->cfg->log.level);
@@ -913,6 +975,7 @@ abandon_calls(struct loop *l)
 			continue;
 		api_abort(l->api, i);
 		outcome_abandoned(&f->item, "call abandoned at shutdown", &f->done);
+		stamp_history(f, 0, "abandoned");
 		f->state = FLIGHT_DONE;
 		log_warnx("%s %" PRId64 ": call abandoned at the shutdown deadline; "
 		    "due again at once under the same key", item_kind_name(f->item.kind), f->item.id);
@@ -1007,6 +1070,7 @@ loop_setup(struct loop *l, const char *token, const char *redis_password)
 		return -1;
 	}
 	store_set_query_timeout(l->st, cfg->database.query_timeout_ms);
+	store_set_history(l->st, cfg->history.enabled);
 	lock_set_rate(l->locks, cfg->billing_api.max_requests_per_second);
 	if (telemetry_new(cfg, l->st, l->once, &l->tm) == -1)
 		return -1;
@@ -1170,6 +1234,7 @@ loop_run(struct bw_config *cfg, const char *token, const char *redis_password, b
 			renew(&l);
 			l.next_renew_ms = now + l.cfg->locks.renew_interval_ms;
 		}
+		prune_history(&l, now);
 
 		if (!l.stopping && now >= l.next_poll_ms && l.busy < l.cfg->worker.concurrency &&
 		    may_claim(&l, now) && db_ready(&l)) {

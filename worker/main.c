@@ -26,7 +26,8 @@ usage(FILE *out)
 {
 	fprintf(out,
 	    "usage: billing-worker [-c FILE] [run | once | check-config | migrate | status [--json] |\n"
-	    "                      audit | pause [--kind KIND] --reason TEXT | resume [--kind KIND]]\n"
+	    "                      audit | show KIND ID [--json] |\n"
+	    "                      pause [--kind KIND] --reason TEXT | resume [--kind KIND]]\n"
 	    "\n"
 	    "  run           the daemon (default); SIGTERM/SIGINT stop, SIGHUP reloads\n"
 	    "  once          process everything due now, then exit\n"
@@ -35,6 +36,7 @@ usage(FILE *out)
 	    "  status        counts by state, oldest pending, items in flight\n"
 	    "                (--json: the same as one JSON document)\n"
 	    "  audit         check the ledger and item invariants; exit 1 on a violation\n"
+	    "  show          an item, its ledger rows and its history of attempts\n"
 	    "  pause         stop billing fleet-wide (KIND invoice or redemption; default both);\n"
 	    "                calls in flight finish and are recorded\n"
 	    "  resume        take up billing again\n"
@@ -166,6 +168,44 @@ out:
 	return status;
 }
 
+/* show KIND ID: the item, its ledger rows and its history of attempts. */
+static int
+cmd_show(const struct bw_config *cfg, const char *kind, const char *id, bool json)
+{
+	enum item_kind k;
+	char *end;
+	long long v;
+	bool found = false;
+	store *st;
+	int status = EXIT_ERROR;
+
+	if (strcmp(kind, "invoice") == 0)
+		k = ITEM_INVOICE;
+	else if (strcmp(kind, "redemption") == 0)
+		k = ITEM_REDEMPTION;
+	else {
+		fprintf(stderr, "billing-worker: show: the kind must be \"invoice\" or "
+		    "\"redemption\", not \"%s\"\n", kind);
+		return EXIT_USAGE;
+	}
+	errno = 0;
+	v = strtoll(id, &end, 10);
+	if (errno != 0 || end == id || *end != '\0' || v <= 0) {
+		fprintf(stderr, "billing-worker: show: \"%s\" is not an item id\n", id);
+		return EXIT_USAGE;
+	}
+	if (open_store(cfg, &st) == -1)
+		return EXIT_ERROR;
+	if (store_check_schema(st) == -1 || store_show(st, k, v, json, stdout, &found) == -1)
+		fprintf(stderr, "billing-worker: %s\n", store_errmsg(st));
+	else if (!found)
+		fprintf(stderr, "billing-worker: no %s %lld\n", kind, v);
+	else
+		status = EXIT_OK;
+	store_free(st);
+	return status;
+}
+
 static int
 cmd_audit(const struct bw_config *cfg)
 {
@@ -232,7 +272,7 @@ main(int argc, char **argv)
 	const char *path = DEFAULT_CONFIG, *cmd = "run";
 	struct bw_config cfg;
 	char *errors = NULL;
-	const char *kind = NULL, *reason = NULL;
+	const char *kind = NULL, *reason = NULL, *show_kind = NULL, *show_id = NULL;
 	bool json = false;
 	int ch, nerr, status;
 
@@ -262,7 +302,13 @@ main(int argc, char **argv)
 	}
 	if (optind < argc)
 		cmd = argv[optind++];
-	if (optind < argc && strcmp(cmd, "status") == 0 && strcmp(argv[optind], "--json") == 0) {
+	if (strcmp(cmd, "show") == 0 && optind + 1 < argc) {
+		show_kind = argv[optind];
+		show_id = argv[optind + 1];
+		optind += 2;
+	}
+	if (optind < argc && (strcmp(cmd, "status") == 0 || strcmp(cmd, "show") == 0) &&
+	    strcmp(argv[optind], "--json") == 0) {
 		json = true;
 		optind++;
 	}
@@ -283,9 +329,13 @@ main(int argc, char **argv)
 	if (strcmp(cmd, "run") != 0 && strcmp(cmd, "once") != 0 &&
 	    strcmp(cmd, "check-config") != 0 && strcmp(cmd, "migrate") != 0 &&
 	    strcmp(cmd, "status") != 0 && strcmp(cmd, "audit") != 0 &&
-	    strcmp(cmd, "pause") != 0 && strcmp(cmd, "resume") != 0) {
+	    strcmp(cmd, "pause") != 0 && strcmp(cmd, "resume") != 0 && strcmp(cmd, "show") != 0) {
 		fprintf(stderr, "billing-worker: unknown command \"%s\"\n", cmd);
 		usage(stderr);
+		return EXIT_USAGE;
+	}
+	if (strcmp(cmd, "show") == 0 && show_id == NULL) {
+		fprintf(stderr, "billing-worker: show needs KIND ID, e.g. \"show invoice 17\"\n");
 		return EXIT_USAGE;
 	}
 	if (strcmp(cmd, "pause") == 0 && (reason == NULL || reason[0] == '\0')) {
@@ -319,7 +369,7 @@ main(int argc, char **argv)
 	log_set_json(cfg.log.format == LOG_FORMAT_JSON);
 
 	/* Reports print to stdout; keep connection chatter out of them. */
-	if (strcmp(cmd, "status") == 0 || strcmp(cmd, "audit") == 0 ||
+	if (strcmp(cmd, "status") == 0 || strcmp(cmd, "audit") == 0 || strcmp(cmd, "show") == 0 ||
 	    strcmp(cmd, "pause") == 0 || strcmp(cmd, "resume") == 0)
 		log_set_level(LOG_WARN);
 
@@ -331,6 +381,8 @@ main(int argc, char **argv)
 		status = cmd_status(&cfg, json);
 	else if (strcmp(cmd, "audit") == 0)
 		status = cmd_audit(&cfg);
+	else if (strcmp(cmd, "show") == 0)
+		status = cmd_show(&cfg, show_kind, show_id, json);
 	else if (strcmp(cmd, "pause") == 0 || strcmp(cmd, "resume") == 0)
 		status = cmd_pause(&cfg, strcmp(cmd, "pause") == 0, kind, reason);
 	else

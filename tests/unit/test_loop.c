@@ -86,6 +86,8 @@ store_new(const char *conninfo, const char *worker_id, store **ret)
 
 void store_free(store *st) { (void)st; }
 void store_set_query_timeout(store *st, int ms) { (void)st; (void)ms; }
+void store_set_history(store *st, bool on) { (void)st; (void)on; }
+int store_prune_history(store *st, int d, int l, int *n) { (void)st; (void)d; (void)l; *n = 0; return 0; }
 int store_connect(store *st) { (void)st; return 0; }
 bool store_connected(const store *st) { (void)st; return true; }
 const char *store_errmsg(const store *st) { (void)st; return "fake store error"; }
