@@ -413,6 +413,9 @@ check_listen(const char *value)
 	return ok && port >= 1 && port <= 65535 ? NULL : msg;
 }
 
+#define STRINGIFY_(x) #x
+#define STRINGIFY(x) STRINGIFY_(x)
+
 /*
  * Every key the fleet keeps in Redis starts with it, and Redis' own tools
  * (redis-cli --scan --pattern, the slow log) show it: printable ASCII only,
@@ -426,8 +429,8 @@ check_key_prefix(const char *value)
 
 	for (const char *p = value; ok && *p != '\0'; p++)
 		ok = *p > ' ' && *p < 0x7f;
-	return ok ? NULL : "must be 1 to 64 printable ASCII characters without spaces, "
-	    "e.g. \"billing-worker:staging:\"";
+	return ok ? NULL : "must be 1 to " STRINGIFY(CONFIG_REDIS_KEY_PREFIX_MAX)
+	    " printable ASCII characters without spaces, e.g. \"billing-worker:staging:\"";
 }
 
 /* A name that goes into a Redis command and into log lines as it is. */
