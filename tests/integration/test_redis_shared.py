@@ -86,6 +86,8 @@ def test_two_fleets_with_their_own_prefix_share_one_redis(tmp_path, db, db2, red
         }) for _ in range(2)]
         migrate(cfgs[0])
         insert_invoices(database, 300)
+        # Calls that take a while keep locks held long enough to be seen.
+        api.faults([], latency_ms=30)
         fleets.append((name, prefix, database, api, [Worker(c, f"{name}-{i}") for i, c in enumerate(cfgs)]))
 
     seen = set()
@@ -149,6 +151,7 @@ def test_redis_db_keeps_every_key_in_that_database(tmp_path, db, redis, fake_api
         "redis.db": 3, "billing_api.max_requests_per_second": 1000})
     migrate(cfg)
     insert_invoices(db, 200)
+    fake_api.faults([], latency_ms=30)
     w = Worker(cfg, "db3").start()
     seen = set()
 
