@@ -84,6 +84,8 @@ static const char *const log_format_names[] = { "text", "json", NULL };
 static string_check check_nonempty;
 static string_check check_url;
 static string_check check_listen;
+static string_check check_key_prefix;
+static string_check check_no_control;
 
 /*
  * Every key the file may hold, in the order the documentation and the
@@ -106,6 +108,16 @@ static const struct opt opts[] = {
 	INT_OPT("redis.port", 1, 65535, 6379, RESTART, redis.port),
 	STR_OPT("redis.socket", "", NULL, RESTART, redis.socket),
 	STR_OPT("redis.password_file", "", NULL, RESTART, redis.password_file),
+	STR_OPT("redis.username", "", check_no_control, RESTART, redis.username),
+	/*
+	 * Redis ships with 16 databases, but "databases" in redis.conf may
+	 * raise that: the server, not this table, knows the bound, and refuses
+	 * a wrong index at connect with a message naming it.
+	 */
+	INT_OPT("redis.db", 0, INT_MAX, 0, RESTART, redis.db),
+	/* The prefix of every release so far, so existing fleets keep their keys. */
+	STR_OPT("redis.key_prefix", "billing-worker:", check_key_prefix, RESTART,
+	    redis.key_prefix),
 	INT_OPT("redis.connect_timeout_ms", 1, 60000, 500, RESTART, redis.connect_timeout_ms),
 	INT_OPT("redis.command_timeout_ms", 1, 60000, 2000, RESTART, redis.command_timeout_ms),
 
@@ -402,6 +414,36 @@ check_listen(const char *value)
 		port = port * 10 + (*p - '0');
 	}
 	return ok && port >= 1 && port <= 65535 ? NULL : msg;
+}
+
+#define STRINGIFY_(x) #x
+#define STRINGIFY(x) STRINGIFY_(x)
+
+/*
+ * Every key the fleet keeps in Redis starts with it, and Redis' own tools
+ * (redis-cli --scan --pattern, the slow log) show it: printable ASCII only,
+ * so it can be typed and grepped, and bounded so a key always fits.
+ */
+static const char *
+check_key_prefix(const char *value)
+{
+	size_t len = strlen(value);
+	bool ok = len > 0 && len <= CONFIG_REDIS_KEY_PREFIX_MAX;
+
+	for (const char *p = value; ok && *p != '\0'; p++)
+		ok = *p > ' ' && *p < 0x7f;
+	return ok ? NULL : "must be 1 to " STRINGIFY(CONFIG_REDIS_KEY_PREFIX_MAX)
+	    " printable ASCII characters without spaces, e.g. \"billing-worker:staging:\"";
+}
+
+/* A name that goes into a Redis command and into log lines as it is. */
+static const char *
+check_no_control(const char *value)
+{
+	for (const unsigned char *p = (const unsigned char *)value; *p != '\0'; p++)
+		if (*p < ' ' || *p == 0x7f)
+			return "must not contain control characters";
+	return NULL;
 }
 
 /*
@@ -821,6 +863,26 @@ check_transport(struct loader *ld)
 		    "\"billing_api.allow_insecure_http\" = true to send the token in clear text");
 }
 
+/*
+ * Redis' ACL AUTH takes a user and a password, never a user alone: a
+ * username without the password file is a mistake to report now rather
+ * than as a refused connection later.  (A systemd credential
+ * "redis-password" replaces the file's content; the key still says that a
+ * password is meant.)
+ */
+static void
+check_redis_auth(struct loader *ld)
+{
+	int ui = find_key("redis.username");
+
+	if (ld->bad[ui] || ld->seen[ui] == NULL || ld->cfg.redis.username[0] == '\0')
+		return;
+	if (ld->cfg.redis.password_file[0] == '\0')
+		error_in(ld, ld->seen[ui], "\"redis.username\" is set but "
+		    "\"redis.password_file\" is not: Redis authenticates a user "
+		    "only with a password");
+}
+
 static void
 set_defaults(struct loader *ld)
 {
@@ -952,6 +1014,7 @@ load_text(struct loader *ld, const char *text)
 		check_required(ld);
 		check_rules(ld);
 		check_transport(ld);
+		check_redis_auth(ld);
 	}
 	config_destroy(&lc);
 	free(widened);

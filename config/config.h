@@ -28,6 +28,12 @@ enum log_format {
 	LOG_FORMAT_JSON,
 };
 
+/*
+ * The longest redis.key_prefix: a lock key is the prefix plus at most
+ * CONFIG_REDIS_KEY_PREFIX_MAX + 40 bytes ("lock:redemption:" and an id).
+ */
+#define CONFIG_REDIS_KEY_PREFIX_MAX 64
+
 struct bw_config {
 	char *path;                 /* the file this came from */
 	struct {
@@ -48,6 +54,9 @@ struct bw_config {
 		int port;
 		char *socket;           /* "" means TCP host:port */
 		char *password_file;    /* "" means no AUTH */
+		char *username;         /* ACL user for AUTH; "" = the default user */
+		int db;                 /* SELECTed after every connect */
+		char *key_prefix;       /* starts every key the fleet keeps in Redis */
 		int connect_timeout_ms;
 		int command_timeout_ms;
 	} redis;

@@ -26,6 +26,8 @@
 #define CONTENDED_BACKOFF_MS 10
 #define RECONNECT_MIN_MS 100
 #define RECONNECT_MAX_MS 5000
+/* The key prefix, "lock:", a kind and an id, with room to spare. */
+#define LOCK_KEY_MAX (CONFIG_REDIS_KEY_PREFIX_MAX + 48)
 
 /* An id and where it sits among the locked candidates. */
 struct id_pos {
@@ -38,6 +40,7 @@ struct lockmgr {
 	int ttl_ms;
 	int park_ms;                    /* a row the database refuses to claim rests this long */
 	char worker_id[ITEM_TOKEN_MAX - 34];
+	char key_prefix[CONFIG_REDIS_KEY_PREFIX_MAX + 1];
 	store *st;
 	redis_lock *redis;
 	bool redis_down;                /* logged as unreachable, not yet back */
@@ -57,7 +60,7 @@ struct lockmgr {
 	int64_t *ids;
 	enum item_kind *kinds;
 	bool *flags;
-	char (*keys)[ITEM_KEY_MAX + 32];
+	char (*keys)[LOCK_KEY_MAX];
 	char (*tokens)[ITEM_TOKEN_MAX];
 	const char **keyp, **tokp;
 	struct item **subset;
@@ -114,6 +117,8 @@ lock_new(const struct lock_options *o, store *st, lockmgr **ret)
 	jitter_seed(&lm->rng);
 	pace_init(&lm->pace, 0, RATE_BURST_MS, clock_ms());
 	snprintf(lm->worker_id, sizeof(lm->worker_id), "%s", o->worker_id);
+	snprintf(lm->key_prefix, sizeof(lm->key_prefix), "%s",
+	    o->redis.key_prefix != NULL ? o->redis.key_prefix : "billing-worker:");
 	if (lm->mode != LOCK_MODE_SKIP_LOCKED &&
 	    redis_lock_new(&o->redis, &lm->redis) == -1) {
 		free(lm);
@@ -198,10 +203,11 @@ lock_errmsg(const lockmgr *lm)
 	return lm->errmsg;
 }
 
+/* The fleet's prefix keeps fleets sharing one Redis off each other's locks. */
 static void
-lock_key(char *buf, size_t len, enum item_kind kind, int64_t id)
+lock_key(const lockmgr *lm, char *buf, size_t len, enum item_kind kind, int64_t id)
 {
-	snprintf(buf, len, "billing-worker:lock:%s:%" PRId64, item_kind_name(kind), id);
+	snprintf(buf, len, "%slock:%s:%" PRId64, lm->key_prefix, item_kind_name(kind), id);
 }
 
 /* A token no other claim anywhere will ever hold: worker id + 128 random bits. */
@@ -503,7 +509,7 @@ claim_redis(lockmgr *lm, size_t ndue, size_t limit, struct item *items, size_t *
 	memset(lm->flags, 0, ndue * sizeof(*lm->flags));
 	shuffle_candidates(lm, ndue);
 	for (size_t i = 0; i < ndue; i++) {
-		lock_key(lm->keys[i], sizeof(lm->keys[i]), lm->kinds[i], lm->ids[i]);
+		lock_key(lm, lm->keys[i], sizeof(lm->keys[i]), lm->kinds[i], lm->ids[i]);
 		make_token(lm, lm->tokens[i], sizeof(lm->tokens[i]));
 		lm->keyp[i] = lm->keys[i];
 		lm->tokp[i] = lm->tokens[i];
@@ -652,14 +658,14 @@ static void
 renew_redis(lockmgr *lm, struct item *const *items, size_t n)
 {
 	size_t m = 0;
-	char key[ITEM_KEY_MAX + 32];
+	char key[LOCK_KEY_MAX];
 
 	if (lm->redis == NULL || grow(lm, n) == -1)
 		return;
 	for (size_t i = 0; i < n; i++) {
 		if (items[i]->token[0] == '\0' || items[i]->lock_lost)
 			continue;
-		lock_key(key, sizeof(key), items[i]->kind, items[i]->id);
+		lock_key(lm, key, sizeof(key), items[i]->kind, items[i]->id);
 		memcpy(lm->keys[m], key, sizeof(key));
 		lm->keyp[m] = lm->keys[m];
 		lm->tokp[m] = items[i]->token;
@@ -726,7 +732,7 @@ lock_release(lockmgr *lm, struct item *const *items, size_t n)
 	for (size_t i = 0; i < n; i++) {
 		if (items[i]->token[0] == '\0')
 			continue;
-		lock_key(lm->keys[m], sizeof(lm->keys[m]), items[i]->kind, items[i]->id);
+		lock_key(lm, lm->keys[m], sizeof(lm->keys[m]), items[i]->kind, items[i]->id);
 		lm->keyp[m] = lm->keys[m];
 		lm->tokp[m] = items[i]->token;
 		m++;

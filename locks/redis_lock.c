@@ -25,18 +25,20 @@
  * clock is Redis' own (TIME), so the hosts' clocks never matter.  Besides a
  * 0/1 per key it returns how long to wait before more may start and how
  * many workers asked within the last 10 s (the even share used while Redis
- * is unreachable).  Keys outside KEYS make this single-instance only.
+ * is unreachable).  ARGV[n + 6] is the fleet's key prefix, which starts
+ * the bucket, pause and registry keys.  Keys outside KEYS make this
+ * single-instance only.
  */
 static const char script_acquire[] =
     "local n = #KEYS local ttl = ARGV[n + 1] "
     "local rate = tonumber(ARGV[n + 2]) local burst = tonumber(ARGV[n + 3]) "
-    "local most = tonumber(ARGV[n + 5]) "
+    "local most = tonumber(ARGV[n + 5]) local pre = ARGV[n + 6] "
     "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
     "local allow, wait, tokens = math.min(n, most), 0, 0 "
-    "local pause = tonumber(redis.call('GET', 'billing-worker:rate:pause') or '0') "
+    "local pause = tonumber(redis.call('GET', pre .. 'rate:pause') or '0') "
     "if pause > now then allow = 0 wait = pause - now "
     "elseif rate > 0 then "
-    "  local b = redis.call('HMGET', 'billing-worker:rate:bucket', 'tokens', 'ts') "
+    "  local b = redis.call('HMGET', pre .. 'rate:bucket', 'tokens', 'ts') "
     "  tokens = tonumber(b[1]) or burst "
     "  local ts = tonumber(b[2]) or now "
     "  if now > ts then tokens = math.min(burst, tokens + (now - ts) * rate / 1000) end "
@@ -49,21 +51,24 @@ static const char script_acquire[] =
     "end "
     "if rate > 0 and pause <= now then "
     "  tokens = tokens - got "
-    "  redis.call('HSET', 'billing-worker:rate:bucket', 'tokens', tostring(tokens), 'ts', now) "
-    "  redis.call('PEXPIRE', 'billing-worker:rate:bucket', 60000) "
+    "  redis.call('HSET', pre .. 'rate:bucket', 'tokens', tostring(tokens), 'ts', now) "
+    "  redis.call('PEXPIRE', pre .. 'rate:bucket', 60000) "
     "  if allow < n and tokens < 1 then wait = math.ceil((1 - tokens) * 1000 / rate) end "
     "end "
-    "redis.call('ZADD', 'billing-worker:workers', now, ARGV[n + 4]) "
-    "redis.call('ZREMRANGEBYSCORE', 'billing-worker:workers', 0, now - 10000) "
-    "r[n + 1] = wait r[n + 2] = redis.call('ZCARD', 'billing-worker:workers') "
+    "redis.call('ZADD', pre .. 'workers', now, ARGV[n + 4]) "
+    "redis.call('ZREMRANGEBYSCORE', pre .. 'workers', 0, now - 10000) "
+    "r[n + 1] = wait r[n + 2] = redis.call('ZCARD', pre .. 'workers') "
     "return r";
 
-/* Pauses every worker of the fleet for ARGV[1] ms (never shortens a pause). */
+/*
+ * Pauses every worker of the fleet for ARGV[1] ms (never shortens a
+ * pause); ARGV[2] is the fleet's key prefix.
+ */
 static const char script_pause[] =
     "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
-    "local untl = now + tonumber(ARGV[1]) "
-    "local cur = tonumber(redis.call('GET', 'billing-worker:rate:pause') or '0') "
-    "if untl > cur then redis.call('SET', 'billing-worker:rate:pause', untl, 'PX', ARGV[1]) end "
+    "local untl = now + tonumber(ARGV[1]) local pre = ARGV[2] "
+    "local cur = tonumber(redis.call('GET', pre .. 'rate:pause') or '0') "
+    "if untl > cur then redis.call('SET', pre .. 'rate:pause', untl, 'PX', ARGV[1]) end "
     "return {0}";
 
 static const char script_renew[] =
@@ -87,8 +92,8 @@ static const char *const scripts[SCRIPT_COUNT] = {
 };
 
 struct redis_lock {
-	char *host, *socket, *password;
-	int port, connect_timeout_ms, command_timeout_ms;
+	char *host, *socket, *password, *username, *prefix;
+	int port, db, connect_timeout_ms, command_timeout_ms;
 	redisContext *ctx;
 	char sha[SCRIPT_COUNT][48];
 	char errmsg[256];
@@ -121,10 +126,14 @@ redis_lock_new(const struct redis_options *o, redis_lock **ret)
 	rl->host = strdup(o->host ? o->host : "127.0.0.1");
 	rl->socket = strdup(o->socket ? o->socket : "");
 	rl->password = o->password && o->password[0] ? strdup(o->password) : NULL;
+	rl->username = strdup(o->username ? o->username : "");
+	rl->prefix = strdup(o->key_prefix ? o->key_prefix : "billing-worker:");
 	rl->port = o->port;
+	rl->db = o->db;
 	rl->connect_timeout_ms = o->connect_timeout_ms;
 	rl->command_timeout_ms = o->command_timeout_ms;
-	if (rl->host == NULL || rl->socket == NULL ||
+	if (rl->host == NULL || rl->socket == NULL || rl->username == NULL ||
+	    rl->prefix == NULL ||
 	    (o->password && o->password[0] && rl->password == NULL)) {
 		redis_lock_free(rl);
 		return -1;
@@ -146,6 +155,8 @@ redis_lock_free(redis_lock *rl)
 	}
 	free(rl->host);
 	free(rl->socket);
+	free(rl->username);
+	free(rl->prefix);
 	free(rl->argv);
 	free(rl->argvlen);
 	free(rl);
@@ -208,10 +219,35 @@ redis_lock_connect(redis_lock *rl)
 	if (rl->socket[0] == '\0')
 		redisEnableKeepAlive(rl->ctx);
 	if (rl->password != NULL) {
-		r = redisCommand(rl->ctx, "AUTH %s", rl->password);
+		/* ACL (Redis 6): AUTH user password; otherwise the default user's. */
+		if (rl->username[0] != '\0')
+			r = redisCommand(rl->ctx, "AUTH %s %s", rl->username, rl->password);
+		else
+			r = redisCommand(rl->ctx, "AUTH %s", rl->password);
 		if (r == NULL || r->type == REDIS_REPLY_ERROR) {
-			set_err(rl, "authentication failed%s%s", r ? ": " : "",
-			    r ? r->str : "");
+			/* The server's answer (WRONGPASS ...) never repeats the password. */
+			if (rl->username[0] != '\0')
+				set_err(rl, "authentication as user \"%s\" failed%s%s",
+				    rl->username, r ? ": " : "", r ? r->str : "");
+			else
+				set_err(rl, "authentication failed%s%s", r ? ": " : "",
+				    r ? r->str : "");
+			freeReplyObject(r);
+			redisFree(rl->ctx);
+			rl->ctx = NULL;
+			return -1;
+		}
+		freeReplyObject(r);
+	}
+	/*
+	 * A new connection starts in database 0, so every connect, the first
+	 * and each reconnect after an outage, selects ours again.
+	 */
+	if (rl->db != 0) {
+		r = redisCommand(rl->ctx, "SELECT %d", rl->db);
+		if (r == NULL || r->type == REDIS_REPLY_ERROR) {
+			set_err(rl, "could not select database %d%s%s", rl->db,
+			    r ? ": " : "", r ? r->str : "");
 			freeReplyObject(r);
 			redisFree(rl->ctx);
 			rl->ctx = NULL;
@@ -237,9 +273,11 @@ redis_lock_connect(redis_lock *rl)
 		freeReplyObject(r);
 	}
 	if (rl->socket[0] != '\0')
-		log_info("connected to redis at \"%s\"", rl->socket);
+		log_info("connected to redis at \"%s\" (database %d, keys \"%s*\")",
+		    rl->socket, rl->db, rl->prefix);
 	else
-		log_info("connected to redis at \"%s:%d\"", rl->host, rl->port);
+		log_info("connected to redis at \"%s:%d\" (database %d, keys \"%s*\")",
+		    rl->host, rl->port, rl->db, rl->prefix);
 	return 0;
 }
 
@@ -334,14 +372,14 @@ redis_lock_acquire(redis_lock *rl, const char *const *keys, const char *const *t
     struct redis_rate_answer *ans)
 {
 	char ttl[24], rps[24], burst[24], most[24];
-	const char *args[5] = { ttl, rps, burst, rate->member, most };
+	const char *args[6] = { ttl, rps, burst, rate->member, most, rl->prefix };
 	long long extra[2] = { 0, 0 };
 
 	snprintf(ttl, sizeof(ttl), "%d", ttl_ms);
 	snprintf(rps, sizeof(rps), "%d", rate->rate);
 	snprintf(burst, sizeof(burst), "%d", rate->burst);
 	snprintf(most, sizeof(most), "%zu", rate->max_keys);
-	if (run_script(rl, SCRIPT_ACQUIRE, keys, tokens, n, args, 5, got, extra, 2) == -1)
+	if (run_script(rl, SCRIPT_ACQUIRE, keys, tokens, n, args, 6, got, extra, 2) == -1)
 		return -1;
 	ans->wait_ms = extra[0];
 	ans->workers = (int)extra[1];
@@ -381,9 +419,9 @@ int
 redis_lock_pause(redis_lock *rl, int pause_ms)
 {
 	char ms[24];
-	const char *args[1] = { ms };
+	const char *args[2] = { ms, rl->prefix };
 	long long ignored;
 
 	snprintf(ms, sizeof(ms), "%d", pause_ms > 0 ? pause_ms : 1);
-	return run_script(rl, SCRIPT_PAUSE, NULL, NULL, 0, args, 1, NULL, &ignored, 1);
+	return run_script(rl, SCRIPT_PAUSE, NULL, NULL, 0, args, 2, NULL, &ignored, 1);
 }

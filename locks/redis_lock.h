@@ -17,6 +17,15 @@ struct redis_options {
 	int port;
 	const char *socket;         /* "" or NULL: TCP */
 	const char *password;       /* NULL: no AUTH; copied, never logged */
+	const char *username;       /* "" or NULL: AUTH password alone (the default user) */
+	int db;                     /* SELECTed on every connection */
+	/*
+	 * Starts every key this module writes (rate bucket, 429 pause, worker
+	 * registry): fleets with different prefixes share a server and never
+	 * see each other.  Copied.  The lock keys the caller passes must carry
+	 * it too.
+	 */
+	const char *key_prefix;
 	int connect_timeout_ms;
 	int command_timeout_ms;
 };

@@ -240,47 +240,62 @@ release_flight(struct loop *l, int slot)
 	l->busy--;
 }
 
+/*
+ * One line per outcome.  The JSON form carries the outcome, attempt, HTTP
+ * status and latency as fields of their own (log_item), each only when
+ * known: no call was made, no status or latency.
+ */
 static void
 log_outcome(const struct flight *f, bool accepted)
 {
 	const struct item *it = &f->item;
 	const struct completion *c = &f->done;
-	const char *kind = item_kind_name(it->kind);
 	int attempt = it->attempts + c->calls;
+	struct log_item_fields lf = {
+		.kind = item_kind_name(it->kind),
+		.id = it->id,
+		.attempt = attempt,
+		.http_status = c->calls > 0 ? f->http_status : 0,
+		.latency_ms = c->calls > 0 ? f->latency_ms : -1,
+	};
 
 	if (!accepted) {
-		log_warnx("%s %" PRId64 ": outcome not recorded: the claim (fence %" PRId64
+		lf.outcome = "not_recorded";
+		log_item(LOG_WARN, &lf, "outcome not recorded: the claim (fence %" PRId64
 		    ") was lost to another worker, whose result stands (attempt %d)",
-		    kind, it->id, it->fence, attempt);
+		    it->fence, attempt);
 		return;
 	}
 	switch (c->state) {
 	case COMPLETION_DONE:
-		log_info("%s %" PRId64 ": %s, id \"%s\" (attempt %d, http %ld, %.1f ms)",
-		    kind, it->id, it->kind == ITEM_INVOICE ? "paid" : "redeemed",
-		    c->result_id, attempt, f->http_status, f->latency_ms);
+		lf.outcome = it->kind == ITEM_INVOICE ? "paid" : "redeemed";
+		log_item(LOG_INFO, &lf, "%s, id \"%s\" (attempt %d, http %ld, %.1f ms)",
+		    lf.outcome, c->result_id, attempt, f->http_status, f->latency_ms);
 		break;
 	case COMPLETION_FAILED:
+		lf.outcome = "failed";
 		if (c->calls == 0)
-			log_warnx("%s %" PRId64 ": failed before any call: %s", kind, it->id, c->error);
+			log_item(LOG_WARN, &lf, "failed before any call: %s", c->error);
 		else
-			log_warnx("%s %" PRId64 ": failed: %s (attempt %d, http %ld, %.1f ms)",
-			    kind, it->id, c->error, attempt, f->http_status, f->latency_ms);
+			log_item(LOG_WARN, &lf, "failed: %s (attempt %d, http %ld, %.1f ms)",
+			    c->error, attempt, f->http_status, f->latency_ms);
 		break;
 	case COMPLETION_RETRY:
-		if (c->operator_note[0] != '\0')
-			log_error("%s %" PRId64 ": left pending for an operator (see status): %s%s%s",
-			    kind, it->id, c->operator_note, c->error[0] != '\0' ? "; last answer: " : "",
+		if (c->operator_note[0] != '\0') {
+			lf.outcome = "needs_operator";
+			log_item(LOG_ERROR, &lf, "left pending for an operator (see status): %s%s%s",
+			    c->operator_note, c->error[0] != '\0' ? "; last answer: " : "",
 			    c->error);
-		else if (c->blocked)
-			log_debug("%s %" PRId64 ": pending again, the billing API refused this "
-			    "worker: %s (attempt %d, http %ld)", kind, it->id, c->error, attempt,
-			    f->http_status);
-		else
-			log_info("%s %" PRId64 ": retry in %" PRId64 " ms%s: %s (attempt %d, http %ld, "
-			    "%.1f ms)", kind, it->id, c->delay_ms, c->ambiguous ?
-			    " (may have taken effect)" : "", c->error, attempt, f->http_status,
-			    f->latency_ms);
+		} else if (c->blocked) {
+			lf.outcome = "blocked";
+			log_item(LOG_DEBUG, &lf, "pending again, the billing API refused this "
+			    "worker: %s (attempt %d, http %ld)", c->error, attempt, f->http_status);
+		} else {
+			lf.outcome = "retry";
+			log_item(LOG_INFO, &lf, "retry in %" PRId64 " ms%s: %s (attempt %d, http %ld, "
+			    "%.1f ms)", c->delay_ms, c->ambiguous ? " (may have taken effect)" : "",
+			    c->error, attempt, f->http_status, f->latency_ms);
+		}
 		break;
 	}
 }
@@ -1049,6 +1064,9 @@ loop_setup(struct loop *l, const char *token, const char *redis_password)
 			.port = cfg->redis.port,
 			.socket = cfg->redis.socket,
 			.password = redis_password,
+			.username = cfg->redis.username,
+			.db = cfg->redis.db,
+			.key_prefix = cfg->redis.key_prefix,
 			.connect_timeout_ms = cfg->redis.connect_timeout_ms,
 			.command_timeout_ms = cfg->redis.command_timeout_ms,
 		},

@@ -138,12 +138,16 @@ metrics_http_start(const char *listen, metrics_refresh_fn *refresh, void *arg,
 	mh->arg = arg;
 	if (ai->ai_family == AF_INET6)
 		flags |= MHD_USE_IPv6;
-	/* Port 0 here: the address below carries the port. */
+	/*
+	 * Port 0 here: the address below carries the port.  The logger goes
+	 * first: libmicrohttpd applies options in order and warns, on its
+	 * default logger, about a logger set after any other option.
+	 */
 	mh->daemon = MHD_start_daemon(flags, 0, NULL, NULL, on_request, mh,
+	    MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL,
 	    MHD_OPTION_SOCK_ADDR, ai->ai_addr,
 	    MHD_OPTION_CONNECTION_LIMIT, (unsigned)MAX_CONNECTIONS,
 	    MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)CONNECTION_TIMEOUT_S,
-	    MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL,
 	    MHD_OPTION_END);
 	if (mh->daemon == NULL) {
 		snprintf(err, errlen, "could not listen on \"%s\" (address in use or not "

@@ -27,6 +27,8 @@
 #define API "billing_api = { base_url = \"https://billing.example.com\"; };\n"
 #define API_OPEN "billing_api = {\n\tbase_url = \"https://billing.example.com\";\n"
 
+#define PREFIX64 "billing-worker:0123456789012345678901234567890123456789abcdefgh:"
+
 #define EXAMPLE_PATH "config/billing-worker.conf.example"
 
 struct load_case {
@@ -129,6 +131,40 @@ static struct load_case cases[] = {
 	{ "log format must be text or json",
 	  DB API "log = { format = \"xml\"; };\n", 1,
 	  { NAME ":3: \"log.format\" must be one of text, json, not \"xml\"\n" } },
+	{ "redis key prefix default is accepted",
+	  DB API "redis = { key_prefix = \"billing-worker:staging:\"; };\n", 0, { NULL } },
+	{ "redis key prefix must not be empty",
+	  DB API "redis = { key_prefix = \"\"; };\n", 1,
+	  { NAME ":3: \"redis.key_prefix\" must be 1 to 64 printable ASCII characters "
+	    "without spaces" } },
+	{ "redis key prefix without spaces",
+	  DB API "redis = {\n\tkey_prefix = \"billing worker:\";\n};\n", 1,
+	  { NAME ":4: \"redis.key_prefix\" must be 1 to 64" } },
+	{ "redis key prefix without control characters",
+	  DB API "redis = { key_prefix = \"bw:\\n\"; };\n", 1,
+	  { NAME ":3: \"redis.key_prefix\" must be 1 to 64" } },
+	{ "redis key prefix of 64 characters",
+	  DB API "redis = { key_prefix = \"" PREFIX64 "\"; };\n", 0, { NULL } },
+	{ "redis key prefix of 65 characters",
+	  DB API "redis = { key_prefix = \"" PREFIX64 "x\"; };\n", 1,
+	  { NAME ":3: \"redis.key_prefix\" must be 1 to 64" } },
+	{ "redis db above 15 is left to the server", DB API "redis = { db = 31; };\n", 0, { NULL } },
+	{ "redis db is not negative",
+	  DB API "redis = { db = -1; };\n", 1,
+	  { NAME ":3: \"redis.db\" must be between 0 and 2147483647, not -1\n" } },
+	{ "redis username needs a password file",
+	  DB API "redis = {\n\tusername = \"staging\";\n};\n", 1,
+	  { NAME ":4: \"redis.username\" is set but \"redis.password_file\" is not: "
+	    "Redis authenticates a user only with a password\n" } },
+	{ "redis username with a password file",
+	  DB API "redis = {\n\tusername = \"staging\";\n"
+	  "\tpassword_file = \"/etc/billing-worker/redis-password\";\n};\n", 0, { NULL } },
+	{ "redis username without control characters",
+	  DB API "redis = {\n\tusername = \"a\\tb\";\n"
+	  "\tpassword_file = \"/etc/billing-worker/redis-password\";\n};\n", 1,
+	  { NAME ":4: \"redis.username\" must not contain control characters\n" } },
+	{ "empty redis username needs no password", DB API "redis = { username = \"\"; };\n", 0,
+	  { NULL } },
 	{ "metrics listen on IPv4", DB API "metrics = { listen = \"127.0.0.1:9187\"; };\n", 0, { NULL } },
 	{ "metrics listen on IPv6", DB API "metrics = { listen = \"[::1]:9187\"; };\n", 0, { NULL } },
 	{ "metrics listen on a name", DB API "metrics = { listen = \"localhost:9187\"; };\n", 0, { NULL } },
@@ -344,6 +380,9 @@ assert_defaults(const struct bw_config *cfg)
 	assert_int_equal(cfg->redis.port, 6379);
 	assert_string_equal(cfg->redis.socket, "");
 	assert_string_equal(cfg->redis.password_file, "");
+	assert_string_equal(cfg->redis.username, "");
+	assert_int_equal(cfg->redis.db, 0);
+	assert_string_equal(cfg->redis.key_prefix, "billing-worker:");
 	assert_int_equal(cfg->redis.connect_timeout_ms, 500);
 	assert_int_equal(cfg->redis.command_timeout_ms, 2000);
 	assert_int_equal(cfg->locks.mode, LOCK_MODE_REDIS);
@@ -385,6 +424,9 @@ static const char all_keys[] =
 	"\tport = 6380;\n"
 	"\tsocket = \"/run/redis/redis.sock\";\n"
 	"\tpassword_file = \"/etc/billing-worker/redis-password\";\n"
+	"\tusername = \"billing-staging\";\n"
+	"\tdb = 15;\n"
+	"\tkey_prefix = \"billing-worker:staging:\";\n"
 	"\tconnect_timeout_ms = 1;\n"
 	"\tcommand_timeout_ms = 60000L;\n"
 	"};\n"
@@ -421,6 +463,9 @@ test_all_keys(void **state)
 	assert_int_equal(cfg.redis.port, 6380);
 	assert_string_equal(cfg.redis.socket, "/run/redis/redis.sock");
 	assert_string_equal(cfg.redis.password_file, "/etc/billing-worker/redis-password");
+	assert_string_equal(cfg.redis.username, "billing-staging");
+	assert_int_equal(cfg.redis.db, 15);
+	assert_string_equal(cfg.redis.key_prefix, "billing-worker:staging:");
 	assert_int_equal(cfg.redis.connect_timeout_ms, 1);
 	assert_int_equal(cfg.redis.command_timeout_ms, 60000);
 	assert_int_equal(cfg.locks.mode, LOCK_MODE_AUTO);
@@ -515,9 +560,10 @@ test_restart_needed(void **state)
 	/* And every other key does. */
 	names = NULL;
 	load_ok(all_keys, &loaded);
-	assert_int_equal(config_restart_needed(&running, &loaded, &names), 11);
+	assert_int_equal(config_restart_needed(&running, &loaded, &names), 14);
 	assert_string_equal(names, "worker.id, database.conninfo, redis.host, redis.port, "
-	    "redis.socket, redis.password_file, redis.connect_timeout_ms, "
+	    "redis.socket, redis.password_file, redis.username, redis.db, redis.key_prefix, "
+	    "redis.connect_timeout_ms, "
 	    "redis.command_timeout_ms, locks.mode, billing_api.base_url, "
 	    "billing_api.token_file");
 	free(names);

@@ -2,6 +2,9 @@
  * Unit tests for common/log.c: text lines keep their shape, and JSON lines
  * always parse (whatever bytes the message holds), carry ts/level/worker/
  * msg, the item's kind and id when the message names one, and errno's text.
+ * A message of several lines stays one text line.  log_item() gives JSON its
+ * structured fields.  Under the journal (JOURNAL_STREAM naming stderr's
+ * device and inode) each line starts with its sd-daemon(3) priority.
  * stderr is pointed at a temporary file and read back.
  */
 
@@ -13,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -32,6 +36,8 @@ start_capture(void **state)
 	assert_non_null(capture);
 	saved_stderr = dup(STDERR_FILENO);
 	assert_true(dup2(fileno(capture), STDERR_FILENO) != -1);
+	/* The tests may run under a unit: only the journal tests fake it. */
+	unsetenv("JOURNAL_STREAM");
 	log_init("web1:812", LOG_DEBUG);
 	log_set_json(0);
 	return 0;
@@ -45,7 +51,31 @@ stop_capture(void **state)
 	dup2(saved_stderr, STDERR_FILENO);
 	close(saved_stderr);
 	fclose(capture);
+	unsetenv("JOURNAL_STREAM");
+	log_init("web1:812", LOG_DEBUG);
 	return 0;
+}
+
+/* Empties the capture file: the next line read back is the only one. */
+static void
+restart_capture(void)
+{
+	fflush(stderr);
+	/* stderr shares the file offset: back to the start of an empty file */
+	assert_int_equal(ftruncate(fileno(capture), 0), 0);
+	assert_int_equal(lseek(fileno(capture), 0, SEEK_SET), 0);
+}
+
+/* Sets JOURNAL_STREAM to FD's "device:inode", as systemd would for a stream it made. */
+static void
+fake_journal_stream(int fd)
+{
+	struct stat sb;
+	char value[64];
+
+	assert_int_equal(fstat(fd, &sb), 0);
+	snprintf(value, sizeof(value), "%ju:%ju", (uintmax_t)sb.st_dev, (uintmax_t)sb.st_ino);
+	assert_int_equal(setenv("JOURNAL_STREAM", value, 1), 0);
 }
 
 /* Everything logged since the capture started, NUL-terminated; caller frees. */
@@ -121,6 +151,7 @@ test_json_fields(void **state)
 	assert_string_equal(str_field(v, "msg"), "invoice 17: failed: card_declined");
 	assert_string_equal(str_field(v, "kind"), "invoice");
 	assert_int_equal(json_integer_value(json_object_get(v, "item")), 17);
+	assert_int_equal(json_integer_value(json_object_get(v, "id")), 17);
 	assert_int_equal(strlen(str_field(v, "ts")), 24);
 	assert_null(json_object_get(v, "error"));
 	json_decref(v);
@@ -245,6 +276,162 @@ test_level_filter_applies_to_json(void **state)
 	log_set_level(LOG_DEBUG);
 }
 
+/* libpq's errors come in several lines, ending in a newline: one line each here. */
+static void
+test_text_folds_lines(void **state)
+{
+	char *text;
+
+	(void)state;
+	log_error("could not claim invoices: %s",
+	    "ERROR:  value too long\nDETAIL:  Key (id)=(7)\r\nCONTEXT:  PL/pgSQL function x\n");
+	text = captured();
+	assert_string_equal(text + 24, " error worker=web1:812 could not claim invoices: "
+	    "ERROR:  value too long / DETAIL:  Key (id)=(7) / CONTEXT:  PL/pgSQL function x\n");
+	assert_ptr_equal(strchr(text, '\n'), text + strlen(text) - 1);
+	free(text);
+}
+
+static void
+test_json_drops_trailing_newline(void **state)
+{
+	json_t *v;
+
+	(void)state;
+	log_set_json(1);
+	log_warnx("%s", "ERROR:  boom\nCONTEXT:  here\n");
+	v = one_json_line();
+	assert_string_equal(str_field(v, "msg"), "ERROR:  boom\nCONTEXT:  here");
+	json_decref(v);
+}
+
+static void
+test_journal_priority_prefix(void **state)
+{
+	static const struct {
+		int level;
+		const char *prefix;
+	} rows[] = {
+		{ LOG_DEBUG, "<7>" }, { LOG_INFO, "<6>" }, { LOG_WARN, "<4>" }, { LOG_ERROR, "<3>" },
+	};
+	char *text;
+
+	(void)state;
+	fake_journal_stream(fileno(capture));
+	log_init("web1:812", LOG_DEBUG);
+	for (size_t i = 0; i < sizeof(rows) / sizeof(rows[0]); i++) {
+		restart_capture();
+		switch (rows[i].level) {
+		case LOG_DEBUG: log_debug("invoice %d: x", 1); break;
+		case LOG_INFO: log_info("invoice %d: x", 1); break;
+		case LOG_WARN: log_warnx("invoice %d: x", 1); break;
+		default: log_error("invoice %d: x", 1); break;
+		}
+		text = captured();
+		assert_memory_equal(text, rows[i].prefix, 3);
+		/* then the line exactly as outside the journal */
+		assert_true(text[3 + 10] == 'T' && text[3 + 23] == 'Z');
+		assert_non_null(strstr(text, " worker=web1:812 invoice 1: x\n"));
+		free(text);
+	}
+	/* JSON too: journald strips the prefix, the message stays an object. */
+	restart_capture();
+	log_set_json(1);
+	log_warnx("invoice %d: x", 1);
+	text = captured();
+	assert_memory_equal(text, "<4>{\"ts\":", 9);
+	free(text);
+}
+
+/* An inherited JOURNAL_STREAM that is not our stderr, or nonsense: plain lines. */
+static void
+test_journal_stream_must_be_stderr(void **state)
+{
+	const char *const bogus[] = { "", "12", "12:", "1:2:3", "x:y", "1:2x" };
+	FILE *other = tmpfile();
+	char *text;
+
+	(void)state;
+	assert_non_null(other);
+	fake_journal_stream(fileno(other));
+	log_init("web1:812", LOG_DEBUG);
+	log_info("plain");
+	text = captured();
+	assert_true(text[0] == '2');
+	free(text);
+	fclose(other);
+	for (size_t i = 0; i < sizeof(bogus) / sizeof(bogus[0]); i++) {
+		restart_capture();
+		assert_int_equal(setenv("JOURNAL_STREAM", bogus[i], 1), 0);
+		log_init("web1:812", LOG_DEBUG);
+		log_info("plain");
+		text = captured();
+		if (text[0] != '2')
+			fail_msg("JOURNAL_STREAM=\"%s\" gave a prefix: %s", bogus[i], text);
+		free(text);
+	}
+}
+
+static void
+test_log_item_text(void **state)
+{
+	const struct log_item_fields f = { .kind = "redemption", .id = 280, .outcome = "failed",
+	    .http_status = 0, .latency_ms = -1 };
+	char *text;
+
+	(void)state;
+	log_item(LOG_WARN, &f, "failed before any call: %s", "insufficient funds");
+	text = captured();
+	assert_string_equal(text + 24,
+	    " warning worker=web1:812 redemption 280: failed before any call: insufficient funds\n");
+	free(text);
+}
+
+static void
+test_log_item_json_fields(void **state)
+{
+	const struct log_item_fields f = { .kind = "invoice", .id = 17, .outcome = "paid",
+	    .attempt = 2, .http_status = 200, .latency_ms = 65.74 };
+	json_t *v;
+
+	(void)state;
+	log_set_json(1);
+	log_item(LOG_INFO, &f, "paid, id \"%s\" (attempt 2, http 200, 65.7 ms)", "ch_1");
+	v = one_json_line();
+	assert_string_equal(str_field(v, "msg"),
+	    "invoice 17: paid, id \"ch_1\" (attempt 2, http 200, 65.7 ms)");
+	assert_string_equal(str_field(v, "kind"), "invoice");
+	assert_int_equal(json_integer_value(json_object_get(v, "id")), 17);
+	assert_int_equal(json_integer_value(json_object_get(v, "item")), 17);
+	assert_string_equal(str_field(v, "outcome"), "paid");
+	assert_int_equal(json_integer_value(json_object_get(v, "attempt")), 2);
+	assert_int_equal(json_integer_value(json_object_get(v, "http_status")), 200);
+	assert_true(json_is_real(json_object_get(v, "latency_ms")));
+	assert_float_equal(json_real_value(json_object_get(v, "latency_ms")), 65.7, 1e-9);
+	json_decref(v);
+}
+
+/* What is not known is left out, not written as 0 or null. */
+static void
+test_log_item_json_unknown_fields(void **state)
+{
+	const struct log_item_fields f = { .kind = "redemption", .id = 9000000000LL,
+	    .latency_ms = -1 };
+	json_t *v;
+
+	(void)state;
+	log_set_json(1);
+	log_item(LOG_ERROR, &f, "left pending");
+	v = one_json_line();
+	assert_string_equal(str_field(v, "msg"), "redemption 9000000000: left pending");
+	assert_int_equal(json_integer_value(json_object_get(v, "id")), 9000000000LL);
+	assert_null(json_object_get(v, "outcome"));
+	assert_null(json_object_get(v, "attempt"));
+	assert_null(json_object_get(v, "http_status"));
+	assert_null(json_object_get(v, "latency_ms"));
+	json_decref(v);
+}
+
 int
 main(void)
 {
@@ -260,6 +447,18 @@ main(void)
 		cmocka_unit_test_setup_teardown(test_json_long_message_still_parses, start_capture,
 		    stop_capture),
 		cmocka_unit_test_setup_teardown(test_level_filter_applies_to_json, start_capture,
+		    stop_capture),
+		cmocka_unit_test_setup_teardown(test_text_folds_lines, start_capture, stop_capture),
+		cmocka_unit_test_setup_teardown(test_json_drops_trailing_newline, start_capture,
+		    stop_capture),
+		cmocka_unit_test_setup_teardown(test_journal_priority_prefix, start_capture,
+		    stop_capture),
+		cmocka_unit_test_setup_teardown(test_journal_stream_must_be_stderr, start_capture,
+		    stop_capture),
+		cmocka_unit_test_setup_teardown(test_log_item_text, start_capture, stop_capture),
+		cmocka_unit_test_setup_teardown(test_log_item_json_fields, start_capture,
+		    stop_capture),
+		cmocka_unit_test_setup_teardown(test_log_item_json_unknown_fields, start_capture,
 		    stop_capture),
 	};
 
