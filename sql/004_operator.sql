@@ -17,10 +17,12 @@
 -- expired; last_error keeps the answer that stopped it.  Such an item stays
 -- pending: it is never failed by the worker.
 --
--- worker_status: one row per worker that the billing API refuses (a
--- worker-level answer), so `status`, run anywhere, can say which workers
--- are stopped and why.  The worker deletes its row when the API lets it in
--- again and when it exits.
+-- workers: the fleet's registry.  Each worker writes its row at start and
+-- every few seconds (id, host, version, lock mode, last seen), and whether
+-- the billing API refuses it (a worker-level answer), so `status`, run
+-- anywhere, lists the live workers and names the refused ones.  A worker
+-- deletes its row when it exits; a row not seen for a while is a worker
+-- that died.
 
 ALTER TABLE invoices
     ADD COLUMN blocked_calls integer NOT NULL DEFAULT 0,
@@ -32,9 +34,13 @@ ALTER TABLE redemptions
     ADD COLUMN first_claimed_at timestamptz,
     ADD COLUMN needs_operator text;
 
-CREATE TABLE worker_status (
+CREATE TABLE workers (
     worker_id           text PRIMARY KEY,
-    api_blocked_since   timestamptz NOT NULL,
-    api_blocked_reason  text NOT NULL,
-    updated_at          timestamptz NOT NULL DEFAULT now()
+    host                text NOT NULL,
+    version             text NOT NULL,
+    lock_mode           text NOT NULL,
+    started_at          timestamptz NOT NULL DEFAULT now(),
+    seen_at             timestamptz NOT NULL DEFAULT now(),
+    api_blocked_since   timestamptz,        -- NULL unless the billing API refuses it
+    api_blocked_reason  text
 );

@@ -35,7 +35,7 @@ BEGIN
 END $$;
 
 REVOKE ALL ON invoices, redemptions, subsidies, ledger_transactions, schema_version,
-    worker_status, fleet_pause, attempts FROM billing_worker;
+    workers, fleet_pause, attempts FROM billing_worker;
 
 -- run and once refuse to start on an older schema: they read its version.
 GRANT SELECT ON schema_version TO billing_worker;
@@ -58,8 +58,8 @@ GRANT INSERT (subsidy_id, amount_cents, redemption_id, kind)
 
 GRANT SELECT (id, name, balance_cents) ON subsidies TO billing_worker;
 
--- A worker the billing API refuses says so here, and clears it.
-GRANT SELECT, INSERT, UPDATE, DELETE ON worker_status TO billing_worker;
+-- The registry: each worker writes and deletes its own row.
+GRANT SELECT, INSERT, UPDATE, DELETE ON workers TO billing_worker;
 
 -- Every poll reads the pauses; pause and resume run with the worker's
 -- configuration, so the role writes them too.

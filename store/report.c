@@ -82,11 +82,19 @@ static const char sql_pauses[] =
     "SELECT kind, to_char(since, 'YYYY-MM-DD HH24:MI:SSOF'), paused_by, reason "
     "FROM fleet_pause ORDER BY kind";
 
-/* Workers the billing API refuses (401, 403, 404, 405), by their own record. */
-static const char sql_refused_workers[] =
-    "SELECT worker_id, to_char(api_blocked_since, 'YYYY-MM-DD HH24:MI:SSOF'), "
-    " api_blocked_reason, extract(epoch FROM now() - updated_at)::numeric(12,0) "
-    "FROM worker_status ORDER BY worker_id LIMIT 100";
+/*
+ * The fleet's registry: every worker that said it is alive, newest
+ * heartbeat first; one not seen for a minute (heartbeats come every 10 s)
+ * has most likely died without deleting its row.  Refused: the billing API
+ * answers it 401, 403, 404 or 405.
+ */
+static const char sql_workers[] =
+    "SELECT worker_id, host, version, lock_mode, "
+    " extract(epoch FROM now() - seen_at)::numeric(12,0), "
+    " to_char(started_at, 'YYYY-MM-DD HH24:MI:SSOF'), "
+    " coalesce(to_char(api_blocked_since, 'YYYY-MM-DD HH24:MI:SSOF'), ''), "
+    " coalesce(api_blocked_reason, ''), seen_at > now() - interval '60 seconds' "
+    "FROM workers ORDER BY seen_at DESC, worker_id LIMIT 100";
 
 static PGresult *
 query(store *st, const char *sql, int nparams, const char *const *params)
@@ -131,7 +139,7 @@ status_fetch(store *st, int max_attempts, struct status_rows *r)
 	    (r->flight = query(st, sql_in_flight, 0, NULL)) == NULL ||
 	    (r->overdue = query(st, sql_overdue, 1, params)) == NULL ||
 	    (r->operator = query(st, sql_operator, 0, NULL)) == NULL ||
-	    (r->workers = query(st, sql_refused_workers, 0, NULL)) == NULL ||
+	    (r->workers = query(st, sql_workers, 0, NULL)) == NULL ||
 	    (r->pauses = query(st, sql_pauses, 0, NULL)) == NULL) {
 		status_rows_clear(r);
 		return -1;
@@ -191,12 +199,26 @@ store_status(store *st, FILE *out, int max_attempts)
 		    PQgetvalue(rows.operator, r, 3), PQgetvalue(rows.operator, r, 4),
 		    PQgetvalue(rows.operator, r, 5));
 
-	fprintf(out, "\nworkers the billing API refuses (taking no new items): %d\n",
-	    PQntuples(rows.workers));
+	fprintf(out, "\nworkers: %d\n", PQntuples(rows.workers));
 	for (int r = 0; r < PQntuples(rows.workers); r++)
-		fprintf(out, "  \"%s\"  since %s  last probe %ss ago: %s\n",
+		fprintf(out, "  \"%s\"  host %s  version %s  mode %s  seen %ss ago%s\n",
 		    PQgetvalue(rows.workers, r, 0), PQgetvalue(rows.workers, r, 1),
-		    PQgetvalue(rows.workers, r, 3), PQgetvalue(rows.workers, r, 2));
+		    PQgetvalue(rows.workers, r, 2), PQgetvalue(rows.workers, r, 3),
+		    PQgetvalue(rows.workers, r, 4), PQgetvalue(rows.workers, r, 8)[0] == 't' ? "" :
+		    " (stale: it may have died)");
+	{
+		int refused = 0;
+
+		for (int r = 0; r < PQntuples(rows.workers); r++)
+			refused += PQgetvalue(rows.workers, r, 6)[0] != '\0';
+		fprintf(out, "\nworkers the billing API refuses (taking no new items): %d\n",
+		    refused);
+		for (int r = 0; r < PQntuples(rows.workers); r++)
+			if (PQgetvalue(rows.workers, r, 6)[0] != '\0')
+				fprintf(out, "  \"%s\"  since %s  last probe %ss ago: %s\n",
+				    PQgetvalue(rows.workers, r, 0), PQgetvalue(rows.workers, r, 6),
+				    PQgetvalue(rows.workers, r, 4), PQgetvalue(rows.workers, r, 7));
+	}
 	status_rows_clear(&rows);
 	return 0;
 }
@@ -267,10 +289,15 @@ status_json(const struct status_rows *rows)
 	}
 	for (int r = 0; ok && r < PQntuples(rows->workers); r++) {
 		const PGresult *w = rows->workers;
+		bool refused = PQgetvalue(w, r, 6)[0] != '\0';
 
-		ok = json_array_append_new(workers, json_pack("{s:o, s:o, s:o, s:o}",
-		    "worker_id", j_str(w, r, 0), "since", j_str(w, r, 1), "reason", j_str(w, r, 2),
-		    "last_probe_s_ago", j_real(w, r, 3))) == 0;
+		ok = json_array_append_new(workers, json_pack("{s:o, s:o, s:o, s:o, s:o, s:o, s:b, "
+		    "s:o, s:o}", "worker_id", j_str(w, r, 0), "host", j_str(w, r, 1),
+		    "version", j_str(w, r, 2), "lock_mode", j_str(w, r, 3),
+		    "seen_s_ago", j_real(w, r, 4), "started_at", j_str(w, r, 5),
+		    "live", PQgetvalue(w, r, 8)[0] == 't',
+		    "api_refused_since", refused ? j_str(w, r, 6) : json_null(),
+		    "api_refused_reason", refused ? j_str(w, r, 7) : json_null())) == 0;
 	}
 	for (int r = 0; ok && r < PQntuples(rows->pauses); r++) {
 		const PGresult *p = rows->pauses;
@@ -292,7 +319,7 @@ status_json(const struct status_rows *rows)
 	return json_pack("{s:o, s:o, s:o, s:b, s:o, s:b, s:o, s:o}", "paused", pauses, "kinds", kinds,
 	    "in_flight", flight, "in_flight_truncated", PQntuples(rows->flight) == STATUS_LIST_MAX,
 	    "overdue", overdue, "overdue_truncated", PQntuples(rows->overdue) == STATUS_LIST_MAX,
-	    "needs_operator", operator, "api_refused_workers", workers);
+	    "needs_operator", operator, "workers", workers);
 }
 
 int

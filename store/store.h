@@ -236,15 +236,26 @@ int store_listener_fd(const store_listener *sl);
 int store_listener_drain(store_listener *sl);
 const char *store_listener_errmsg(const store_listener *sl);
 
+/* What the registry says of a worker; the strings are the caller's. */
+struct worker_info {
+	const char *id;
+	const char *host;
+	const char *version;
+	const char *lock_mode;
+};
+
 /*
- * Records in the database that the billing API refuses WORKER_ID (a
- * worker-level answer; REASON says which, with the base URL, never the
- * token), or with REASON NULL that it no longer does.  `status` lists the
- * workers so recorded.  The first record keeps its start time; later ones
- * refresh the reason and the time of the last probe.
+ * Writes this worker's row in the fleet's registry (workers): at start,
+ * every few seconds, and whenever the billing API starts or stops refusing
+ * it.  REFUSED says why the API refuses it (a worker-level answer, with the
+ * base URL, never the token), or NULL when it does not; the first refusal
+ * keeps its start time.  `status` lists the rows.
  */
-int store_set_api_blocked(store *st, const char *worker_id, const char *reason)
+int store_worker_seen(store *st, const struct worker_info *wi, const char *refused)
 	__attribute__((warn_unused_result));
+
+/* Deletes this worker's row: it exits. */
+int store_worker_gone(store *st, const char *worker_id) __attribute__((warn_unused_result));
 
 /* Creates or upgrades the schema; safe from several hosts at once. */
 int store_migrate(store *st) __attribute__((warn_unused_result));

@@ -44,6 +44,11 @@
  */
 #define PROBE_MIN_MS 1000
 #define PROBE_MAX_MS 30000
+/* Each worker says it is alive in the fleet's registry this often. */
+#define HEARTBEAT_MS 10000
+#ifndef BW_VERSION
+#define BW_VERSION "unknown"
+#endif
 
 enum flight_state {
 	FLIGHT_FREE,
@@ -94,6 +99,8 @@ struct loop {
 	int64_t flush_failing_since_ms; /* 0 while outcomes get recorded */
 	int64_t claim_failing_since_ms; /* 0 while claims work */
 	int64_t next_prune_ms;          /* history.retention_days */
+	int64_t next_seen_ms;           /* the registry's heartbeat */
+	char host[256];
 
 	/*
 	 * The billing API refuses this worker (a worker-level answer): no new
@@ -105,7 +112,7 @@ struct loop {
 		int64_t since_ms;
 		int64_t probe_at_ms;
 		int probe_delay_ms;
-		int64_t recorded_at_ms;     /* last write of worker_status */
+		int64_t recorded_at_ms;     /* last write of the registry for a probe */
 		char reason[600];
 	} refused;
 	bool paused[ITEM_KIND_COUNT];   /* as the last due query saw the fleet */
@@ -699,14 +706,26 @@ claim(struct loop *l)
 	return more ? 1 : 0;
 }
 
-/* Writes (ON) or clears this worker's row in worker_status; best effort. */
+/*
+ * Writes this worker's row of the fleet's registry: who it is, that it is
+ * alive, whether the API refuses it.  Best effort: the next heartbeat
+ * writes it again.
+ */
 static void
-record_refused(struct loop *l, int64_t now, bool on)
+worker_seen(struct loop *l, int64_t now)
 {
+	struct worker_info wi = {
+		.id = l->cfg->worker.id,
+		.host = l->host,
+		.version = BW_VERSION,
+		.lock_mode = config_lock_mode_name(l->cfg->locks.mode),
+	};
+
+	l->next_seen_ms = now + HEARTBEAT_MS;
 	l->refused.recorded_at_ms = now;
 	if (!store_connected(l->st))
-		return;         /* the next probe writes it */
-	if (store_set_api_blocked(l->st, l->cfg->worker.id, on ? l->refused.reason : NULL) == -1)
+		return;
+	if (store_worker_seen(l->st, &wi, l->refused.on ? l->refused.reason : NULL) == -1)
 		log_warnx("%s", store_errmsg(l->st));
 }
 
@@ -724,7 +743,7 @@ api_refused(struct loop *l, const struct api_verdict *v, long status, int64_t no
 	if (l->refused.on) {
 		/* A probe's answer: when it was, for status. */
 		if (now - l->refused.recorded_at_ms >= PROBE_MIN_MS)
-			record_refused(l, now, true);
+			worker_seen(l, now);
 		return;
 	}
 	config_url_for_log(l->cfg->billing_api.base_url, url, sizeof(url));
@@ -741,7 +760,7 @@ api_refused(struct loop *l, const struct api_verdict *v, long status, int64_t no
 	    url, status, v->error, PROBE_MAX_MS / 1000);
 	metrics_set_api_blocked(true);
 	telemetry_api_refused(l->tm, l->refused.reason);
-	record_refused(l, now, true);
+	worker_seen(l, now);
 }
 
 /* An answer that got past authentication and routing: the worker is let in. */
@@ -755,7 +774,7 @@ api_admitted(struct loop *l, long status, int64_t now)
 	l->refused.on = false;
 	metrics_set_api_blocked(false);
 	telemetry_api_refused(l->tm, NULL);
-	record_refused(l, now, false);
+	worker_seen(l, now);
 }
 
 /*
@@ -1075,6 +1094,9 @@ loop_setup(struct loop *l, const char *token, const char *redis_password)
 
 	jitter_seed(&l->rng);
 	policy_from(&l->policy, cfg);
+	if (gethostname(l->host, sizeof(l->host)) == -1)
+		snprintf(l->host, sizeof(l->host), "localhost");
+	l->host[sizeof(l->host) - 1] = '\0';
 	l->db_delay_ms = DB_RETRY_MIN_MS;
 	l->listen_delay_ms = DB_RETRY_MIN_MS;
 	if (reserve(l, cfg->worker.concurrency, cfg->worker.batch_size) == -1) {
@@ -1253,6 +1275,8 @@ loop_run(struct bw_config *cfg, const char *token, const char *redis_password, b
 			l.next_renew_ms = now + l.cfg->locks.renew_interval_ms;
 		}
 		prune_history(&l, now);
+		if (now >= l.next_seen_ms)
+			worker_seen(&l, now);
 
 		if (!l.stopping && now >= l.next_poll_ms && l.busy < l.cfg->worker.concurrency &&
 		    may_claim(&l, now) && db_ready(&l)) {
@@ -1356,8 +1380,8 @@ loop_run(struct bw_config *cfg, const char *token, const char *redis_password, b
 				l.itemp[n++] = &l.flights[i].item;
 		lock_release(l.locks, l.itemp, n);
 	}
-	if (l.refused.on)
-		record_refused(&l, clock_ms(), false);  /* no longer running: not refused */
+	if (store_connected(l.st) && store_worker_gone(l.st, l.cfg->worker.id) == -1)
+		log_warnx("%s", store_errmsg(l.st));
 	log_info("stopped: %" PRIu64 " done, %" PRIu64 " failed, %" PRIu64 " to retry, %" PRIu64
 	    " not recorded (claim lost), %" PRIu64 " API calls, %" PRIu64 " transaction retries",
 	    l.n_done, l.n_failed, l.n_retry, l.n_rejected, l.n_calls,

@@ -98,3 +98,28 @@ def test_history_can_be_turned_off_and_is_pruned_for_finished_items(tmp_path, db
     assert db.scalar("SELECT count(*) FROM attempts WHERE item_id = %s", (ids[2],)) == 1
     assert db.scalar("SELECT count(*) FROM attempts WHERE item_id = %s", (pending,)) == 1
     assert w.stop() == 0
+
+
+def test_status_lists_the_live_workers_from_the_registry(tmp_path, db, redis, fake_api, binary):
+    """The registry (workers): each worker writes its row at start and every
+    10 s, and deletes it when it exits; status lists id, host, version,
+    lock mode and when it was last seen."""
+    cfg = make_config(tmp_path, db, redis, fake_api, **{"worker.id": "w-reg-1"})
+    skip = make_config(tmp_path, db, redis, fake_api, **{"worker.id": "w-reg-2",
+                                                        "locks.mode": "skip-locked"})
+    migrate(cfg)
+    w1, w2 = Worker(cfg, "w1").start(), Worker(skip, "w2").start()
+    wait_for(lambda: db.scalar("SELECT count(*) FROM workers") == 2, 10, message=w1.log)
+    st = run_cli(cfg, "status")
+    assert st.returncode == 0, st.stderr
+    assert "workers: 2" in st.stdout
+    assert '"w-reg-1"  host ' in st.stdout and "  mode redis  seen " in st.stdout
+    assert '"w-reg-2"  host ' in st.stdout and "  mode skip-locked  seen " in st.stdout
+    doc = json.loads(run_cli(cfg, "status", "--json").stdout)
+    assert sorted(w["worker_id"] for w in doc["workers"] if w["live"]) == ["w-reg-1", "w-reg-2"]
+    assert all(w["api_refused_since"] is None for w in doc["workers"])
+    assert w1.stop() == 0
+    assert db.query("SELECT worker_id FROM workers") == [("w-reg-2",)]
+    w2.kill()
+    db.execute("UPDATE workers SET seen_at = now() - interval '5 minutes'")
+    assert '"w-reg-2"' in (out := run_cli(cfg, "status").stdout) and "(stale: it may have died)" in out

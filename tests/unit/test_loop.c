@@ -97,13 +97,15 @@ bool store_failed_on_data(const store *st) { (void)st; return w.data_error; }
 const char *store_pause_note(const store *st, enum item_kind k) { (void)st; (void)k; return ""; }
 
 int
-store_set_api_blocked(store *st, const char *worker_id, const char *reason)
+store_worker_seen(store *st, const struct worker_info *wi, const char *refused)
 {
 	(void)st;
-	(void)worker_id;
-	(void)reason;
+	(void)wi;
+	(void)refused;
 	return 0;
 }
+
+int store_worker_gone(store *st, const char *id) { (void)st; (void)id; return 0; }
 
 int
 store_complete(store *st, const struct completion *c, size_t n, bool *accepted)
