@@ -10,6 +10,8 @@ configuration except where a row says otherwise.
 
 Rows:
   e2e P proc       20 000 invoices, P worker processes, fast API: items/s
+  no history       the largest e2e run again with history.enabled = false: what
+                   the attempts history costs, side by side (target: ≤ 10 %)
   limit P conn     pgbench running the worker's own completion statement on
                    P connections, with the batch size the worker actually used
                    in the e2e run (from pg_stat_statements) and with 1
@@ -214,7 +216,7 @@ class Bench:
                 raise RuntimeError(f"worker exited {p.returncode}: see {self.work}")
 
     def reset(self):
-        self.sql("TRUNCATE invoices RESTART IDENTITY")
+        self.sql("TRUNCATE invoices, attempts RESTART IDENTITY")
         self.sql("SELECT pg_stat_statements_reset()")
         self.sql("CHECKPOINT")
         self.redis.command("FLUSHALL")
@@ -261,15 +263,16 @@ class Bench:
     def completion_batch(self):
         """Mean rows per completion statement of the last run (pg_stat_statements)."""
         calls, rows = self.sql("SELECT coalesce(sum(calls), 0), coalesce(sum(rows), 0) "
-                               "FROM pg_stat_statements WHERE query LIKE 'UPDATE invoices AS t SET status%'")[0]
+                               "FROM pg_stat_statements WHERE query LIKE "
+                               "'WITH upd AS (UPDATE invoices AS t SET status%'")[0]
         return (float(rows) / float(calls)) if calls else 0.0
 
     # -- the measurements ------------------------------------------------
 
-    def e2e(self, nproc):
+    def e2e(self, nproc, **overrides):
         n = self.args.items
         self.reset()
-        procs = self.workers(nproc, self.fast_url)
+        procs = self.workers(nproc, self.fast_url, **overrides)
         cpu0 = self.cpu_seconds(procs)
         other0 = self.cpu_by_component()
         self.sql("INSERT INTO invoices (customer_id, amount_cents, currency) "
@@ -299,7 +302,7 @@ class Bench:
             \\set n :n + 1
             \\set lo ((:client_id * :t) + :n - 1) * :b + 1
             \\set hi :lo + :b - 1
-            UPDATE invoices AS t SET status = CASE u.state WHEN 'done' THEN 'paid' WHEN 'failed' THEN 'failed' ELSE 'pending' END, charge_id = u.result_id, attempts = t.attempts + u.calls, last_error = u.error, ambiguous = t.ambiguous OR u.ambiguous, next_attempt_at = CASE WHEN u.state = 'retry' THEN now() + u.delay_ms * interval '1 millisecond' ELSE t.next_attempt_at END, locked_by = NULL, lease_until = NULL, updated_at = now(), finished_at = CASE WHEN u.state = 'retry' THEN NULL ELSE now() END FROM unnest(ARRAY(SELECT generate_series(:lo::bigint, :hi::bigint)), array_fill(0::bigint, ARRAY[:b]), array_fill('done'::text, ARRAY[:b]), array_fill(1, ARRAY[:b]), array_fill(false, ARRAY[:b]), array_fill(0::bigint, ARRAY[:b]), array_fill('ch_bench'::text, ARRAY[:b]), array_fill(NULL::text, ARRAY[:b])) AS u(id, fence, state, calls, ambiguous, delay_ms, result_id, error) WHERE t.id = u.id AND t.fence = u.fence AND t.status = 'pending' RETURNING t.id;
+            WITH upd AS (UPDATE invoices AS t SET status = CASE u.state WHEN 'done' THEN 'paid' WHEN 'failed' THEN 'failed' ELSE 'pending' END, charge_id = u.result_id, attempts = t.attempts + u.calls, last_error = u.error, ambiguous = t.ambiguous OR u.ambiguous, next_attempt_at = CASE WHEN u.state = 'retry' THEN now() + u.delay_ms * interval '1 millisecond' ELSE t.next_attempt_at END, locked_by = NULL, lease_until = NULL, updated_at = now(), finished_at = CASE WHEN u.state = 'retry' THEN NULL ELSE now() END FROM unnest(ARRAY(SELECT generate_series(:lo::bigint, :hi::bigint)), array_fill(0::bigint, ARRAY[:b]), array_fill('done'::text, ARRAY[:b]), array_fill(1, ARRAY[:b]), array_fill(false, ARRAY[:b]), array_fill(0::bigint, ARRAY[:b]), array_fill('ch_bench'::text, ARRAY[:b]), array_fill(NULL::text, ARRAY[:b])) AS u(id, fence, state, calls, ambiguous, delay_ms, result_id, error) WHERE t.id = u.id AND t.fence = u.fence AND t.status = 'pending' RETURNING t.id, t.attempts), hist AS (INSERT INTO attempts (kind, item_id, attempt, worker_id, started_at, finished_at, http_status, class, result_id) SELECT 'invoice', id, attempts, 'bench', now(), now(), 200, 'paid', 'ch_bench' FROM upd) SELECT id FROM upd;
             """))
         cmd = [str(self.pg.bindir / "pgbench"), "-n", "-h", "127.0.0.1", "-p", str(self.pg.port),
                "-U", self.pg.superuser, "-c", str(clients), "-j", str(clients), "-t", str(per_client),
@@ -408,6 +411,10 @@ class Bench:
             print(f"  e2e {p} proc: {rate:,.0f} items/s in {elapsed:.2f} s (mean completion batch "
                   f"{batch:.1f}); CPU s: " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()) +
                   f"; {busy / elapsed:.2f} of {os.cpu_count()} cores busy", flush=True)
+        top = max(a.procs)
+        nohist = self.e2e(top, **{"history.enabled": False})
+        print(f"  e2e {top} proc without history: {nohist[0]:,.0f} items/s; with history "
+              f"{e2e[top][0] / nohist[0]:.0%} of that", flush=True)
         limits = {}
         for p in a.procs:
             lim_b = self.pgbench_limit(p, e2e[p][2])
@@ -424,7 +431,6 @@ class Bench:
         q_idle, r_idle = self.idle()
         print(f"  idle: {q_idle:.2f} queries/s, {r_idle:.2f} redis commands/s per process", flush=True)
 
-        top = max(a.procs)
         cpu_per_k = e2e[top][1] / (a.items / 1000)
         lines = [
             "",
@@ -443,6 +449,8 @@ class Bench:
             lines.append(f"| pgbench limit, {p} conn, same SQL, batch 1 (per-item tx) | "
                          f"{lim_1:,.0f} items/s | worker / limit = {rate / lim_1:.0%} | |")
         lines += [
+            f"| e2e, {top} processes, history.enabled = false | {nohist[0]:,.0f} items/s | "
+            f"with history = {e2e[top][0] / nohist[0]:.0%} of it | ≥ 90 % |",
             f"| 100 ms API, 1 process, concurrency 256 | {slow:,.0f} items/s | "
             f"{slow / 2560:.0%} of 2 560/s | ≥ 80 % |",
             f"| INSERT → API call latency, idle, {nlat} samples | p50 {p50:.1f} ms, p99 {p99:.1f} ms | "
