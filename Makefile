@@ -7,7 +7,7 @@
 #   make unit            unit tests only
 #   make integration     integration tests only (PYTEST_ARGS="-k name" to pick)
 #   make bench           throughput, latency and cost figures (BENCH_ARGS="--quick")
-#   make install         binary, systemd units, config, man pages under DESTDIR/PREFIX
+#   make install         daemon (sbin), systemd units, config, man pages under DESTDIR/PREFIX
 #   make lint-man        check the man pages with mandoc -T lint (part of make test)
 #   make deb             build the Debian package in build/deb (dpkg-buildpackage)
 #   make test SANITIZE=1 the same, built with ASan + UBSan in build-san/
@@ -19,7 +19,8 @@
 
 CC       ?= gcc
 PREFIX   ?= /usr/local
-BINDIR   ?= $(PREFIX)/bin
+# A daemon and its admin commands, man section 8: sbin, as pgbouncer and redis-server.
+SBINDIR  ?= $(PREFIX)/sbin
 MANDIR   ?= $(PREFIX)/share/man
 DOCDIR   ?= $(PREFIX)/share/doc/billing-worker
 # systemd reads /usr/local/lib/systemd/system too, so units follow PREFIX.
@@ -173,16 +174,16 @@ test: deps
 lint-man:
 	mandoc -T lint -W warning $(MANPAGES)
 
-# The units name /usr/bin/billing-worker (the Debian package's path); other
+# The units name /usr/sbin/billing-worker (the Debian package's path); other
 # prefixes get their own path written in.  An existing config is never
 # overwritten; the example always goes to the docs.
 install: $(BIN)
-	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(MANDIR)/man8 \
+	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(MANDIR)/man8 \
 	    $(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(DOCDIR)/examples
 	install -d -m 0755 $(DESTDIR)$(SYSCONFDIR)/billing-worker
-	install -m 0755 $(BIN) $(DESTDIR)$(BINDIR)/billing-worker
+	install -m 0755 $(BIN) $(DESTDIR)$(SBINDIR)/billing-worker
 	for u in $(UNITS); do \
-	    sed 's|/usr/bin/billing-worker|$(BINDIR)/billing-worker|g' systemd/$$u \
+	    sed 's|/usr/sbin/billing-worker|$(SBINDIR)/billing-worker|g' systemd/$$u \
 	        > $(DESTDIR)$(UNITDIR)/$$u.tmp && chmod 0644 $(DESTDIR)$(UNITDIR)/$$u.tmp && \
 	    mv $(DESTDIR)$(UNITDIR)/$$u.tmp $(DESTDIR)$(UNITDIR)/$$u || exit 1; \
 	done
@@ -201,8 +202,10 @@ install: $(BIN)
 	    fi; \
 	fi
 
+# Also removes the binary an older install put in $(PREFIX)/bin.
 uninstall:
-	rm -f $(DESTDIR)$(BINDIR)/billing-worker $(DESTDIR)$(MANDIR)/man8/billing-worker.8 \
+	rm -f $(DESTDIR)$(SBINDIR)/billing-worker $(DESTDIR)$(PREFIX)/bin/billing-worker \
+	    $(DESTDIR)$(MANDIR)/man8/billing-worker.8 \
 	    $(DESTDIR)$(MANDIR)/man5/billing-worker.conf.5 \
 	    $(DESTDIR)$(DOCDIR)/examples/billing-worker.conf.example
 	for u in $(UNITS); do rm -f $(DESTDIR)$(UNITDIR)/$$u; done
