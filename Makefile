@@ -23,6 +23,8 @@ PREFIX   ?= /usr/local
 SBINDIR  ?= $(PREFIX)/sbin
 MANDIR   ?= $(PREFIX)/share/man
 DOCDIR   ?= $(PREFIX)/share/doc/billing-worker
+# Files an operator uses but the binary never reads: sql/roles.sql.
+DATADIR  ?= $(PREFIX)/share/billing-worker
 # systemd reads /usr/local/lib/systemd/system too, so units follow PREFIX.
 UNITDIR  ?= $(PREFIX)/lib/systemd/system
 # The binary's default config is /etc/billing-worker/billing-worker.conf
@@ -89,6 +91,8 @@ test_conninfo_DEPS := store/conninfo.c
 UNITS := billing-worker.service billing-worker@.service billing-worker-once.service \
          billing-worker-once.timer billing-worker-audit.service billing-worker-audit.timer
 MANPAGES := man/billing-worker.8 man/billing-worker.conf.5
+# What an operator reads before deploying, installed beside the example.
+DOCS     := README.md SECURITY.md RELIABILITY.md docs/configuration.md
 
 .PHONY: all test unit integration demo deps clean install uninstall check-deps lint-man deb bench \
         valgrind fuzz fuzz-build chaos chaos-ci
@@ -179,7 +183,7 @@ lint-man:
 # overwritten; the example always goes to the docs.
 install: $(BIN)
 	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(MANDIR)/man8 \
-	    $(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(DOCDIR)/examples
+	    $(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(DOCDIR)/examples $(DESTDIR)$(DATADIR)/sql
 	install -d -m 0755 $(DESTDIR)$(SYSCONFDIR)/billing-worker
 	install -m 0755 $(BIN) $(DESTDIR)$(SBINDIR)/billing-worker
 	for u in $(UNITS); do \
@@ -191,6 +195,8 @@ install: $(BIN)
 	install -m 0644 man/billing-worker.conf.5 $(DESTDIR)$(MANDIR)/man5/billing-worker.conf.5
 	install -m 0644 config/billing-worker.conf.example \
 	    $(DESTDIR)$(DOCDIR)/examples/billing-worker.conf.example
+	install -m 0644 $(DOCS) $(DESTDIR)$(DOCDIR)/
+	install -m 0644 sql/roles.sql $(DESTDIR)$(DATADIR)/sql/roles.sql
 	@conf=$(DESTDIR)$(SYSCONFDIR)/billing-worker/billing-worker.conf; \
 	if [ -e "$$conf" ]; then \
 	    echo "install: keeping the existing $$conf"; \
@@ -207,18 +213,21 @@ uninstall:
 	rm -f $(DESTDIR)$(SBINDIR)/billing-worker $(DESTDIR)$(PREFIX)/bin/billing-worker \
 	    $(DESTDIR)$(MANDIR)/man8/billing-worker.8 \
 	    $(DESTDIR)$(MANDIR)/man5/billing-worker.conf.5 \
-	    $(DESTDIR)$(DOCDIR)/examples/billing-worker.conf.example
+	    $(DESTDIR)$(DOCDIR)/examples/billing-worker.conf.example \
+	    $(addprefix $(DESTDIR)$(DOCDIR)/,$(notdir $(DOCS))) $(DESTDIR)$(DATADIR)/sql/roles.sql
 	for u in $(UNITS); do rm -f $(DESTDIR)$(UNITDIR)/$$u; done
 	@echo "uninstall: $(SYSCONFDIR)/billing-worker is left in place"
 
 # Builds ../billing-worker_*.deb from a copy of the tree in build/deb, so the
-# working tree stays clean.  Slow (a full build): not part of make test.
+# working tree stays clean (tracked files only), and fails on any lintian
+# error or warning.  tests/integration/test_deb.py installs, upgrades,
+# removes and purges what it builds.
 deb:
 	sh scripts/install-deps.sh dpkg-dev debhelper lintian fakeroot
 	rm -rf $(BUILD)/deb && mkdir -p $(BUILD)/deb/src
 	git ls-files -z | xargs -0 cp --parents -t $(BUILD)/deb/src
 	cd $(BUILD)/deb/src && dpkg-buildpackage -us -uc -b
-	lintian --info $(BUILD)/deb/billing-worker_*.changes
+	lintian --info --fail-on error,warning $(BUILD)/deb/billing-worker_*.changes
 
 demo: deps
 	$(MAKE) all

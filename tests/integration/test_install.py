@@ -32,12 +32,19 @@ def test_install_honours_destdir_and_prefix(tmp_path):
     assert mode(root / "opt/bw/share/doc/billing-worker/examples/billing-worker.conf.example") == 0o644
     assert mode(root / "opt/bw/share/man/man8/billing-worker.8") == 0o644
     assert mode(root / "opt/bw/share/man/man5/billing-worker.conf.5") == 0o644
+    # What an operator reads and runs, beside the binary.
+    for doc in ["README.md", "SECURITY.md", "RELIABILITY.md", "configuration.md"]:
+        assert mode(root / "opt/bw/share/doc/billing-worker" / doc) == 0o644, doc
+    roles = root / "opt/bw/share/billing-worker/sql/roles.sql"
+    assert mode(roles) == 0o644
+    assert roles.read_text() == (REPO_ROOT / "sql/roles.sql").read_text()
     unit = root / "opt/bw/lib/systemd/system/billing-worker.service"
     assert mode(unit) == 0o644
     # The unit runs the binary where it was installed, not where DESTDIR staged it.
     assert "ExecStart=/opt/bw/sbin/billing-worker -c /etc/billing-worker/billing-worker.conf run" \
         in unit.read_text()
     assert str(root) not in unit.read_text()
+    assert "\nLimitNOFILE=65536\n" in unit.read_text()
     # Nothing outside DESTDIR.
     assert sorted(p.name for p in root.iterdir()) == ["etc", "opt"]
 
