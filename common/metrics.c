@@ -40,6 +40,9 @@ static struct {
 	int concurrency;
 	bool database_up;
 	bool api_blocked;
+	bool redis_up;
+	const char *lock_mode;                  /* static; NULL until set */
+	int64_t last_poll_s;
 	bool backlog_known[ITEM_KIND_COUNT];
 	int64_t backlog[ITEM_KIND_COUNT];
 	double oldest_pending_s[ITEM_KIND_COUNT];
@@ -119,6 +122,24 @@ void
 metrics_set_api_blocked(bool blocked)
 {
 	m.api_blocked = blocked;
+}
+
+void
+metrics_set_redis_up(bool up)
+{
+	m.redis_up = up;
+}
+
+void
+metrics_set_lock_mode(const char *name)
+{
+	m.lock_mode = name;
+}
+
+void
+metrics_set_last_poll(int64_t unix_s)
+{
+	m.last_poll_s = unix_s;
 }
 
 void
@@ -226,6 +247,17 @@ render_gauges(FILE *out)
 	head(out, "api_blocked", "gauge", "1 while the billing API refuses this worker "
 	    "(401, 403, 404, 405): no new items are taken.");
 	fprintf(out, "billing_worker_api_blocked %d\n", m.api_blocked ? 1 : 0);
+	head(out, "redis_up", "gauge", "1 while the Redis connection is up "
+	    "(always 0 in skip-locked mode).");
+	fprintf(out, "billing_worker_redis_up %d\n", m.redis_up ? 1 : 0);
+	head(out, "lock_mode", "gauge", "The lock mode in force (locks.mode), as a label; "
+	    "always 1.");
+	if (m.lock_mode != NULL)
+		fprintf(out, "billing_worker_lock_mode{mode=\"%s\"} 1\n", m.lock_mode);
+	head(out, "last_poll_timestamp_seconds", "gauge",
+	    "Unix time of the last successful claim round, items found or not (0: none yet).");
+	fprintf(out, "billing_worker_last_poll_timestamp_seconds %lld\n",
+	    (long long)m.last_poll_s);
 	head(out, "backlog", "gauge",
 	    "Items due now and not yet claimed, fleet-wide, by kind (counted up to a cap).");
 	for (int k = 0; k < ITEM_KIND_COUNT; k++)
