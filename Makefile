@@ -9,6 +9,8 @@
 #   make bench           throughput, latency and cost figures (BENCH_ARGS="--quick")
 #   make install         daemon (sbin), systemd units, config, man pages under DESTDIR/PREFIX
 #   make lint-man        check the man pages with mandoc -T lint (part of make test)
+#   make lint-rules      check the Prometheus alerting rules and run their tests with
+#                        promtool (part of make test)
 #   make deb             build the Debian package in build/deb (dpkg-buildpackage)
 #   make test SANITIZE=1 the same, built with ASan + UBSan in build-san/
 #   make valgrind        integration tests with the worker under valgrind memcheck
@@ -23,7 +25,8 @@ PREFIX   ?= /usr/local
 SBINDIR  ?= $(PREFIX)/sbin
 MANDIR   ?= $(PREFIX)/share/man
 DOCDIR   ?= $(PREFIX)/share/doc/billing-worker
-# Files an operator uses but the binary never reads: sql/roles.sql.
+# Files an operator uses but the binary never reads: sql/roles.sql, the
+# Prometheus alerting rules.
 DATADIR  ?= $(PREFIX)/share/billing-worker
 # systemd reads /usr/local/lib/systemd/system too, so units follow PREFIX.
 UNITDIR  ?= $(PREFIX)/lib/systemd/system
@@ -91,10 +94,12 @@ test_conninfo_DEPS := store/conninfo.c
 UNITS := billing-worker.service billing-worker@.service billing-worker-once.service \
          billing-worker-once.timer billing-worker-audit.service billing-worker-audit.timer
 MANPAGES := man/billing-worker.8 man/billing-worker.conf.5
+RULES    := prometheus/billing-worker.rules.yml
+RULES_TESTS := tests/prometheus/billing-worker.rules.test.yml
 # What an operator reads before deploying, installed beside the example.
 DOCS     := README.md SECURITY.md RELIABILITY.md docs/configuration.md
 
-.PHONY: all test unit integration demo deps clean install uninstall check-deps lint-man deb bench \
+.PHONY: all test unit integration demo deps clean install uninstall check-deps lint-man lint-rules deb bench \
         valgrind fuzz fuzz-build chaos chaos-ci
 
 all: $(BIN)
@@ -171,6 +176,7 @@ chaos-ci: $(BIN)
 test: deps
 	$(MAKE) unit
 	$(MAKE) lint-man
+	$(MAKE) lint-rules
 	$(MAKE) integration
 	$(MAKE) chaos-ci
 
@@ -178,12 +184,19 @@ test: deps
 lint-man:
 	mandoc -T lint -W warning $(MANPAGES)
 
+# promtool (Debian's prometheus package): the rules load, and each alert
+# fires from its test's input series where it should, and only there.
+lint-rules:
+	promtool check rules $(RULES)
+	promtool test rules $(RULES_TESTS)
+
 # The units name /usr/sbin/billing-worker (the Debian package's path); other
 # prefixes get their own path written in.  An existing config is never
 # overwritten; the example always goes to the docs.
 install: $(BIN)
 	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(MANDIR)/man8 \
-	    $(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(DOCDIR)/examples $(DESTDIR)$(DATADIR)/sql
+	    $(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(DOCDIR)/examples $(DESTDIR)$(DATADIR)/sql \
+	    $(DESTDIR)$(DATADIR)/prometheus
 	install -d -m 0755 $(DESTDIR)$(SYSCONFDIR)/billing-worker
 	install -m 0755 $(BIN) $(DESTDIR)$(SBINDIR)/billing-worker
 	for u in $(UNITS); do \
@@ -197,6 +210,7 @@ install: $(BIN)
 	    $(DESTDIR)$(DOCDIR)/examples/billing-worker.conf.example
 	install -m 0644 $(DOCS) $(DESTDIR)$(DOCDIR)/
 	install -m 0644 sql/roles.sql $(DESTDIR)$(DATADIR)/sql/roles.sql
+	install -m 0644 $(RULES) $(DESTDIR)$(DATADIR)/prometheus/
 	@conf=$(DESTDIR)$(SYSCONFDIR)/billing-worker/billing-worker.conf; \
 	if [ -e "$$conf" ]; then \
 	    echo "install: keeping the existing $$conf"; \
@@ -214,7 +228,8 @@ uninstall:
 	    $(DESTDIR)$(MANDIR)/man8/billing-worker.8 \
 	    $(DESTDIR)$(MANDIR)/man5/billing-worker.conf.5 \
 	    $(DESTDIR)$(DOCDIR)/examples/billing-worker.conf.example \
-	    $(addprefix $(DESTDIR)$(DOCDIR)/,$(notdir $(DOCS))) $(DESTDIR)$(DATADIR)/sql/roles.sql
+	    $(addprefix $(DESTDIR)$(DOCDIR)/,$(notdir $(DOCS))) $(DESTDIR)$(DATADIR)/sql/roles.sql \
+	    $(addprefix $(DESTDIR)$(DATADIR)/prometheus/,$(notdir $(RULES)))
 	for u in $(UNITS); do rm -f $(DESTDIR)$(UNITDIR)/$$u; done
 	@echo "uninstall: $(SYSCONFDIR)/billing-worker is left in place"
 

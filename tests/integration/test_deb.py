@@ -168,6 +168,9 @@ def check_installed(version):
     roles = Path("/usr/share/billing-worker/sql/roles.sql")
     assert mode(roles)[2] == 0o644
     assert roles.read_text() == (REPO_ROOT / "sql/roles.sql").read_text()
+    rules = Path("/usr/share/billing-worker/prometheus/billing-worker.rules.yml")
+    assert mode(rules)[2] == 0o644
+    assert rules.read_text() == (REPO_ROOT / "prometheus/billing-worker.rules.yml").read_text()
     for doc in ["README.md", "SECURITY.md", "RELIABILITY.md", "configuration.md"]:
         assert (DOC_DIR / doc).exists() or (DOC_DIR / f"{doc}.gz").exists(), doc
     assert (Path("/usr/share/man/man8/billing-worker.8.gz")).exists()

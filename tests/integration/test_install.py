@@ -38,6 +38,9 @@ def test_install_honours_destdir_and_prefix(tmp_path):
     roles = root / "opt/bw/share/billing-worker/sql/roles.sql"
     assert mode(roles) == 0o644
     assert roles.read_text() == (REPO_ROOT / "sql/roles.sql").read_text()
+    rules = root / "opt/bw/share/billing-worker/prometheus/billing-worker.rules.yml"
+    assert mode(rules) == 0o644
+    assert rules.read_text() == (REPO_ROOT / "prometheus/billing-worker.rules.yml").read_text()
     unit = root / "opt/bw/lib/systemd/system/billing-worker.service"
     assert mode(unit) == 0o644
     # The unit runs the binary where it was installed, not where DESTDIR staged it.
