@@ -7,8 +7,10 @@
 #   make unit            unit tests only
 #   make integration     integration tests only (PYTEST_ARGS="-k name" to pick)
 #   make bench           throughput, latency and cost figures (BENCH_ARGS="--quick")
-#   make install         binary, systemd units, config, man pages under DESTDIR/PREFIX
+#   make install         daemon (sbin), systemd units, config, man pages under DESTDIR/PREFIX
 #   make lint-man        check the man pages with mandoc -T lint (part of make test)
+#   make lint-rules      check the Prometheus alerting rules and run their tests with
+#                        promtool (part of make test)
 #   make deb             build the Debian package in build/deb (dpkg-buildpackage)
 #   make test SANITIZE=1 the same, built with ASan + UBSan in build-san/
 #   make valgrind        integration tests with the worker under valgrind memcheck
@@ -19,9 +21,13 @@
 
 CC       ?= gcc
 PREFIX   ?= /usr/local
-BINDIR   ?= $(PREFIX)/bin
+# A daemon and its admin commands, man section 8: sbin, as pgbouncer and redis-server.
+SBINDIR  ?= $(PREFIX)/sbin
 MANDIR   ?= $(PREFIX)/share/man
 DOCDIR   ?= $(PREFIX)/share/doc/billing-worker
+# Files an operator uses but the binary never reads: sql/roles.sql, the
+# Prometheus alerting rules.
+DATADIR  ?= $(PREFIX)/share/billing-worker
 # systemd reads /usr/local/lib/systemd/system too, so units follow PREFIX.
 UNITDIR  ?= $(PREFIX)/lib/systemd/system
 # The binary's default config is /etc/billing-worker/billing-worker.conf
@@ -96,8 +102,12 @@ test_item_LDFLAGS  := -Wl,--wrap=strdup
 UNITS := billing-worker.service billing-worker@.service billing-worker-once.service \
          billing-worker-once.timer billing-worker-audit.service billing-worker-audit.timer
 MANPAGES := man/billing-worker.8 man/billing-worker.conf.5
+RULES    := prometheus/billing-worker.rules.yml
+RULES_TESTS := tests/prometheus/billing-worker.rules.test.yml
+# What an operator reads before deploying, installed beside the example.
+DOCS     := README.md SECURITY.md RELIABILITY.md docs/configuration.md
 
-.PHONY: all test unit integration demo deps clean install uninstall check-deps lint-man deb bench \
+.PHONY: all test unit integration demo deps clean install uninstall check-deps lint-man lint-rules deb bench \
         valgrind fuzz fuzz-build chaos chaos-ci
 
 all: $(BIN)
@@ -174,6 +184,7 @@ chaos-ci: $(BIN)
 test: deps
 	$(MAKE) unit
 	$(MAKE) lint-man
+	$(MAKE) lint-rules
 	$(MAKE) integration
 	$(MAKE) chaos-ci
 
@@ -181,16 +192,23 @@ test: deps
 lint-man:
 	mandoc -T lint -W warning $(MANPAGES)
 
-# The units name /usr/bin/billing-worker (the Debian package's path); other
+# promtool (Debian's prometheus package): the rules load, and each alert
+# fires from its test's input series where it should, and only there.
+lint-rules:
+	promtool check rules $(RULES)
+	promtool test rules $(RULES_TESTS)
+
+# The units name /usr/sbin/billing-worker (the Debian package's path); other
 # prefixes get their own path written in.  An existing config is never
 # overwritten; the example always goes to the docs.
 install: $(BIN)
-	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(MANDIR)/man8 \
-	    $(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(DOCDIR)/examples
+	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(MANDIR)/man8 \
+	    $(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(DOCDIR)/examples $(DESTDIR)$(DATADIR)/sql \
+	    $(DESTDIR)$(DATADIR)/prometheus
 	install -d -m 0755 $(DESTDIR)$(SYSCONFDIR)/billing-worker
-	install -m 0755 $(BIN) $(DESTDIR)$(BINDIR)/billing-worker
+	install -m 0755 $(BIN) $(DESTDIR)$(SBINDIR)/billing-worker
 	for u in $(UNITS); do \
-	    sed 's|/usr/bin/billing-worker|$(BINDIR)/billing-worker|g' systemd/$$u \
+	    sed 's|/usr/sbin/billing-worker|$(SBINDIR)/billing-worker|g' systemd/$$u \
 	        > $(DESTDIR)$(UNITDIR)/$$u.tmp && chmod 0644 $(DESTDIR)$(UNITDIR)/$$u.tmp && \
 	    mv $(DESTDIR)$(UNITDIR)/$$u.tmp $(DESTDIR)$(UNITDIR)/$$u || exit 1; \
 	done
@@ -198,6 +216,9 @@ install: $(BIN)
 	install -m 0644 man/billing-worker.conf.5 $(DESTDIR)$(MANDIR)/man5/billing-worker.conf.5
 	install -m 0644 config/billing-worker.conf.example \
 	    $(DESTDIR)$(DOCDIR)/examples/billing-worker.conf.example
+	install -m 0644 $(DOCS) $(DESTDIR)$(DOCDIR)/
+	install -m 0644 sql/roles.sql $(DESTDIR)$(DATADIR)/sql/roles.sql
+	install -m 0644 $(RULES) $(DESTDIR)$(DATADIR)/prometheus/
 	@conf=$(DESTDIR)$(SYSCONFDIR)/billing-worker/billing-worker.conf; \
 	if [ -e "$$conf" ]; then \
 	    echo "install: keeping the existing $$conf"; \
@@ -209,21 +230,27 @@ install: $(BIN)
 	    fi; \
 	fi
 
+# Also removes the binary an older install put in $(PREFIX)/bin.
 uninstall:
-	rm -f $(DESTDIR)$(BINDIR)/billing-worker $(DESTDIR)$(MANDIR)/man8/billing-worker.8 \
+	rm -f $(DESTDIR)$(SBINDIR)/billing-worker $(DESTDIR)$(PREFIX)/bin/billing-worker \
+	    $(DESTDIR)$(MANDIR)/man8/billing-worker.8 \
 	    $(DESTDIR)$(MANDIR)/man5/billing-worker.conf.5 \
-	    $(DESTDIR)$(DOCDIR)/examples/billing-worker.conf.example
+	    $(DESTDIR)$(DOCDIR)/examples/billing-worker.conf.example \
+	    $(addprefix $(DESTDIR)$(DOCDIR)/,$(notdir $(DOCS))) $(DESTDIR)$(DATADIR)/sql/roles.sql \
+	    $(addprefix $(DESTDIR)$(DATADIR)/prometheus/,$(notdir $(RULES)))
 	for u in $(UNITS); do rm -f $(DESTDIR)$(UNITDIR)/$$u; done
 	@echo "uninstall: $(SYSCONFDIR)/billing-worker is left in place"
 
 # Builds ../billing-worker_*.deb from a copy of the tree in build/deb, so the
-# working tree stays clean.  Slow (a full build): not part of make test.
+# working tree stays clean (tracked files only), and fails on any lintian
+# error or warning.  tests/integration/test_deb.py installs, upgrades,
+# removes and purges what it builds.
 deb:
 	sh scripts/install-deps.sh dpkg-dev debhelper lintian fakeroot
 	rm -rf $(BUILD)/deb && mkdir -p $(BUILD)/deb/src
 	git ls-files -z | xargs -0 cp --parents -t $(BUILD)/deb/src
 	cd $(BUILD)/deb/src && dpkg-buildpackage -us -uc -b
-	lintian --info $(BUILD)/deb/billing-worker_*.changes
+	lintian --info --fail-on error,warning $(BUILD)/deb/billing-worker_*.changes
 
 demo: deps
 	$(MAKE) all

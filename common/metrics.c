@@ -41,6 +41,9 @@ static struct {
 	bool database_up;
 	bool api_blocked;
 	bool paused[ITEM_KIND_COUNT];
+	bool redis_up;
+	const char *lock_mode;                  /* static; NULL until set */
+	int64_t last_poll_s;
 	bool backlog_known[ITEM_KIND_COUNT];
 	int64_t backlog[ITEM_KIND_COUNT];
 	double oldest_pending_s[ITEM_KIND_COUNT];
@@ -126,6 +129,24 @@ void
 metrics_set_paused(enum item_kind kind, bool paused)
 {
 	m.paused[kind] = paused;
+}
+
+void
+metrics_set_redis_up(bool up)
+{
+	m.redis_up = up;
+}
+
+void
+metrics_set_lock_mode(const char *name)
+{
+	m.lock_mode = name;
+}
+
+void
+metrics_set_last_poll(int64_t unix_s)
+{
+	m.last_poll_s = unix_s;
 }
 
 void
@@ -238,6 +259,17 @@ render_gauges(FILE *out)
 	for (int k = 0; k < ITEM_KIND_COUNT; k++)
 		fprintf(out, "billing_worker_paused{kind=\"%s\"} %d\n", item_kind_name(k),
 		    m.paused[k] ? 1 : 0);
+	head(out, "redis_up", "gauge", "1 while the Redis connection is up "
+	    "(always 0 in skip-locked mode).");
+	fprintf(out, "billing_worker_redis_up %d\n", m.redis_up ? 1 : 0);
+	head(out, "lock_mode", "gauge", "The lock mode in force (locks.mode), as a label; "
+	    "always 1.");
+	if (m.lock_mode != NULL)
+		fprintf(out, "billing_worker_lock_mode{mode=\"%s\"} 1\n", m.lock_mode);
+	head(out, "last_poll_timestamp_seconds", "gauge",
+	    "Unix time of the last successful claim round, items found or not (0: none yet).");
+	fprintf(out, "billing_worker_last_poll_timestamp_seconds %lld\n",
+	    (long long)m.last_poll_s);
 	head(out, "backlog", "gauge",
 	    "Items due now and not yet claimed, fleet-wide, by kind (counted up to a cap).");
 	for (int k = 0; k < ITEM_KIND_COUNT; k++)

@@ -52,6 +52,23 @@ void metrics_set_api_blocked(bool blocked);
 /* Whether the fleet's billing of KIND is paused (billing-worker pause). */
 void metrics_set_paused(enum item_kind kind, bool paused);
 /*
+ * Whether this process's Redis connection is up.  Never set in skip-locked
+ * mode, where it stays 0: billing_worker_lock_mode tells the two apart.
+ */
+void metrics_set_redis_up(bool up);
+/*
+ * The lock mode in force, as config_lock_mode_name() spells it.  NAME must
+ * live as long as the process (a string literal); rendered as
+ * billing_worker_lock_mode{mode="NAME"} 1, absent until set.
+ */
+void metrics_set_lock_mode(const char *name);
+/*
+ * A claim round succeeded (whether or not it found items), at UNIX_S
+ * seconds since the epoch: the wall clock, since the value is compared with
+ * Prometheus' time().  0 until the first one.
+ */
+void metrics_set_last_poll(int64_t unix_s);
+/*
  * The backlog of KIND: items due now (capped by the query that counts
  * them) and the age of the oldest pending item in seconds.
  */

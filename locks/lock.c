@@ -119,6 +119,7 @@ lock_new(const struct lock_options *o, store *st, lockmgr **ret)
 	snprintf(lm->worker_id, sizeof(lm->worker_id), "%s", o->worker_id);
 	snprintf(lm->key_prefix, sizeof(lm->key_prefix), "%s",
 	    o->redis.key_prefix != NULL ? o->redis.key_prefix : "billing-worker:");
+	metrics_set_lock_mode(config_lock_mode_name(lm->mode));
 	if (lm->mode != LOCK_MODE_SKIP_LOCKED &&
 	    redis_lock_new(&o->redis, &lm->redis) == -1) {
 		free(lm);
@@ -242,6 +243,7 @@ mark_redis_down(lockmgr *lm)
 		    "; claiming with FOR UPDATE SKIP LOCKED until it returns" :
 		    "; no new items are taken until it returns");
 	lm->redis_down = true;
+	metrics_set_redis_up(false);
 	lm->next_reconnect_ms = clock_ms() + lm->reconnect_delay_ms;
 	lm->reconnect_delay_ms = lm->reconnect_delay_ms * 2 > RECONNECT_MAX_MS ?
 	    RECONNECT_MAX_MS : lm->reconnect_delay_ms * 2;
@@ -250,7 +252,8 @@ mark_redis_down(lockmgr *lm)
 /*
  * True when Redis can be used now.  Reconnects are spaced out with backoff
  * so a dead Redis costs one connect attempt per few seconds, not one per
- * poll.  State changes are logged once each way.
+ * poll.  State changes are logged once each way; billing_worker_redis_up
+ * follows the connection at every look.
  */
 static bool
 redis_usable(lockmgr *lm)
@@ -259,6 +262,7 @@ redis_usable(lockmgr *lm)
 
 	if (lm->redis == NULL)
 		return false;
+	metrics_set_redis_up(redis_lock_connected(lm->redis));
 	if (redis_lock_connected(lm->redis))
 		return true;
 	now = clock_ms();
@@ -272,6 +276,7 @@ redis_usable(lockmgr *lm)
 		}
 		lm->redis_down = false;
 		lm->reconnect_delay_ms = RECONNECT_MIN_MS;
+		metrics_set_redis_up(true);
 		return true;
 	}
 	mark_redis_down(lm);

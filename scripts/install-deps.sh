@@ -15,10 +15,12 @@
 set -eu
 
 # clang and libclang-rt-14-dev (libFuzzer; only a Recommends of clang) for
-# `make fuzz`, valgrind for `make valgrind`, openssl for the TLS tests' CA.
+# `make fuzz`, valgrind for `make valgrind`, openssl for the TLS tests' CA,
+# prometheus for promtool (`make lint-rules`; it also starts a Prometheus
+# server on 9090 under systemd, which nothing here uses).
 PACKAGES="build-essential pkg-config libhiredis-dev libpq-dev libcurl4-openssl-dev
 libconfig-dev libcmocka-dev libjansson-dev libsystemd-dev libmicrohttpd-dev postgresql
-redis-server systemd mandoc
+redis-server systemd mandoc prometheus
 python3 python3-psycopg2 python3-pytest curl procps iproute2
 clang libclang-rt-14-dev valgrind openssl"
 

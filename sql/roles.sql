@@ -4,6 +4,9 @@
 --
 --     psql -v ON_ERROR_STOP=1 -d billing -f sql/roles.sql
 --
+-- (installed as /usr/share/billing-worker/sql/roles.sql by the package and
+-- by make install, under PREFIX).
+--
 -- It is idempotent, and starts by taking back whatever it grants, so a
 -- privilege removed here is removed from the database too.  `migrate` itself
 -- runs as the owner, never as this role.  The role has no password here:

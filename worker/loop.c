@@ -691,6 +691,7 @@ claim(struct loop *l)
 		return -1;
 	}
 	l->claim_failing_since_ms = 0;
+	metrics_set_last_poll(time(NULL));
 	/* Invoices go straight to their calls; redemptions first reserve funds. */
 	for (size_t i = 0; i < n; i++) {
 		if (l->claimed[i].kind == ITEM_INVOICE) {

@@ -24,7 +24,7 @@ def mode(path):
 def test_install_honours_destdir_and_prefix(tmp_path):
     root = tmp_path / "root"
     make_install(f"DESTDIR={root}", "PREFIX=/opt/bw")
-    binary = root / "opt/bw/bin/billing-worker"
+    binary = root / "opt/bw/sbin/billing-worker"
     conf = root / "etc/billing-worker/billing-worker.conf"
     assert mode(binary) == 0o755
     assert mode(conf) == 0o640
@@ -32,12 +32,22 @@ def test_install_honours_destdir_and_prefix(tmp_path):
     assert mode(root / "opt/bw/share/doc/billing-worker/examples/billing-worker.conf.example") == 0o644
     assert mode(root / "opt/bw/share/man/man8/billing-worker.8") == 0o644
     assert mode(root / "opt/bw/share/man/man5/billing-worker.conf.5") == 0o644
+    # What an operator reads and runs, beside the binary.
+    for doc in ["README.md", "SECURITY.md", "RELIABILITY.md", "configuration.md"]:
+        assert mode(root / "opt/bw/share/doc/billing-worker" / doc) == 0o644, doc
+    roles = root / "opt/bw/share/billing-worker/sql/roles.sql"
+    assert mode(roles) == 0o644
+    assert roles.read_text() == (REPO_ROOT / "sql/roles.sql").read_text()
+    rules = root / "opt/bw/share/billing-worker/prometheus/billing-worker.rules.yml"
+    assert mode(rules) == 0o644
+    assert rules.read_text() == (REPO_ROOT / "prometheus/billing-worker.rules.yml").read_text()
     unit = root / "opt/bw/lib/systemd/system/billing-worker.service"
     assert mode(unit) == 0o644
     # The unit runs the binary where it was installed, not where DESTDIR staged it.
-    assert "ExecStart=/opt/bw/bin/billing-worker -c /etc/billing-worker/billing-worker.conf run" \
+    assert "ExecStart=/opt/bw/sbin/billing-worker -c /etc/billing-worker/billing-worker.conf run" \
         in unit.read_text()
     assert str(root) not in unit.read_text()
+    assert "\nLimitNOFILE=65536\n" in unit.read_text()
     # Nothing outside DESTDIR.
     assert sorted(p.name for p in root.iterdir()) == ["etc", "opt"]
 
@@ -50,13 +60,13 @@ def test_reinstall_keeps_an_edited_config(tmp_path):
     r = make_install(f"DESTDIR={root}", "PREFIX=/usr")
     assert conf.read_text() == "# edited by the operator\n"
     assert "keeping the existing" in r.stdout
-    assert (root / "usr/bin/billing-worker").exists()
+    assert (root / "usr/sbin/billing-worker").exists()
 
 
 def test_installed_example_config_is_valid(tmp_path):
     root = tmp_path / "root"
     make_install(f"DESTDIR={root}", "PREFIX=/usr")
-    r = subprocess.run([str(root / "usr/bin/billing-worker"), "-c",
+    r = subprocess.run([str(root / "usr/sbin/billing-worker"), "-c",
                         str(root / "etc/billing-worker/billing-worker.conf"), "check-config"],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr

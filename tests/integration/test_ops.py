@@ -91,6 +91,9 @@ def test_metrics_match_what_the_run_did(tmp_path, db, redis, fake_api, binary):
     assert m["billing_worker_lock_acquisitions_total"] == total_calls
     assert m['billing_worker_lock_losses_total{lock="lease"}'] == 0
     assert m['billing_worker_reconnects_total{peer="database"}'] == 0
+    assert m["billing_worker_redis_up"] == 1
+    assert m['billing_worker_lock_mode{mode="redis"}'] == 1
+    assert time.time() - 10 < m["billing_worker_last_poll_timestamp_seconds"] <= time.time() + 1
     # The backlog gauges come from the database, at most 5 s old: nothing left.
     m = wait_for(lambda: (lambda m: m if m['billing_worker_backlog{kind="invoice"}'] == 0
                           else None)(scrape(port)), 15)
@@ -127,6 +130,49 @@ def test_metrics_backlog_and_reconnects(tmp_path, pg, db, redis, fake_api, binar
              message=w.log)
     wait_for(lambda: count(db, "pending") == 0, 60, message=w.log, ignore=(Exception,))
     assert scrape(port)["billing_worker_database_up"] == 1
+    assert w.stop() == 0
+
+
+def test_metrics_redis_up_and_last_poll(tmp_path, db, redis, fake_api, binary):
+    """redis_up follows the connection; the last poll stops while claims fail."""
+    port, port_sl = free_port(), free_port()
+    cfg = make_config(tmp_path, db, redis, fake_api, **{"metrics.listen": f"{LOCALHOST}:{port}"})
+    migrate(cfg)
+    cfg_sl = make_config(tmp_path, db, redis, fake_api,
+                         **{"metrics.listen": f"{LOCALHOST}:{port_sl}",
+                            "locks.mode": "skip-locked"})
+    w = Worker(cfg, "w").start()
+    start = time.time()
+    m = wait_for(lambda: (lambda m: m if m["billing_worker_redis_up"] == 1 and
+                          m["billing_worker_last_poll_timestamp_seconds"] >= int(start)
+                          else None)(scrape(port)), 20, ignore=(OSError,), message=w.log)
+    assert m['billing_worker_lock_mode{mode="redis"}'] == 1
+
+    redis.stop()
+    try:
+        # Items due and no Redis: in redis mode no round succeeds.
+        insert_invoices(db, 3)
+        wait_for(lambda: scrape(port)["billing_worker_redis_up"] == 0, 20, message=w.log)
+        frozen = scrape(port)["billing_worker_last_poll_timestamp_seconds"]
+        time.sleep(2.5)     # an absence: 25 poll intervals with no round recorded
+        assert scrape(port)["billing_worker_last_poll_timestamp_seconds"] == frozen
+        assert count(db, "pending") == 3
+    finally:
+        redis.start()
+    m = wait_for(lambda: (lambda m: m if m["billing_worker_redis_up"] == 1 and
+                          m["billing_worker_last_poll_timestamp_seconds"] > frozen
+                          else None)(scrape(port)), 30, message=w.log)
+    assert m['billing_worker_reconnects_total{peer="redis"}'] >= 1
+    wait_for(lambda: count(db, "paid") == 3, 30, message=w.log)
+    assert w.stop() == 0
+
+    # skip-locked never connects to Redis: 0, and the mode says why.
+    w = Worker(cfg_sl, "sl").start()
+    m = wait_for(lambda: (lambda m: m if m["billing_worker_last_poll_timestamp_seconds"] > 0
+                          else None)(scrape(port_sl)), 20, ignore=(OSError,), message=w.log)
+    assert m["billing_worker_redis_up"] == 0
+    assert m['billing_worker_lock_mode{mode="skip-locked"}'] == 1
+    assert 'billing_worker_lock_mode{mode="redis"}' not in m
     assert w.stop() == 0
 
 

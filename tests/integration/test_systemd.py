@@ -1,7 +1,7 @@
 """The systemd units: they verify, they are hardened (offline exposure at
 most 2.0), and the four services share one hardening block.
 
-The units name /usr/bin/billing-worker; `make install PREFIX=<tmp>` writes
+The units name /usr/sbin/billing-worker; `make install PREFIX=<tmp>` writes
 the staged binary's path into them instead, so `systemd-analyze verify`
 (which checks that ExecStart= is executable and that the man pages named in
 Documentation= exist) runs on exactly what is installed.
@@ -47,7 +47,7 @@ def test_every_unit_is_installed(installed):
 def test_unit_verifies(installed, unit):
     path = installed / "lib/systemd/system" / unit
     text = path.read_text()
-    assert f"{installed}/bin/billing-worker" in text or unit.endswith(".timer")
+    assert f"{installed}/sbin/billing-worker" in text or unit.endswith(".timer")
     r = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True,
                        env={**os.environ, "MANPATH": str(installed / "share/man")}, timeout=60)
     # Unknown keys and bad values are only warnings: any output is a failure.

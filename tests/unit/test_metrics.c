@@ -74,8 +74,13 @@ test_all_series_start_at_zero(void **state)
 	assert_true(value_of(t, "billing_worker_lock_losses_total{lock=\"lease\"}") == 0);
 	assert_true(value_of(t, "billing_worker_reconnects_total{peer=\"redis\"}") == 0);
 	assert_true(value_of(t, "billing_worker_in_flight") == 0);
+	assert_true(value_of(t, "billing_worker_api_blocked") == 0);
+	assert_true(value_of(t, "billing_worker_redis_up") == 0);
+	/* No round yet: 0, which a staleness alert reads as long ago. */
+	assert_true(value_of(t, "billing_worker_last_poll_timestamp_seconds") == 0);
 	/* Not known until the first query: absent rather than a false 0. */
 	assert_false(has_series(t, "billing_worker_backlog{kind=\"invoice\"}"));
+	assert_null(strstr(t, "\nbilling_worker_lock_mode{"));
 	free(t);
 }
 
@@ -177,6 +182,39 @@ test_locks_reconnects_and_gauges(void **state)
 	free(t);
 }
 
+static void
+test_redis_up_lock_mode_and_last_poll(void **state)
+{
+	char *t;
+
+	(void)state;
+	metrics_set_lock_mode("redis");
+	metrics_set_redis_up(true);
+	/* Beyond 2^31: written whole, never in exponent form. */
+	metrics_set_last_poll(INT64_C(4102444800));
+	t = render();
+	assert_true(value_of(t, "billing_worker_redis_up") == 1);
+	assert_true(value_of(t, "billing_worker_lock_mode{mode=\"redis\"}") == 1);
+	assert_non_null(strstr(t, "\nbilling_worker_last_poll_timestamp_seconds 4102444800\n"));
+	free(t);
+
+	/* Redis lost, then a later round: the newest value wins, one mode only. */
+	metrics_set_redis_up(false);
+	metrics_set_lock_mode("auto");
+	metrics_set_last_poll(INT64_C(4102444801));
+	t = render();
+	assert_true(value_of(t, "billing_worker_redis_up") == 0);
+	assert_true(value_of(t, "billing_worker_lock_mode{mode=\"auto\"}") == 1);
+	assert_false(has_series(t, "billing_worker_lock_mode{mode=\"redis\"}"));
+	assert_true(value_of(t, "billing_worker_last_poll_timestamp_seconds") == 4102444801.0);
+	free(t);
+
+	metrics_set_api_blocked(true);
+	t = render();
+	assert_true(value_of(t, "billing_worker_api_blocked") == 1);
+	free(t);
+}
+
 /*
  * Every line is a comment (# HELP / # TYPE) or NAME[{LABELS}] VALUE, every
  * family has HELP and TYPE before its samples, and no name repeats a TYPE.
@@ -190,6 +228,7 @@ test_exposition_format(void **state)
 
 	(void)state;
 	metrics_set_backlog(ITEM_INVOICE, 1, 1);
+	metrics_set_lock_mode("skip-locked");
 	t = render();
 	assert_true(t[strlen(t) - 1] == '\n');
 	for (line = strtok_r(t, "\n", &save); line != NULL; line = strtok_r(NULL, "\n", &save)) {
@@ -220,7 +259,7 @@ test_exposition_format(void **state)
 			assert_true(close[1] == ' ');
 		}
 	}
-	assert_true(ntyped >= 14);
+	assert_true(ntyped >= 17);
 	free(t);
 }
 
@@ -233,6 +272,7 @@ main(void)
 		cmocka_unit_test_setup(test_status_classes, reset),
 		cmocka_unit_test_setup(test_histogram_is_cumulative_with_inclusive_bounds, reset),
 		cmocka_unit_test_setup(test_locks_reconnects_and_gauges, reset),
+		cmocka_unit_test_setup(test_redis_up_lock_mode_and_last_poll, reset),
 		cmocka_unit_test_setup(test_exposition_format, reset),
 	};
 
