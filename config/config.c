@@ -168,6 +168,9 @@ struct loader {
 	char *text;
 	size_t len;
 	int nerrors;
+	FILE *warn_out;                 /* open_memstream over warn_text/warn_len */
+	char *warn_text;
+	size_t warn_len;
 	const config_setting_t *seen[N_OPTS];   /* where the file sets each key */
 	bool bad[N_OPTS];               /* set but invalid: skip rules using it */
 	struct bw_config cfg;
@@ -294,6 +297,25 @@ error_in(struct loader *ld, const config_setting_t *s, const char *fmt, ...)
 	va_start(ap, fmt);
 	verror(ld, file, line, fmt, ap);
 	va_end(ap);
+}
+
+static void warning_in(struct loader *ld, const config_setting_t *s,
+    const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+/* Like error_in, for a setting that is valid but likely a mistake. */
+static void
+warning_in(struct loader *ld, const config_setting_t *s, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (ld->warn_out == NULL)
+		return;
+	fprintf(ld->warn_out, "%s:%u: warning: ", ld->name,
+	    s != NULL ? config_setting_source_line(s) : 0);
+	va_start(ap, fmt);
+	vfprintf(ld->warn_out, fmt, ap);
+	va_end(ap);
+	fputc('\n', ld->warn_out);
 }
 
 static const char *
@@ -818,6 +840,26 @@ check_transport(struct loader *ld)
 		    "\"billing_api.allow_insecure_http\" = true to send the token in clear text");
 }
 
+/*
+ * A poll takes at most as many items as there is room for calls, so a
+ * batch larger than worker.concurrency is never taken whole: the setting
+ * does nothing past that.  Said only when the file sets one of the two,
+ * since the defaults (100 and 64) are left as they were chosen.
+ */
+static void
+check_warnings(struct loader *ld)
+{
+	int bi = find_key("worker.batch_size"), ci = find_key("worker.concurrency");
+	int batch = ld->cfg.worker.batch_size, conc = ld->cfg.worker.concurrency;
+
+	if (ld->bad[bi] || ld->bad[ci] || (ld->seen[bi] == NULL && ld->seen[ci] == NULL))
+		return;
+	if (batch > conc)
+		warning_in(ld, ld->seen[bi] != NULL ? ld->seen[bi] : ld->seen[ci],
+		    "\"worker.batch_size\" (%d) is greater than \"worker.concurrency\" (%d): "
+		    "a poll takes at most %d items", batch, conc, conc);
+}
+
 static void
 set_defaults(struct loader *ld)
 {
@@ -839,6 +881,7 @@ loader_init(struct loader *ld, const char *name)
 	memset(ld, 0, sizeof(*ld));
 	ld->name = name;
 	ld->out = open_memstream(&ld->text, &ld->len);
+	ld->warn_out = open_memstream(&ld->warn_text, &ld->warn_len);
 	ld->cfg.path = strdup(name);
 	if (ld->cfg.path == NULL)
 		error_in(ld, NULL, "out of memory");
@@ -949,6 +992,7 @@ load_text(struct loader *ld, const char *text)
 		check_required(ld);
 		check_rules(ld);
 		check_transport(ld);
+		check_warnings(ld);
 	}
 	config_destroy(&lc);
 	free(widened);
@@ -1032,6 +1076,12 @@ loader_finish(struct loader *ld, struct bw_config *cfg, char **errors)
 	else
 		free(ld->text);
 	ld->text = NULL;
+	/* Warnings are a nicety: without memory for them, there are none. */
+	if (ld->warn_out != NULL && fclose(ld->warn_out) == 0 && ld->warn_len > 0)
+		ld->cfg.warnings = ld->warn_text;
+	else
+		free(ld->warn_text);
+	ld->warn_text = NULL;
 	*errors = NULL;
 	if (n == 0) {
 		free(text);
@@ -1077,6 +1127,7 @@ config_free(struct bw_config *cfg)
 			if (opts[i].type == OPT_STRING)
 				free(*str_field(cfg, &opts[i]));
 		free(cfg->path);
+		free(cfg->warnings);
 		memset(cfg, 0, sizeof(*cfg));
 	}
 }
