@@ -67,6 +67,7 @@ STORE_SRC   := store/store.c store/conninfo.c store/deadline.c store/park.c stor
 BILLING_SRC := billing/api.c billing/response.c billing/backoff.c billing/outcome.c billing/pace.c
 LOCKS_SRC   := locks/lock.c locks/redis_lock.c
 WORKER_SRC  := worker/loop.c worker/telemetry.c worker/notify.c worker/metrics_http.c \
+               worker/preflight.c worker/probe.c \
                worker/secret.c worker/main.c
 
 LIB_SRC := $(COMMON_SRC) $(CONFIG_SRC) $(STORE_SRC) $(BILLING_SRC) $(LOCKS_SRC) \

@@ -12,6 +12,7 @@
 static char log_worker_id[256] = "-";
 static int log_min_level = LOG_INFO;
 static bool log_json;
+static bool log_plain;
 
 static const char *const level_names[] = { "debug", "info", "warning", "error" };
 
@@ -33,6 +34,12 @@ void
 log_set_json(int json)
 {
 	log_json = json != 0;
+}
+
+void
+log_set_plain(int plain)
+{
+	log_plain = plain != 0;
 }
 
 int
@@ -172,7 +179,12 @@ log_vwrite(int level, int errnum, const char *fmt, va_list ap)
 	gmtime_r(&ts.tv_sec, &tm);
 	strftime(stamp, sizeof(stamp), "%Y-%m-%dT%H:%M:%S", &tm);
 	vsnprintf(msg, sizeof(msg), fmt, ap);
-	if (log_json)
+	if (log_plain && errnum != 0)
+		fprintf(stderr, "billing-worker: %s: %s: %s\n", level_names[level], msg,
+		    strerror(errnum));
+	else if (log_plain)
+		fprintf(stderr, "billing-worker: %s: %s\n", level_names[level], msg);
+	else if (log_json)
 		write_json(stamp, ts.tv_nsec / 1000000, level, errnum, msg);
 	else if (errnum != 0)
 		fprintf(stderr, "%s.%03ldZ %s worker=%s %s: %s\n", stamp,
