@@ -188,6 +188,26 @@ known_command(const char *cmd)
 	return false;
 }
 
+/*
+ * --json and --connect qualify their command, so they come after it
+ * ("status --json"); the global options may come anywhere.  getopt_long
+ * permutes argv and cannot tell, so this looks first.  Returns the option
+ * found before any command, or NULL.
+ */
+static const char *
+command_option_first(int argc, char **argv)
+{
+	for (int i = 1; i < argc; i++) {
+		if (strcmp(argv[i], "--") == 0 || argv[i][0] != '-')
+			break;
+		if (strcmp(argv[i], "-c") == 0 || strcmp(argv[i], "--config") == 0)
+			i++;
+		else if (strcmp(argv[i], "--json") == 0 || strcmp(argv[i], "--connect") == 0)
+			return argv[i];
+	}
+	return NULL;
+}
+
 static void
 print_errors(const char *path, const char *errors, int nerr)
 {
@@ -224,6 +244,12 @@ main(int argc, char **argv)
 		    strerror(errno));
 
 	memset(&cfg, 0, sizeof(cfg));
+	if (command_option_first(argc, argv) != NULL) {
+		fprintf(stderr, "billing-worker: option \"%s\" must follow its command\n",
+		    command_option_first(argc, argv));
+		usage(stderr);
+		return EXIT_USAGE;
+	}
 	/*
 	 * getopt_long permutes: options may follow the command
 	 * ("status --config FILE --json"), as operators type them.  --json

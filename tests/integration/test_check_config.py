@@ -296,7 +296,8 @@ def test_version(binary):
 def test_help_and_usage(binary):
     r = run_cli(None, "--help")
     assert r.returncode == 0 and "--config FILE" in r.stdout and "version" in r.stdout
-    for args in (("--json",), ("check-config", "--json"), ("status", "--connect"),
+    for args in (("--json",), ("--json", "status"), ("--connect", "check-config"),
+                 ("check-config", "--json"), ("status", "--connect"),
                  ("--no-such-option",), ("frobnicate",), ("status", "extra")):
         r = run_cli(None, *args)
         assert r.returncode == 2, (args, r)
