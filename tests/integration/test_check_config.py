@@ -214,6 +214,36 @@ def test_a_good_file_passes_quietly(tmp_path, db, redis, fake_api, binary):
     assert fake_api.token not in r.stdout + r.stderr
 
 
+def test_relative_include_is_beside_the_file_from_any_directory(tmp_path, db, redis, fake_api,
+                                                                binary):
+    cfg = make_config(tmp_path, db, redis, fake_api)
+    migrate(cfg)
+    conf_d = tmp_path / "conf.d"
+    conf_d.mkdir()
+    (conf_d / "limits.conf").write_text('@include "log.conf"\n')
+    (conf_d / "log.conf").write_text("log = {\n  level = \"debug\";\n  level = \"info\";\n};\n")
+    text = cfg.read_text().replace('log = {\n  level = "info";\n};\n', "")
+    cfg.write_text(text + '@include "conf.d/limits.conf"\n')
+    # run_cli works in the repository, far from the file (as systemd's / is)
+    r = run_cli(cfg, "check-config")
+    assert r.returncode == 2, r
+    assert (f'{conf_d / "log.conf"}:3: duplicate setting "log.level" (first set at '
+            f'{conf_d / "log.conf"}:2)') in r.stderr
+    (conf_d / "log.conf").write_text('log = { level = "debug"; };\n')
+    r = run_cli(cfg, "check-config")
+    assert r.returncode == 0, r.stderr
+    insert_invoices(db, 1)
+    r = run_cli(cfg, "once")
+    assert r.returncode == 0, r.stderr
+    assert " debug " in r.stderr
+    (conf_d / "limits.conf").write_text('@include "missing.conf"\n')
+    for cmd in ("check-config", "run"):
+        r = run_cli(cfg, cmd)
+        assert r.returncode == 2
+        assert (f'{conf_d / "limits.conf"}:1: could not open @include file '
+                f'"{conf_d / "missing.conf"}": No such file or directory') in r.stderr
+
+
 # --------------------------------------------------------------------------
 # --connect
 # --------------------------------------------------------------------------
@@ -323,5 +353,6 @@ def test_version_in_status_json_and_the_start_line(tmp_path, db, redis, fake_api
     assert list(doc)[0] == "version" and doc["version"] == changelog_version()
     w = Worker(cfg, "w").start()
     wait_for(lambda: "starting (" in w.log(), 10, message=w.log)
-    assert f"starting ({changelog_version()}, run, lock mode redis, " in w.log()
+    assert re.search(r"starting \(run, lock mode redis, concurrency \d+, batch \d+, version "
+                     + re.escape(changelog_version()) + r"\)", w.log()), w.log()
     assert w.stop() == 0
