@@ -861,6 +861,37 @@ test_include_case(void **state)
 	rmdir(dir);
 }
 
+/* Warnings: valid files, FILE:LINE like errors, only for what the file sets. */
+static void
+test_warnings(void **state)
+{
+	static const struct {
+		const char *text;
+		const char *want;           /* NULL: no warning */
+	} rows[] = {
+		{ DB API, NULL },               /* the defaults, 100 and 64, say nothing */
+		{ DB API "worker = {\n\tconcurrency = 8;\n\tbatch_size = 8;\n};\n", NULL },
+		{ DB API "worker = {\n\tconcurrency = 8;\n\tbatch_size = 20;\n};\n",
+		  NAME ":5: warning: \"worker.batch_size\" (20) is greater than "
+		  "\"worker.concurrency\" (8): a poll takes at most 8 items\n" },
+		{ DB API "worker = {\n\tconcurrency = 32;\n};\n",
+		  NAME ":4: warning: \"worker.batch_size\" (100) is greater than "
+		  "\"worker.concurrency\" (32): a poll takes at most 32 items\n" },
+	};
+
+	(void)state;
+	for (size_t i = 0; i < sizeof(rows) / sizeof(rows[0]); i++) {
+		struct bw_config cfg;
+
+		load_ok(rows[i].text, &cfg);
+		if (rows[i].want == NULL)
+			assert_null(cfg.warnings);
+		else
+			assert_string_equal(cfg.warnings, rows[i].want);
+		config_free(&cfg);
+	}
+}
+
 #define INCLUDE_TEST(i) { include_cases[i].name, test_include_case, NULL, NULL, \
 	(void *)&include_cases[i] }
 
@@ -868,6 +899,7 @@ static const struct CMUnitTest fixed_tests[] = {
 	INCLUDE_TEST(0), INCLUDE_TEST(1), INCLUDE_TEST(2), INCLUDE_TEST(3), INCLUDE_TEST(4),
 	INCLUDE_TEST(5), INCLUDE_TEST(6), INCLUDE_TEST(7), INCLUDE_TEST(8),
 	cmocka_unit_test(test_defaults),
+	cmocka_unit_test(test_warnings),
 	cmocka_unit_test(test_all_keys),
 	cmocka_unit_test(test_enum_values),
 	cmocka_unit_test(test_digits_in_strings_untouched),
