@@ -6,16 +6,39 @@
 #include "worker/probe.h"
 
 #include <stdio.h>
+#include <string.h>
 
 #include "billing/api.h"
 #include "locks/redis_lock.h"
 #include "store/store.h"
 
+/*
+ * libpq's messages run over several lines ("...failed: Connection
+ * refused\n\tIs the server running..."): one line per server is the
+ * promise, so each line break and the indent after it become a space.
+ */
+static void
+one_line(const char *msg, char *buf, size_t len)
+{
+	size_t o = 0;
+
+	for (const char *p = msg; *p != '\0' && o + 1 < len; p++) {
+		if (*p == '\n') {
+			p += strspn(p + 1, " \t");
+			if (p[1] != '\0' && o > 0)
+				buf[o++] = ' ';
+		} else {
+			buf[o++] = *p;
+		}
+	}
+	buf[o] = '\0';
+}
+
 static int
 probe_database(const struct bw_config *cfg)
 {
 	store *st = NULL;
-	char target[768];
+	char target[768], msg[1024];
 	int ret = -1;
 
 	if (store_new(cfg->database.conninfo, cfg->worker.id, &st) == -1) {
@@ -24,12 +47,14 @@ probe_database(const struct bw_config *cfg)
 	}
 	store_set_query_timeout(st, cfg->database.query_timeout_ms);
 	if (store_connect(st) == -1) {
-		printf("database: no answer: %s\n", store_errmsg(st));
+		one_line(store_errmsg(st), msg, sizeof(msg));
+		printf("database: no answer: %s\n", msg);
 	} else {
 		store_target(st, target, sizeof(target));
-		if (store_check_schema(st) == -1)
-			printf("database: answered (%s), but %s\n", target, store_errmsg(st));
-		else {
+		if (store_check_schema(st) == -1) {
+			one_line(store_errmsg(st), msg, sizeof(msg));
+			printf("database: answered (%s), but %s\n", target, msg);
+		} else {
 			printf("database: answered (%s), schema up to date\n", target);
 			ret = 0;
 		}

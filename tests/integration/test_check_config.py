@@ -15,7 +15,7 @@ import re
 
 import pytest
 
-from harness import (REPO_ROOT, FakeApi, Worker, insert_invoices, make_config, make_test_ca, migrate,
+from harness import (REPO_ROOT, FakeApi, Worker, free_port, insert_invoices, make_config, make_test_ca, migrate,
                      run_cli, wait_for)
 
 
@@ -278,6 +278,18 @@ def test_connect_says_what_did_not_answer(tmp_path, db, fake_api, binary):
     r = run_cli(cfg, "check-config", "--connect")
     assert r.returncode == 1
     assert re.search(r'^billing api: no answer from "http://[^"]+": ', r.stdout, re.M), r.stdout
+
+
+def test_connect_one_line_per_server_when_the_database_is_down(tmp_path, db, fake_api, binary):
+    cfg = make_config(tmp_path, db, None, fake_api,
+                      **{"database.conninfo": f"host=127.0.0.1 port={free_port()} dbname=x"})
+    r = run_cli(cfg, "check-config", "--connect", timeout=30)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    lines = r.stdout.splitlines()
+    assert len(lines) == 4, lines
+    assert lines[1].startswith("database: no answer: could not connect to the database: ")
+    assert "Connection refused Is the server running" in lines[1], lines[1]
+    assert lines[2].startswith("redis: no answer at ") and lines[3].startswith("billing api: ")
 
 
 def test_connect_skip_locked_needs_no_redis(tmp_path, db, fake_api, binary):
