@@ -12,11 +12,13 @@ check-config --connect then asks the servers, a line each, sending no token.
 import json
 import os
 import re
+import shutil
+import subprocess
 
 import pytest
 
-from harness import (REPO_ROOT, FakeApi, Worker, free_port, insert_invoices, make_config, make_test_ca, migrate,
-                     run_cli, wait_for)
+from harness import (REPO_ROOT, FakeApi, RedisError, Worker, free_port, insert_invoices, make_config,
+                     make_test_ca, migrate, redis_command, run_cli, wait_for)
 
 
 def changelog_version():
@@ -298,6 +300,43 @@ def test_connect_skip_locked_needs_no_redis(tmp_path, db, fake_api, binary):
     r = run_cli(cfg, "check-config", "--connect")
     assert r.returncode == 0, (r.stdout, r.stderr)
     assert 'redis: not used (locks.mode "skip-locked")' in r.stdout
+
+
+@pytest.fixture
+def redis_with_password(tmp_path):
+    """A private redis-server that asks for AUTH: (host, port, password)."""
+    password = "redis-pw-" + os.urandom(6).hex()
+    port = free_port()
+    proc = subprocess.Popen(
+        [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(port), "--bind",
+         "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path),
+         "--requirepass", password, "--daemonize", "no"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: redis_command("127.0.0.1", port, "AUTH", password) == "OK", 10,
+                 ignore=(OSError, ConnectionError, RedisError))
+        yield "127.0.0.1", port, password
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_connect_redis_with_auth(tmp_path, db, fake_api, binary, redis_with_password):
+    host, port, password = redis_with_password
+    pw = private(tmp_path / "redis-password", password + "\n")
+    cfg = make_config(tmp_path, db, None, fake_api, **{"redis.port": port,
+                                                       "redis.password_file": str(pw)})
+    migrate(cfg)
+    r = run_cli(cfg, "check-config", "--connect")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert f'redis: "{host}:{port}" answered PONG (after AUTH)\n' in r.stdout
+    assert password not in r.stdout + r.stderr
+    private(pw, "not-the-password\n")
+    r = run_cli(cfg, "check-config", "--connect")
+    assert r.returncode == 1
+    assert re.search(rf'^redis: no answer at "{host}:{port}": authentication failed', r.stdout,
+                     re.M), r.stdout
+    assert "not-the-password" not in r.stdout + r.stderr
 
 
 def test_connect_tls_handshake_with_the_ca_file(tmp_path, db, redis, binary):
