@@ -47,7 +47,14 @@ WARN     := -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes \
             -Wwrite-strings -Wformat=2 -Werror \
             -Wno-format-truncation  # we truncate into fixed buffers on purpose
 CFLAGS   ?= -O2 -g
-CPPFLAGS += -D_GNU_SOURCE -I. -I$(BUILD)
+# The version lives in one place, debian/changelog's top entry, which is
+# also the version dpkg-buildpackage gives the package: the binary and the
+# .deb cannot disagree.
+VERSION  := $(shell sed -n '1s/^[^(]*(\([^)]*\)).*/\1/p' debian/changelog)
+ifeq ($(VERSION),)
+$(error could not read the version from debian/changelog)
+endif
+CPPFLAGS += -D_GNU_SOURCE -I. -I$(BUILD) -DBW_VERSION='"$(VERSION)"'
 ALL_CFLAGS = -std=c17 $(WARN) $(CFLAGS) $(SAN_FLAGS) -MMD -MP \
              $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 LIBS     := $(shell pkg-config --libs $(PKGS) 2>/dev/null) -lm
@@ -66,6 +73,7 @@ STORE_SRC   := store/store.c store/conninfo.c store/deadline.c store/park.c stor
 BILLING_SRC := billing/api.c billing/response.c billing/backoff.c billing/outcome.c billing/pace.c
 LOCKS_SRC   := locks/lock.c locks/redis_lock.c
 WORKER_SRC  := worker/loop.c worker/telemetry.c worker/notify.c worker/metrics_http.c \
+               worker/preflight.c worker/probe.c \
                worker/secret.c worker/main.c
 
 LIB_SRC := $(COMMON_SRC) $(CONFIG_SRC) $(STORE_SRC) $(BILLING_SRC) $(LOCKS_SRC) \
@@ -116,7 +124,8 @@ $(BIN): $(call obj,$(BIN_SRC))
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $^ $(LIBS)
 
-$(BUILD)/obj/%.o: %.c
+# A new changelog entry changes BW_VERSION, which -MMD cannot see.
+$(BUILD)/obj/%.o: %.c debian/changelog
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) $(CPPFLAGS) -c -o $@ $<
 

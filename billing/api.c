@@ -474,3 +474,56 @@ api_in_flight(const api_client *api)
 {
 	return api->in_flight;
 }
+
+int
+api_probe(const char *base_url, const char *ca_file, long connect_timeout_ms,
+    char *what, size_t whatlen, char *err, size_t errlen)
+{
+	char errbuf[CURL_ERROR_SIZE] = "";
+	const char *ip = NULL;
+	long port = 0;
+	bool https = strncmp(base_url, "https://", 8) == 0;
+	CURL *c;
+	CURLcode rc;
+	int ret = -1;
+
+	if (!curl_ready) {
+		if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
+			snprintf(err, errlen, "could not initialize libcurl");
+			return -1;
+		}
+		curl_ready = 1;
+	}
+	if ((c = curl_easy_init()) == NULL) {
+		snprintf(err, errlen, "out of memory");
+		return -1;
+	}
+	/*
+	 * CONNECT_ONLY stops after the TCP connect and, for https, the TLS
+	 * handshake with the same verification as every call: no request,
+	 * so no token, goes out.
+	 */
+	curl_easy_setopt(c, CURLOPT_URL, base_url);
+	curl_easy_setopt(c, CURLOPT_CONNECT_ONLY, 1L);
+	curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+	curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, connect_timeout_ms);
+	curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, connect_timeout_ms);
+	curl_easy_setopt(c, CURLOPT_ERRORBUFFER, errbuf);
+	curl_easy_setopt(c, CURLOPT_SSL_VERIFYPEER, 1L);
+	curl_easy_setopt(c, CURLOPT_SSL_VERIFYHOST, 2L);
+	if (ca_file != NULL && ca_file[0] != '\0')
+		curl_easy_setopt(c, CURLOPT_CAINFO, ca_file);
+	rc = curl_easy_perform(c);
+	if (rc != CURLE_OK) {
+		snprintf(err, errlen, "%s", errbuf[0] != '\0' ? errbuf : curl_easy_strerror(rc));
+	} else {
+		curl_easy_getinfo(c, CURLINFO_PRIMARY_IP, &ip);
+		curl_easy_getinfo(c, CURLINFO_PRIMARY_PORT, &port);
+		snprintf(what, whatlen, "%s %s port %ld%s", https ? "TLS handshake with" :
+		    "TCP connect to", ip != NULL ? ip : "?", port,
+		    https ? ", certificate and host name verified" : "");
+		ret = 0;
+	}
+	curl_easy_cleanup(c);
+	return ret;
+}

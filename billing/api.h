@@ -34,6 +34,17 @@ int api_client_new(const struct api_options *o, api_client **ret, char *err, siz
 void api_client_free(api_client *api);
 
 /*
+ * Connects to BASE_URL's host as a call would (TCP, then for https the TLS
+ * handshake, verified against CA_FILE or the system store) and hangs up
+ * without sending a request: no token is needed or sent.  Returns 0 with
+ * what answered in WHAT, or -1 with libcurl's reason in ERR.  Blocks for up
+ * to CONNECT_TIMEOUT_MS: for "check-config --connect", never the loop.
+ */
+int api_probe(const char *base_url, const char *ca_file, long connect_timeout_ms,
+    char *what, size_t whatlen, char *err, size_t errlen)
+	__attribute__((warn_unused_result));
+
+/*
  * Replaces the bearer token for calls started from now on (SIGHUP, after a
  * rotation).  TOKEN is copied.  Returns -1 without memory; the old token
  * stays.

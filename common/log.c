@@ -17,6 +17,7 @@ static int log_min_level = LOG_INFO;
 static bool log_json;
 /* Whether stderr is the journal's stream: -1 until looked at. */
 static int log_journal = -1;
+static bool log_plain;
 
 static const char *const level_names[] = { "debug", "info", "warning", "error" };
 /* sd-daemon(3): SD_DEBUG, SD_INFO, SD_WARNING, SD_ERR, by our levels. */
@@ -63,6 +64,12 @@ void
 log_set_json(int json)
 {
 	log_json = json != 0;
+}
+
+void
+log_set_plain(int plain)
+{
+	log_plain = plain != 0;
 }
 
 int
@@ -266,12 +273,17 @@ log_vwrite(int level, int errnum, const struct log_item_fields *f, const char *f
 	n = strlen(msg);
 	while (n > 0 && (msg[n - 1] == '\n' || msg[n - 1] == '\r'))
 		msg[--n] = '\0';
-	if (log_json) {
+	if (log_json && !log_plain) {
 		write_json(prefix, stamp, ts.tv_nsec / 1000000, level, errnum, f, msg);
 		return;
 	}
 	fold_lines(folded, sizeof(folded), msg);
-	if (errnum != 0)
+	if (log_plain && errnum != 0)
+		fprintf(stderr, "billing-worker: %s: %s: %s\n", level_names[level], folded,
+		    strerror(errnum));
+	else if (log_plain)
+		fprintf(stderr, "billing-worker: %s: %s\n", level_names[level], folded);
+	else if (errnum != 0)
 		fprintf(stderr, "%s%s.%03ldZ %s worker=%s %s: %s\n", prefix, stamp,
 		    ts.tv_nsec / 1000000, level_names[level], log_worker_id, folded,
 		    strerror(errnum));

@@ -45,6 +45,12 @@ void log_set_level(int level);
  * about an item, and "error" (strerror) for log_warn and fatal.
  */
 void log_set_json(int json);
+/*
+ * Lines for a person at a terminal rather than for the journal:
+ * "billing-worker: error: MESSAGE", no time stamp or worker id.  For
+ * check-config, whose problems are the same messages run would log.
+ */
+void log_set_plain(int plain);
 int log_level_enabled(int level);
 
 void log_debug(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

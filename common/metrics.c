@@ -245,6 +245,13 @@ render_locks(FILE *out)
 static void
 render_gauges(FILE *out)
 {
+	/*
+	 * The "info" pattern: a constant 1 whose label says which build
+	 * runs, so a dashboard can join it to any other series by instance
+	 * and tell which hosts a rollout has reached.
+	 */
+	head(out, "build_info", "gauge", "The version of this billing-worker binary (always 1).");
+	fprintf(out, "billing_worker_build_info{version=\"%s\"} 1\n", BW_VERSION);
 	head(out, "in_flight", "gauge", "Items claimed by this process and not yet recorded.");
 	fprintf(out, "billing_worker_in_flight %d\n", m.in_flight);
 	head(out, "concurrency", "gauge", "worker.concurrency now in force.");

@@ -177,12 +177,21 @@ static const struct rule {
 };
 
 /* The state of one load: the struct being built and the errors so far. */
+struct segment;
+
 struct loader {
 	const char *name;               /* FILE in messages */
 	FILE *out;                      /* open_memstream over text/len, or NULL */
 	char *text;
 	size_t len;
 	int nerrors;
+	FILE *warn_out;                 /* open_memstream over warn_text/warn_len */
+	char *warn_text;
+	size_t warn_len;
+	struct segment *segs;           /* expanded line -> file and line, in order */
+	size_t nsegs, capsegs;
+	char **files;                   /* the @include'd files' resolved names */
+	size_t nfiles;
 	const config_setting_t *seen[N_OPTS];   /* where the file sets each key */
 	bool bad[N_OPTS];               /* set but invalid: skip rules using it */
 	struct bw_config cfg;
@@ -259,6 +268,8 @@ is_group(const char *name)
 	return found;
 }
 
+static void source_of(const struct loader *ld, unsigned out_line, const char **file,
+    unsigned *line);
 static void verror(struct loader *ld, const char *file, unsigned line,
     const char *fmt, va_list ap) __attribute__((format(printf, 4, 0)));
 static void error_at(struct loader *ld, const char *file, unsigned line,
@@ -301,14 +312,34 @@ error_in(struct loader *ld, const config_setting_t *s, const char *fmt, ...)
 	unsigned line = 0;
 	va_list ap;
 
-	if (s != NULL) {
-		if (config_setting_source_file(s) != NULL)
-			file = config_setting_source_file(s);
-		line = config_setting_source_line(s);
-	}
+	if (s != NULL)
+		source_of(ld, config_setting_source_line(s), &file, &line);
 	va_start(ap, fmt);
 	verror(ld, file, line, fmt, ap);
 	va_end(ap);
+}
+
+static void warning_in(struct loader *ld, const config_setting_t *s,
+    const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+/* Like error_in, for a setting that is valid but likely a mistake. */
+static void
+warning_in(struct loader *ld, const config_setting_t *s, const char *fmt, ...)
+{
+	const char *file = ld->name;
+	unsigned line = 0;
+
+	if (ld->warn_out == NULL)
+		return;
+	if (s != NULL)
+		source_of(ld, config_setting_source_line(s), &file, &line);
+	va_list ap;
+
+	fprintf(ld->warn_out, "%s:%u: warning: ", file, line);
+	va_start(ap, fmt);
+	vfprintf(ld->warn_out, fmt, ap);
+	va_end(ap);
+	fputc('\n', ld->warn_out);
 }
 
 static const char *
@@ -726,13 +757,29 @@ walk_root(struct loader *ld, const config_setting_t *root)
 	}
 }
 
+/*
+ * A required key that is missing is reported at its group's line when the
+ * file has the group, which is where it goes; without the group no line
+ * applies (0).
+ */
 static void
-check_required(struct loader *ld)
+check_required(struct loader *ld, const config_setting_t *root)
 {
-	for (size_t i = 0; i < N_OPTS; i++)
-		if (opts[i].type == OPT_STRING && opts[i].def_str == NULL &&
-		    ld->seen[i] == NULL)
-			error_in(ld, NULL, "missing required setting \"%s\"", opts[i].key);
+	for (size_t i = 0; i < N_OPTS; i++) {
+		const config_setting_t *group = NULL;
+		char gname[64];
+
+		if (opts[i].type != OPT_STRING || opts[i].def_str != NULL || ld->seen[i] != NULL)
+			continue;
+		snprintf(gname, sizeof(gname), "%.*s", (int)strcspn(opts[i].key, "."),
+		    opts[i].key);
+		group = config_setting_get_member(root, gname);
+		if (group != NULL && config_setting_is_group(group))
+			error_in(ld, group, "missing required setting \"%s\"", opts[i].key);
+		else
+			error_in(ld, NULL, "missing required setting \"%s\" (the file has no "
+			    "\"%s\" group)", opts[i].key, gname);
+	}
 }
 
 static void
@@ -883,6 +930,26 @@ check_redis_auth(struct loader *ld)
 		    "only with a password");
 }
 
+/*
+ * A poll takes at most as many items as there is room for calls, so a
+ * batch larger than worker.concurrency is never taken whole: the setting
+ * does nothing past that.  Said only when the file sets one of the two,
+ * since the defaults (100 and 64) are left as they were chosen.
+ */
+static void
+check_warnings(struct loader *ld)
+{
+	int bi = find_key("worker.batch_size"), ci = find_key("worker.concurrency");
+	int batch = ld->cfg.worker.batch_size, conc = ld->cfg.worker.concurrency;
+
+	if (ld->bad[bi] || ld->bad[ci] || (ld->seen[bi] == NULL && ld->seen[ci] == NULL))
+		return;
+	if (batch > conc)
+		warning_in(ld, ld->seen[bi] != NULL ? ld->seen[bi] : ld->seen[ci],
+		    "\"worker.batch_size\" (%d) is greater than \"worker.concurrency\" (%d): "
+		    "a poll takes at most %d items", batch, conc, conc);
+}
+
 static void
 set_defaults(struct loader *ld)
 {
@@ -904,58 +971,173 @@ loader_init(struct loader *ld, const char *name)
 	memset(ld, 0, sizeof(*ld));
 	ld->name = name;
 	ld->out = open_memstream(&ld->text, &ld->len);
+	ld->warn_out = open_memstream(&ld->warn_text, &ld->warn_len);
 	ld->cfg.path = strdup(name);
 	if (ld->cfg.path == NULL)
 		error_in(ld, NULL, "out of memory");
 	set_defaults(ld);
 }
 
-/* libconfig's own limit on nested @include; deeper is its error to report. */
+/* libconfig's own limit on nested @include, kept now that we expand them. */
 #define INCLUDE_DEPTH_MAX 10
-/* Included files past this size are left to libconfig unread. */
+/* No configuration fragment is this large; a bigger file is a mistake. */
 #define INCLUDE_SIZE_MAX (1024 * 1024)
 
-static void check_includes(struct loader *ld, const char *text, const char *name, int depth);
+/*
+ * Where a line of the expanded text came from: lines from OUT_LINE on are
+ * FILE's lines from FILE_LINE on, up to the next segment.
+ */
+struct segment {
+	unsigned out_line;
+	const char *file;               /* ld->name, or one of ld->files */
+	unsigned file_line;
+};
 
-/* Reads what an @include names, when it is a regular file of sane size. */
+/* The text handed to libconfig, with every @include already in place. */
+struct expansion {
+	FILE *out;
+	unsigned out_line;              /* the line being written, from 1 */
+};
+
 static void
-check_included_file(struct loader *ld, const char *path, int depth)
+add_segment(struct loader *ld, unsigned out_line, const char *file, unsigned file_line)
 {
-	FILE *f;
-	char *buf;
-	size_t n;
+	struct segment *bigger;
 
-	if (depth >= INCLUDE_DEPTH_MAX || (f = fopen(path, "re")) == NULL)
-		return;
-	if ((buf = malloc(INCLUDE_SIZE_MAX + 1)) != NULL) {
-		n = fread(buf, 1, INCLUDE_SIZE_MAX + 1, f);
-		if (n <= INCLUDE_SIZE_MAX && !ferror(f)) {
-			buf[n] = '\0';
-			check_includes(ld, buf, path, depth + 1);
+	if (ld->nsegs == ld->capsegs) {
+		size_t cap = ld->capsegs == 0 ? 16 : ld->capsegs * 2;
+
+		if ((bigger = realloc(ld->segs, cap * sizeof(*bigger))) == NULL) {
+			error_at(ld, file, file_line, "out of memory");
+			return;
 		}
-		free(buf);
+		ld->segs = bigger;
+		ld->capsegs = cap;
 	}
-	fclose(f);
+	ld->segs[ld->nsegs++] = (struct segment){ out_line, file, file_line };
+}
+
+/* The file and line that line OUT_LINE of the expanded text came from. */
+static void
+source_of(const struct loader *ld, unsigned out_line, const char **file, unsigned *line)
+{
+	*file = ld->name;
+	*line = out_line;
+	if (out_line == 0)
+		return;
+	for (size_t i = 0; i < ld->nsegs; i++) {
+		if (ld->segs[i].out_line > out_line)
+			break;
+		*file = ld->segs[i].file;
+		*line = ld->segs[i].file_line + (out_line - ld->segs[i].out_line);
+	}
+}
+
+static void
+emit(struct expansion *ex, const char *p, size_t n)
+{
+	fwrite(p, 1, n, ex->out);
+	for (size_t i = 0; i < n; i++)
+		ex->out_line += p[i] == '\n';
 }
 
 /*
- * libconfig 1.5's scanner calls exit() when an @include'd path is a
- * directory ("input in flex scanner failed"), and blocks on a FIFO: on
- * SIGHUP either would end or freeze the daemon instead of keeping the
- * running configuration.  So every @include line (libconfig's rule: at the
- * start of a line, outside comments and strings), in TEXT and in the files
- * it includes, is looked at first.  Naming anything but a regular file is
- * an error here, and libconfig never sees the text.  A path that does not
- * exist is left to libconfig, which reports it.
+ * A relative @include names a file beside the one that includes it, as in
+ * nginx and C: systemd starts the worker in /, and no operator means "the
+ * working directory" when writing @include "conf.d/limits.conf".
+ */
+static char *
+resolve_include(const char *including, const char *path)
+{
+	const char *slash = strrchr(including, '/');
+	char *full = NULL;
+
+	if (path[0] == '/' || slash == NULL)
+		return strdup(path);
+	if (asprintf(&full, "%.*s/%s", (int)(slash - including), including, path) == -1)
+		return NULL;
+	return full;
+}
+
+static void expand_text(struct loader *ld, struct expansion *ex, const char *text,
+    const char *name, int depth);
+
+/*
+ * Puts the file an @include on NAME:LINE names in place of the directive.
+ * Anything but a regular file is refused before anyone reads it: libconfig
+ * 1.5's scanner calls exit() on a directory and blocks on a FIFO, which on
+ * SIGHUP would end or freeze the daemon instead of keeping the running
+ * configuration.
  */
 static void
-check_includes(struct loader *ld, const char *text, const char *name, int depth)
+expand_include(struct loader *ld, struct expansion *ex, const char *name, unsigned line,
+    const char *path, int depth)
 {
-	const char *p = text, *next;
+	char *full = resolve_include(name, path);
+	char *buf = NULL;
+	char **files;
+	FILE *f = NULL;
+	struct stat sb;
+	size_t n = 0;
+
+	if (full == NULL) {
+		error_at(ld, name, line, "out of memory");
+	} else if (depth + 1 >= INCLUDE_DEPTH_MAX) {
+		error_at(ld, name, line, "@include \"%s\" is nested more than %d deep",
+		    path, INCLUDE_DEPTH_MAX);
+	} else if (stat(full, &sb) == -1) {
+		error_at(ld, name, line, "could not open @include file \"%s\": %s", full,
+		    strerror(errno));
+	} else if (!S_ISREG(sb.st_mode)) {
+		error_at(ld, name, line, "@include \"%s\" is not a regular file", full);
+	} else if ((f = fopen(full, "re")) == NULL) {
+		error_at(ld, name, line, "could not open @include file \"%s\": %s", full,
+		    strerror(errno));
+	} else if ((buf = malloc(INCLUDE_SIZE_MAX + 1)) == NULL) {
+		error_at(ld, name, line, "out of memory");
+	} else if ((n = fread(buf, 1, INCLUDE_SIZE_MAX + 1, f)) > INCLUDE_SIZE_MAX) {
+		error_at(ld, name, line, "@include file \"%s\" is larger than %d bytes", full,
+		    INCLUDE_SIZE_MAX);
+	} else if (ferror(f)) {
+		error_at(ld, name, line, "could not read @include file \"%s\": %s", full,
+		    strerror(errno));
+	} else if (buf[n] = '\0', strlen(buf) != n) {
+		error_at(ld, full, 0, "file contains a null byte");
+	} else if ((files = realloc(ld->files, (ld->nfiles + 1) * sizeof(*files))) == NULL) {
+		error_at(ld, name, line, "out of memory");
+	} else {
+		/* The segments point at the name: it lives as long as the loader. */
+		ld->files = files;
+		ld->files[ld->nfiles++] = full;
+		expand_text(ld, ex, buf, full, depth + 1);
+		full = NULL;
+		if (n > 0 && buf[n - 1] != '\n')
+			emit(ex, "\n", 1);
+		/* the rest of the directive's line */
+		add_segment(ld, ex->out_line, name, line);
+	}
+	if (f != NULL)
+		fclose(f);
+	free(buf);
+	free(full);
+}
+
+/*
+ * Copies TEXT (from NAME) to EX, each @include line (libconfig's rule: at
+ * the start of a line, outside comments and strings) replaced by the file
+ * it names.  libconfig 1.5 cannot be told where a relative path is, nor
+ * named in its messages, so the expansion is ours; the segments it
+ * records give every error its own file and line back.
+ */
+static void
+expand_text(struct loader *ld, struct expansion *ex, const char *text, const char *name,
+    int depth)
+{
+	const char *p = text, *next, *copied = text;
 	unsigned line = 1;
 	bool line_start = true;
-	struct stat sb;
 
+	add_segment(ld, ex->out_line, name, 1);
 	while (*p != '\0') {
 		next = NULL;
 		if (line_start) {
@@ -965,6 +1147,7 @@ check_includes(struct loader *ld, const char *text, const char *name, int depth)
 				char path[4096];
 				size_t o = 0;
 
+				emit(ex, copied, (size_t)(p - copied));
 				next = p + 8 + strspn(p + 8, " \t") + 1;
 				for (; *next != '\0' && *next != '"' && o + 1 < sizeof(path); next++) {
 					if (*next == '\\' && next[1] != '\0')
@@ -972,13 +1155,10 @@ check_includes(struct loader *ld, const char *text, const char *name, int depth)
 					path[o++] = *next;
 				}
 				path[o] = '\0';
-				if (stat(path, &sb) == -1)
-					;       /* libconfig says it cannot open it */
-				else if (!S_ISREG(sb.st_mode))
-					error_at(ld, name, line, "@include \"%s\" is not a regular file",
-					    path);
-				else
-					check_included_file(ld, path, depth);
+				if (*next == '"')
+					next++;
+				expand_include(ld, ex, name, line, path, depth);
+				copied = next;
 			}
 		}
 		if (next == NULL)
@@ -989,6 +1169,130 @@ check_includes(struct loader *ld, const char *text, const char *name, int depth)
 			line += *p == '\n';
 		line_start = next > text && next[-1] == '\n';
 	}
+	emit(ex, copied, (size_t)(p - copied));
+}
+
+/*
+ * libconfig 1.5 says only "duplicate setting name".  This walks the text
+ * as its scanner would (names, "=" or ":", groups, lists and arrays) and
+ * finds the first name set twice in one group, with both lines.  Returns
+ * false when it finds none (then libconfig's words are all there is).
+ */
+#define DUP_DEPTH_MAX 32
+
+struct dup_name {
+	const char *name;
+	size_t len;
+	int depth;
+	unsigned line;
+};
+
+static bool
+find_duplicate(const char *text, char *key, size_t keylen, unsigned *line,
+    unsigned *first_line)
+{
+	struct dup_name *names = NULL, *bigger;
+	size_t n = 0, cap = 0;
+	const char *scope[DUP_DEPTH_MAX];
+	size_t scope_len[DUP_DEPTH_MAX];
+	const char *last = NULL, *p = text, *next;
+	size_t last_len = 0;
+	unsigned at = 1;
+	int depth = 0;
+	bool found = false, after_assign = false;
+
+	while (*p != '\0' && !found) {
+		next = skip_comment_or_string(p);
+		if (next != NULL) {
+			after_assign = false;
+		} else if (isalpha((unsigned char)*p) || *p == '*') {
+			const char *q;
+
+			for (next = p + 1; isalnum((unsigned char)*next) || *next == '-' ||
+			    *next == '_' || *next == '*'; next++)
+				;
+			for (q = next; *q == ' ' || *q == '\t' || *q == '\r' || *q == '\n'; q++)
+				;
+			after_assign = false;
+			if (*q == '=' || *q == ':') {
+				for (size_t i = n; i > 0 && !found; i--) {
+					const struct dup_name *d = &names[i - 1];
+
+					if (d->depth == depth && d->len == (size_t)(next - p) &&
+					    memcmp(d->name, p, d->len) == 0) {
+						size_t o = 0;
+
+						for (int s = 0; s < depth && s < DUP_DEPTH_MAX; s++)
+							if (scope[s] != NULL && o < keylen)
+								o += (size_t)snprintf(key + o, keylen - o,
+								    "%.*s.", (int)scope_len[s], scope[s]);
+						if (o < keylen)
+							snprintf(key + o, keylen - o, "%.*s", (int)d->len, p);
+						*line = at;
+						*first_line = d->line;
+						found = true;
+					}
+				}
+				if (!found && n == cap) {
+					cap = cap == 0 ? 64 : cap * 2;
+					if ((bigger = realloc(names, cap * sizeof(*names))) == NULL)
+						break;
+					names = bigger;
+				}
+				if (!found)
+					names[n++] = (struct dup_name){ p, (size_t)(next - p), depth, at };
+				last = p;
+				last_len = (size_t)(next - p);
+				after_assign = true;
+				next = q + 1;
+			}
+		} else if (*p == '{' || *p == '(' || *p == '[') {
+			if (depth < DUP_DEPTH_MAX) {
+				/* an element of a list has no name of its own */
+				scope[depth] = after_assign ? last : NULL;
+				scope_len[depth] = after_assign ? last_len : 0;
+			}
+			depth++;
+			after_assign = false;
+			next = p + 1;
+		} else if (*p == '}' || *p == ')' || *p == ']') {
+			while (n > 0 && names[n - 1].depth >= depth)
+				n--;
+			if (depth > 0)
+				depth--;
+			after_assign = false;
+			next = p + 1;
+		} else {
+			if (!isspace((unsigned char)*p))
+				after_assign = false;
+			next = p + 1;
+		}
+		for (; p < next && *p != '\0'; p++)
+			at += *p == '\n';
+	}
+	free(names);
+	return found;
+}
+
+/* libconfig's parse error, in its file's terms, with what it leaves out. */
+static void
+parse_error(struct loader *ld, config_t *lc, const char *expanded)
+{
+	const char *text = config_error_text(lc);
+	const char *file, *first_file;
+	unsigned line, first_line, dline = 0, dfirst = 0;
+	char key[256];
+
+	source_of(ld, (unsigned)config_error_line(lc), &file, &line);
+	if (text != NULL && strcmp(text, "duplicate setting name") == 0 &&
+	    find_duplicate(expanded, key, sizeof(key), &dline, &dfirst)) {
+		source_of(ld, dline, &file, &line);
+		source_of(ld, dfirst, &first_file, &first_line);
+		error_at(ld, file, line, "duplicate setting \"%s\" (first set at %s:%u)", key,
+		    first_file, first_line);
+	} else {
+		error_at(ld, file, line, "%s", text != NULL ? text : "syntax error");
+	}
 }
 
 /* Parses TEXT, then checks and stores every setting it holds. */
@@ -996,28 +1300,38 @@ static void
 load_text(struct loader *ld, const char *text)
 {
 	config_t lc;
-	char *widened = widen_integers(text);
+	struct expansion ex = { NULL, 1 };
+	char *expanded = NULL, *widened = NULL;
+	size_t len = 0;
 	int before = ld->nerrors;
 
 	config_init(&lc);
-	if (widened != NULL)
-		check_includes(ld, text, ld->name, 0);
+	if ((ex.out = open_memstream(&expanded, &len)) != NULL) {
+		expand_text(ld, &ex, text, ld->name, 0);
+		if (fclose(ex.out) != 0) {
+			free(expanded);
+			expanded = NULL;
+		}
+	}
+	if (expanded != NULL)
+		widened = widen_integers(expanded);
 	if (widened == NULL) {
 		error_in(ld, NULL, "out of memory");
 	} else if (ld->nerrors > before) {
-		/* an @include libconfig cannot survive: reported above */
+		/* an @include that could not be put in place: reported above */
 	} else if (config_read_string(&lc, widened) != CONFIG_TRUE) {
-		error_at(ld, config_error_file(&lc) != NULL ? config_error_file(&lc) : ld->name,
-		    (unsigned)config_error_line(&lc), "%s", config_error_text(&lc));
+		parse_error(ld, &lc, expanded);
 	} else {
 		walk_root(ld, config_root_setting(&lc));
-		check_required(ld);
+		check_required(ld, config_root_setting(&lc));
 		check_rules(ld);
 		check_transport(ld);
 		check_redis_auth(ld);
+		check_warnings(ld);
 	}
 	config_destroy(&lc);
 	free(widened);
+	free(expanded);
 }
 
 /*
@@ -1098,6 +1412,19 @@ loader_finish(struct loader *ld, struct bw_config *cfg, char **errors)
 	else
 		free(ld->text);
 	ld->text = NULL;
+	/* Warnings are a nicety: without memory for them, there are none. */
+	if (ld->warn_out != NULL && fclose(ld->warn_out) == 0 && ld->warn_len > 0)
+		ld->cfg.warnings = ld->warn_text;
+	else
+		free(ld->warn_text);
+	ld->warn_text = NULL;
+	/* Every message is written by now: the names they came from can go. */
+	for (size_t i = 0; i < ld->nfiles; i++)
+		free(ld->files[i]);
+	free(ld->files);
+	free(ld->segs);
+	ld->files = NULL;
+	ld->segs = NULL;
 	*errors = NULL;
 	if (n == 0) {
 		free(text);
@@ -1143,6 +1470,7 @@ config_free(struct bw_config *cfg)
 			if (opts[i].type == OPT_STRING)
 				free(*str_field(cfg, &opts[i]));
 		free(cfg->path);
+		free(cfg->warnings);
 		memset(cfg, 0, sizeof(*cfg));
 	}
 }

@@ -36,6 +36,12 @@ enum log_format {
 
 struct bw_config {
 	char *path;                 /* the file this came from */
+	/*
+	 * Settings that are valid but probably not what was meant, one
+	 * "FILE:LINE: message" line each, or NULL when there are none.
+	 * Worth saying at start and in check-config; never a refusal.
+	 */
+	char *warnings;
 	struct {
 		char *id;               /* "" means hostname:pid, resolved by the caller */
 		int concurrency;

@@ -425,3 +425,25 @@ redis_lock_pause(redis_lock *rl, int pause_ms)
 	snprintf(ms, sizeof(ms), "%d", pause_ms > 0 ? pause_ms : 1);
 	return run_script(rl, SCRIPT_PAUSE, NULL, NULL, 0, args, 2, NULL, &ignored, 1);
 }
+
+int
+redis_lock_ping(redis_lock *rl, char *buf, size_t len)
+{
+	redisReply *r;
+	int ret = -1;
+
+	if (!redis_lock_connected(rl)) {
+		set_err(rl, "not connected");
+		return -1;
+	}
+	r = redisCommand(rl->ctx, "PING");
+	if (r == NULL)
+		drop(rl);
+	else if (r->type == REDIS_REPLY_STATUS || r->type == REDIS_REPLY_STRING) {
+		snprintf(buf, len, "%s", r->str);
+		ret = 0;
+	} else
+		set_err(rl, "PING: %s", r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+	freeReplyObject(r);
+	return ret;
+}

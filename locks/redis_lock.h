@@ -38,6 +38,13 @@ int redis_lock_connect(redis_lock *rl) __attribute__((warn_unused_result));
 bool redis_lock_connected(const redis_lock *rl);
 const char *redis_lock_errmsg(const redis_lock *rl);
 
+/*
+ * Sends PING on a connected handle (redis_lock_connect has done AUTH when
+ * a password is set) and copies the answer ("PONG") into BUF.  Returns -1
+ * with the reason in redis_lock_errmsg().  For "check-config --connect".
+ */
+int redis_lock_ping(redis_lock *rl, char *buf, size_t len) __attribute__((warn_unused_result));
+
 /* The fleet's shared rate budget, spent by redis_lock_acquire(). */
 struct redis_rate {
 	int rate;               /* API calls per second for the fleet; 0 = no limit */

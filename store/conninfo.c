@@ -1,5 +1,6 @@
 #include "store/conninfo.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -31,6 +32,33 @@ conninfo_password(const char *conninfo, char **ret)
 	if (rc == 0)
 		*ret = copy;
 	return rc;
+}
+
+int
+conninfo_check(const char *conninfo, char *err, size_t errlen)
+{
+	PQconninfoOption *opts;
+	char *msg = NULL;
+	size_t n;
+
+	if ((opts = PQconninfoParse(conninfo, &msg)) != NULL) {
+		PQconninfoFree(opts);
+		return 0;
+	}
+	if (msg == NULL) {
+		snprintf(err, errlen, "could not parse \"database.conninfo\": out of memory");
+	} else if (conninfo_may_hold_secret(conninfo)) {
+		snprintf(err, errlen, "\"database.conninfo\" is not a valid connection string "
+		    "(libpq's message is not shown: it may quote the password)");
+	} else {
+		n = strlen(msg);
+		while (n > 0 && (msg[n - 1] == '\n' || msg[n - 1] == ' '))
+			msg[--n] = '\0';
+		snprintf(err, errlen, "\"database.conninfo\" is not a valid connection string: %s",
+		    msg);
+	}
+	PQfreemem(msg);
+	return -1;
 }
 
 bool

@@ -316,7 +316,8 @@ status_json(const struct status_rows *rows)
 		return NULL;
 	}
 	/* json_pack takes the arrays over, on failure too. */
-	return json_pack("{s:o, s:o, s:o, s:b, s:o, s:b, s:o, s:o}", "paused", pauses, "kinds", kinds,
+	return json_pack("{s:s, s:o, s:o, s:o, s:b, s:o, s:b, s:o, s:o}", "version", BW_VERSION,
+	    "paused", pauses, "kinds", kinds,
 	    "in_flight", flight, "in_flight_truncated", PQntuples(rows->flight) == STATUS_LIST_MAX,
 	    "overdue", overdue, "overdue_truncated", PQntuples(rows->overdue) == STATUS_LIST_MAX,
 	    "needs_operator", operator, "workers", workers);

@@ -472,6 +472,16 @@ store_connected(const store *st)
 	return st->conn != NULL && PQstatus(st->conn) == CONNECTION_OK;
 }
 
+void
+store_target(const store *st, char *buf, size_t len)
+{
+	if (!store_connected(st))
+		snprintf(buf, len, "%s", "");
+	else
+		snprintf(buf, len, "host \"%s\", port \"%s\", database \"%s\"",
+		    PQhost(st->conn), PQport(st->conn), PQdb(st->conn));
+}
+
 const char *
 store_pause_note(const store *st, enum item_kind kind)
 {

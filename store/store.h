@@ -60,6 +60,11 @@ int store_show(store *st, enum item_kind kind, int64_t id, bool json, FILE *out,
 int store_connect(store *st) __attribute__((warn_unused_result));
 bool store_connected(const store *st);
 const char *store_errmsg(const store *st);
+/*
+ * Writes what a connected handle is connected to into BUF: host, port and
+ * database, never the user or password.  "" when not connected.
+ */
+void store_target(const store *st, char *buf, size_t len);
 /* Deadlocks and serialization failures retried so far. */
 uint64_t store_retries(const store *st);
 

@@ -1235,7 +1235,7 @@ loop_run(struct bw_config *cfg, const char *token, const char *redis_password, b
 	l.once = once;
 	if (loop_setup(&l, token, redis_password) == -1)
 		goto out;
-	log_info("starting (%s, lock mode %s, concurrency %d, batch %d)",
+	log_info("starting (%s, lock mode %s, concurrency %d, batch %d, version " BW_VERSION ")",
 	    once ? "once" : "run", config_lock_mode_name(cfg->locks.mode),
 	    cfg->worker.concurrency, cfg->worker.batch_size);
 	if (!first_connect(&l)) {

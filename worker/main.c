@@ -1,37 +1,43 @@
 #include <errno.h>
-#include <fcntl.h>
 #include <getopt.h>
 #include <pwd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "common/log.h"
 #include "config/config.h"
-#include "store/conninfo.h"
 #include "store/report.h"
 #include "store/store.h"
 #include "worker/loop.h"
+#include "worker/preflight.h"
+#include "worker/probe.h"
 #include "worker/secret.h"
 
 #define DEFAULT_CONFIG "/etc/billing-worker/billing-worker.conf"
 
-enum { EXIT_OK = 0, EXIT_ERROR = 1, EXIT_USAGE = 2 };
+/*
+ * 2 is both a usage and a configuration error: the units'
+ * RestartPreventExitStatus=2 stops systemd restarting a worker that will
+ * refuse again, whatever made it refuse.
+ */
+enum { EXIT_OK = 0, EXIT_ERROR = 1, EXIT_USAGE = 2, EXIT_CONFIG = 2 };
 
 static void
 usage(FILE *out)
 {
 	fprintf(out,
-	    "usage: billing-worker [-c FILE] [run | once | check-config | migrate | status [--json] |\n"
-	    "                      audit | show KIND ID [--json] |\n"
-	    "                      pause [--kind KIND] --reason TEXT | resume [--kind KIND]]\n"
+	    "usage: billing-worker [-c FILE] [run | once | check-config [--connect] | migrate |\n"
+	    "                      status [--json] | audit | show KIND ID [--json] |\n"
+	    "                      pause [--kind KIND] --reason TEXT | resume [--kind KIND] |\n"
+	    "                      version]\n"
 	    "\n"
 	    "  run           the daemon (default); SIGTERM/SIGINT stop, SIGHUP reloads\n"
 	    "  once          process everything due now, then exit\n"
-	    "  check-config  validate the configuration file; exit 2 if invalid\n"
+	    "  check-config  validate the configuration and the files it names; exit 2 if\n"
+	    "                invalid (--connect: also reach the database, Redis and the API)\n"
 	    "  migrate       create or upgrade the database schema\n"
 	    "  status        counts by state, oldest pending, items in flight\n"
 	    "                (--json: the same as one JSON document)\n"
@@ -40,34 +46,13 @@ usage(FILE *out)
 	    "  pause         stop billing fleet-wide (KIND invoice or redemption; default both);\n"
 	    "                calls in flight finish and are recorded\n"
 	    "  resume        take up billing again\n"
+	    "  version       print the version and exit\n"
 	    "\n"
-	    "  -c FILE       configuration file (default " DEFAULT_CONFIG ")\n");
-}
-
-/*
- * A password written into database.conninfo makes the configuration file
- * itself a secret file, under the same rule.  (Better: ~/.pgpass, which
- * libpq itself refuses when others can read it.)
- */
-static int
-check_config_secret(const struct bw_config *cfg)
-{
-	char *password = NULL;
-	int fd, ret;
-
-	if (conninfo_password(cfg->database.conninfo, &password) == -1 || password == NULL)
-		return 0;
-	explicit_bzero(password, strlen(password));
-	free(password);
-	if ((fd = open(cfg->path, O_RDONLY | O_CLOEXEC)) == -1) {
-		fprintf(stderr, "billing-worker: could not open \"%s\": %s\n", cfg->path,
-		    strerror(errno));
-		return -1;
-	}
-	ret = secret_check_mode("configuration file with a password in database.conninfo",
-	    cfg->path, fd, cfg->worker.allow_readable_secrets);
-	close(fd);
-	return ret;
+	    "  -c, --config FILE  configuration file (default " DEFAULT_CONFIG ")\n"
+	    "  -h, --help         this summary\n"
+	    "      --version      print the version and exit\n"
+	    "\n"
+	    "Options may come before or after the command.\n");
 }
 
 static int
@@ -232,48 +217,113 @@ static int
 cmd_work(struct bw_config *cfg, bool once)
 {
 	static char token[SECRET_MAX], redis_password[SECRET_MAX];
-	char token_cred[4096], redis_cred[4096];
-	const char *token_path = secret_credential("api-token", token_cred, sizeof(token_cred));
-	const char *redis_path = secret_credential("redis-password", redis_cred, sizeof(redis_cred));
 	bool have_redis_password = false;
-	int status;
+	int status = EXIT_CONFIG;
 
 	if (config_insecure_http(cfg->billing_api.base_url))
 		log_warnx("billing_api.base_url \"%s\" is plain http to a host that is not "
 		    "loopback (allow_insecure_http): the token and every request cross the "
 		    "network unencrypted", cfg->billing_api.base_url);
-	if (token_path != NULL)
-		log_info("reading the API token from the systemd credential \"api-token\"");
-	if (secret_api_token(cfg, token, sizeof(token)) == -1)
-		return EXIT_ERROR;
-	if (redis_path == NULL && cfg->redis.password_file[0] != '\0')
-		redis_path = cfg->redis.password_file;
-	else if (redis_path != NULL)
-		log_info("reading the Redis password from the systemd credential "
-		    "\"redis-password\"");
-	if (redis_path != NULL && cfg->locks.mode != LOCK_MODE_SKIP_LOCKED) {
-		if (secret_read(redis_path == redis_cred ? "credential" : "redis.password_file",
-		    redis_path, cfg->worker.allow_readable_secrets, redis_password,
-		    sizeof(redis_password)) == -1) {
-			explicit_bzero(token, sizeof(token));
-			return EXIT_ERROR;
-		}
-		have_redis_password = true;
-	}
-	status = loop_run(cfg, token, have_redis_password ? redis_password : NULL, once);
+	if (preflight_worker(cfg, token, redis_password, &have_redis_password) == 0)
+		status = loop_run(cfg, token, have_redis_password ? redis_password : NULL, once);
 	explicit_bzero(token, sizeof(token));
 	explicit_bzero(redis_password, sizeof(redis_password));
 	return status;
 }
 
+/*
+ * Everything "run" would refuse, without starting: the file, then the
+ * files it names and the conninfo, each problem said once.  The secrets
+ * are read as "run" reads them, into buffers wiped at once.  With CONNECT
+ * the servers are asked too (probe.c), a line each.
+ */
+static int
+cmd_check_config(const struct bw_config *cfg, bool connect)
+{
+	static char token[SECRET_MAX], redis_password[SECRET_MAX];
+	bool have_redis_password = false;
+	int status = EXIT_OK;
+
+	if (preflight_database(cfg) == -1)
+		status = EXIT_CONFIG;
+	if (preflight_worker(cfg, token, redis_password, &have_redis_password) == -1)
+		status = EXIT_CONFIG;
+	if (status != EXIT_OK) {
+		fprintf(stderr, "billing-worker: \"%s\": the worker would refuse to start\n",
+		    cfg->path);
+	} else {
+		printf("%s: configuration is valid\n", cfg->path);
+		if (connect)
+			status = probe_all(cfg, have_redis_password ? redis_password : NULL) == 0 ?
+			    EXIT_OK : EXIT_ERROR;
+	}
+	explicit_bzero(token, sizeof(token));
+	explicit_bzero(redis_password, sizeof(redis_password));
+	return status;
+}
+
+static const char *const commands[] = {
+	"run", "once", "check-config", "migrate", "status", "audit", "show", "pause", "resume",
+	"version", NULL
+};
+
+static bool
+known_command(const char *cmd)
+{
+	for (size_t i = 0; commands[i] != NULL; i++)
+		if (strcmp(commands[i], cmd) == 0)
+			return true;
+	return false;
+}
+
+/*
+ * --json and --connect qualify their command, so they come after it
+ * ("status --json"); the global options may come anywhere.  getopt_long
+ * permutes argv and cannot tell, so this looks first.  Returns the option
+ * found before any command, or NULL.
+ */
+static const char *
+command_option_first(int argc, char **argv)
+{
+	for (int i = 1; i < argc; i++) {
+		if (strcmp(argv[i], "--") == 0 || argv[i][0] != '-')
+			break;
+		if (strcmp(argv[i], "-c") == 0 || strcmp(argv[i], "--config") == 0)
+			i++;
+		else if (strcmp(argv[i], "--json") == 0 || strcmp(argv[i], "--connect") == 0 ||
+		    strncmp(argv[i], "--kind", 6) == 0 || strncmp(argv[i], "--reason", 8) == 0)
+			return argv[i];
+	}
+	return NULL;
+}
+
+static void
+print_errors(const char *path, const char *errors, int nerr)
+{
+	fputs(errors != NULL ? errors : "", stderr);
+	if (errors != NULL && errors[0] != '\0' && errors[strlen(errors) - 1] != '\n')
+		fputc('\n', stderr);
+	fprintf(stderr, "billing-worker: \"%s\": %d error%s\n", path, nerr, nerr == 1 ? "" : "s");
+}
+
 int
 main(int argc, char **argv)
 {
+	static const struct option longopts[] = {
+		{ "config", required_argument, NULL, 'c' },
+		{ "help", no_argument, NULL, 'h' },
+		{ "version", no_argument, NULL, 'V' },
+		{ "json", no_argument, NULL, 'j' },
+		{ "connect", no_argument, NULL, 'C' },
+		{ "kind", required_argument, NULL, 'k' },
+		{ "reason", required_argument, NULL, 'r' },
+		{ NULL, 0, NULL, 0 },
+	};
 	const char *path = DEFAULT_CONFIG, *cmd = "run";
 	struct bw_config cfg;
 	char *errors = NULL;
 	const char *kind = NULL, *reason = NULL, *show_kind = NULL, *show_id = NULL;
-	bool json = false;
+	bool json = false, connect = false, version = false;
 	int ch, nerr, status;
 
 	/*
@@ -286,8 +336,18 @@ main(int argc, char **argv)
 		    strerror(errno));
 
 	memset(&cfg, 0, sizeof(cfg));
-	/* "+": options end at the command, whose own options follow it. */
-	while ((ch = getopt(argc, argv, "+c:h")) != -1) {
+	if (command_option_first(argc, argv) != NULL) {
+		fprintf(stderr, "billing-worker: option \"%s\" must follow its command\n",
+		    command_option_first(argc, argv));
+		usage(stderr);
+		return EXIT_USAGE;
+	}
+	/*
+	 * getopt_long permutes: options may follow the command
+	 * ("status --config FILE --json"), as operators type them.  --json
+	 * and --connect belong to one command each, checked below.
+	 */
+	while ((ch = getopt_long(argc, argv, "c:h", longopts, NULL)) != -1) {
 		switch (ch) {
 		case 'c':
 			path = optarg;
@@ -295,6 +355,21 @@ main(int argc, char **argv)
 		case 'h':
 			usage(stdout);
 			return EXIT_OK;
+		case 'V':
+			version = true;
+			break;
+		case 'j':
+			json = true;
+			break;
+		case 'C':
+			connect = true;
+			break;
+		case 'k':
+			kind = optarg;
+			break;
+		case 'r':
+			reason = optarg;
+			break;
 		default:
 			usage(stderr);
 			return EXIT_USAGE;
@@ -307,30 +382,28 @@ main(int argc, char **argv)
 		show_id = argv[optind + 1];
 		optind += 2;
 	}
-	if (optind < argc && (strcmp(cmd, "status") == 0 || strcmp(cmd, "show") == 0) &&
-	    strcmp(argv[optind], "--json") == 0) {
-		json = true;
-		optind++;
-	}
-	while (optind + 1 < argc && (strcmp(cmd, "pause") == 0 || strcmp(cmd, "resume") == 0) &&
-	    (strcmp(argv[optind], "--kind") == 0 ||
-	    (strcmp(argv[optind], "--reason") == 0 && strcmp(cmd, "pause") == 0))) {
-		if (strcmp(argv[optind], "--kind") == 0)
-			kind = argv[optind + 1];
-		else
-			reason = argv[optind + 1];
-		optind += 2;
-	}
 	if (optind < argc) {
 		fprintf(stderr, "billing-worker: unexpected argument \"%s\"\n", argv[optind]);
 		usage(stderr);
 		return EXIT_USAGE;
 	}
-	if (strcmp(cmd, "run") != 0 && strcmp(cmd, "once") != 0 &&
-	    strcmp(cmd, "check-config") != 0 && strcmp(cmd, "migrate") != 0 &&
-	    strcmp(cmd, "status") != 0 && strcmp(cmd, "audit") != 0 &&
-	    strcmp(cmd, "pause") != 0 && strcmp(cmd, "resume") != 0 && strcmp(cmd, "show") != 0) {
+	if (!known_command(cmd)) {
 		fprintf(stderr, "billing-worker: unknown command \"%s\"\n", cmd);
+		usage(stderr);
+		return EXIT_USAGE;
+	}
+	if ((json && strcmp(cmd, "status") != 0 && strcmp(cmd, "show") != 0) ||
+	    (connect && strcmp(cmd, "check-config") != 0)) {
+		fprintf(stderr, "billing-worker: option \"%s\" belongs to \"%s\", not \"%s\"\n",
+		    json ? "--json" : "--connect", json ? "status or show" : "check-config", cmd);
+		usage(stderr);
+		return EXIT_USAGE;
+	}
+	if ((kind != NULL && strcmp(cmd, "pause") != 0 && strcmp(cmd, "resume") != 0) ||
+	    (reason != NULL && strcmp(cmd, "pause") != 0)) {
+		fprintf(stderr, "billing-worker: option \"%s\" belongs to \"%s\", not \"%s\"\n",
+		    reason != NULL && strcmp(cmd, "pause") != 0 ? "--reason" : "--kind",
+		    reason != NULL && strcmp(cmd, "pause") != 0 ? "pause" : "pause or resume", cmd);
 		usage(stderr);
 		return EXIT_USAGE;
 	}
@@ -343,22 +416,17 @@ main(int argc, char **argv)
 		    "worker's log and in status\n");
 		return EXIT_USAGE;
 	}
+	if (version || strcmp(cmd, "version") == 0) {
+		printf("billing-worker %s\n", BW_VERSION);
+		return EXIT_OK;
+	}
 
 	nerr = config_load(path, &cfg, &errors);
 	if (nerr != 0) {
-		fputs(errors ? errors : "", stderr);
-		if (errors != NULL && errors[0] != '\0' && errors[strlen(errors) - 1] != '\n')
-			fputc('\n', stderr);
-		fprintf(stderr, "billing-worker: \"%s\": %d error%s\n", path, nerr,
-		    nerr == 1 ? "" : "s");
+		print_errors(path, errors, nerr);
 		free(errors);
 		config_free(&cfg);
-		return EXIT_USAGE;
-	}
-	if (strcmp(cmd, "check-config") == 0) {
-		printf("%s: configuration is valid\n", path);
-		config_free(&cfg);
-		return EXIT_OK;
+		return EXIT_CONFIG;
 	}
 	if (config_resolve_worker_id(&cfg) == -1) {
 		fprintf(stderr, "billing-worker: out of memory\n");
@@ -368,13 +436,27 @@ main(int argc, char **argv)
 	log_init(cfg.worker.id, (int)cfg.log.level);
 	log_set_json(cfg.log.format == LOG_FORMAT_JSON);
 
+	/* check-config talks to a person: plain lines, only what is wrong. */
+	if (strcmp(cmd, "check-config") == 0) {
+		log_set_plain(1);
+		log_set_level(LOG_WARN);
+		if (cfg.warnings != NULL)
+			fputs(cfg.warnings, stderr);
+		status = cmd_check_config(&cfg, connect);
+		config_free(&cfg);
+		return status;
+	}
+	if (cfg.warnings != NULL)
+		for (char *line = strtok(cfg.warnings, "\n"); line != NULL; line = strtok(NULL, "\n"))
+			log_warnx("%s", line);
+
 	/* Reports print to stdout; keep connection chatter out of them. */
 	if (strcmp(cmd, "status") == 0 || strcmp(cmd, "audit") == 0 || strcmp(cmd, "show") == 0 ||
 	    strcmp(cmd, "pause") == 0 || strcmp(cmd, "resume") == 0)
 		log_set_level(LOG_WARN);
 
-	if (check_config_secret(&cfg) == -1)
-		status = EXIT_ERROR;
+	if (preflight_database(&cfg) == -1)
+		status = EXIT_CONFIG;
 	else if (strcmp(cmd, "migrate") == 0)
 		status = cmd_migrate(&cfg);
 	else if (strcmp(cmd, "status") == 0)

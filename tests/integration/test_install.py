@@ -1,6 +1,7 @@
 """make install: layout, modes, PREFIX and DESTDIR, the config kept on
 reinstall; and the man pages are lint-clean."""
 
+import os
 import shutil
 import stat
 import subprocess
@@ -66,10 +67,22 @@ def test_reinstall_keeps_an_edited_config(tmp_path):
 def test_installed_example_config_is_valid(tmp_path):
     root = tmp_path / "root"
     make_install(f"DESTDIR={root}", "PREFIX=/usr")
-    r = subprocess.run([str(root / "usr/sbin/billing-worker"), "-c",
-                        str(root / "etc/billing-worker/billing-worker.conf"), "check-config"],
-                       capture_output=True, text=True, timeout=30)
+    # check-config reads the token as the unit hands it over: a credential
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "api-token").write_text("example-token\n")
+    (creds / "api-token").chmod(0o600)
+    cmd = [str(root / "usr/sbin/billing-worker"), "-c",
+           str(root / "etc/billing-worker/billing-worker.conf"), "check-config"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "CREDENTIALS_DIRECTORY": str(creds)})
     assert r.returncode == 0, r.stderr
+    # without one, the missing token file is what run would refuse
+    env = {k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY"}
+    if not os.path.exists("/etc/billing-worker/api-token"):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=30, env=env)
+        assert r.returncode == 2
+        assert 'could not open billing_api.token_file "/etc/billing-worker/api-token"' in r.stderr
 
 
 @pytest.mark.parametrize("page", ["billing-worker.8", "billing-worker.conf.5"])

@@ -176,6 +176,7 @@ def test_usage_errors_exit_2(tmp_path, binary):
 def test_missing_token_file_is_a_clear_error(tmp_path, db, redis, fake_api, binary):
     cfg = make_config(tmp_path, db, redis, fake_api,
                       **{"billing_api.token_file": str(tmp_path / "nope")})
-    r = run_cli(cfg, "once")
-    assert r.returncode == 1
-    assert "billing_api.token_file" in r.stderr and "nope" in r.stderr
+    for cmd in ("check-config", "once"):
+        r = run_cli(cfg, cmd)
+        assert r.returncode == 2, (cmd, r.stderr)
+        assert "billing_api.token_file" in r.stderr and "nope" in r.stderr

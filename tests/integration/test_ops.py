@@ -397,7 +397,7 @@ def test_token_from_credentials_directory(tmp_path, db, redis, fake_api, binary)
     # Without the credential the token file is used, and it is missing.
     token.unlink()
     r = run_cli(cfg, "once", env={"CREDENTIALS_DIRECTORY": str(creds)})
-    assert r.returncode == 1 and "not-there" in r.stderr
+    assert r.returncode == 2 and "not-there" in r.stderr
 
 
 # --------------------------------------------------------------------------

@@ -84,9 +84,10 @@ def test_unreadable_ca_file_fails_at_start(tmp_path, db, redis, tls_api, binary)
                       **{"billing_api.ca_file": str(tmp_path / "missing.pem")})
     migrate(cfg)
     insert_invoices(db, 1)
-    r = run_cli(cfg, "once")
-    assert r.returncode == 1
-    assert 'could not open billing_api.ca_file "' in r.stderr
+    for cmd in ("check-config", "once"):
+        r = run_cli(cfg, cmd)
+        assert r.returncode == 2, (cmd, r.stderr)
+        assert f'could not open billing_api.ca_file "{tmp_path / "missing.pem"}"' in r.stderr
     assert tls_api.state()["total_requests"] == 0
 
 

@@ -15,6 +15,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <sys/stat.h>
+
 #include <cmocka.h>
 
 #include "tests/unit/table.h"
@@ -43,9 +45,22 @@ static struct load_case cases[] = {
 	{ "syntax error has its line",
 	  DB API "worker = {\n\tconcurrency = ;\n};\n", 1,
 	  { NAME ":4: syntax error\n" } },
-	{ "duplicate key is a syntax error",
+	{ "duplicate key is named, with its first line",
 	  DB API "worker = {\n\tconcurrency = 1;\n\tconcurrency = 2;\n};\n", 1,
-	  { NAME ":5: duplicate setting name\n" } },
+	  { NAME ":5: duplicate setting \"worker.concurrency\" (first set at " NAME ":4)\n" } },
+	{ "duplicate key on one line",
+	  DB API "worker = { concurrency = 1; batch_size = 1; concurrency : 2; };\n", 1,
+	  { NAME ":3: duplicate setting \"worker.concurrency\" (first set at " NAME ":3)\n" } },
+	{ "duplicate group",
+	  DB API "worker = { concurrency = 1; };\n# worker = {};\nworker = { batch_size = 1; };\n", 1,
+	  { NAME ":5: duplicate setting \"worker\" (first set at " NAME ":3)\n" } },
+	{ "same name in two groups is no duplicate",
+	  DB API "worker = { id = \"a\"; };\nlocks = { ttl_ms = 30000; };\n"
+	  "redis = { host = \"h\"; /* host = */ port = 1; };\nlog = { level = \"info\"; };\n",
+	  0, { NULL } },
+	{ "duplicate inside a group after a string holding a name",
+	  DB API "redis = {\n\thost = \"port = 1;\";\n\tport = 1;\n\tport = 2;\n};\n", 1,
+	  { NAME ":6: duplicate setting \"redis.port\" (first set at " NAME ":5)\n" } },
 	{ "unknown key in a group",
 	  DB API "worker = {\n\tconcurency = 3;\n};\n", 1,
 	  { NAME ":4: unknown setting \"worker.concurency\"\n" } },
@@ -203,12 +218,30 @@ static struct load_case cases[] = {
 	  { NAME ":4: \"billing_api.backoff_max_ms\" (500) must be greater than or equal to "
 	    "\"billing_api.backoff_initial_ms\" (1000)\n" } },
 	{ "missing conninfo", API, 1,
-	  { NAME ":0: missing required setting \"database.conninfo\"\n" } },
+	  { NAME ":0: missing required setting \"database.conninfo\" (the file has no "
+	    "\"database\" group)\n" } },
 	{ "missing base_url", DB, 1,
-	  { NAME ":0: missing required setting \"billing_api.base_url\"\n" } },
+	  { NAME ":0: missing required setting \"billing_api.base_url\" (the file has no "
+	    "\"billing_api\" group)\n" } },
+	{ "missing conninfo points at its group",
+	  API "\ndatabase = {\n\tquery_timeout_ms = 1000;\n};\n", 1,
+	  { NAME ":3: missing required setting \"database.conninfo\"\n" } },
+	{ "missing base_url points at its group",
+	  DB "billing_api = { timeout_ms = 5000; };\n", 1,
+	  { NAME ":2: missing required setting \"billing_api.base_url\"\n" } },
 	{ "empty file", "", 2,
-	  { NAME ":0: missing required setting \"database.conninfo\"\n",
-	    NAME ":0: missing required setting \"billing_api.base_url\"\n" } },
+	  { NAME ":0: missing required setting \"database.conninfo\" (the file has no "
+	    "\"database\" group)\n",
+	    NAME ":0: missing required setting \"billing_api.base_url\" (the file has no "
+	    "\"billing_api\" group)\n" } },
+	{ "missing @include names the file",
+	  DB API "@include \"/nonexistent/limits.conf\"\n", 1,
+	  { NAME ":3: could not open @include file \"/nonexistent/limits.conf\": "
+	    "No such file or directory\n" } },
+	{ "@include closing quote opens no string",
+	  DB "@include \"/nonexistent/a\" # \"\n@include \"/nonexistent/b\"\n" API, 2,
+	  { NAME ":2: could not open @include file \"/nonexistent/a\"",
+	    NAME ":3: could not open @include file \"/nonexistent/b\"" } },
 	{ "empty conninfo",
 	  "database = {\n\tconninfo = \"\";\n};\n" API, 1,
 	  { NAME ":2: \"database.conninfo\" must not be empty\n" } },
@@ -310,7 +343,8 @@ static struct load_case cases[] = {
 	    NAME ":4: unknown setting \"worker.threads\"\n"
 	    NAME ":6: \"locks.mode\" must be one of redis, skip-locked, auto, not \"fast\"\n"
 	    NAME ":7: unknown setting \"cache\"\n"
-	    NAME ":0: missing required setting \"database.conninfo\"\n" } },
+	    NAME ":0: missing required setting \"database.conninfo\" (the file has no "
+	    "\"database\" group)\n" } },
 };
 
 
@@ -750,8 +784,168 @@ test_lock_mode_name(void **state)
 	assert_string_equal(config_lock_mode_name((enum lock_mode)42), "unknown");
 }
 
+/*
+ * @include against files on disk: each row's files are written under a
+ * fresh directory D, D/main.conf is loaded from "/" (where systemd starts
+ * the worker), and "@D@" in the expected text stands for D.
+ */
+struct include_file {
+	const char *path;       /* under D; "sub/" makes the folder */
+	const char *text;
+};
+
+struct include_case {
+	const char *name;
+	struct include_file files[4];   /* the first is main.conf */
+	int nerrors;
+	const char *expect[4];
+};
+
+static const struct include_case include_cases[] = {
+	{ "relative @include is beside the including file",
+	  { { "main.conf", DB "@include \"api.conf\"\n" }, { "api.conf", API } },
+	  0, { NULL } },
+	{ "nested relative @include is beside its own file",
+	  { { "main.conf", DB "@include \"sub/a.conf\"\n" },
+	    { "sub/a.conf", "@include \"b.conf\"\n" },
+	    { "sub/b.conf", API } },
+	  0, { NULL } },
+	{ "missing relative @include names the resolved file",
+	  { { "main.conf", DB API "@include \"sub/none.conf\"\n" }, { "sub/x", "" } },
+	  1, { "@D@/main.conf:3: could not open @include file \"@D@/sub/none.conf\": "
+	       "No such file or directory\n" } },
+	{ "an error in an included file has its file and line",
+	  { { "main.conf", DB "@include \"w.conf\"\n" API },
+	    { "w.conf", "# limits\nworker = {\n\tconcurrency = 0;\n};\n" } },
+	  1, { "@D@/w.conf:3: \"worker.concurrency\" must be between 1 and 10000, not 0\n" } },
+	{ "lines after an @include keep their numbers",
+	  { { "main.conf", "@include \"w.conf\"\n" DB API "worker = { batch_size = 0; };\n" },
+	    { "w.conf", "locks = {\n};\nlog = {\n};" } },
+	  1, { "@D@/main.conf:4: \"worker.batch_size\" must be between 1 and 10000, not 0\n" } },
+	{ "syntax error in an included file",
+	  { { "main.conf", DB API "@include \"bad.conf\"\n" }, { "bad.conf", "\n\nlog = {;\n" } },
+	  1, { "@D@/bad.conf:3: syntax error\n" } },
+	{ "duplicate across files names both",
+	  { { "main.conf", DB API "worker = {\n@include \"w.conf\"\n\tconcurrency = 2;\n};\n" },
+	    { "w.conf", "\tconcurrency = 1;\n" } },
+	  1, { "@D@/main.conf:5: duplicate setting \"worker.concurrency\" (first set at "
+	       "@D@/w.conf:1)\n" } },
+	{ "integers in an included file are widened too",
+	  { { "main.conf", DB API "@include \"w.conf\"\n" },
+	    { "w.conf", "worker = { batch_size = 4294967396; };\n" } },
+	  1, { "@D@/w.conf:1: \"worker.batch_size\" must be between 1 and 10000, not 4294967396\n" } },
+	{ "an @include of itself stops",
+	  { { "main.conf", DB API "@include \"main.conf\"\n" } },
+	  1, { "@include \"main.conf\" is nested more than 10 deep\n" } },
+};
+
+static char *
+expand_dir(const char *text, const char *dir)
+{
+	char *out = malloc(strlen(text) * 2 + strlen(dir) * 8 + 1);
+	char *o = out;
+
+	assert_non_null(out);
+	for (const char *p = text; *p != '\0';) {
+		if (strncmp(p, "@D@", 3) == 0) {
+			o = stpcpy(o, dir);
+			p += 3;
+		} else {
+			*o++ = *p++;
+		}
+	}
+	*o = '\0';
+	return out;
+}
+
+static void
+test_include_case(void **state)
+{
+	const struct include_case *c = *state;
+	char dir[] = "/tmp/bw-test-include-XXXXXX", path[512], cwd[4096];
+	struct bw_config cfg;
+	char *errors = NULL;
+	int n;
+
+	assert_non_null(mkdtemp(dir));
+	snprintf(path, sizeof(path), "%s/sub", dir);
+	assert_int_equal(mkdir(path, 0700), 0);
+	for (size_t i = 0; i < 4 && c->files[i].path != NULL; i++) {
+		FILE *f;
+
+		snprintf(path, sizeof(path), "%s/%s", dir, c->files[i].path);
+		assert_non_null(f = fopen(path, "w"));
+		fputs(c->files[i].text, f);
+		fclose(f);
+	}
+	assert_non_null(getcwd(cwd, sizeof(cwd)));
+	assert_int_equal(chdir("/"), 0);
+	snprintf(path, sizeof(path), "%s/main.conf", dir);
+	n = config_load(path, &cfg, &errors);
+	assert_int_equal(chdir(cwd), 0);
+	if (n != c->nerrors)
+		print_message("errors:\n%s", errors != NULL ? errors : "(none)\n");
+	assert_int_equal(n, c->nerrors);
+	for (size_t i = 0; i < 4 && c->expect[i] != NULL; i++) {
+		char *want = expand_dir(c->expect[i], dir);
+
+		if (strstr(errors, want) == NULL)
+			print_message("missing: %s\nerrors:\n%s", want, errors);
+		assert_non_null(strstr(errors, want));
+		free(want);
+	}
+	if (n == 0)
+		assert_null(errors);
+	free(errors);
+	config_free(&cfg);
+	for (size_t i = 0; i < 4 && c->files[i].path != NULL; i++) {
+		snprintf(path, sizeof(path), "%s/%s", dir, c->files[i].path);
+		unlink(path);
+	}
+	snprintf(path, sizeof(path), "%s/sub", dir);
+	rmdir(path);
+	rmdir(dir);
+}
+
+/* Warnings: valid files, FILE:LINE like errors, only for what the file sets. */
+static void
+test_warnings(void **state)
+{
+	static const struct {
+		const char *text;
+		const char *want;           /* NULL: no warning */
+	} rows[] = {
+		{ DB API, NULL },               /* the defaults, 100 and 64, say nothing */
+		{ DB API "worker = {\n\tconcurrency = 8;\n\tbatch_size = 8;\n};\n", NULL },
+		{ DB API "worker = {\n\tconcurrency = 8;\n\tbatch_size = 20;\n};\n",
+		  NAME ":5: warning: \"worker.batch_size\" (20) is greater than "
+		  "\"worker.concurrency\" (8): a poll takes at most 8 items\n" },
+		{ DB API "worker = {\n\tconcurrency = 32;\n};\n",
+		  NAME ":4: warning: \"worker.batch_size\" (100) is greater than "
+		  "\"worker.concurrency\" (32): a poll takes at most 32 items\n" },
+	};
+
+	(void)state;
+	for (size_t i = 0; i < sizeof(rows) / sizeof(rows[0]); i++) {
+		struct bw_config cfg;
+
+		load_ok(rows[i].text, &cfg);
+		if (rows[i].want == NULL)
+			assert_null(cfg.warnings);
+		else
+			assert_string_equal(cfg.warnings, rows[i].want);
+		config_free(&cfg);
+	}
+}
+
+#define INCLUDE_TEST(i) { include_cases[i].name, test_include_case, NULL, NULL, \
+	(void *)&include_cases[i] }
+
 static const struct CMUnitTest fixed_tests[] = {
+	INCLUDE_TEST(0), INCLUDE_TEST(1), INCLUDE_TEST(2), INCLUDE_TEST(3), INCLUDE_TEST(4),
+	INCLUDE_TEST(5), INCLUDE_TEST(6), INCLUDE_TEST(7), INCLUDE_TEST(8),
 	cmocka_unit_test(test_defaults),
+	cmocka_unit_test(test_warnings),
 	cmocka_unit_test(test_all_keys),
 	cmocka_unit_test(test_enum_values),
 	cmocka_unit_test(test_digits_in_strings_untouched),

@@ -95,6 +95,40 @@ test_redact(void **state)
 	}
 }
 
+/* What check-config and a refused start say; never a piece of a password. */
+static void
+test_check(void **state)
+{
+	static const struct {
+		const char *conninfo;
+		int ret;
+		const char *want;           /* the message, or NULL when it parses */
+	} rows[] = {
+		{ "host=db dbname=billing", 0, NULL },
+		{ "postgresql:///billing", 0, NULL },
+		{ "host=db dbname", -1, "\"database.conninfo\" is not a valid connection string: "
+		  "missing \"=\" after \"dbname\" in connection info string" },
+		{ "host=db nosuchkey=1", -1, "\"database.conninfo\" is not a valid connection "
+		  "string: invalid connection option \"nosuchkey\"" },
+		{ "host=db password=s3cret s3cret-tail", -1, "\"database.conninfo\" is not a valid "
+		  "connection string (libpq's message is not shown: it may quote the password)" },
+		{ "postgresql://w:s3cret%zz@db/x", -1, "\"database.conninfo\" is not a valid "
+		  "connection string (libpq's message is not shown: it may quote the password)" },
+	};
+
+	(void)state;
+	for (size_t i = 0; i < sizeof(rows) / sizeof(rows[0]); i++) {
+		char err[512] = "untouched";
+
+		assert_int_equal(conninfo_check(rows[i].conninfo, err, sizeof(err)), rows[i].ret);
+		if (rows[i].want == NULL)
+			assert_string_equal(err, "untouched");
+		else
+			assert_string_equal(err, rows[i].want);
+		assert_null(strstr(err, "s3cret"));
+	}
+}
+
 int
 main(void)
 {
@@ -102,6 +136,7 @@ main(void)
 		cmocka_unit_test(test_password_found),
 		cmocka_unit_test(test_may_hold_secret),
 		cmocka_unit_test(test_redact),
+		cmocka_unit_test(test_check),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

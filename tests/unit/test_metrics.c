@@ -219,6 +219,27 @@ test_redis_up_lock_mode_and_last_poll(void **state)
  * Every line is a comment (# HELP / # TYPE) or NAME[{LABELS}] VALUE, every
  * family has HELP and TYPE before its samples, and no name repeats a TYPE.
  */
+/* One line names the build, whatever else was counted, and it is always 1. */
+static void
+test_build_info(void **state)
+{
+	char *t;
+	const char *line;
+
+	(void)state;
+	metrics_item_finished(ITEM_INVOICE, true);
+	t = render();
+	line = strstr(t, "\nbilling_worker_build_info{");
+	assert_non_null(line);
+	assert_non_null(strstr(t, "\n# TYPE billing_worker_build_info gauge\n"));
+	assert_memory_equal(line + 1, "billing_worker_build_info{version=\"" BW_VERSION "\"} 1\n",
+	    strlen("billing_worker_build_info{version=\"" BW_VERSION "\"} 1\n"));
+	/* exactly one such series */
+	assert_null(strstr(line + 1, "\nbilling_worker_build_info{"));
+	assert_true(BW_VERSION[0] != '\0');
+	free(t);
+}
+
 static void
 test_exposition_format(void **state)
 {
@@ -273,6 +294,7 @@ main(void)
 		cmocka_unit_test_setup(test_histogram_is_cumulative_with_inclusive_bounds, reset),
 		cmocka_unit_test_setup(test_locks_reconnects_and_gauges, reset),
 		cmocka_unit_test_setup(test_redis_up_lock_mode_and_last_poll, reset),
+		cmocka_unit_test_setup(test_build_info, reset),
 		cmocka_unit_test_setup(test_exposition_format, reset),
 	};
 

@@ -1,0 +1,130 @@
+/*
+ * One blocking question to each server, for a person at a terminal:
+ * unlike the loop, nothing here has to share a poll with anything.
+ */
+
+#include "worker/probe.h"
+
+#include <stdio.h>
+#include <string.h>
+
+#include "billing/api.h"
+#include "locks/redis_lock.h"
+#include "store/store.h"
+
+/*
+ * libpq's messages run over several lines ("...failed: Connection
+ * refused\n\tIs the server running..."): one line per server is the
+ * promise, so each line break and the indent after it become a space.
+ */
+static void
+one_line(const char *msg, char *buf, size_t len)
+{
+	size_t o = 0;
+
+	for (const char *p = msg; *p != '\0' && o + 1 < len; p++) {
+		if (*p == '\n') {
+			p += strspn(p + 1, " \t");
+			if (p[1] != '\0' && o > 0)
+				buf[o++] = ' ';
+		} else {
+			buf[o++] = *p;
+		}
+	}
+	buf[o] = '\0';
+}
+
+static int
+probe_database(const struct bw_config *cfg)
+{
+	store *st = NULL;
+	char target[768], msg[1024];
+	int ret = -1;
+
+	if (store_new(cfg->database.conninfo, cfg->worker.id, &st) == -1) {
+		printf("database: out of memory\n");
+		return -1;
+	}
+	store_set_query_timeout(st, cfg->database.query_timeout_ms);
+	if (store_connect(st) == -1) {
+		one_line(store_errmsg(st), msg, sizeof(msg));
+		printf("database: no answer: %s\n", msg);
+	} else {
+		store_target(st, target, sizeof(target));
+		if (store_check_schema(st) == -1) {
+			one_line(store_errmsg(st), msg, sizeof(msg));
+			printf("database: answered (%s), but %s\n", target, msg);
+		} else {
+			printf("database: answered (%s), schema up to date\n", target);
+			ret = 0;
+		}
+	}
+	store_free(st);
+	return ret;
+}
+
+static int
+probe_redis(const struct bw_config *cfg, const char *password)
+{
+	struct redis_options o = {
+		.host = cfg->redis.host,
+		.port = cfg->redis.port,
+		.socket = cfg->redis.socket,
+		.password = password,
+		.connect_timeout_ms = cfg->redis.connect_timeout_ms,
+		.command_timeout_ms = cfg->redis.command_timeout_ms,
+	};
+	redis_lock *rl = NULL;
+	char where[300], answer[64];
+	int ret = -1;
+
+	if (cfg->locks.mode == LOCK_MODE_SKIP_LOCKED) {
+		printf("redis: not used (locks.mode \"skip-locked\")\n");
+		return 0;
+	}
+	if (cfg->redis.socket[0] != '\0')
+		snprintf(where, sizeof(where), "\"%s\"", cfg->redis.socket);
+	else
+		snprintf(where, sizeof(where), "\"%s:%d\"", cfg->redis.host, cfg->redis.port);
+	if (redis_lock_new(&o, &rl) == -1) {
+		printf("redis: out of memory\n");
+		return -1;
+	}
+	if (redis_lock_connect(rl) == -1 || redis_lock_ping(rl, answer, sizeof(answer)) == -1)
+		printf("redis: no answer at %s: %s\n", where, redis_lock_errmsg(rl));
+	else {
+		printf("redis: %s answered %s%s\n", where, answer,
+		    password != NULL ? " (after AUTH)" : "");
+		ret = 0;
+	}
+	redis_lock_free(rl);
+	return ret;
+}
+
+static int
+probe_api(const struct bw_config *cfg)
+{
+	char url[2048], what[512], err[512];
+
+	config_url_for_log(cfg->billing_api.base_url, url, sizeof(url));
+	if (api_probe(cfg->billing_api.base_url, cfg->billing_api.ca_file,
+	    cfg->billing_api.connect_timeout_ms, what, sizeof(what), err, sizeof(err)) == -1) {
+		printf("billing api: no answer from \"%s\": %s\n", url, err);
+		return -1;
+	}
+	printf("billing api: \"%s\": %s (no request sent)\n", url, what);
+	return 0;
+}
+
+int
+probe_all(const struct bw_config *cfg, const char *redis_password)
+{
+	int failed = 0;
+
+	/* Each is asked even when one before failed: the operator sees all three. */
+	failed += probe_database(cfg) == -1;
+	failed += probe_redis(cfg, redis_password) == -1;
+	failed += probe_api(cfg) == -1;
+	fflush(stdout);
+	return failed == 0 ? 0 : -1;
+}
