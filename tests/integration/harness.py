@@ -843,7 +843,7 @@ def make_config(tmp_path, db, redis, fake_api, **overrides):
         "worker": {
             "id": f"test-worker-{os.getpid()}-{n}",
             "concurrency": 16,
-            "batch_size": 50,
+            "batch_size": 16,
             "poll_interval_ms": 100,
             "shutdown_timeout_ms": 5000,
         },

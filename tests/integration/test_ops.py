@@ -418,7 +418,7 @@ def test_reloads_with_calls_in_flight_drop_nothing(tmp_path, db, redis, fake_api
     steps = [("concurrency = 16", "concurrency = 3"),
              ("concurrency = 16", "concurrency = 40"),
              ("timeout_ms = 2000", "timeout_ms = 3000"),
-             ("batch_size = 50", "batch_size = 7"),
+             ("batch_size = 16", "batch_size = 7"),
              ("concurrency = 16", "concurrency = 0")]
     for i, (old, new) in enumerate(steps):
         cfg.write_text(good.replace(old, new))
