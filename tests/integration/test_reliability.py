@@ -427,9 +427,10 @@ def test_timeout_on_a_reused_connection_is_ambiguous_not_unsent(tmp_path, db, re
     [first] = insert_invoices(db, 1)
     w = Worker(cfg, "w").start()
     wait_for(lambda: count(db, "paid") == 1, 10, message=w.log)      # the connection is open now
-    [second] = insert_invoices(db, 1, customer="slow_{i}")
+    # The fault first: the insert's notification may have the item called at once.
     fake_api.faults([{"match": {"customer_prefix": "slow"}, "action": "timeout_after_effect",
                       "delay_ms": 3000, "times": 1}])
+    [second] = insert_invoices(db, 1, customer="slow_{i}")
     wait_for(lambda: db.scalar("SELECT status FROM invoices WHERE id = %s", (second,)) != "pending",
              20, message=w.log)
     assert w.stop() == 0
