@@ -517,6 +517,21 @@ store_set_error(store *st, const char *what, const PGresult *res)
 	if (res != NULL && PQresultErrorField(res, PG_DIAG_SQLSTATE) != NULL)
 		snprintf(st->sqlstate, sizeof(st->sqlstate), "%s",
 		    PQresultErrorField(res, PG_DIAG_SQLSTATE));
+	/*
+	 * 25006, read-only transaction: this server is a standby, or a primary
+	 * demoted after a failover.  Every write fails on it, so retrying on
+	 * this connection is a loop: drop it, and the next connect (with
+	 * target_session_attrs=read-write in a multi-host conninfo) looks for
+	 * the writable host, with the loop's reconnect backoff.
+	 */
+	if (strcmp(st->sqlstate, "25006") == 0 && st->conn != NULL) {
+		store_errorf(st, "%s: %s (the server is read-only: dropping the connection to "
+		    "look for the writable one)", what, msg);
+		snprintf(st->sqlstate, sizeof(st->sqlstate), "25006");
+		PQfinish(st->conn);
+		st->conn = NULL;
+		st->prepared = false;
+	}
 }
 
 bool

@@ -120,6 +120,9 @@ struct loop {
 	int db_delay_ms;
 	int64_t db_down_since_ms;
 	bool db_outage_logged;
+	int64_t db_connected_at_ms;     /* the last connect */
+	bool db_flapping;               /* connections die young: keep backing off */
+	bool db_proven;                 /* a statement worked on this connection */
 	bool db_seen;           /* connected once: later connects are reconnects */
 	struct jitter rng;
 
@@ -315,10 +318,27 @@ note_db_failure(struct loop *l, const char *what)
 		return;
 	}
 	if (l->db_down_since_ms == 0) {
-		log_warnx("%s: %s; reconnecting", what, store_errmsg(l->st));
+		int64_t now = clock_ms();
+		/*
+		 * A connection lost before any statement on it worked (a
+		 * read-only server, one that drops every session) is not a new
+		 * outage each time: the reconnects keep backing off, and it is
+		 * logged once.
+		 */
+		bool young = l->db_connected_at_ms != 0 && !l->db_proven;
+
+		if (!young || !l->db_flapping)
+			log_warnx("%s: %s; reconnecting%s", what, store_errmsg(l->st), young ?
+			    " (again and again, with backoff, while connections die this young)" : "");
+		if (young)
+			l->db_delay_ms = l->db_delay_ms * 2 > DB_RETRY_MAX_MS ? DB_RETRY_MAX_MS :
+			    l->db_delay_ms * 2;
+		else
+			l->db_delay_ms = DB_RETRY_MIN_MS;
+		l->db_flapping = young;
 		l->db_outage_logged = true;
-		l->db_down_since_ms = clock_ms();
-		l->next_db_try_ms = clock_ms() + l->db_delay_ms;
+		l->db_down_since_ms = now;
+		l->next_db_try_ms = now + l->db_delay_ms;
 	}
 }
 
@@ -338,12 +358,15 @@ db_ready(struct loop *l)
 	if (now < l->next_db_try_ms)
 		return false;
 	if (store_connect(l->st) == 0) {
-		if (l->db_delay_ms > DB_RETRY_MIN_MS || l->db_outage_logged)
+		if (!l->db_flapping && (l->db_delay_ms > DB_RETRY_MIN_MS || l->db_outage_logged))
 			log_info("database reachable again after %.1f s",
 			    (double)(now - l->db_down_since_ms) / 1000.0);
 		l->db_outage_logged = false;
 		l->db_down_since_ms = 0;
-		l->db_delay_ms = DB_RETRY_MIN_MS;
+		l->db_connected_at_ms = now;
+		l->db_proven = false;
+		if (!l->db_flapping)
+			l->db_delay_ms = DB_RETRY_MIN_MS;
 		if (l->db_seen)
 			metrics_reconnect(METRICS_PEER_DATABASE);
 		l->db_seen = true;
@@ -486,6 +509,7 @@ flush(struct loop *l)
 		l->flush_failing_since_ms = 0;
 		l->next_flush_ms = 0;
 	}
+	l->db_proven = true;
 	for (size_t j = 0; j < n; j++) {
 		struct flight *f = &l->flights[l->batch_flight[j]];
 
@@ -691,6 +715,7 @@ claim(struct loop *l)
 		return -1;
 	}
 	l->claim_failing_since_ms = 0;
+	l->db_proven = true;
 	metrics_set_last_poll(time(NULL));
 	/* Invoices go straight to their calls; redemptions first reserve funds. */
 	for (size_t i = 0; i < n; i++) {

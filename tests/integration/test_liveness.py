@@ -167,3 +167,37 @@ def test_sighup_with_the_default_worker_id_warns_about_nothing(tmp_path, db, red
     wait_for(lambda: w.log().count("configuration reloaded") == 2, 10, message=w.log)
     assert "changes to worker.id need a restart" in w.log()
     assert w.stop() == 0
+
+
+def test_a_read_only_server_makes_the_worker_reconnect_not_loop(tmp_path, db, redis, fake_api,
+                                                                binary):
+    """store_set_error on 25006: a session on a read-only server (a standby,
+    or a primary demoted after a failover; here default_transaction_read_only)
+    fails every write.  The worker used to retry the statement on the same
+    connection; it now drops the connection so a multi-host conninfo can find
+    the writable host, reconnects with backoff (no spin), and bills once the
+    server takes writes again."""
+    cfg = make_config(tmp_path, db, redis, fake_api, **{"database.conninfo":
+                                                        f"{db.dsn} application_name=bw-ro"})
+    migrate(cfg)
+    w = Worker(cfg, "w").start()
+    wait_for(lambda: "listening for new items" in w.log(), 10, message=w.log)
+    wait_for(lambda: count(db, "paid") == 0 and "listening" in w.log(), 5)
+    db.execute(f'ALTER DATABASE "{db.name}" SET default_transaction_read_only = on')
+    try:
+        db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                   "WHERE application_name = 'bw-ro'")
+        insert_invoices(db, 3)
+        wait_for(lambda: "the server is read-only: dropping the connection" in w.log(), 15,
+                 message=w.log)
+        cpu0 = cpu_seconds(w.pid)
+        time.sleep(3)
+        assert cpu_seconds(w.pid) - cpu0 < 0.5
+        # Reconnects back off (200 ms doubling), and the young deaths are logged once.
+        assert w.log().count("connected to the database") < 10, w.log()
+        assert w.log().count("the server is read-only") == 1, w.log()
+        assert count(db, "paid") == 0
+    finally:
+        db.execute(f'ALTER DATABASE "{db.name}" RESET default_transaction_read_only')
+    wait_for(lambda: count(db, "paid") == 3, 30, message=w.log)
+    assert w.stop() == 0
