@@ -14,8 +14,9 @@
  */
 
 /*
- * The oldest rows first, through the finished_at index, and only of items
- * that are finished: a pending item keeps its whole history, however old.
+ * Old rows through the BRIN index on finished_at, the oldest ids first, and
+ * only of items that are finished: a pending item keeps its whole history,
+ * however old.
  */
 static const char sql_prune[] =
     "DELETE FROM attempts WHERE id = ANY (ARRAY("
@@ -25,7 +26,7 @@ static const char sql_prune[] =
     "   AND i.id = a.item_id AND i.status = 'pending')"
     " AND NOT EXISTS (SELECT 1 FROM redemptions r WHERE a.kind = 'redemption'"
     "   AND r.id = a.item_id AND r.status = 'pending')"
-    " ORDER BY a.finished_at LIMIT $2::int))";
+    " ORDER BY a.id LIMIT $2::int))";
 
 int
 store_prune_history(store *st, int days, int limit, int *ret_n)
