@@ -19,8 +19,8 @@
  * however old.
  */
 static const char sql_prune[] =
-    "DELETE FROM attempts WHERE id = ANY (ARRAY("
-    " SELECT a.id FROM attempts a"
+    "DELETE FROM attempts WHERE ctid = ANY (ARRAY("
+    " SELECT a.ctid FROM attempts a"
     " WHERE a.finished_at < now() - $1::int * interval '1 day'"
     " AND NOT EXISTS (SELECT 1 FROM invoices i WHERE a.kind = 'invoice'"
     "   AND i.id = a.item_id AND i.status = 'pending')"
