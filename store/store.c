@@ -63,10 +63,14 @@ static const char sql_due[] =
 	"ambiguous = t.ambiguous OR t.lease_until IS NOT NULL, updated_at = now(), " \
 	"first_claimed_at = coalesce(t.first_claimed_at, now()) "
 
-/* After the kind's own columns: what the give-up rule and the key's age need. */
+/*
+ * After the kind's own columns: what the give-up rule and the key's age
+ * need, and the generation the key is built from (schema version 6).
+ */
 #define CLAIM_RETURNING_COMMON                                                 \
 	", t.blocked_calls, "                                                  \
-	"(extract(epoch FROM now() - t.first_claimed_at) * 1000)::bigint"
+	"(extract(epoch FROM now() - t.first_claimed_at) * 1000)::bigint, "    \
+	"t.generation"
 
 /*
  * A claim racing a pause takes nothing once the pause committed: the due
@@ -80,7 +84,8 @@ static const char *const claim_returning[ITEM_KIND_COUNT] = {
 	"t.customer_id, t.currency, NULL::bigint, false" CLAIM_RETURNING_COMMON,
 	"RETURNING t.id, t.fence, t.attempts, t.ambiguous, t.amount_cents, "
 	"t.customer_id, NULL::text, t.subsidy_id, EXISTS (SELECT 1 FROM "
-	"ledger_transactions h WHERE h.redemption_id = t.id AND h.kind = 'hold')"
+	"ledger_transactions h WHERE h.redemption_id = t.id "
+	"AND h.generation = t.generation AND h.kind = 'hold')"
 	CLAIM_RETURNING_COMMON,
 };
 
@@ -155,13 +160,16 @@ static const char sql_complete_invoice[] =
 /*
  * A failed redemption gives its hold back in the same statement that marks
  * it failed, so no moment exists where it is failed with money still held.
+ * Only the current generation's hold: an earlier one was given back when
+ * that generation failed.
  */
 static const char sql_complete_redemption[] =
     "WITH upd AS (UPDATE redemptions AS t " COMPLETE_SET("redeemed", "fulfillment_id")
-    "FROM " COMPLETE_INPUT " " COMPLETE_WHERE "RETURNING t.id, t.status), "
-    "rev AS (INSERT INTO ledger_transactions (subsidy_id, amount_cents, redemption_id, kind) "
-    "SELECT h.subsidy_id, -h.amount_cents, h.redemption_id, 'reversal' "
+    "FROM " COMPLETE_INPUT " " COMPLETE_WHERE "RETURNING t.id, t.status, t.generation), "
+    "rev AS (INSERT INTO ledger_transactions (subsidy_id, amount_cents, redemption_id, kind, "
+    "generation) SELECT h.subsidy_id, -h.amount_cents, h.redemption_id, 'reversal', h.generation "
     "FROM ledger_transactions h JOIN upd ON h.redemption_id = upd.id "
+    "AND h.generation = upd.generation "
     "WHERE h.kind = 'hold' AND upd.status = 'failed' ON CONFLICT DO NOTHING) "
     "SELECT id FROM upd";
 
@@ -770,6 +778,7 @@ store_claim(store *st, enum item_kind kind, const int64_t *ids, size_t nids,
 		it->held = PQgetvalue(res, i, 8)[0] == 't';
 		it->blocked_calls = attempts_of(PQgetvalue(res, i, 9));
 		it->key_age_ms = strtoll(PQgetvalue(res, i, 10), NULL, 10);
+		it->generation = atoi(PQgetvalue(res, i, 11));
 		if (!copied) {
 			/* Out of memory: give back what was filled; leases run out. */
 			for (int j = 0; j <= i; j++)
