@@ -35,8 +35,9 @@ static const struct check checks[] = {
 	 * failed and given back, or never reserved, so it nets to zero.
 	 */
 	{ "redemption net",
-	  "SELECT format('redemption %s is %s but its ledger rows in generation %s net to %s "
-	  "(amount %s; expected %s)', r.id, r.status, r.generation, coalesce(n.net, 0), "
+	  "SELECT format('redemption %s is %s but its ledger rows%s net to %s "
+	  "(amount %s; expected %s)', r.id, r.status, CASE WHEN r.generation > 1 "
+	  "THEN format(' in generation %s', r.generation) ELSE '' END, coalesce(n.net, 0), "
 	  "r.amount_cents, CASE r.status WHEN 'redeemed' THEN (-r.amount_cents)::text "
 	  "WHEN 'failed' THEN '0' ELSE format('0 or %s', -r.amount_cents) END) "
 	  "FROM redemptions r LEFT JOIN (SELECT redemption_id, generation, sum(amount_cents) AS net "
