@@ -12,8 +12,8 @@ import re
 
 import pytest
 
-from harness import (create_subsidy, insert_invoices, insert_redemptions, ledger_balance,
-                     make_config, migrate, run_cli)
+from harness import (Worker, create_subsidy, insert_invoices, insert_redemptions,
+                     ledger_balance, make_config, migrate, run_cli, wait_for)
 
 # The worker and the command run as billing_worker (sql/roles.sql): the grants are tested too.
 pytestmark = pytest.mark.worker_role
@@ -86,6 +86,23 @@ def test_declined_invoice_is_paid_under_its_second_key(tmp_path, db, redis, fake
     # An item never requeued keeps the contract's key.
     assert f"invoice-{good}" in state["applied"] and f"invoice-{good}-2" not in state["requests"]
     audit_clean(cfg)
+
+
+def test_a_running_worker_takes_a_requeue_at_once(tmp_path, db, redis, fake_api, binary):
+    """requeue notifies the workers: none waits for its next poll (here 60 s)."""
+    cfg = make_config(tmp_path, db, redis, fake_api, **{"worker.poll_interval_ms": 60000})
+    migrate(cfg)
+    [bad] = insert_invoices(db, 1, customer="declined_{i}")
+    w = Worker(cfg, "w1").start()
+    wait_for(lambda: db.scalar("SELECT status FROM invoices WHERE id = %s", (bad,)) == "failed",
+             15, message=w.log)
+    db.execute("UPDATE invoices SET customer_id = 'cus_fixed' WHERE id = %s", (bad,))
+    r = run_cli(cfg, "requeue", "invoice", bad, "--reason", "card updated")
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: db.scalar("SELECT status FROM invoices WHERE id = %s", (bad,)) == "paid",
+             10, message=w.log)
+    assert f"invoice-{bad}-2" in fake_api.state()["applied"]
+    assert w.stop() == 0
 
 
 def test_dry_run_lists_and_changes_nothing(tmp_path, db, redis, fake_api, binary):
