@@ -69,6 +69,7 @@ COMMON_SRC  := common/log.c common/item.c common/metrics.c common/clock.c common
 CONFIG_SRC  := config/config.c
 STORE_SRC   := store/store.c store/conninfo.c store/deadline.c store/park.c store/migrate.c \
                store/report.c store/audit.c store/listen.c store/workers.c store/pause.c store/history.c \
+               store/requeue.c \
                $(BUILD)/migrations.c
 BILLING_SRC := billing/api.c billing/response.c billing/backoff.c billing/outcome.c billing/pace.c
 LOCKS_SRC   := locks/lock.c locks/redis_lock.c

@@ -20,7 +20,11 @@ item_kind_name(enum item_kind kind)
 void
 item_key(const struct item *it, char *buf, size_t len)
 {
-	snprintf(buf, len, "%s-%" PRId64, item_kind_name(it->kind), it->id);
+	if (it->generation <= 1)
+		snprintf(buf, len, "%s-%" PRId64, item_kind_name(it->kind), it->id);
+	else
+		snprintf(buf, len, "%s-%" PRId64 "-%d", item_kind_name(it->kind), it->id,
+		    it->generation);
 }
 
 /*

@@ -18,7 +18,10 @@ enum item_kind {
 };
 #define ITEM_KIND_COUNT 2
 
-/* Longest idempotency key or lock key we build: "redemption-" + int64. */
+/*
+ * Longest idempotency key or lock key we build: "redemption-" + int64, and
+ * "-" + int for a generation after the first.
+ */
 #define ITEM_KEY_MAX 48
 /* A lock token: worker id (bounded) + ':' + 32 hex digits. */
 #define ITEM_TOKEN_MAX 192
@@ -27,6 +30,7 @@ struct item {
 	enum item_kind kind;
 	int64_t id;
 	int64_t fence;          /* this claim's fencing token, from the database */
+	int generation;         /* charge attempt: 1, then one more per requeue */
 	int attempts;           /* API calls recorded before this claim */
 	int blocked_calls;      /* of those, answered 401/403/404/405: never counted to give up */
 	int64_t key_age_ms;     /* since the first claim: the idempotency key is no older */
@@ -42,7 +46,13 @@ struct item {
 
 const char *item_kind_name(enum item_kind kind);
 
-/* "invoice-17": the idempotency key, the same on every attempt, forever. */
+/*
+ * The idempotency key: "invoice-17" in the first generation, the same on
+ * every attempt, forever, and "invoice-17-2", "invoice-17-3" ... once an
+ * operator requeued the failed item (billing-worker requeue): a new charge
+ * attempt needs a key the API has no stored refusal for.  A generation of
+ * 1 or less is the first one, so a zeroed item keys as it always did.
+ */
 void item_key(const struct item *it, char *buf, size_t len);
 
 /*

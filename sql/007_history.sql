@@ -12,6 +12,7 @@ CREATE TABLE attempts (
     id          bigint GENERATED ALWAYS AS IDENTITY,
     kind        text NOT NULL CHECK (kind IN ('invoice', 'redemption')),
     item_id     bigint NOT NULL,
+    generation  integer NOT NULL DEFAULT 1, -- the item's key generation (requeue)
     attempt     integer NOT NULL,       -- the item's attempts after this outcome
     worker_id   text NOT NULL,
     started_at  timestamptz NOT NULL,   -- the call started (or the claim was handled)

@@ -22,6 +22,10 @@
 --     INVOKER), as do the triggers its ledger rows fire: bw_ledger_apply
 --     updates subsidies.balance_cents, so the role needs UPDATE on that one
 --     column, and SELECT ... FOR UPDATE on the subsidy's row needs it too;
+--   * put a failed item back (`requeue`): its own columns again, the
+--     generation among them, and one row appended to requeues saying who and
+--     why (requeues refuses UPDATE and DELETE by trigger, and the role is not
+--     granted them either);
 --   * read everything `status` and `audit` report on.
 -- It cannot create, alter or drop anything, insert items, delete rows, or
 -- touch any other column.
@@ -38,7 +42,7 @@ BEGIN
 END $$;
 
 REVOKE ALL ON invoices, redemptions, subsidies, ledger_transactions, schema_version,
-    workers, fleet_pause, attempts FROM billing_worker;
+    workers, fleet_pause, attempts, requeues FROM billing_worker;
 
 -- run and once refuse to start on an older schema: they read its version.
 GRANT SELECT ON schema_version TO billing_worker;
@@ -46,17 +50,17 @@ GRANT SELECT ON schema_version TO billing_worker;
 GRANT SELECT ON invoices TO billing_worker;
 GRANT UPDATE (status, charge_id, attempts, last_error, next_attempt_at, ambiguous,
               fence, locked_by, lease_until, updated_at, finished_at, blocked_calls,
-              first_claimed_at, needs_operator)
+              first_claimed_at, needs_operator, generation)
     ON invoices TO billing_worker;
 
 GRANT SELECT ON redemptions TO billing_worker;
 GRANT UPDATE (status, fulfillment_id, attempts, last_error, next_attempt_at, ambiguous,
               fence, locked_by, lease_until, updated_at, finished_at, blocked_calls,
-              first_claimed_at, needs_operator)
+              first_claimed_at, needs_operator, generation)
     ON redemptions TO billing_worker;
 
 GRANT SELECT ON ledger_transactions TO billing_worker;
-GRANT INSERT (subsidy_id, amount_cents, redemption_id, kind)
+GRANT INSERT (subsidy_id, amount_cents, redemption_id, kind, generation)
     ON ledger_transactions TO billing_worker;
 
 GRANT SELECT (id, name, balance_cents) ON subsidies TO billing_worker;
@@ -71,6 +75,10 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON fleet_pause TO billing_worker;
 -- The history: appended with each completion, pruned by retention only.
 GRANT SELECT, INSERT, DELETE ON attempts TO billing_worker;
 GRANT UPDATE (balance_cents) ON subsidies TO billing_worker;
+
+-- requeue runs with the worker's configuration: it appends the record of
+-- who put an item back and why, and status reads it.
+GRANT SELECT, INSERT ON requeues TO billing_worker;
 
 -- Functions are executable by PUBLIC unless told otherwise; only the worker
 -- reserves funds.

@@ -29,17 +29,31 @@ static const struct check checks[] = {
 	  "FROM subsidies s LEFT JOIN (SELECT subsidy_id, sum(amount_cents) AS total "
 	  "FROM ledger_transactions GROUP BY subsidy_id) t ON t.subsidy_id = s.id "
 	  "WHERE s.balance_cents <> coalesce(t.total, 0)" },
+	/*
+	 * Per generation (schema version 6): the current one nets as the
+	 * contract says for the redemption's status; every other one was
+	 * failed and given back, or never reserved, so it nets to zero.
+	 */
 	{ "redemption net",
-	  "SELECT format('redemption %s is %s but its ledger rows net to %s (amount %s; "
-	  "expected %s)', r.id, r.status, coalesce(n.net, 0), r.amount_cents, "
-	  "CASE r.status WHEN 'redeemed' THEN (-r.amount_cents)::text "
+	  "SELECT format('redemption %s is %s but its ledger rows%s net to %s "
+	  "(amount %s; expected %s)', r.id, r.status, CASE WHEN r.generation > 1 "
+	  "THEN format(' in generation %s', r.generation) ELSE '' END, coalesce(n.net, 0), "
+	  "r.amount_cents, CASE r.status WHEN 'redeemed' THEN (-r.amount_cents)::text "
 	  "WHEN 'failed' THEN '0' ELSE format('0 or %s', -r.amount_cents) END) "
-	  "FROM redemptions r LEFT JOIN (SELECT redemption_id, sum(amount_cents) AS net "
-	  "FROM ledger_transactions WHERE redemption_id IS NOT NULL GROUP BY redemption_id) n "
-	  "ON n.redemption_id = r.id "
+	  "FROM redemptions r LEFT JOIN (SELECT redemption_id, generation, sum(amount_cents) AS net "
+	  "FROM ledger_transactions WHERE redemption_id IS NOT NULL "
+	  "GROUP BY redemption_id, generation) n "
+	  "ON n.redemption_id = r.id AND n.generation = r.generation "
 	  "WHERE (r.status = 'redeemed' AND coalesce(n.net, 0) <> -r.amount_cents) "
 	  "OR (r.status = 'failed' AND coalesce(n.net, 0) <> 0) "
-	  "OR (r.status = 'pending' AND coalesce(n.net, 0) NOT IN (0, -r.amount_cents))" },
+	  "OR (r.status = 'pending' AND coalesce(n.net, 0) NOT IN (0, -r.amount_cents)) "
+	  "UNION ALL "
+	  "SELECT format('redemption %s is in generation %s but its ledger rows in generation %s "
+	  "net to %s (expected 0: only the current generation may hold funds)', r.id, "
+	  "r.generation, l.generation, sum(l.amount_cents)) "
+	  "FROM redemptions r JOIN ledger_transactions l ON l.redemption_id = r.id "
+	  "WHERE l.generation <> r.generation "
+	  "GROUP BY r.id, r.generation, l.generation HAVING sum(l.amount_cents) <> 0" },
 	{ "ledger subsidy",
 	  "SELECT format('ledger row %s of redemption %s is on subsidy %s, the redemption on %s', "
 	  "l.id, r.id, l.subsidy_id, r.subsidy_id) "

@@ -64,7 +64,7 @@ static const char sql_ledger[] =
     "FROM ledger_transactions WHERE redemption_id = $1::bigint ORDER BY id";
 
 static const char sql_history[] =
-    "SELECT attempt, worker_id, to_char(started_at, 'YYYY-MM-DD HH24:MI:SS.MSOF'), "
+    "SELECT generation || '.' || attempt, worker_id, to_char(started_at, 'YYYY-MM-DD HH24:MI:SS.MSOF'), "
     " round(extract(epoch FROM finished_at - started_at) * 1000)::bigint, "
     " coalesce(http_status::text, ''), class, coalesce(result_id, ''), coalesce(error, '') "
     "FROM attempts WHERE kind = $1 AND item_id = $2::bigint ORDER BY id";

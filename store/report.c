@@ -1,3 +1,4 @@
+#include <inttypes.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -341,6 +342,104 @@ store_status_json(store *st, FILE *out, int max_attempts)
 		ret = 0;
 	json_decref(doc);
 	status_rows_clear(&rows);
+	return ret;
+}
+
+/* A failed group lists the ids of this many of its newest items. */
+#define FAILED_IDS_MAX 20
+
+/*
+ * Failed items by kind and reason, the group with the newest failure
+ * first.  Served by the partial indexes on failed rows (schema version 6).
+ */
+static const char sql_failed[] =
+    "SELECT kind, reason, n, "
+    " coalesce(to_char(newest, 'YYYY-MM-DD HH24:MI:SSOF'), ''), "
+    " coalesce(to_char(oldest, 'YYYY-MM-DD HH24:MI:SSOF'), ''), "
+    " array_to_string(ids[1:$1], ', '), to_json(ids[1:$1])::text "
+    "FROM (SELECT 'invoice' AS kind, coalesce(last_error, '') AS reason, count(*) AS n, "
+    "       max(finished_at) AS newest, min(finished_at) AS oldest, "
+    "       array_agg(id ORDER BY finished_at DESC NULLS LAST, id DESC) AS ids "
+    "       FROM invoices WHERE status = 'failed' GROUP BY 2 "
+    "      UNION ALL "
+    "      SELECT 'redemption', coalesce(last_error, ''), count(*), max(finished_at), "
+    "       min(finished_at), array_agg(id ORDER BY finished_at DESC NULLS LAST, id DESC) "
+    "       FROM redemptions WHERE status = 'failed' GROUP BY 2) AS g "
+    "ORDER BY newest DESC NULLS LAST, kind, reason LIMIT 100";
+
+static void
+status_failed_text(const PGresult *res, FILE *out)
+{
+	int64_t items = 0;
+	int groups = PQntuples(res);
+
+	for (int r = 0; r < groups; r++)
+		items += strtoll(PQgetvalue(res, r, 2), NULL, 10);
+	fprintf(out, "failed items by reason, newest first: %" PRId64 " item%s, %d reason%s%s\n",
+	    items, items == 1 ? "" : "s", groups, groups == 1 ? "" : "s",
+	    groups == STATUS_LIST_MAX ? " (first 100)" : "");
+	for (int r = 0; r < groups; r++) {
+		int64_t n = strtoll(PQgetvalue(res, r, 2), NULL, 10);
+
+		fprintf(out, "\n  %s: %" PRId64 " failed, newest %s, oldest %s\n"
+		    "    reason: %s\n    ids: %s%s\n", PQgetvalue(res, r, 0), n,
+		    PQgetvalue(res, r, 3), PQgetvalue(res, r, 4),
+		    PQgetvalue(res, r, 1)[0] != '\0' ? PQgetvalue(res, r, 1) : "(none recorded)",
+		    PQgetvalue(res, r, 5), n > FAILED_IDS_MAX ? ", ..." : "");
+	}
+}
+
+/* The report as a JSON document; NULL without memory. */
+static json_t *
+status_failed_json(const PGresult *res)
+{
+	json_t *groups = json_array();
+	int64_t items = 0;
+	bool ok = groups != NULL;
+
+	for (int r = 0; ok && r < PQntuples(res); r++) {
+		json_t *ids = json_loads(PQgetvalue(res, r, 6), 0, NULL);
+		int64_t n = strtoll(PQgetvalue(res, r, 2), NULL, 10);
+
+		items += n;
+		ok = ids != NULL && json_array_append_new(groups, json_pack(
+		    "{s:o, s:o, s:o, s:o, s:o, s:o, s:b}", "kind", j_str(res, r, 0),
+		    "reason", j_str(res, r, 1), "count", j_int(res, r, 2), "newest", j_str(res, r, 3),
+		    "oldest", j_str(res, r, 4), "ids", ids, "ids_truncated", n > FAILED_IDS_MAX)) == 0;
+	}
+	if (!ok) {
+		json_decref(groups);
+		return NULL;
+	}
+	return json_pack("{s:I, s:o, s:b}", "failed_items", (json_int_t)items, "failed", groups,
+	    "failed_truncated", PQntuples(res) == STATUS_LIST_MAX);
+}
+
+int
+store_status_failed(store *st, FILE *out, bool json)
+{
+	char max_ids[16];
+	const char *params[1] = { max_ids };
+	json_t *doc = NULL;
+	PGresult *res;
+	int ret = -1;
+
+	snprintf(max_ids, sizeof(max_ids), "%d", FAILED_IDS_MAX);
+	if ((res = query(st, sql_failed, 1, params)) == NULL)
+		return -1;
+	if (!json) {
+		status_failed_text(res, out);
+		ret = 0;
+	} else if ((doc = status_failed_json(res)) == NULL) {
+		store_errorf(st, "status: out of memory");
+	} else if (json_dumpf(doc, out, JSON_INDENT(2) | JSON_PRESERVE_ORDER) == -1 ||
+	    fputc('\n', out) == EOF) {
+		store_errorf(st, "status: could not write the report");
+	} else {
+		ret = 0;
+	}
+	json_decref(doc);
+	PQclear(res);
 	return ret;
 }
 

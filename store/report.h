@@ -1,6 +1,7 @@
 #ifndef BW_REPORT_H
 #define BW_REPORT_H
 
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 
@@ -17,6 +18,16 @@
  * as store_status(), for scripts and monitoring.
  */
 int store_status_json(store *st, FILE *out, int max_attempts)
+	__attribute__((warn_unused_result));
+
+/*
+ * Writes the failed items to OUT, as text or (JSON true) one JSON
+ * document: grouped by kind and reason (last_error), the group with the
+ * newest failure first, each with its count, its newest and oldest failure
+ * and the ids of its newest items, so an operator can see what failed and
+ * requeue it.
+ */
+int store_status_failed(store *st, FILE *out, bool json)
 	__attribute__((warn_unused_result));
 
 /* Items due now are counted up to this many per kind, to bound the query. */

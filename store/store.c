@@ -63,10 +63,14 @@ static const char sql_due[] =
 	"ambiguous = t.ambiguous OR t.lease_until IS NOT NULL, updated_at = now(), " \
 	"first_claimed_at = coalesce(t.first_claimed_at, now()) "
 
-/* After the kind's own columns: what the give-up rule and the key's age need. */
+/*
+ * After the kind's own columns: what the give-up rule and the key's age
+ * need, and the generation the key is built from (schema version 6).
+ */
 #define CLAIM_RETURNING_COMMON                                                 \
 	", t.blocked_calls, "                                                  \
-	"(extract(epoch FROM now() - t.first_claimed_at) * 1000)::bigint"
+	"(extract(epoch FROM now() - t.first_claimed_at) * 1000)::bigint, "    \
+	"t.generation"
 
 /*
  * A claim racing a pause takes nothing once the pause committed: the due
@@ -80,7 +84,8 @@ static const char *const claim_returning[ITEM_KIND_COUNT] = {
 	"t.customer_id, t.currency, NULL::bigint, false" CLAIM_RETURNING_COMMON,
 	"RETURNING t.id, t.fence, t.attempts, t.ambiguous, t.amount_cents, "
 	"t.customer_id, NULL::text, t.subsidy_id, EXISTS (SELECT 1 FROM "
-	"ledger_transactions h WHERE h.redemption_id = t.id AND h.kind = 'hold')"
+	"ledger_transactions h WHERE h.redemption_id = t.id "
+	"AND h.generation = t.generation AND h.kind = 'hold')"
 	CLAIM_RETURNING_COMMON,
 };
 
@@ -155,7 +160,7 @@ static const char sql_renew[] =
  */
 #define COMPLETE_RETURNING                                                     \
 	"RETURNING t.id, t.status, t.attempts, u.started_ms, u.http_status, "  \
-	"u.class, u.result_id, u.error"
+	"u.class, u.result_id, u.error, t.generation"
 
 /*
  * The history of each outcome recorded, in the same statement, so it can
@@ -163,9 +168,9 @@ static const char sql_renew[] =
  * worker; $15: history.enabled).
  */
 #define COMPLETE_HISTORY(kind)                                                 \
-	"hist AS (INSERT INTO attempts (kind, item_id, attempt, worker_id, "   \
-	"started_at, finished_at, http_status, class, result_id, error) "      \
-	"SELECT '" kind "', id, attempts, $14, "                               \
+	"hist AS (INSERT INTO attempts (kind, item_id, generation, attempt, "  \
+	"worker_id, started_at, finished_at, http_status, class, result_id, "  \
+	"error) SELECT '" kind "', id, generation, attempts, $14, "           \
 	"to_timestamp(started_ms / 1000.0), now(), nullif(http_status, 0), "   \
 	"coalesce(class, 'not called'), result_id, error FROM upd WHERE $15::bool) "
 
@@ -178,14 +183,17 @@ static const char sql_complete_invoice[] =
 /*
  * A failed redemption gives its hold back in the same statement that marks
  * it failed, so no moment exists where it is failed with money still held.
+ * Only the current generation's hold: an earlier one was given back when
+ * that generation failed.
  */
 static const char sql_complete_redemption[] =
     "WITH upd AS (UPDATE redemptions AS t " COMPLETE_SET("redeemed", "fulfillment_id")
     "FROM " COMPLETE_INPUT " " COMPLETE_WHERE COMPLETE_RETURNING "), "
     COMPLETE_HISTORY("redemption") ", "
-    "rev AS (INSERT INTO ledger_transactions (subsidy_id, amount_cents, redemption_id, kind) "
-    "SELECT h.subsidy_id, -h.amount_cents, h.redemption_id, 'reversal' "
+    "rev AS (INSERT INTO ledger_transactions (subsidy_id, amount_cents, redemption_id, kind, "
+    "generation) SELECT h.subsidy_id, -h.amount_cents, h.redemption_id, 'reversal', h.generation "
     "FROM ledger_transactions h JOIN upd ON h.redemption_id = upd.id "
+    "AND h.generation = upd.generation "
     "WHERE h.kind = 'hold' AND upd.status = 'failed' ON CONFLICT DO NOTHING) "
     "SELECT id FROM upd";
 
@@ -827,6 +835,7 @@ store_claim(store *st, enum item_kind kind, const int64_t *ids, size_t nids,
 		it->held = PQgetvalue(res, i, 8)[0] == 't';
 		it->blocked_calls = attempts_of(PQgetvalue(res, i, 9));
 		it->key_age_ms = strtoll(PQgetvalue(res, i, 10), NULL, 10);
+		it->generation = atoi(PQgetvalue(res, i, 11));
 		if (!copied) {
 			/* Out of memory: give back what was filled; leases run out. */
 			for (int j = 0; j <= i; j++)

@@ -96,6 +96,38 @@ int store_set_pause(store *st, const bool kinds[ITEM_KIND_COUNT], bool pause,
     const char *reason, const char *by, int *ret_changed) __attribute__((warn_unused_result));
 
 /*
+ * Which failed items of KIND billing-worker requeue puts back: those of IDS
+ * (NIDS of them), or, with IDS NULL, every failed one that failed at or
+ * after SINCE (a timestamp as PostgreSQL reads it; NULL for any time) and
+ * whose last_error matches ERROR_PATTERN (a POSIX regular expression, as
+ * PostgreSQL's ~; NULL for any).  The strings are borrowed for the call.
+ */
+struct requeue_selection {
+	enum item_kind kind;
+	const int64_t *ids;
+	size_t nids;
+	const char *since;
+	const char *error_pattern;
+};
+
+/*
+ * Puts the selected failed items back for a new charge attempt, in one
+ * transaction: each becomes pending and due now in its next generation
+ * (so under a new idempotency key), with its counters and results reset as
+ * a fresh row's and its fence bumped, so no completion of the old
+ * generation can land; a row of requeues records REASON and BY (e.g.
+ * "alice@host"), and the workers are woken.  Only failed items qualify:
+ * with IDS, if any named item is missing or not failed, each is reported
+ * to ERR, *RET_REFUSED says how many, and nothing changes.  Each item put
+ * back (with DRY_RUN, each that would be) is listed on OUT with its new
+ * key; DRY_RUN changes nothing.  *RET_REQUEUED: how many.  A SINCE or
+ * ERROR_PATTERN PostgreSQL cannot read fails with store_failed_on_data().
+ */
+int store_requeue(store *st, const struct requeue_selection *sel, const char *reason,
+    const char *by, bool dry_run, FILE *out, FILE *err, int *ret_requeued, int *ret_refused)
+	__attribute__((warn_unused_result));
+
+/*
  * Claims due items of KIND for LEASE_MS: bumps each one's fence, records
  * this worker as holder and hides it from other claims until the lease
  * ends.  With IDS, only those items (still due) are claimed; with IDS NULL,

@@ -60,6 +60,14 @@ SCHEMAS = {
 }
 
 
+def is_later_generation(key, want):
+    """True for WANT-<n>, n >= 2 written plainly: the key of a requeued item
+    (its generation n), as `billing-worker requeue` gives it."""
+    suffix = key[len(want) + 1:] if key.startswith(want + "-") else ""
+    return (suffix.isascii() and suffix.isdigit() and not suffix.startswith("0")
+            and int(suffix) >= 2)
+
+
 class BadRequest(Exception):
     """Invalid input; answered with 400 invalid_request/bad_request."""
 
@@ -555,8 +563,9 @@ class Handler(BaseHTTPRequestHandler):
                 raise BadRequest("field %s must be %s" % (
                     name, "an integer" if typ is int else "a string"))
         want = "%s%d" % (schema["key_prefix"], doc[schema["id_field"]])
-        if key != want:
-            raise BadRequest("Idempotency-Key must be %s" % want)
+        if key != want and not is_later_generation(key, want):
+            raise BadRequest("Idempotency-Key must be %s (or %s-<generation>, generation >= 2)"
+                             % (want, want))
         return doc
 
     def conflict_response(self):

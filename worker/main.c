@@ -30,9 +30,11 @@ usage(FILE *out)
 {
 	fprintf(out,
 	    "usage: billing-worker [-c FILE] [run | once | check-config [--connect] | migrate |\n"
-	    "                      status [--json] | audit | show KIND ID [--json] |\n"
+	    "                      status [--json] [--failed] | audit | show KIND ID [--json] |\n"
 	    "                      pause [--kind KIND] --reason TEXT | resume [--kind KIND] |\n"
-	    "                      version]\n"
+	    "                      requeue KIND ID... --reason TEXT [--dry-run] |\n"
+	    "                      requeue KIND --failed [--since TIME] [--error PATTERN]\n"
+	    "                              --reason TEXT [--dry-run] | version]\n"
 	    "\n"
 	    "  run           the daemon (default); SIGTERM/SIGINT stop, SIGHUP reloads\n"
 	    "  once          process everything due now, then exit\n"
@@ -46,6 +48,10 @@ usage(FILE *out)
 	    "  pause         stop billing fleet-wide (KIND invoice or redemption; default both);\n"
 	    "                calls in flight finish and are recorded\n"
 	    "  resume        take up billing again\n"
+	    "  requeue       put failed items (KIND invoice or redemption) back for a new\n"
+	    "                charge attempt under a new idempotency key: those named, or\n"
+	    "                every failed one since TIME whose last error matches PATTERN\n"
+	    "                (a POSIX regular expression); --dry-run lists them only\n"
 	    "  version       print the version and exit\n"
 	    "\n"
 	    "  -c, --config FILE  configuration file (default " DEFAULT_CONFIG ")\n"
@@ -90,26 +96,46 @@ cmd_migrate(const struct bw_config *cfg)
 }
 
 static int
-cmd_status(const struct bw_config *cfg, bool json)
+cmd_status(const struct bw_config *cfg, bool json, bool failed)
 {
 	store *st;
-	int status = EXIT_ERROR;
+	int status = EXIT_ERROR, rc;
 
 	if (open_store(cfg, &st) == -1)
 		return EXIT_ERROR;
-	if (store_check_schema(st) == -1)
+	if (store_check_schema(st) == -1) {
 		fprintf(stderr, "billing-worker: %s\n", store_errmsg(st));
-	else if ((json ? store_status_json(st, stdout, cfg->billing_api.max_attempts) :
-	    store_status(st, stdout, cfg->billing_api.max_attempts)) == 0)
+		goto out;
+	}
+	if (failed)
+		rc = store_status_failed(st, stdout, json);
+	else
+		rc = json ? store_status_json(st, stdout, cfg->billing_api.max_attempts) :
+		    store_status(st, stdout, cfg->billing_api.max_attempts);
+	if (rc == 0)
 		status = EXIT_OK;
 	else
 		fprintf(stderr, "billing-worker: %s\n", store_errmsg(st));
+out:
 	store_free(st);
 	return status;
 }
 
 /* A pending item whose lease ran out this long ago is taken by no one. */
 #define AUDIT_STUCK_AFTER_S 300
+
+/* "user@host": who paused or requeued, for the record. */
+static void
+operator_name(char *by, size_t len)
+{
+	struct passwd *pw = getpwuid(getuid());
+	char host[256];
+
+	if (gethostname(host, sizeof(host)) == -1)
+		snprintf(host, sizeof(host), "localhost");
+	host[sizeof(host) - 1] = '\0';
+	snprintf(by, len, "%s@%s", pw != NULL ? pw->pw_name : "uid", host);
+}
 
 /*
  * pause / resume: fleet-wide, in the database, so every worker on every
@@ -120,8 +146,7 @@ static int
 cmd_pause(const struct bw_config *cfg, bool pause, const char *kind, const char *reason)
 {
 	bool kinds[ITEM_KIND_COUNT] = { kind == NULL, kind == NULL };
-	struct passwd *pw = getpwuid(getuid());
-	char host[256], by[512];
+	char by[512];
 	store *st;
 	int changed, status = EXIT_ERROR;
 
@@ -134,10 +159,7 @@ cmd_pause(const struct bw_config *cfg, bool pause, const char *kind, const char 
 			return EXIT_USAGE;
 		}
 	}
-	if (gethostname(host, sizeof(host)) == -1)
-		snprintf(host, sizeof(host), "localhost");
-	host[sizeof(host) - 1] = '\0';
-	snprintf(by, sizeof(by), "%s@%s", pw != NULL ? pw->pw_name : "uid", host);
+	operator_name(by, sizeof(by));
 	if (open_store(cfg, &st) == -1)
 		return EXIT_ERROR;
 	if (store_check_schema(st) == -1 ||
@@ -187,6 +209,129 @@ cmd_show(const struct bw_config *cfg, const char *kind, const char *id, bool jso
 		fprintf(stderr, "billing-worker: no %s %lld\n", kind, v);
 	else
 		status = EXIT_OK;
+	store_free(st);
+	return status;
+}
+
+/* requeue's command line, as parsed; IDS is allocated, the strings are argv's. */
+struct requeue_args {
+	enum item_kind kind;
+	int64_t *ids;
+	size_t nids;
+	bool failed, dry_run;
+	const char *since, *error, *reason;
+};
+
+/*
+ * requeue's arguments after the options were taken out: KIND, then the
+ * ids (none with --failed).  Prints the reason and returns -1 on a usage
+ * error (RA->ids may then be set: the caller frees it).
+ */
+static int
+parse_requeue(int argc, char **argv, int first, struct requeue_args *ra)
+{
+	const char *kind;
+	int i = first;
+
+	if (i >= argc) {
+		fprintf(stderr, "billing-worker: requeue needs a KIND first: \"invoice\" or "
+		    "\"redemption\"\n");
+		return -1;
+	}
+	kind = argv[i++];
+	if (strcmp(kind, "invoice") == 0) {
+		ra->kind = ITEM_INVOICE;
+	} else if (strcmp(kind, "redemption") == 0) {
+		ra->kind = ITEM_REDEMPTION;
+	} else {
+		fprintf(stderr, "billing-worker: requeue: KIND must be \"invoice\" or "
+		    "\"redemption\", not \"%s\"\n", kind);
+		return -1;
+	}
+	if ((ra->ids = calloc((size_t)argc, sizeof(*ra->ids))) == NULL) {
+		fprintf(stderr, "billing-worker: out of memory\n");
+		return -1;
+	}
+	for (; i < argc; i++) {
+		const char *a = argv[i];
+		char *end;
+		long long id;
+
+		errno = 0;
+		id = strtoll(a, &end, 10);
+		if (a[0] == '-' || a[0] == '+' || a[0] == '\0' || *end != '\0' || errno != 0 ||
+		    id <= 0) {
+			fprintf(stderr, "billing-worker: requeue: \"%s\" is neither an option nor "
+			    "an item id\n", a);
+			return -1;
+		}
+		ra->ids[ra->nids++] = id;
+	}
+	if (ra->nids == 0 && !ra->failed) {
+		fprintf(stderr, "billing-worker: requeue needs the ids of the items, or --failed\n");
+		return -1;
+	}
+	if (ra->nids > 0 && ra->failed) {
+		fprintf(stderr, "billing-worker: requeue takes item ids or --failed, not both\n");
+		return -1;
+	}
+	if (!ra->failed && (ra->since != NULL || ra->error != NULL)) {
+		fprintf(stderr, "billing-worker: requeue: --since and --error choose among "
+		    "--failed items; with ids, name the items only\n");
+		return -1;
+	}
+	if (ra->reason == NULL || ra->reason[0] == '\0') {
+		fprintf(stderr, "billing-worker: requeue needs --reason TEXT: it is recorded with "
+		    "who requeued the items, and when\n");
+		return -1;
+	}
+	return 0;
+}
+
+/*
+ * requeue: a failed item back to pending, in its next generation, so
+ * under a new idempotency key (the old one holds the API's refusal).
+ * Usage errors in the selection the database finds (a TIME or PATTERN it
+ * cannot read) exit 2, like those found here.
+ */
+static int
+cmd_requeue(const struct bw_config *cfg, const struct requeue_args *ra)
+{
+	struct requeue_selection sel = { ra->kind, ra->nids > 0 ? ra->ids : NULL, ra->nids,
+	    ra->since, ra->error };
+	const char *what = item_kind_name(ra->kind);
+	char by[512];
+	store *st;
+	int requeued = 0, refused = 0, status = EXIT_ERROR;
+
+	operator_name(by, sizeof(by));
+	if (open_store(cfg, &st) == -1)
+		return EXIT_ERROR;
+	if (store_check_schema(st) == -1) {
+		fprintf(stderr, "billing-worker: %s\n", store_errmsg(st));
+		goto out;
+	}
+	if (store_requeue(st, &sel, ra->reason, by, ra->dry_run, stdout, stderr, &requeued,
+	    &refused) == -1) {
+		fprintf(stderr, "billing-worker: %s\n", store_errmsg(st));
+		if (store_failed_on_data(st))
+			status = EXIT_USAGE;
+		goto out;
+	}
+	if (refused > 0) {
+		fprintf(stderr, "billing-worker: nothing requeued: %d of the %ss named may not be\n",
+		    refused, what);
+		goto out;
+	}
+	if (requeued == 0)
+		printf("no failed %ss match: nothing to requeue\n", what);
+	else if (ra->dry_run)
+		printf("dry run: %d %s%s would be requeued; nothing changed\n", requeued, what,
+		    requeued == 1 ? "" : "s");
+	else
+		printf("requeued %d %s%s\n", requeued, what, requeued == 1 ? "" : "s");
+	status = EXIT_OK;
+out:
 	store_free(st);
 	return status;
 }
@@ -264,7 +409,7 @@ cmd_check_config(const struct bw_config *cfg, bool connect)
 
 static const char *const commands[] = {
 	"run", "once", "check-config", "migrate", "status", "audit", "show", "pause", "resume",
-	"version", NULL
+	"requeue", "version", NULL
 };
 
 static bool
@@ -291,7 +436,9 @@ command_option_first(int argc, char **argv)
 		if (strcmp(argv[i], "-c") == 0 || strcmp(argv[i], "--config") == 0)
 			i++;
 		else if (strcmp(argv[i], "--json") == 0 || strcmp(argv[i], "--connect") == 0 ||
-		    strncmp(argv[i], "--kind", 6) == 0 || strncmp(argv[i], "--reason", 8) == 0)
+		    strncmp(argv[i], "--kind", 6) == 0 || strncmp(argv[i], "--reason", 8) == 0 ||
+		    strcmp(argv[i], "--failed") == 0 || strcmp(argv[i], "--dry-run") == 0 ||
+		    strncmp(argv[i], "--since", 7) == 0 || strncmp(argv[i], "--error", 7) == 0)
 			return argv[i];
 	}
 	return NULL;
@@ -317,13 +464,19 @@ main(int argc, char **argv)
 		{ "connect", no_argument, NULL, 'C' },
 		{ "kind", required_argument, NULL, 'k' },
 		{ "reason", required_argument, NULL, 'r' },
+		{ "failed", no_argument, NULL, 'F' },
+		{ "dry-run", no_argument, NULL, 'D' },
+		{ "since", required_argument, NULL, 'S' },
+		{ "error", required_argument, NULL, 'E' },
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *path = DEFAULT_CONFIG, *cmd = "run";
 	struct bw_config cfg;
 	char *errors = NULL;
 	const char *kind = NULL, *reason = NULL, *show_kind = NULL, *show_id = NULL;
-	bool json = false, connect = false, version = false;
+	const char *since = NULL, *error_pattern = NULL;
+	struct requeue_args ra;
+	bool json = false, connect = false, version = false, failed = false, dry_run = false;
 	int ch, nerr, status;
 
 	/*
@@ -370,6 +523,18 @@ main(int argc, char **argv)
 		case 'r':
 			reason = optarg;
 			break;
+		case 'F':
+			failed = true;
+			break;
+		case 'D':
+			dry_run = true;
+			break;
+		case 'S':
+			since = optarg;
+			break;
+		case 'E':
+			error_pattern = optarg;
+			break;
 		default:
 			usage(stderr);
 			return EXIT_USAGE;
@@ -377,6 +542,20 @@ main(int argc, char **argv)
 	}
 	if (optind < argc)
 		cmd = argv[optind++];
+	memset(&ra, 0, sizeof(ra));
+	if (strcmp(cmd, "requeue") == 0) {
+		ra.failed = failed;
+		ra.dry_run = dry_run;
+		ra.since = since;
+		ra.error = error_pattern;
+		ra.reason = reason;
+		if (parse_requeue(argc, argv, optind, &ra) == -1) {
+			free(ra.ids);
+			usage(stderr);
+			return EXIT_USAGE;
+		}
+		optind = argc;
+	}
 	if (strcmp(cmd, "show") == 0 && optind + 1 < argc) {
 		show_kind = argv[optind];
 		show_id = argv[optind + 1];
@@ -400,10 +579,13 @@ main(int argc, char **argv)
 		return EXIT_USAGE;
 	}
 	if ((kind != NULL && strcmp(cmd, "pause") != 0 && strcmp(cmd, "resume") != 0) ||
-	    (reason != NULL && strcmp(cmd, "pause") != 0)) {
-		fprintf(stderr, "billing-worker: option \"%s\" belongs to \"%s\", not \"%s\"\n",
-		    reason != NULL && strcmp(cmd, "pause") != 0 ? "--reason" : "--kind",
-		    reason != NULL && strcmp(cmd, "pause") != 0 ? "pause" : "pause or resume", cmd);
+	    (reason != NULL && strcmp(cmd, "pause") != 0 && strcmp(cmd, "requeue") != 0) ||
+	    (failed && strcmp(cmd, "status") != 0 && strcmp(cmd, "requeue") != 0) ||
+	    ((dry_run || since != NULL || error_pattern != NULL) && strcmp(cmd, "requeue") != 0)) {
+		fprintf(stderr, "billing-worker: option \"%s\" does not belong to \"%s\"\n",
+		    kind != NULL ? "--kind" : reason != NULL ? "--reason" : failed ? "--failed" :
+		    dry_run ? "--dry-run" : since != NULL ? "--since" : "--error", cmd);
+		free(ra.ids);
 		usage(stderr);
 		return EXIT_USAGE;
 	}
@@ -425,11 +607,13 @@ main(int argc, char **argv)
 	if (nerr != 0) {
 		print_errors(path, errors, nerr);
 		free(errors);
+		free(ra.ids);
 		config_free(&cfg);
 		return EXIT_CONFIG;
 	}
 	if (config_resolve_worker_id(&cfg) == -1) {
 		fprintf(stderr, "billing-worker: out of memory\n");
+		free(ra.ids);
 		config_free(&cfg);
 		return EXIT_ERROR;
 	}
@@ -452,7 +636,7 @@ main(int argc, char **argv)
 
 	/* Reports print to stdout; keep connection chatter out of them. */
 	if (strcmp(cmd, "status") == 0 || strcmp(cmd, "audit") == 0 || strcmp(cmd, "show") == 0 ||
-	    strcmp(cmd, "pause") == 0 || strcmp(cmd, "resume") == 0)
+	    strcmp(cmd, "pause") == 0 || strcmp(cmd, "resume") == 0 || strcmp(cmd, "requeue") == 0)
 		log_set_level(LOG_WARN);
 
 	if (preflight_database(&cfg) == -1)
@@ -460,15 +644,18 @@ main(int argc, char **argv)
 	else if (strcmp(cmd, "migrate") == 0)
 		status = cmd_migrate(&cfg);
 	else if (strcmp(cmd, "status") == 0)
-		status = cmd_status(&cfg, json);
+		status = cmd_status(&cfg, json, failed);
 	else if (strcmp(cmd, "audit") == 0)
 		status = cmd_audit(&cfg);
 	else if (strcmp(cmd, "show") == 0)
 		status = cmd_show(&cfg, show_kind, show_id, json);
 	else if (strcmp(cmd, "pause") == 0 || strcmp(cmd, "resume") == 0)
 		status = cmd_pause(&cfg, strcmp(cmd, "pause") == 0, kind, reason);
+	else if (strcmp(cmd, "requeue") == 0)
+		status = cmd_requeue(&cfg, &ra);
 	else
 		status = cmd_work(&cfg, strcmp(cmd, "once") == 0);
+	free(ra.ids);
 	config_free(&cfg);
 	return status;
 }

@@ -274,6 +274,26 @@ def test_declined_customer_402_and_replay(fake):
     assert s["results"]["invoice-30"]["status"] == 402
 
 
+def test_later_generation_keys_are_their_own_slot(fake):
+    """invoice-<id>-<generation> (generation >= 2) is accepted for the body's id, as
+    billing-worker requeue sends it, and replays nothing stored under another key."""
+    assert fake.charge(31, customer="declined_card")[0] == 402
+    st, h, b = fake.charge(31, customer="cus_fixed", key="invoice-31-2")
+    assert st == 200 and "idempotent-replayed" not in h
+    st2, h2, b2 = fake.charge(31, customer="cus_fixed", key="invoice-31-2")
+    assert st2 == 200 and b2 == b and h2["idempotent-replayed"] == "true"
+    assert fake.redeem(32, key="redemption-32-3")[0] == 200
+    # Not another id's key, not generation 0 or 1 spelled out, not a padded or signed one.
+    for key in ("invoice-30-2", "invoice-31-1", "invoice-31-0", "invoice-31-02",
+                "invoice-31-+2", "invoice-31-", "invoice-31-2-2", "invoice-31-x"):
+        st, _, b = fake.charge(31, customer="cus_fixed", key=key)
+        assert st == 400, key
+        assert "Idempotency-Key must be invoice-31" in jbody(b)["error"]["message"]
+    s = fake.state()
+    assert set(s["applied"]) == {"invoice-31-2", "redemption-32-3"}
+    assert s["results"]["invoice-31"]["status"] == 402
+
+
 def test_wrong_token_401(fake):
     st, _, b = fake.charge(40, token="nope")
     assert st == 401

@@ -232,6 +232,55 @@ test_key(void **state)
 	assert_string_equal(buf, "invoice");
 }
 
+/*
+ * Generations: the first keeps the contract's key, so rows billed before
+ * requeue existed replay under the key they were charged with; every later
+ * one gets its own suffix, so the API holds no stored refusal for it.
+ */
+static void
+test_key_generations(void **state)
+{
+	static const struct {
+		enum item_kind kind;
+		int64_t id;
+		int generation;
+		const char *want;
+	} gens[] = {
+		{ INV, 17, 0, "invoice-17" },           /* a zeroed item */
+		{ INV, 17, 1, "invoice-17" },
+		{ INV, 17, 2, "invoice-17-2" },
+		{ INV, 17, 3, "invoice-17-3" },
+		{ RED, 5, 1, "redemption-5" },
+		{ RED, 5, 2, "redemption-5-2" },
+		{ RED, 5, 10, "redemption-5-10" },
+		{ INV, 17, -4, "invoice-17" },          /* never a negative suffix */
+		/* The widest key of all fits ITEM_KEY_MAX. */
+		{ RED, INT64_MIN, INT32_MAX, "redemption--9223372036854775808-2147483647" },
+	};
+	char buf[ITEM_KEY_MAX];
+	struct item it;
+
+	(void)state;
+	for (size_t i = 0; i < sizeof(gens) / sizeof(gens[0]); i++) {
+		memset(&it, 0, sizeof(it));
+		it.kind = gens[i].kind;
+		it.id = gens[i].id;
+		it.generation = gens[i].generation;
+		item_key(&it, buf, sizeof(buf));
+		assert_string_equal(buf, gens[i].want);
+	}
+	_Static_assert(sizeof("redemption--9223372036854775808-2147483647") <= ITEM_KEY_MAX,
+	    "the widest key fits");
+
+	/* A short buffer truncates, terminated, generation or not. */
+	memset(&it, 0, sizeof(it));
+	it.kind = INV;
+	it.id = 17;
+	it.generation = 2;
+	item_key(&it, buf, 11);
+	assert_string_equal(buf, "invoice-17");
+}
+
 static void
 test_kind_name(void **state)
 {
@@ -336,6 +385,7 @@ test_set_strings_out_of_memory(void **state)
 
 static const struct CMUnitTest fixed_tests[] = {
 	cmocka_unit_test(test_key),
+	cmocka_unit_test(test_key_generations),
 	cmocka_unit_test(test_kind_name),
 	cmocka_unit_test(test_clear),
 	cmocka_unit_test(test_set_strings),
