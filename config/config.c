@@ -94,7 +94,7 @@ static string_check check_no_control;
 static const struct opt opts[] = {
 	STR_OPT("worker.id", "", NULL, RESTART, worker.id),
 	INT_OPT("worker.concurrency", 1, 10000, 64, RELOAD, worker.concurrency),
-	INT_OPT("worker.batch_size", 1, 10000, 100, RELOAD, worker.batch_size),
+	INT_OPT("worker.batch_size", 1, 10000, 64, RELOAD, worker.batch_size),
 	INT_OPT("worker.poll_interval_ms", 10, 3600000, 1000, RELOAD, worker.poll_interval_ms),
 	INT_OPT("worker.shutdown_timeout_ms", 0, 3600000, 30000, RELOAD, worker.shutdown_timeout_ms),
 	INT_OPT("worker.once_patience_ms", 1000, 3600000, 60000, RELOAD, worker.once_patience_ms),
@@ -934,7 +934,7 @@ check_redis_auth(struct loader *ld)
  * A poll takes at most as many items as there is room for calls, so a
  * batch larger than worker.concurrency is never taken whole: the setting
  * does nothing past that.  Said only when the file sets one of the two,
- * since the defaults (100 and 64) are left as they were chosen.
+ * since the defaults (both 64) cannot disagree.
  */
 static void
 check_warnings(struct loader *ld)

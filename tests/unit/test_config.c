@@ -406,7 +406,7 @@ assert_defaults(const struct bw_config *cfg)
 {
 	assert_string_equal(cfg->worker.id, "");
 	assert_int_equal(cfg->worker.concurrency, 64);
-	assert_int_equal(cfg->worker.batch_size, 100);
+	assert_int_equal(cfg->worker.batch_size, 64);
 	assert_int_equal(cfg->worker.poll_interval_ms, 1000);
 	assert_int_equal(cfg->worker.shutdown_timeout_ms, 30000);
 	assert_string_equal(cfg->database.conninfo, "postgresql:///billing");
@@ -915,13 +915,13 @@ test_warnings(void **state)
 		const char *text;
 		const char *want;           /* NULL: no warning */
 	} rows[] = {
-		{ DB API, NULL },               /* the defaults, 100 and 64, say nothing */
+		{ DB API, NULL },               /* the defaults, both 64, say nothing */
 		{ DB API "worker = {\n\tconcurrency = 8;\n\tbatch_size = 8;\n};\n", NULL },
 		{ DB API "worker = {\n\tconcurrency = 8;\n\tbatch_size = 20;\n};\n",
 		  NAME ":5: warning: \"worker.batch_size\" (20) is greater than "
 		  "\"worker.concurrency\" (8): a poll takes at most 8 items\n" },
 		{ DB API "worker = {\n\tconcurrency = 32;\n};\n",
-		  NAME ":4: warning: \"worker.batch_size\" (100) is greater than "
+		  NAME ":4: warning: \"worker.batch_size\" (64) is greater than "
 		  "\"worker.concurrency\" (32): a poll takes at most 32 items\n" },
 	};
 
