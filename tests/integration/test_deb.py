@@ -20,6 +20,7 @@ import pwd
 import shutil
 import stat
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -175,7 +176,15 @@ def check_installed(version):
         assert (DOC_DIR / doc).exists() or (DOC_DIR / f"{doc}.gz").exists(), doc
     assert (Path("/usr/share/man/man8/billing-worker.8.gz")).exists()
     assert run(["dpkg-query", "-W", "-f=${Conffiles}", PKG]).stdout.split()[0] == str(CONF)
-    r = run([str(SBIN), "-c", str(CONF), "check-config"])
+    # check-config opens the token as the unit hands it over: a credential.
+    creds = Path(tempfile.mkdtemp(prefix="bw-deb-creds-"))
+    try:
+        (creds / "api-token").write_text("example-token\n")
+        (creds / "api-token").chmod(0o600)
+        r = run([str(SBIN), "-c", str(CONF), "check-config"],
+                env={**os.environ, "CREDENTIALS_DIRECTORY": str(creds)})
+    finally:
+        shutil.rmtree(creds, ignore_errors=True)
     assert r.returncode == 0, r.stderr
 
 
