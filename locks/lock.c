@@ -101,6 +101,22 @@ grow(lockmgr *lm, size_t n)
 	return 0;
 }
 
+void
+lock_redis_options(const struct bw_config *cfg, const char *password,
+    struct redis_options *out)
+{
+	memset(out, 0, sizeof(*out));
+	out->host = cfg->redis.host;
+	out->port = cfg->redis.port;
+	out->socket = cfg->redis.socket;
+	out->password = password;
+	out->username = cfg->redis.username;
+	out->db = cfg->redis.db;
+	out->key_prefix = cfg->redis.key_prefix;
+	out->connect_timeout_ms = cfg->redis.connect_timeout_ms;
+	out->command_timeout_ms = cfg->redis.command_timeout_ms;
+}
+
 int
 lock_new(const struct lock_options *o, store *st, lockmgr **ret)
 {

@@ -34,6 +34,15 @@ struct lock_options {
 	struct redis_options redis;     /* unused in skip-locked mode */
 };
 
+/*
+ * The Redis connection CFG describes, with PASSWORD (NULL: no AUTH), into
+ * OUT; the strings stay CFG's and PASSWORD's.  The one place the config's
+ * redis group becomes connection options, for the daemon and for
+ * check-config --connect alike.
+ */
+void lock_redis_options(const struct bw_config *cfg, const char *password,
+    struct redis_options *out);
+
 /* ST is borrowed and must outlive the manager. */
 int lock_new(const struct lock_options *o, store *st, lockmgr **ret)
 	__attribute__((warn_unused_result));

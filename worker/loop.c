@@ -1104,20 +1104,10 @@ loop_setup(struct loop *l, const char *token, const char *redis_password)
 		.ttl_ms = cfg->locks.ttl_ms,
 		.park_ms = cfg->billing_api.backoff_max_ms,
 		.worker_id = cfg->worker.id,
-		.redis = {
-			.host = cfg->redis.host,
-			.port = cfg->redis.port,
-			.socket = cfg->redis.socket,
-			.password = redis_password,
-			.username = cfg->redis.username,
-			.db = cfg->redis.db,
-			.key_prefix = cfg->redis.key_prefix,
-			.connect_timeout_ms = cfg->redis.connect_timeout_ms,
-			.command_timeout_ms = cfg->redis.command_timeout_ms,
-		},
 	};
 	char err[256];
 
+	lock_redis_options(cfg, redis_password, &lo.redis);
 	jitter_seed(&l->rng);
 	policy_from(&l->policy, cfg);
 	if (gethostname(l->host, sizeof(l->host)) == -1)

@@ -9,7 +9,7 @@
 #include <string.h>
 
 #include "billing/api.h"
-#include "locks/redis_lock.h"
+#include "locks/lock.h"
 #include "store/store.h"
 
 /*
@@ -66,14 +66,7 @@ probe_database(const struct bw_config *cfg)
 static int
 probe_redis(const struct bw_config *cfg, const char *password)
 {
-	struct redis_options o = {
-		.host = cfg->redis.host,
-		.port = cfg->redis.port,
-		.socket = cfg->redis.socket,
-		.password = password,
-		.connect_timeout_ms = cfg->redis.connect_timeout_ms,
-		.command_timeout_ms = cfg->redis.command_timeout_ms,
-	};
+	struct redis_options o;
 	redis_lock *rl = NULL;
 	char where[300], answer[64];
 	int ret = -1;
@@ -86,6 +79,7 @@ probe_redis(const struct bw_config *cfg, const char *password)
 		snprintf(where, sizeof(where), "\"%s\"", cfg->redis.socket);
 	else
 		snprintf(where, sizeof(where), "\"%s:%d\"", cfg->redis.host, cfg->redis.port);
+	lock_redis_options(cfg, password, &o);
 	if (redis_lock_new(&o, &rl) == -1) {
 		printf("redis: out of memory\n");
 		return -1;

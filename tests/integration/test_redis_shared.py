@@ -255,3 +255,19 @@ def test_username_without_password_file_is_a_config_error(tmp_path, db, redis, f
     assert r.returncode != 0
     assert ('"redis.username" is set but "redis.password_file" is not: Redis authenticates '
             "a user only with a password") in r.stderr
+
+
+def test_check_config_connect_authenticates_as_the_acl_user(tmp_path, db, redis, fake_api,
+                                                            binary, acl_user):
+    """lock_redis_options: check-config --connect built its own Redis options
+    and left out redis.username and redis.db, so it sent AUTH for the
+    default user and reported an ACL deployment that works as unreachable."""
+    user, password = acl_user
+    pwfile = write_secret(tmp_path / "redis-password", password)
+    cfg = make_config(tmp_path, db, redis, fake_api, **{
+        "redis.username": user, "redis.password_file": str(pwfile),
+        "redis.key_prefix": "bw-acl:"})
+    migrate(cfg)
+    r = harness.run_cli(cfg, "check-config", "--connect")
+    assert "answered PONG (after AUTH)" in r.stdout, r.stdout + r.stderr
+    assert password not in r.stdout + r.stderr
