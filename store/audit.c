@@ -126,6 +126,9 @@ store_audit(store *st, FILE *out, int stuck_after_s, int *violations)
 	*violations = found;
 	ret = 0;
 out:
-	PQclear(store_exec_bounded(conn, store_client_deadline_ms(st), "ROLLBACK"));
+	/* A failure may have dropped the connection (store_set_error): ask again. */
+	if (store_connected(st))
+		PQclear(store_exec_bounded(store_conn(st), store_client_deadline_ms(st),
+		    "ROLLBACK"));
 	return ret;
 }
