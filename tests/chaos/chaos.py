@@ -549,8 +549,11 @@ class Chaos:
                 w.start()
 
     def open_items(self):
-        return self.db.scalar("SELECT (SELECT count(*) FROM invoices WHERE status = 'pending') + "
-                              "(SELECT count(*) FROM redemptions WHERE status = 'pending')")
+        """Pending items the fleet still works on: those left for an operator
+        (needs_operator) wait for a human, and check() judges them."""
+        return self.db.scalar("SELECT (SELECT count(*) FROM invoices WHERE status = 'pending' "
+                              "AND needs_operator IS NULL) + (SELECT count(*) FROM redemptions "
+                              "WHERE status = 'pending' AND needs_operator IS NULL)")
 
     def run(self):
         a = self.args
@@ -591,15 +594,25 @@ class Chaos:
         state = self.api.state()
         applied, results = state["applied"], state["results"]
         rows = []
+        for_operator = set()        # "invoice 4": pending for a human, no request made
         for kind, table, idcol in (("invoice", "invoices", "charge_id"),
                                    ("redemption", "redemptions", "fulfillment_id")):
             done = "paid" if kind == "invoice" else "redeemed"
-            for iid, status, rid, amount, attempts, err in self.db.query(
-                    f"SELECT id, status, {idcol}, amount_cents, attempts, last_error FROM {table}"):
+            for iid, status, rid, amount, attempts, err, note in self.db.query(
+                    f"SELECT id, status, {idcol}, amount_cents, attempts, last_error, "
+                    f"needs_operator FROM {table}"):
                 key = f"{kind}-{iid}"
                 rows.append((key, status))
                 got = applied.get(key)
-                if status == "pending":
+                if status == "pending" and note is not None and key not in state["requests"]:
+                    # A bad row whose refusal was lost in a crash: the next claim
+                    # found its lease run out, so an attempt may have been made,
+                    # and the worker rightly will not fail it by itself.  The
+                    # API's record shows no request ever came: an operator's case.
+                    self.notes.append(f"{key}: left for an operator ({note}); the API never "
+                                      f"saw its key")
+                    for_operator.add(f"{kind} {iid}")
+                elif status == "pending":
                     v.append(f"{key} is not final after the drain")
                 elif status == done:
                     if got is None:
@@ -634,7 +647,13 @@ class Chaos:
         for t, sid, cached, total in self.sampler.negatives:
             v.append(f"subsidy {sid} sampled negative: cached {cached}, ledger {total}")
         audit = run_cli(self.cfg0, "audit", timeout=120)
-        if audit.returncode != 0 or "audit: clean" not in audit.stdout:
+        # audit lists the items left for an operator too; those judged above pass.
+        others = [line for line in audit.stdout.splitlines() if line.startswith("violation") and
+                  not any(line.startswith(f"violation (needs an operator): {item} needs ")
+                          for item in for_operator)]
+        audit_ok = ("audit: clean" in audit.stdout if audit.returncode == 0 else
+                    audit.returncode == 1 and not others)
+        if not audit_ok:
             v.append(f"audit not clean (exit {audit.returncode}): {audit.stdout.strip()} "
                      f"{audit.stderr.strip()}")
         self.report(state, rows, v)
