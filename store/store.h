@@ -6,7 +6,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
-#include "billing/completion.h"
+#include "common/completion.h"
 #include "common/item.h"
 
 /*

@@ -14,6 +14,7 @@
 
 #include "billing/api.h"
 #include "billing/outcome.h"
+#include "common/backoff.h"
 #include "common/clock.h"
 #include "common/item.h"
 #include "common/jitter.h"
@@ -72,7 +73,7 @@ struct loop {
 	store *st;
 	store_listener *listener;   /* NULL in once runs */
 	int64_t next_listen_try_ms;
-	int listen_delay_ms;
+	struct backoff listen_backoff;
 	lockmgr *locks;
 	api_client *api;
 	telemetry *tm;
@@ -95,7 +96,7 @@ struct loop {
 	int64_t next_poll_ms;
 	int64_t next_renew_ms;
 	int64_t next_flush_ms;          /* after a failed flush: not before */
-	int flush_delay_ms;
+	struct backoff flush_backoff;
 	int64_t flush_failing_since_ms; /* 0 while outcomes get recorded */
 	int64_t claim_failing_since_ms; /* 0 while claims work */
 	int64_t next_prune_ms;          /* history.retention_days */
@@ -111,13 +112,13 @@ struct loop {
 		bool on;
 		int64_t since_ms;
 		int64_t probe_at_ms;
-		int probe_delay_ms;
+		struct backoff probe_backoff;
 		int64_t recorded_at_ms;     /* last write of the registry for a probe */
 		char reason[600];
 	} refused;
 	bool paused[ITEM_KIND_COUNT];   /* as the last due query saw the fleet */
 	int64_t next_db_try_ms;
-	int db_delay_ms;
+	struct backoff db_backoff;
 	int64_t db_down_since_ms;
 	bool db_outage_logged;
 	int64_t db_connected_at_ms;     /* the last connect */
@@ -331,14 +332,13 @@ note_db_failure(struct loop *l, const char *what)
 			log_warnx("%s: %s; reconnecting%s", what, store_errmsg(l->st), young ?
 			    " (again and again, with backoff, while connections die this young)" : "");
 		if (young)
-			l->db_delay_ms = l->db_delay_ms * 2 > DB_RETRY_MAX_MS ? DB_RETRY_MAX_MS :
-			    l->db_delay_ms * 2;
+			(void)backoff_take(&l->db_backoff);
 		else
-			l->db_delay_ms = DB_RETRY_MIN_MS;
+			backoff_reset(&l->db_backoff);
 		l->db_flapping = young;
 		l->db_outage_logged = true;
 		l->db_down_since_ms = now;
-		l->next_db_try_ms = now + l->db_delay_ms;
+		l->next_db_try_ms = now + backoff_peek(&l->db_backoff);
 	}
 }
 
@@ -349,7 +349,7 @@ note_db_failure(struct loop *l, const char *what)
 static bool
 db_ready(struct loop *l)
 {
-	int64_t now = clock_ms();
+	int64_t now = clock_ms(), delay;
 
 	if (store_connected(l->st))
 		return true;
@@ -358,7 +358,8 @@ db_ready(struct loop *l)
 	if (now < l->next_db_try_ms)
 		return false;
 	if (store_connect(l->st) == 0) {
-		if (!l->db_flapping && (l->db_delay_ms > DB_RETRY_MIN_MS || l->db_outage_logged))
+		if (!l->db_flapping && (backoff_peek(&l->db_backoff) > DB_RETRY_MIN_MS ||
+		    l->db_outage_logged))
 			log_info("database reachable again after %.1f s",
 			    (double)(now - l->db_down_since_ms) / 1000.0);
 		l->db_outage_logged = false;
@@ -366,15 +367,15 @@ db_ready(struct loop *l)
 		l->db_connected_at_ms = now;
 		l->db_proven = false;
 		if (!l->db_flapping)
-			l->db_delay_ms = DB_RETRY_MIN_MS;
+			backoff_reset(&l->db_backoff);
 		if (l->db_seen)
 			metrics_reconnect(METRICS_PEER_DATABASE);
 		l->db_seen = true;
 		return true;
 	}
-	log_warnx("%s (retrying in %d ms)", store_errmsg(l->st), l->db_delay_ms);
-	l->next_db_try_ms = now + l->db_delay_ms;
-	l->db_delay_ms = l->db_delay_ms * 2 > DB_RETRY_MAX_MS ? DB_RETRY_MAX_MS : l->db_delay_ms * 2;
+	delay = backoff_take(&l->db_backoff);
+	log_warnx("%s (retrying in %" PRId64 " ms)", store_errmsg(l->st), delay);
+	l->next_db_try_ms = now + delay;
 	return false;
 }
 
@@ -459,11 +460,9 @@ flush_failed(struct loop *l, size_t n, int64_t now)
 	}
 	if (l->flush_failing_since_ms == 0) {
 		l->flush_failing_since_ms = now;
-		l->flush_delay_ms = FLUSH_RETRY_MIN_MS;
+		backoff_reset(&l->flush_backoff);
 	}
-	l->next_flush_ms = now + l->flush_delay_ms;
-	l->flush_delay_ms = l->flush_delay_ms * 2 > FLUSH_RETRY_MAX_MS ? FLUSH_RETRY_MAX_MS :
-	    l->flush_delay_ms * 2;
+	l->next_flush_ms = now + backoff_take(&l->flush_backoff);
 }
 
 /* True when queued outcomes can be tried now: the loop must not sleep. */
@@ -775,8 +774,8 @@ api_refused(struct loop *l, const struct api_verdict *v, long status, int64_t no
 	config_url_for_log(l->cfg->billing_api.base_url, url, sizeof(url));
 	l->refused.on = true;
 	l->refused.since_ms = now;
-	l->refused.probe_delay_ms = PROBE_MIN_MS;
-	l->refused.probe_at_ms = now + PROBE_MIN_MS;
+	backoff_reset(&l->refused.probe_backoff);
+	l->refused.probe_at_ms = now + backoff_peek(&l->refused.probe_backoff);
 	snprintf(l->refused.reason, sizeof(l->refused.reason), "http %ld from the billing API "
 	    "at \"%s\" (%s)", status, url, v->error);
 	log_error("the billing API at \"%s\" answered http %ld (%s): the token "
@@ -844,9 +843,7 @@ may_claim(const struct loop *l, int64_t now)
 static void
 probe_sent(struct loop *l, int64_t now)
 {
-	l->refused.probe_at_ms = now + l->refused.probe_delay_ms;
-	l->refused.probe_delay_ms = l->refused.probe_delay_ms * 2 > PROBE_MAX_MS ? PROBE_MAX_MS :
-	    l->refused.probe_delay_ms * 2;
+	l->refused.probe_at_ms = now + backoff_take(&l->refused.probe_backoff);
 }
 
 static void
@@ -942,7 +939,7 @@ reload_token(struct loop *l)
 	explicit_bzero(token, sizeof(token));
 	if (l->refused.on) {
 		l->refused.probe_at_ms = clock_ms();
-		l->refused.probe_delay_ms = PROBE_MIN_MS;
+		backoff_reset(&l->refused.probe_backoff);
 		log_info("reload: API token read again; probing the billing API now");
 	}
 }
@@ -1060,13 +1057,11 @@ listen_service(struct loop *l, bool readable)
 			return;
 		if (store_listener_connect(l->listener) == 0) {
 			log_info("listening for new items");
-			l->listen_delay_ms = DB_RETRY_MIN_MS;
+			backoff_reset(&l->listen_backoff);
 		} else {
 			log_warnx("%s; polling every %d ms until it returns",
 			    store_listener_errmsg(l->listener), l->cfg->worker.poll_interval_ms);
-			l->next_listen_try_ms = now + l->listen_delay_ms;
-			l->listen_delay_ms = l->listen_delay_ms * 2 > DB_RETRY_MAX_MS ?
-			    DB_RETRY_MAX_MS : l->listen_delay_ms * 2;
+			l->next_listen_try_ms = now + backoff_take(&l->listen_backoff);
 		}
 		return;
 	}
@@ -1076,7 +1071,7 @@ listen_service(struct loop *l, bool readable)
 	if (n == -1) {
 		log_warnx("%s; polling every %d ms until it returns",
 		    store_listener_errmsg(l->listener), l->cfg->worker.poll_interval_ms);
-		l->next_listen_try_ms = now + l->listen_delay_ms;
+		l->next_listen_try_ms = now + backoff_peek(&l->listen_backoff);
 		return;
 	}
 	if (n > 0) {
@@ -1113,8 +1108,10 @@ loop_setup(struct loop *l, const char *token, const char *redis_password)
 	if (gethostname(l->host, sizeof(l->host)) == -1)
 		snprintf(l->host, sizeof(l->host), "localhost");
 	l->host[sizeof(l->host) - 1] = '\0';
-	l->db_delay_ms = DB_RETRY_MIN_MS;
-	l->listen_delay_ms = DB_RETRY_MIN_MS;
+	backoff_init(&l->db_backoff, DB_RETRY_MIN_MS, DB_RETRY_MAX_MS);
+	backoff_init(&l->listen_backoff, DB_RETRY_MIN_MS, DB_RETRY_MAX_MS);
+	backoff_init(&l->flush_backoff, FLUSH_RETRY_MIN_MS, FLUSH_RETRY_MAX_MS);
+	backoff_init(&l->refused.probe_backoff, PROBE_MIN_MS, PROBE_MAX_MS);
 	if (reserve(l, cfg->worker.concurrency, cfg->worker.batch_size) == -1) {
 		log_error("out of memory");
 		return -1;
