@@ -159,7 +159,13 @@ signals_setup(void)
 {
 	struct sigaction sa;
 
-	if (pipe2(wake_pipe, O_NONBLOCK | O_CLOEXEC) == -1)
+	/*
+	 * Nothing could have set the flags before the handlers exist (the
+	 * default action ends the process); a second run in one process (the
+	 * unit tests) starts from a clean slate.
+	 */
+	got_stop = got_reload = 0;
+	if (wake_pipe[0] == -1 && pipe2(wake_pipe, O_NONBLOCK | O_CLOEXEC) == -1)
 		return -1;
 	memset(&sa, 0, sizeof(sa));
 	sa.sa_handler = on_signal;
@@ -1233,14 +1239,229 @@ first_connect(struct loop *l)
 	}
 }
 
+/* SIGTERM/SIGINT: no new items, a bounded wait for calls in flight.  SIGHUP: reload. */
+static void
+take_signals(struct loop *l, int64_t now)
+{
+	if (got_stop && !l->stopping) {
+		l->stopping = true;
+		l->stop_deadline_ms = now + l->cfg->worker.shutdown_timeout_ms;
+		log_info("stopping: no new items; waiting up to %d ms for %d call%s in flight",
+		    l->cfg->worker.shutdown_timeout_ms, api_in_flight(l->api),
+		    api_in_flight(l->api) == 1 ? "" : "s");
+		telemetry_stopping(l->tm, l->busy);
+	}
+	if (got_reload) {
+		got_reload = 0;
+		reload(l);
+	}
+}
+
+/* What comes due by the clock: lease renewals, history pruning, the heartbeat. */
+static void
+maintain(struct loop *l, int64_t now)
+{
+	if (now >= l->next_renew_ms) {
+		renew(l);
+		l->next_renew_ms = now + l->cfg->locks.renew_interval_ms;
+	}
+	prune_history(l, now);
+	if (now >= l->next_seen_ms)
+		worker_seen(l, now);
+}
+
+/*
+ * Claims what is due when there is room, and sets when to look again.
+ * Returns true when a once run has nothing left to do.
+ */
+static bool
+take_work(struct loop *l, int64_t now)
+{
+	bool probing = l->refused.on;
+	int64_t hold;
+	int r;
+
+	if (l->stopping || now < l->next_poll_ms || l->busy >= l->cfg->worker.concurrency ||
+	    !may_claim(l, now) || !db_ready(l))
+		return false;
+	r = claim(l);
+	hold = lock_wait_ms(l->locks);
+	note_pauses(l);
+	if (probing && l->busy > 0)
+		probe_sent(l, now);
+	if (hold > 0)
+		l->next_poll_ms = now + hold;       /* rate budget spent or a 429 pause */
+	else if (r == 1)
+		l->next_poll_ms = now;              /* more due: take them as room frees */
+	else
+		l->next_poll_ms = now + l->cfg->worker.poll_interval_ms;
+	if (r == 0 && hold == 0 && l->once && l->busy == 0) {
+		log_info("nothing due; once run finished");
+		return true;
+	}
+	return false;
+}
+
+/*
+ * A once run's patience (once_out_of_patience): ends it now (true, with
+ * *STATUS 1), or turns it into a stop that records its calls in flight.
+ */
+static bool
+keep_patience(struct loop *l, int64_t now, int *status)
+{
+	int give_up;
+
+	if (!l->once || (l->stopping && l->db_down_since_ms == 0))
+		return false;
+	give_up = once_out_of_patience(l, now);
+	if (give_up != 0)
+		*status = 1;
+	if (give_up == 2)
+		return true;
+	if (give_up == 1 && !l->stopping) {
+		l->stopping = true;
+		l->stop_deadline_ms = now + l->cfg->worker.shutdown_timeout_ms;
+	}
+	return false;
+}
+
+/*
+ * While stopping: true once every flight is recorded, or at the deadline,
+ * after abandoning the calls still running and one last flush.
+ */
+static bool
+stopped(struct loop *l, int64_t now)
+{
+	if (!l->stopping)
+		return false;
+	if (l->busy == 0)
+		return true;
+	if (now < l->stop_deadline_ms)
+		return false;
+	abandon_calls(l);
+	flush(l);
+	if (l->busy > 0)
+		log_warnx("%d outcome%s could not be recorded before exit; their leases run out "
+		    "and the calls are repeated under the same keys", l->busy,
+		    l->busy == 1 ? "" : "s");
+	return true;
+}
+
+/* How long the loop may sleep: until the next thing the clock brings. */
+static int
+wait_budget_ms(const struct loop *l, int64_t now)
+{
+	int64_t wait = WAIT_MAX_MS;
+
+	if (!l->stopping && l->busy < l->cfg->worker.concurrency &&
+	    (!l->refused.on || l->busy == 0)) {
+		/* Refused with calls in flight: their answers wake us, not the clock. */
+		int64_t at = l->next_poll_ms;
+
+		if (l->refused.on && l->refused.probe_at_ms > at)
+			at = l->refused.probe_at_ms;
+		/* No claim before the database is back: not before the reconnect. */
+		if (!store_connected(l->st) && l->next_db_try_ms > at)
+			at = l->next_db_try_ms;
+		if (at - now < wait)
+			wait = at - now;
+	}
+	if (l->next_renew_ms - now < wait)
+		wait = l->next_renew_ms - now;
+	if (l->db_down_since_ms != 0 && l->next_db_try_ms - now < wait)
+		wait = l->next_db_try_ms - now;
+	for (int i = 0; i < l->nflights; i++) {
+		if (l->flights[i].state != FLIGHT_DONE)
+			continue;
+		/* Queued outcomes: now if they can be tried, else at the retry. */
+		if (flush_due(l, now))
+			wait = 0;
+		else if (store_connected(l->st) && l->next_flush_ms - now < wait)
+			wait = l->next_flush_ms - now;
+		break;
+	}
+	return wait < 0 ? 0 : (int)wait;
+}
+
+/*
+ * The one place the loop sleeps: on the API's sockets, the signal pipe,
+ * the LISTEN connection and telemetry's descriptors, for at most WAIT_MS.
+ */
+static void
+wait_for_events(struct loop *l, int64_t now, int wait_ms)
+{
+	struct api_waitfd wake[4];
+	unsigned nwake;
+
+	wake[0].fd = wake_pipe[0];
+	wake[0].events = POLLIN;
+	wake[0].revents = 0;
+	wake[1].fd = l->listener != NULL ? store_listener_fd(l->listener) : -1;
+	wake[1].events = POLLIN;
+	wake[1].revents = 0;
+	nwake = 2 + telemetry_wait_fds(l->tm, now, &wake[2], &wait_ms);
+	if (api_wait(l->api, wake, nwake, wait_ms) == -1)
+		log_warnx("waiting on the billing API calls failed");
+	if (wake[0].revents & POLLIN)
+		drain_wake_pipe();
+	listen_service(l, wake[1].fd >= 0 && (wake[1].revents & (POLLIN | POLLERR | POLLHUP)));
+	telemetry_after_wait(l->tm);
+}
+
+/*
+ * One turn: signals, answers in, outcomes recorded, upkeep, new work, then
+ * the wait.  Returns true when the loop should end.
+ */
+static bool
+turn(struct loop *l, int *status)
+{
+	int64_t now = clock_ms();
+
+	take_signals(l, now);
+	collect(l);
+	flush(l);
+	telemetry_tick(l->tm, now, l->busy, l->cfg->worker.concurrency, store_connected(l->st));
+	maintain(l, now);
+	if (take_work(l, now) || keep_patience(l, now, status) || stopped(l, now))
+		return true;
+	wait_for_events(l, now, wait_budget_ms(l, now));
+	return false;
+}
+
+/* At exit: the Redis locks still held go back, the registry row goes, one summary line. */
+static void
+finish(struct loop *l)
+{
+	size_t n = 0;
+
+	/* Whatever is still claimed (an outage at exit): give back the Redis locks. */
+	for (int i = 0; i < l->nflights; i++)
+		if (l->flights[i].state != FLIGHT_FREE)
+			l->itemp[n++] = &l->flights[i].item;
+	lock_release(l->locks, l->itemp, n);
+	if (store_connected(l->st) && store_worker_gone(l->st, l->cfg->worker.id) == -1)
+		log_warnx("%s", store_errmsg(l->st));
+	log_info("stopped: %" PRIu64 " done, %" PRIu64 " failed, %" PRIu64 " to retry, %" PRIu64
+	    " not recorded (claim lost), %" PRIu64 " API calls, %" PRIu64 " transaction retries",
+	    l->n_done, l->n_failed, l->n_retry, l->n_rejected, l->n_calls,
+	    l->st ? store_retries(l->st) : 0);
+}
+
+/* Connected, schema checked: the first connection to Redis, LISTEN, readiness. */
+static void
+start(struct loop *l)
+{
+	lock_start(l->locks);
+	listen_service(l, false);
+	l->next_renew_ms = clock_ms() + l->cfg->locks.renew_interval_ms;
+	telemetry_ready(l->tm, clock_ms());
+}
+
 int
 loop_run(struct bw_config *cfg, const char *token, const char *redis_password, bool once)
 {
 	struct loop l;
-	struct api_waitfd wake[4];
-	unsigned nwake;
-	int status = 1, wait_ms;
-	int64_t now, wait;
+	int status = 1;
 
 	memset(&l, 0, sizeof(l));
 	l.cfg = cfg;
@@ -1259,146 +1480,10 @@ loop_run(struct bw_config *cfg, const char *token, const char *redis_password, b
 		goto out;
 	}
 	status = 0;
-	lock_start(l.locks);
-	listen_service(&l, false);
-	l.next_renew_ms = clock_ms() + cfg->locks.renew_interval_ms;
-	telemetry_ready(l.tm, clock_ms());
-
-	for (;;) {
-		now = clock_ms();
-		if (got_stop && !l.stopping) {
-			l.stopping = true;
-			l.stop_deadline_ms = now + l.cfg->worker.shutdown_timeout_ms;
-			log_info("stopping: no new items; waiting up to %d ms for %d call%s in flight",
-			    l.cfg->worker.shutdown_timeout_ms, api_in_flight(l.api),
-			    api_in_flight(l.api) == 1 ? "" : "s");
-			telemetry_stopping(l.tm, l.busy);
-		}
-		if (got_reload) {
-			got_reload = 0;
-			reload(&l);
-		}
-
-		collect(&l);
-		flush(&l);
-		telemetry_tick(l.tm, now, l.busy, l.cfg->worker.concurrency, store_connected(l.st));
-
-		if (now >= l.next_renew_ms) {
-			renew(&l);
-			l.next_renew_ms = now + l.cfg->locks.renew_interval_ms;
-		}
-		prune_history(&l, now);
-		if (now >= l.next_seen_ms)
-			worker_seen(&l, now);
-
-		if (!l.stopping && now >= l.next_poll_ms && l.busy < l.cfg->worker.concurrency &&
-		    may_claim(&l, now) && db_ready(&l)) {
-			bool probing = l.refused.on;
-			int r = claim(&l);
-			int64_t hold = lock_wait_ms(l.locks);
-
-			note_pauses(&l);
-			if (probing && l.busy > 0)
-				probe_sent(&l, now);
-			if (hold > 0)
-				l.next_poll_ms = now + hold;    /* rate budget spent or a 429 pause */
-			else if (r == 1)
-				l.next_poll_ms = now;       /* more due: take them as room frees */
-			else
-				l.next_poll_ms = now + l.cfg->worker.poll_interval_ms;
-			if (r == 0 && hold == 0 && once && l.busy == 0) {
-				log_info("nothing due; once run finished");
-				break;
-			}
-		}
-		if (once && (!l.stopping || l.db_down_since_ms != 0)) {
-			int give_up = once_out_of_patience(&l, now);
-
-			if (give_up != 0)
-				status = 1;
-			if (give_up == 2)
-				break;
-			if (give_up == 1) {
-				l.stopping = true;
-				l.stop_deadline_ms = now + l.cfg->worker.shutdown_timeout_ms;
-			}
-		}
-
-		if (l.stopping) {
-			if (l.busy == 0)
-				break;
-			if (now >= l.stop_deadline_ms) {
-				abandon_calls(&l);
-				flush(&l);
-				if (l.busy > 0)
-					log_warnx("%d outcome%s could not be recorded before exit; "
-					    "their leases run out and the calls are repeated under the "
-					    "same keys", l.busy, l.busy == 1 ? "" : "s");
-				break;
-			}
-		}
-
-		/* Sleep until the next thing to do, or a call, or a signal. */
-		wait = WAIT_MAX_MS;
-		if (!l.stopping && l.busy < l.cfg->worker.concurrency &&
-		    (!l.refused.on || l.busy == 0)) {
-			/* Refused with calls in flight: their answers wake us, not the clock. */
-			int64_t at = l.next_poll_ms;
-
-			if (l.refused.on && l.refused.probe_at_ms > at)
-				at = l.refused.probe_at_ms;
-			/* No claim before the database is back: not before the reconnect. */
-			if (!store_connected(l.st) && l.next_db_try_ms > at)
-				at = l.next_db_try_ms;
-			if (at - now < wait)
-				wait = at - now;
-		}
-		if (l.next_renew_ms - now < wait)
-			wait = l.next_renew_ms - now;
-		if (l.db_down_since_ms != 0 && l.next_db_try_ms - now < wait)
-			wait = l.next_db_try_ms - now;
-		for (int i = 0; i < l.nflights; i++) {
-			if (l.flights[i].state != FLIGHT_DONE)
-				continue;
-			/* Queued outcomes: now if they can be tried, else at the retry. */
-			if (flush_due(&l, now))
-				wait = 0;
-			else if (store_connected(l.st) && l.next_flush_ms - now < wait)
-				wait = l.next_flush_ms - now;
-			break;
-		}
-		if (wait < 0)
-			wait = 0;
-		wake[0].fd = wake_pipe[0];
-		wake[0].events = POLLIN;
-		wake[0].revents = 0;
-		wake[1].fd = l.listener != NULL ? store_listener_fd(l.listener) : -1;
-		wake[1].events = POLLIN;
-		wake[1].revents = 0;
-		wait_ms = (int)wait;
-		nwake = 2 + telemetry_wait_fds(l.tm, now, &wake[2], &wait_ms);
-		if (api_wait(l.api, wake, nwake, wait_ms) == -1)
-			log_warnx("waiting on the billing API calls failed");
-		if (wake[0].revents & POLLIN)
-			drain_wake_pipe();
-		listen_service(&l, wake[1].fd >= 0 && (wake[1].revents & (POLLIN | POLLERR | POLLHUP)));
-		telemetry_after_wait(l.tm);
-	}
-	{
-		/* Whatever is still claimed (an outage at exit): give back the Redis locks. */
-		size_t n = 0;
-
-		for (int i = 0; i < l.nflights; i++)
-			if (l.flights[i].state != FLIGHT_FREE)
-				l.itemp[n++] = &l.flights[i].item;
-		lock_release(l.locks, l.itemp, n);
-	}
-	if (store_connected(l.st) && store_worker_gone(l.st, l.cfg->worker.id) == -1)
-		log_warnx("%s", store_errmsg(l.st));
-	log_info("stopped: %" PRIu64 " done, %" PRIu64 " failed, %" PRIu64 " to retry, %" PRIu64
-	    " not recorded (claim lost), %" PRIu64 " API calls, %" PRIu64 " transaction retries",
-	    l.n_done, l.n_failed, l.n_retry, l.n_rejected, l.n_calls,
-	    l.st ? store_retries(l.st) : 0);
+	start(&l);
+	while (!turn(&l, &status))
+		;
+	finish(&l);
 out:
 	loop_teardown(&l);
 	return status;
