@@ -955,8 +955,8 @@ static void
 reload(struct loop *l)
 {
 	struct bw_config *fresh;
-	char *errors = NULL, *names = NULL;
-	int nerr;
+	char *errors = NULL, *names = NULL, *changed = NULL;
+	int nerr, nchanged;
 
 	if ((fresh = calloc(1, sizeof(*fresh))) == NULL) {
 		log_warnx("reload: out of memory; keeping the running configuration");
@@ -990,24 +990,13 @@ reload(struct loop *l)
 		telemetry_reloaded(l->tm);
 		return;
 	}
-	l->cfg->worker.concurrency = fresh->worker.concurrency;
-	l->cfg->worker.batch_size = fresh->worker.batch_size;
-	l->cfg->worker.poll_interval_ms = fresh->worker.poll_interval_ms;
-	l->cfg->worker.shutdown_timeout_ms = fresh->worker.shutdown_timeout_ms;
-	l->cfg->worker.once_patience_ms = fresh->worker.once_patience_ms;
-	l->cfg->billing_api.timeout_ms = fresh->billing_api.timeout_ms;
-	l->cfg->billing_api.connect_timeout_ms = fresh->billing_api.connect_timeout_ms;
-	l->cfg->billing_api.max_attempts = fresh->billing_api.max_attempts;
-	l->cfg->billing_api.backoff_initial_ms = fresh->billing_api.backoff_initial_ms;
-	l->cfg->billing_api.backoff_max_ms = fresh->billing_api.backoff_max_ms;
-	l->cfg->billing_api.max_requests_per_second = fresh->billing_api.max_requests_per_second;
-	l->cfg->billing_api.idempotency_key_ttl_s = fresh->billing_api.idempotency_key_ttl_s;
-	l->cfg->history.enabled = fresh->history.enabled;
-	l->cfg->history.retention_days = fresh->history.retention_days;
-	l->cfg->locks.ttl_ms = fresh->locks.ttl_ms;
-	l->cfg->locks.renew_interval_ms = fresh->locks.renew_interval_ms;
-	l->cfg->log.level = fresh->log.level;
-	l->cfg->log.format = fresh->log.format;
+	if ((nchanged = config_apply_reloadable(l->cfg, fresh, &changed)) == -1) {
+		log_warnx("reload: out of memory; keeping the running configuration");
+		config_free(fresh);
+		free(fresh);
+		telemetry_reloaded(l->tm);
+		return;
+	}
 	config_free(fresh);
 	free(fresh);
 
@@ -1022,9 +1011,10 @@ reload(struct loop *l)
 	log_set_json(l->cfg->log.format == LOG_FORMAT_JSON);
 	reload_token(l);
 	telemetry_reloaded(l->tm);
-	log_info("configuration reloaded (concurrency %d, batch %d, poll %d ms)",
+	log_info("configuration reloaded (concurrency %d, batch %d, poll %d ms; changed: %s)",
 	    l->cfg->worker.concurrency, l->cfg->worker.batch_size,
-	    l->cfg->worker.poll_interval_ms);
+	    l->cfg->worker.poll_interval_ms, nchanged > 0 ? changed : "nothing");
+	free(changed);
 }
 
 /* At the shutdown deadline: stop the calls still running; they may have charged. */
