@@ -45,6 +45,16 @@
  */
 #define PROBE_MIN_MS 1000
 #define PROBE_MAX_MS 30000
+/*
+ * A redemption whose subsidy row (or own row) another transaction holds is
+ * put back, pending, for this long plus up to BUSY_JITTER_MS at random:
+ * long enough not to spin on a lock a producer keeps for seconds, short
+ * enough that another worker's reservation of a few milliseconds costs
+ * little, and spread so the redemptions of one subsidy do not all come
+ * back in the same claim.
+ */
+#define BUSY_DEFER_MS 200
+#define BUSY_JITTER_MS 300
 /* Each worker says it is alive in the fleet's registry this often. */
 #define HEARTBEAT_MS 10000
 #ifndef BW_VERSION
@@ -65,6 +75,7 @@ struct flight {
 	double latency_ms;
 	long http_status;
 	int64_t started_unix_ms;        /* for the history */
+	bool busy;                      /* put back, its rows locked: a debug line */
 };
 
 struct loop {
@@ -309,9 +320,11 @@ log_outcome(const struct flight *f, bool accepted)
 			    "worker: %s (attempt %d, http %ld)", c->error, attempt, f->http_status);
 		} else {
 			lf.outcome = "retry";
-			log_item(LOG_INFO, &lf, "retry in %" PRId64 " ms%s: %s (attempt %d, http %ld, "
-			    "%.1f ms)", c->delay_ms, c->ambiguous ? " (may have taken effect)" : "",
-			    c->error, attempt, f->http_status, f->latency_ms);
+			/* A redemption put back behind a lock: routine, and frequent. */
+			log_item(f->busy ? LOG_DEBUG : LOG_INFO, &lf, "retry in %" PRId64
+			    " ms%s: %s (attempt %d, http %ld, %.1f ms)", c->delay_ms,
+			    c->ambiguous ? " (may have taken effect)" : "", c->error, attempt,
+			    f->http_status, f->latency_ms);
 		}
 		break;
 	}
@@ -565,9 +578,10 @@ stamp_history(struct flight *f, long http_status, const char *cls)
  * Takes a freshly claimed item into a flight: starts its call, or queues
  * its refusal (REFUSE: failed with that reason, no call) or its deferral
  * (DEFER: pending again shortly, no call, e.g. its hold could not be
- * written because the database failed).
+ * written because the database failed).  Returns its flight, or NULL
+ * when no slot was free.
  */
-static void
+static struct flight *
 launch(struct loop *l, struct item *it, const char *refuse, const char *defer)
 {
 	int slot = free_flight(l);
@@ -578,7 +592,7 @@ launch(struct loop *l, struct item *it, const char *refuse, const char *defer)
 		/* Cannot happen: claims never exceed free flights.  The lease runs out. */
 		log_error("%s %" PRId64 ": no free slot", item_kind_name(it->kind), it->id);
 		item_clear(it);
-		return;
+		return NULL;
 	}
 	f = &l->flights[slot];
 	f->item = *it;
@@ -586,11 +600,12 @@ launch(struct loop *l, struct item *it, const char *refuse, const char *defer)
 	f->latency_ms = 0;
 	f->http_status = 0;
 	f->started_unix_ms = clock_wall_ms();
+	f->busy = false;
 	l->busy++;
 	if (refuse != NULL) {
 		outcome_refused(&f->item, refuse, &f->done);
 		f->state = FLIGHT_DONE;
-		return;
+		return f;
 	}
 	if (defer != NULL) {
 		outcome_abandoned(&f->item, defer, &f->done);
@@ -598,7 +613,7 @@ launch(struct loop *l, struct item *it, const char *refuse, const char *defer)
 		f->done.ambiguous = f->item.ambiguous;
 		f->done.delay_ms = l->cfg->worker.poll_interval_ms;
 		f->state = FLIGHT_DONE;
-		return;
+		return f;
 	}
 	if (item_validate(&f->item, &reason) == -1) {
 		if (f->item.ambiguous) {
@@ -620,11 +635,11 @@ launch(struct loop *l, struct item *it, const char *refuse, const char *defer)
 			outcome_refused(&f->item, reason, &f->done);
 		}
 		f->state = FLIGHT_DONE;
-		return;
+		return f;
 	}
 	if (outcome_before_call(&f->item, &l->policy, &f->done)) {
 		f->state = FLIGHT_DONE;     /* logged with its outcome */
-		return;
+		return f;
 	}
 	if (api_start(l->api, &f->item, slot) == -1) {
 		/* Never sent: try again soon, nothing ambiguous about it. */
@@ -635,19 +650,46 @@ launch(struct loop *l, struct item *it, const char *refuse, const char *defer)
 		f->done.calls = 0;
 		stamp_history(f, 0, NULL);
 		f->state = FLIGHT_DONE;
-		return;
+		return f;
 	}
 	l->n_calls++;
 	f->state = FLIGHT_CALLING;
 	log_debug("%s %" PRId64 ": calling the billing API (attempt %d, fence %" PRId64 ")",
 	    item_kind_name(f->item.kind), f->item.id, f->item.attempts + 1, f->item.fence);
+	return f;
+}
+
+/*
+ * A redemption whose reservation met a row another transaction holds:
+ * pending again in a few hundred milliseconds, with no call made, so its
+ * attempts (and max_attempts) are untouched; its ambiguous flag is kept
+ * (the completion only ever sets it), and it has no hold to lose, since
+ * one that had a hold was never sent to be reserved.
+ */
+static void
+defer_busy(struct loop *l, struct item *it)
+{
+	int64_t id = it->id, subsidy = it->subsidy_id;
+	struct flight *f;
+
+	f = launch(l, it, NULL, "funds not reserved yet: the subsidy's row or the "
+	    "redemption's is locked by another transaction");
+	if (f == NULL)
+		return;
+	f->busy = true;
+	f->done.delay_ms = BUSY_DEFER_MS + (int64_t)(jitter_next(&l->rng) % BUSY_JITTER_MS);
+	log_debug("redemption %" PRId64 ": subsidy %" PRId64 " or the redemption's row is "
+	    "locked by another transaction; tried again in %" PRId64 " ms, no call made", id,
+	    subsidy, f->done.delay_ms);
 }
 
 /*
  * Redemptions: set the money aside before calling the API (the escrow
  * step).  Items already holding funds from an earlier attempt go straight
  * on; bad rows are refused before any hold; a claim found stale is dropped
- * without a word to the database.
+ * without a word to the database; one whose rows another transaction
+ * holds is put back for a moment, so no lock anyone keeps can stall the
+ * loop.
  */
 static void
 reserve_then_launch(struct loop *l, size_t n)
@@ -678,13 +720,15 @@ reserve_then_launch(struct loop *l, size_t n)
 			    "reserved; left to its new holder", it->id);
 			lock_release(l->locks, &l->itemp[j], 1);
 			item_clear(it);
+		} else if (l->reserved[j] == RESERVE_BUSY) {
+			defer_busy(l, it);      /* taken into a flight: skipped below */
 		}
 	}
 	for (size_t i = 0; i < n; i++) {
 		struct item *it = &l->claimed[i];
 
 		if (it->id == 0)
-			continue;           /* dropped above */
+			continue;           /* dropped or deferred above */
 		if (it->held || item_validate(it, &reason) == -1)
 			launch(l, it, NULL, NULL);
 		else if (failed)
