@@ -1211,6 +1211,19 @@ once_out_of_patience(struct loop *l, int64_t now)
 	return verdict;
 }
 
+/*
+ * Seconds on the monotonic clock, to the microsecond: clock_ms() is too
+ * coarse for the loop's stall, whose healthy turns are under a millisecond.
+ */
+static double
+stall_clock_s(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
 /* Waits for the database at start; false when a once run should give up. */
 static bool
 first_connect(struct loop *l)
@@ -1244,6 +1257,7 @@ loop_run(struct bw_config *cfg, const char *token, const char *redis_password, b
 	unsigned nwake;
 	int status = 1, wait_ms;
 	int64_t now, wait;
+	double turn_start_s;
 
 	memset(&l, 0, sizeof(l));
 	l.cfg = cfg;
@@ -1267,6 +1281,13 @@ loop_run(struct bw_config *cfg, const char *token, const char *redis_password, b
 	l.next_renew_ms = clock_ms() + cfg->locks.renew_interval_ms;
 	telemetry_ready(l.tm, clock_ms());
 
+	/*
+	 * The stall is each turn's time outside api_wait, the loop's only
+	 * deliberate sleep: every statement and Redis command runs in it, and
+	 * no API answer is read meanwhile, so a frozen peer shows here and an
+	 * idle loop does not.
+	 */
+	turn_start_s = stall_clock_s();
 	for (;;) {
 		now = clock_ms();
 		if (got_stop && !l.stopping) {
@@ -1380,8 +1401,10 @@ loop_run(struct bw_config *cfg, const char *token, const char *redis_password, b
 		wake[1].revents = 0;
 		wait_ms = (int)wait;
 		nwake = 2 + telemetry_wait_fds(l.tm, now, &wake[2], &wait_ms);
+		metrics_loop_stall(stall_clock_s() - turn_start_s);
 		if (api_wait(l.api, wake, nwake, wait_ms) == -1)
 			log_warnx("waiting on the billing API calls failed");
+		turn_start_s = stall_clock_s();
 		if (wake[0].revents & POLLIN)
 			drain_wake_pipe();
 		listen_service(&l, wake[1].fd >= 0 && (wake[1].revents & (POLLIN | POLLERR | POLLHUP)));
