@@ -140,6 +140,7 @@ struct loop {
 
 	bool stopping;
 	int64_t stop_deadline_ms;
+	double turn_start_s;            /* when the loop last left its wait */
 
 	/* what this process did, for the exit line */
 	uint64_t n_done, n_failed, n_retry, n_rejected, n_calls;
@@ -1248,6 +1249,19 @@ once_out_of_patience(struct loop *l, int64_t now)
 	return verdict;
 }
 
+/*
+ * Seconds on the monotonic clock, to the microsecond: clock_ms() is too
+ * coarse for the loop's stall, whose healthy turns are under a millisecond.
+ */
+static double
+stall_clock_s(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
 /* Waits for the database at start; false when a once run should give up. */
 static bool
 first_connect(struct loop *l)
@@ -1434,8 +1448,16 @@ wait_for_events(struct loop *l, int64_t now, int wait_ms)
 	wake[1].events = POLLIN;
 	wake[1].revents = 0;
 	nwake = 2 + telemetry_wait_fds(l->tm, now, &wake[2], &wait_ms);
+	/*
+	 * The stall is each turn's time outside api_wait, the loop's only
+	 * deliberate sleep: every statement and Redis command runs in it, and
+	 * no API answer is read meanwhile, so a frozen peer shows here and an
+	 * idle loop does not.
+	 */
+	metrics_loop_stall(stall_clock_s() - l->turn_start_s);
 	if (api_wait(l->api, wake, nwake, wait_ms) == -1)
 		log_warnx("waiting on the billing API calls failed");
+	l->turn_start_s = stall_clock_s();
 	if (wake[0].revents & POLLIN)
 		drain_wake_pipe();
 	listen_service(l, wake[1].fd >= 0 && (wake[1].revents & (POLLIN | POLLERR | POLLHUP)));
@@ -1489,6 +1511,7 @@ start(struct loop *l)
 	listen_service(l, false);
 	l->next_renew_ms = clock_ms() + l->cfg->locks.renew_interval_ms;
 	telemetry_ready(l->tm, clock_ms());
+	l->turn_start_s = stall_clock_s();
 }
 
 int
