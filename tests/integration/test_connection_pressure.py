@@ -201,6 +201,7 @@ def test_postgres_at_max_connections_is_waited_out_with_backoff(tmp_path, small_
         started = time.monotonic()
         for w in workers:
             wait_for(lambda: TOO_MANY in w.log(), 10, message=w.log)
+        # A rate is what is measured here, so this one wait is a fixed window.
         time.sleep(max(0.0, 10 - (time.monotonic() - started)))
         window = time.monotonic() - started
         refused = refusals_in(small_pg, log_mark)
@@ -301,8 +302,8 @@ def test_a_storm_of_pg_terminate_backend_loses_nothing(tmp_path, db, redis, fake
     Three workers (two in redis mode, one in skip-locked) bill a backlog
     of invoices and redemptions kept topped up, against an API answering
     in 20 or 50 ms, while every worker session of this database is
-    terminated twice a second for STORM_S seconds.  Afterwards every item
-    is final, each outcome is the one the API holds for its key, no
+    terminated twice a second for 40 s.  Afterwards every item is final,
+    the only failures are the API's refusals, each outcome is the one the API holds for its key, no
     subsidy was ever seen negative, the audit is clean and every worker is
     still running."""
     cfgs = [make_config(tmp_path, db, redis, fake_api, **{
@@ -319,9 +320,13 @@ def test_a_storm_of_pg_terminate_backend_loses_nothing(tmp_path, db, redis, fake
         cur.execute("INSERT INTO invoices (customer_id, amount_cents, currency) "
                     "SELECT CASE WHEN (%s + g) %% 20 = 7 THEN 'declined_' ELSE 'cus_' END || g, "
                     "1000, 'usd' FROM generate_series(1, %s) g", (base, invoices))
+        # In subsidy order: bw_reserve locks subsidies FOR UPDATE in id order,
+        # and the foreign key check of each inserted row locks its subsidy
+        # FOR KEY SHARE, so a batch across subsidies in any other order can
+        # deadlock with a reservation (PostgreSQL then aborts one of them).
         cur.execute("INSERT INTO redemptions (subsidy_id, customer_id, amount_cents) "
                     "SELECT (%s::bigint[])[1 + (%s + g) %% %s], 'learner-' || g, 100 "
-                    "FROM generate_series(1, %s) g",
+                    "FROM generate_series(1, %s) g ORDER BY 1",
                     (subsidies, base, SUBSIDIES, redemptions))
         made["n"] += n
 
@@ -394,8 +399,19 @@ def test_a_storm_of_pg_terminate_backend_loses_nothing(tmp_path, db, redis, fake
     assert sampler.errors == [] and producer.errors == []
     violations = books_violations(db, fake_api, cfgs[0])
     assert violations == [], violations[:20]
-    reconnects = sum(w.log().count("database reachable again") +
-                     w.log().count("connected to the database") for w in workers)
-    print(f"storm: {reconnects} connects in the workers' logs; "
-          f"{db.scalar('SELECT count(*) FROM invoices WHERE ambiguous') + db.scalar('SELECT count(*) FROM redemptions WHERE ambiguous')} "
-          f"items marked ambiguous")
+    # A killed session is the worker's trouble, never the customer's: the
+    # only items failed are the API's own refusals.
+    assert db.query("SELECT id, customer_id, status, last_error FROM invoices "
+                    "WHERE (status = 'failed') <> (customer_id LIKE 'declined%%') "
+                    "LIMIT 10") == []
+    assert db.query("SELECT id, last_error FROM redemptions WHERE status = 'failed' "
+                    "AND last_error <> 'insufficient funds' LIMIT 10") == []
+    # One new session per session killed, give or take: never a reconnect loop.
+    connects = {w.name: w.log().count("connected to the database (") for w in workers}
+    lost = sum(len(re.findall(r"outcome not recorded", w.log())) for w in workers)
+    ambiguous = db.scalar("SELECT (SELECT count(*) FROM invoices WHERE ambiguous) + "
+                          "(SELECT count(*) FROM redemptions WHERE ambiguous)")
+    print(f"storm: connects per worker {connects}; {ambiguous} items marked ambiguous, "
+          f"{lost} outcomes not recorded (claim lost)")
+    for name, n in connects.items():
+        assert n <= kills["rounds"] + 10, (name, n, kills)
