@@ -69,8 +69,16 @@ BEGIN
                          AND l.kind = 'hold') THEN
             result := 'held';
         ELSE
+            -- FOR NO KEY UPDATE, not FOR UPDATE: a producer inserting a
+            -- redemption holds FOR KEY SHARE on its subsidy (the foreign
+            -- key's check) until it commits, which FOR UPDATE conflicts
+            -- with, so every open producer transaction made the subsidy
+            -- 'busy' (and, before SKIP LOCKED, could deadlock with a
+            -- reservation).  NO KEY UPDATE still excludes every other
+            -- reservation and the ledger trigger's balance update, which is
+            -- what keeps the balance from being spent twice.
             SELECT s.balance_cents INTO available
-              FROM subsidies s WHERE s.id = r.subsidy_id FOR UPDATE SKIP LOCKED;
+              FROM subsidies s WHERE s.id = r.subsidy_id FOR NO KEY UPDATE SKIP LOCKED;
             IF NOT FOUND THEN
                 -- The foreign key keeps the row there, so it is locked;
                 -- were it ever missing, the answer stays what it was.

@@ -274,3 +274,34 @@ def test_a_busy_redemption_keeps_its_attempts_and_ambiguity(tmp_path, db, redis,
                     (rid,))[0] == (2, True)
     assert db.scalar("SELECT balance_cents FROM subsidies WHERE id = %s", (sid,)) == 900
     assert " error " not in w.log() and "warning" not in w.log(), w.log()
+
+
+def test_a_producers_open_insert_does_not_make_its_subsidy_busy(tmp_path, db, redis, fake_api,
+                                                                binary):
+    """A producer's transaction that inserted a redemption and has not yet
+    committed holds FOR KEY SHARE on its subsidy (the foreign key's check).
+    The reservation takes the subsidy FOR NO KEY UPDATE, which does not
+    conflict with it: the other redemptions of that subsidy are reserved,
+    not deferred for as long as the producer's transaction stays open."""
+    cfg = make_config(tmp_path, db, redis, fake_api)
+    migrate(cfg)
+    sid = create_subsidy(db, "busy-producer", 1000)
+    (a,) = insert_redemptions(db, sid, 1, 100)
+    db.execute("UPDATE redemptions SET fence = 1")
+    producer, reserver = db.connect(autocommit=False), db.connect(autocommit=False)
+    try:
+        with producer.cursor() as cur:
+            cur.execute("INSERT INTO redemptions (subsidy_id, customer_id, amount_cents) "
+                        "VALUES (%s, 'learner-open', 100)", (sid,))
+        with reserver.cursor() as cur:
+            cur.execute("SET lock_timeout = '5s'")
+            cur.execute("SELECT rid, result FROM bw_reserve(%s::bigint[], %s::bigint[])",
+                        ([a], [1]))
+            results = dict(cur.fetchall())
+        reserver.commit()
+    finally:
+        producer.rollback()
+        producer.close()
+        reserver.close()
+    assert results == {a: "held"}
+    assert db.scalar("SELECT balance_cents FROM subsidies WHERE id = %s", (sid,)) == 900
