@@ -1351,6 +1351,8 @@ take_work(struct loop *l, int64_t now)
 		l->next_poll_ms = now + hold;       /* rate budget spent or a 429 pause */
 	else if (r == 1)
 		l->next_poll_ms = now;              /* more due: take them as room frees */
+	else if (!store_connected(l->st))
+		l->next_poll_ms = l->next_db_try_ms; /* the claim lost the connection: claim at the reconnect */
 	else
 		l->next_poll_ms = now + l->cfg->worker.poll_interval_ms;
 	if (r == 0 && hold == 0 && l->once && l->busy == 0) {
