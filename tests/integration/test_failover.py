@@ -248,7 +248,7 @@ def worker_configs(tmp_path, db, redis, fake_api, a, b):
     ab = multi_host_conninfo([a, b], db.name)
     ba = multi_host_conninfo([b, a], db.name)
     common = {"worker.poll_interval_ms": POLL_MS, "worker.concurrency": 4,
-              "worker.batch_size": 8, "billing_api.backoff_max_ms": 500}
+              "worker.batch_size": 4, "billing_api.backoff_max_ms": 500}
     return [make_config(tmp_path, db, redis, fake_api, **common, **{
         "worker.id": name, "locks.mode": mode, "database.conninfo": dsn})
         for name, mode, dsn in (("fo-w1", "skip-locked", ab), ("fo-w2", "skip-locked", ba),
