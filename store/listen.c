@@ -114,6 +114,12 @@ store_listener_connect(store_listener *sl)
 	return 0;
 }
 
+void
+store_listener_close(store_listener *sl)
+{
+	drop(sl);
+}
+
 int
 store_listener_fd(const store_listener *sl)
 {

@@ -238,6 +238,13 @@ int store_listener_new(const char *conninfo, store_listener **ret)
 void store_listener_free(store_listener *sl);
 /* Connects and LISTENs; -1 with store_listener_errmsg() set on failure. */
 int store_listener_connect(store_listener *sl) __attribute__((warn_unused_result));
+/*
+ * Closes the LISTEN connection, if open.  For a caller whose other
+ * connection just moved: with a multi-host conninfo the next connect
+ * follows the writable host, while this one, still up on a server that
+ * turned read-only, would never hear an insert again.
+ */
+void store_listener_close(store_listener *sl);
 /* The socket to poll for input, or -1 when not connected. */
 int store_listener_fd(const store_listener *sl);
 /*

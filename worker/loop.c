@@ -388,6 +388,16 @@ db_ready(struct loop *l)
 		l->db_proven = false;
 		if (!l->db_flapping)
 			backoff_reset(&l->db_backoff);
+		/*
+		 * A reconnect may have found another host (a failover, with
+		 * target_session_attrs=read-write): the LISTEN connection
+		 * follows, or it could stay up on the old primary, read-only,
+		 * and never hear an insert again.
+		 */
+		if (l->db_seen && l->listener != NULL && store_listener_fd(l->listener) != -1) {
+			store_listener_close(l->listener);
+			l->next_listen_try_ms = now;
+		}
 		if (l->db_seen)
 			metrics_reconnect(METRICS_PEER_DATABASE);
 		l->db_seen = true;
@@ -1341,6 +1351,8 @@ take_work(struct loop *l, int64_t now)
 		l->next_poll_ms = now + hold;       /* rate budget spent or a 429 pause */
 	else if (r == 1)
 		l->next_poll_ms = now;              /* more due: take them as room frees */
+	else if (!store_connected(l->st))
+		l->next_poll_ms = l->next_db_try_ms; /* the claim lost the connection: claim at the reconnect */
 	else
 		l->next_poll_ms = now + l->cfg->worker.poll_interval_ms;
 	if (r == 0 && hold == 0 && l->once && l->busy == 0) {

@@ -3,6 +3,7 @@
 Private servers for the whole session (started by conftest.py):
 
     PgCluster    a throw-away PostgreSQL cluster on a free 127.0.0.1 port
+    PgStandby    a hot standby of a PgCluster (pg_basebackup -R), for failover tests
     RedisServer  a throw-away redis-server on a free 127.0.0.1 port
 
 Per-test objects (conftest.py fixtures `db`, `redis`, `fake_api`):
@@ -291,6 +292,70 @@ class PgCluster:
                           "-m", "immediate", check=False)
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PgStandby(PgCluster):
+    """A hot standby of PRIMARY (a running PgCluster), for failover tests.
+
+    start() the first time runs `pg_basebackup -R` from the primary instead
+    of initdb, so it has the primary's roles, databases and settings; it
+    then streams from it as application_name NAME, on its own port and
+    socket directory.  It is not a synchronous standby of anything itself
+    (synchronous_standby_names = '' here): promoted with no standby of its
+    own, it commits alone instead of waiting forever.
+
+    The primary must allow replication: PRIMARY_SETTINGS below, and
+    initdb's default pg_hba.conf (replication from 127.0.0.1, trust).
+    """
+
+    def __init__(self, primary, name, settings=None):
+        super().__init__(settings)
+        self.primary = primary
+        self.application_name = name
+
+    def _initdb(self):
+        p = self.primary
+        self._run("pg_basebackup", "-D", self.datadir, "-h", p.host, "-p", p.port,
+                  "-U", p.superuser, "-R", "-X", "stream", "-c", "fast", "--no-sync")
+        settings = {
+            "primary_conninfo": (f"'host={p.host} port={p.port} user={p.superuser} "
+                                 f"application_name={self.application_name}'"),
+            "unix_socket_directories": f"'{self.sockdir}'",
+            "synchronous_standby_names": "''",
+        }
+        settings.update(self.overrides)
+        # postgresql.auto.conf is read last: these win over the copied files.
+        with open(self.datadir / "postgresql.auto.conf", "a") as f:
+            f.write("".join(f"{k} = {v}\n" for k, v in settings.items()))
+        self._initialized = True
+
+    def promote(self):
+        """pg_ctl promote -w: returns once it accepts writes."""
+        self._run("pg_ctl", "promote", "-w", "-t", "60", "-D", self.datadir)
+
+
+# A primary a PgStandby can follow synchronously: every commit that asks for
+# it (synchronous_commit = on) waits until a standby has flushed it.
+PRIMARY_SETTINGS = {
+    "wal_level": "replica",
+    "max_wal_senders": "5",
+    "wal_keep_size": "'64MB'",
+    "synchronous_standby_names": "'*'",
+    "synchronous_commit": "on",
+}
+
+
+def multi_host_conninfo(clusters, dbname, user=PgCluster.superuser, **extra):
+    """One libpq conninfo listing CLUSTERS in order, read-write target by default."""
+    params = {
+        "host": ",".join(c.host for c in clusters),
+        "port": ",".join(str(c.port) for c in clusters),
+        "dbname": dbname,
+        "user": user,
+        "target_session_attrs": "read-write",
+        **extra,
+    }
+    return " ".join(f"{k}={v}" for k, v in params.items())
 
 
 class Database:

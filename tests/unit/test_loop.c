@@ -170,6 +170,7 @@ struct store_listener {
 int store_listener_new(const char *c, store_listener **ret) { (void)c; *ret = NULL; return 0; }
 void store_listener_free(store_listener *sl) { (void)sl; }
 int store_listener_connect(store_listener *sl) { (void)sl; return -1; }
+void store_listener_close(store_listener *sl) { (void)sl; }
 int store_listener_fd(const store_listener *sl) { (void)sl; return -1; }
 int store_listener_drain(store_listener *sl) { (void)sl; return 0; }
 const char *store_listener_errmsg(const store_listener *sl) { (void)sl; return ""; }
