@@ -317,7 +317,7 @@ class Bench:
                  (per_client * clients * b,))
         self.sql("VACUUM ANALYZE invoices")
         script = self.work / "complete.sql"
-        # The worker's statement (store/store.c, complete_invoice), fed a
+        # The worker's statement (store/complete.c, complete_invoice), fed a
         # fresh range of pending ids per transaction instead of parameters.
         script.write_text(textwrap.dedent("""\
             \\set n :n + 1

@@ -91,7 +91,10 @@ static const struct check checks[] = {
 int
 store_audit(store *st, FILE *out, int stuck_after_s, int *violations)
 {
-	PGconn *conn = store_conn(st);
+	static const struct store_stmt begin = {
+		.send = STORE_SIMPLE, .text = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+		.what = "audit", .want = PGRES_COMMAND_OK,
+	};
 	PGresult *res;
 	char stuck[16];
 	const char *params[1] = { stuck };
@@ -99,24 +102,18 @@ store_audit(store *st, FILE *out, int stuck_after_s, int *violations)
 
 	snprintf(stuck, sizeof(stuck), "%d", stuck_after_s);
 	/* Every statement bounded: a frozen server ends the audit with an error. */
-	res = store_exec_bounded(conn, store_client_deadline_ms(st),
-	    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY");
-	if (PQresultStatus(res) != PGRES_COMMAND_OK) {
-		store_set_error(st, "audit", res);
-		PQclear(res);
+	if (store_run(st, &begin, 0, NULL, NULL) == -1)
 		return -1;
-	}
-	PQclear(res);
 	for (size_t c = 0; c < sizeof(checks) / sizeof(checks[0]); c++) {
+		const struct store_stmt check = {
+			.send = STORE_PARAMS, .text = checks[c].sql, .what = checks[c].name,
+			.want = PGRES_TUPLES_OK,
+		};
 		int nparams = strstr(checks[c].sql, "$1") != NULL ? 1 : 0;
 
-		res = store_exec_params_bounded(conn, store_client_deadline_ms(st), checks[c].sql,
-		    nparams, params);
-		if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-			store_set_error(st, checks[c].name, res);
-			PQclear(res);
+		res = NULL;
+		if (store_run(st, &check, nparams, params, &res) == -1)
 			goto out;
-		}
 		for (int r = 0; r < PQntuples(res); r++) {
 			fprintf(out, "violation (%s): %s\n", checks[c].name, PQgetvalue(res, r, 0));
 			found++;
@@ -126,9 +123,7 @@ store_audit(store *st, FILE *out, int stuck_after_s, int *violations)
 	*violations = found;
 	ret = 0;
 out:
-	/* A failure may have dropped the connection (store_set_error): ask again. */
-	if (store_connected(st))
-		PQclear(store_exec_bounded(store_conn(st), store_client_deadline_ms(st),
-		    "ROLLBACK"));
+	/* A failure may have dropped the connection (store_set_error); the cleanup asks. */
+	store_run_cleanup(st, "ROLLBACK", false);
 	return ret;
 }

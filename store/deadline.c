@@ -24,8 +24,9 @@
 
 /*
  * Waits until the statement sent on CONN has its whole answer, or the
- * deadline.  Returns the result PQexec would have returned (the first
- * error, else the last result), or NULL when libpq had nothing at all.
+ * deadline, if TIMEOUT_MS is not negative.  Returns the result PQexec
+ * would have returned (the first error, else the last result), or NULL
+ * when libpq had nothing at all.
  */
 static PGresult *
 collect(PGconn *conn, int timeout_ms)
@@ -37,10 +38,11 @@ collect(PGconn *conn, int timeout_ms)
 	for (;;) {
 		while (!cut && PQisBusy(conn)) {
 			struct pollfd p = { .fd = PQsocket(conn), .events = POLLIN };
-			int64_t left = deadline - clock_ms();
+			/* -1 without a deadline: poll() then waits as long as it takes. */
+			int64_t left = timeout_ms < 0 ? -1 : deadline - clock_ms();
 			int r;
 
-			if (left <= 0 || (r = poll(&p, 1, (int)left)) == 0) {
+			if ((timeout_ms >= 0 && left <= 0) || (r = poll(&p, 1, (int)left)) == 0) {
 				log_warnx("the database did not answer within %d ms; dropping the "
 				    "connection", timeout_ms);
 				shutdown(PQsocket(conn), SHUT_RDWR);

@@ -10,7 +10,7 @@
 /*
  * The attempts history (schema version 7): its retention and
  * `billing-worker show`.  The history itself is written by the completion
- * statement (store.c), never here.
+ * statement (complete.c), never here.
  */
 
 /*
@@ -33,8 +33,11 @@ store_prune_history(store *st, int days, int limit, int *ret_n)
 {
 	char d[16], lim[16];
 	const char *params[2] = { d, lim };
-	PGresult *res;
-	int ret = -1;
+	static const struct store_stmt prune = {
+		.send = STORE_PARAMS, .text = sql_prune, .what = "could not prune the history",
+		.want = PGRES_COMMAND_OK,
+	};
+	PGresult *res = NULL;
 
 	if (!store_connected(st)) {
 		store_errorf(st, "not connected to the database");
@@ -42,17 +45,11 @@ store_prune_history(store *st, int days, int limit, int *ret_n)
 	}
 	snprintf(d, sizeof(d), "%d", days);
 	snprintf(lim, sizeof(lim), "%d", limit);
-	res = store_exec_params_bounded(store_conn(st), store_client_deadline_ms(st), sql_prune,
-	    2, params);
-	if (PQresultStatus(res) != PGRES_COMMAND_OK) {
-		store_set_error(st, "could not prune the history", res);
-		goto out;
-	}
+	if (store_run(st, &prune, 2, params, &res) == -1)
+		return -1;
 	*ret_n = atoi(PQcmdTuples(res));
-	ret = 0;
-out:
 	PQclear(res);
-	return ret;
+	return 0;
 }
 
 /* The item's row, every column, as text; %1$s is the table. */
@@ -69,18 +66,16 @@ static const char sql_history[] =
     " coalesce(http_status::text, ''), class, coalesce(result_id, ''), coalesce(error, '') "
     "FROM attempts WHERE kind = $1 AND item_id = $2::bigint ORDER BY id";
 
+/* The rows of SQL, or NULL with store_errmsg() set; the caller PQclear()s them. */
 static PGresult *
 fetch(store *st, const char *sql, int n, const char *const *params)
 {
-	PGresult *res = store_exec_params_bounded(store_conn(st), store_client_deadline_ms(st),
-	    sql, n, params);
+	const struct store_stmt stmt = {
+		.send = STORE_PARAMS, .text = sql, .what = "show", .want = PGRES_TUPLES_OK,
+	};
+	PGresult *res = NULL;
 
-	if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-		store_set_error(st, "show", res);
-		PQclear(res);
-		return NULL;
-	}
-	return res;
+	return store_run(st, &stmt, n, params, &res) == 0 ? res : NULL;
 }
 
 static const char *const history_cols[] = {

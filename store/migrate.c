@@ -14,21 +14,20 @@
  */
 #define MIGRATE_LOCK_KEY "7240162913502611"
 
+/*
+ * The migration's statements wait for the server as long as it takes:
+ * `billing-worker migrate` is run by hand, and DDL on a large table may
+ * rightly outlast the daemon's client deadline.
+ */
 static int
 run(store *st, const char *sql, ExecStatusType want, PGresult **keep)
 {
-	PGresult *res = PQexec(store_conn(st), sql);
+	const struct store_stmt stmt = {
+		.send = STORE_SIMPLE, .text = sql, .what = "migration", .want = want,
+		.no_deadline = true,
+	};
 
-	if (PQresultStatus(res) != want) {
-		store_set_error(st, "migration", res);
-		PQclear(res);
-		return -1;
-	}
-	if (keep != NULL)
-		*keep = res;
-	else
-		PQclear(res);
-	return 0;
+	return store_run(st, &stmt, 0, NULL, keep);
 }
 
 /* The highest version recorded, 0 for none, -1 on error. */
@@ -49,30 +48,27 @@ current_version(store *st)
 static int
 apply(store *st, const struct bw_migration *m)
 {
+	static const struct store_stmt record = {
+		.send = STORE_PARAMS, .text = "INSERT INTO schema_version (version, name) "
+		"VALUES ($1, $2)", .what = "migration", .want = PGRES_COMMAND_OK,
+		.no_deadline = true,
+	};
 	char version[16];
 	const char *params[2] = { version, m->name };
-	PGresult *res;
 
 	if (run(st, "BEGIN", PGRES_COMMAND_OK, NULL) == -1)
 		return -1;
 	if (run(st, m->sql, PGRES_COMMAND_OK, NULL) == -1)
 		goto rollback;
 	snprintf(version, sizeof(version), "%d", m->version);
-	res = PQexecParams(store_conn(st),
-	    "INSERT INTO schema_version (version, name) VALUES ($1, $2)",
-	    2, NULL, params, NULL, NULL, 0);
-	if (PQresultStatus(res) != PGRES_COMMAND_OK) {
-		store_set_error(st, "migration", res);
-		PQclear(res);
+	if (store_run(st, &record, 2, params, NULL) == -1)
 		goto rollback;
-	}
-	PQclear(res);
 	if (run(st, "COMMIT", PGRES_COMMAND_OK, NULL) == -1)
 		return -1;
 	log_info("applied migration %d (\"%s\")", m->version, m->name);
 	return 0;
 rollback:
-	PQclear(PQexec(store_conn(st), "ROLLBACK"));
+	store_run_cleanup(st, "ROLLBACK", true);
 	return -1;
 }
 
@@ -105,7 +101,7 @@ store_migrate(store *st)
 		log_info("schema is up to date (version %d)", newest);
 	ret = 0;
 unlock:
-	PQclear(PQexec(store_conn(st), "SELECT pg_advisory_unlock(" MIGRATE_LOCK_KEY ")"));
+	store_run_cleanup(st, "SELECT pg_advisory_unlock(" MIGRATE_LOCK_KEY ")", true);
 	return ret;
 }
 
@@ -113,18 +109,27 @@ int
 store_check_schema(store *st)
 {
 	int newest = bw_migrations[bw_migrations_count - 1].version;
-	PGresult *res;
+	/* Run by the daemon at start: bounded like its other statements. */
+	const struct store_stmt stmt = {
+		.send = STORE_SIMPLE, .text = "SELECT coalesce(max(version), 0) FROM schema_version",
+		.what = "could not read the schema version", .want = PGRES_TUPLES_OK,
+	};
+	PGresult *res = NULL;
 	int have;
 
-	/* Run by the daemon at start: bounded like its other statements. */
-	res = store_exec_bounded(store_conn(st), store_client_deadline_ms(st),
-	    "SELECT coalesce(max(version), 0) FROM schema_version");
-	if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-		/* Advice to migrate only when the server answered, not when it was lost. */
-		store_set_error(st, store_connected(st) ? "could not read the schema version "
-		    "(run \"billing-worker migrate\" first)" : "could not read the schema version",
-		    res);
-		PQclear(res);
+	if (store_run(st, &stmt, 0, NULL, &res) == -1) {
+		/*
+		 * Advice to migrate only when the server answered, not when it was
+		 * lost: inserted before the reason, and the SQLSTATE kept.
+		 */
+		if (store_connected(st)) {
+			char state[sizeof(st->sqlstate)];
+
+			memcpy(state, st->sqlstate, sizeof(state));
+			store_errorf(st, "%s (run \"billing-worker migrate\" first)%s", stmt.what,
+			    store_errmsg(st) + strlen(stmt.what));
+			memcpy(st->sqlstate, state, sizeof(state));
+		}
 		return -1;
 	}
 	have = atoi(PQgetvalue(res, 0, 0));

@@ -32,8 +32,11 @@ store_park(store *st, const struct completion *c, int64_t delay_ms, const char *
 	/* A recorded success is a charge that stands: never to be given up on. */
 	bool ambiguous = c->ambiguous || c->state == COMPLETION_DONE;
 	const char *params[5] = { id, fence, reason, ambiguous ? "t" : "f", delay };
-	PGresult *res;
-	int ret = -1;
+	const struct store_stmt stmt = {
+		.send = STORE_PARAMS, .text = sql_park[c->kind], .what = "park",
+		.want = PGRES_TUPLES_OK,
+	};
+	PGresult *res = NULL;
 
 	if (!store_connected(st)) {
 		store_errorf(st, "not connected to the database");
@@ -42,17 +45,11 @@ store_park(store *st, const struct completion *c, int64_t delay_ms, const char *
 	snprintf(id, sizeof(id), "%" PRId64, c->id);
 	snprintf(fence, sizeof(fence), "%" PRId64, c->fence);
 	snprintf(delay, sizeof(delay), "%" PRId64, delay_ms);
-	res = store_exec_params_bounded(store_conn(st), store_client_deadline_ms(st),
-	    sql_park[c->kind], 5, params);
-	if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-		store_set_error(st, "park", res);
-		goto out;
-	}
+	if (store_run(st, &stmt, 5, params, &res) == -1)
+		return -1;
 	*ret_parked = PQntuples(res) == 1;
-	ret = 0;
-out:
 	PQclear(res);
-	return ret;
+	return 0;
 }
 
 /*
@@ -79,8 +76,11 @@ store_park_unclaimed(store *st, enum item_kind kind, int64_t id, int64_t delay_m
 {
 	char idtext[24], delay[24];
 	const char *params[3] = { idtext, reason, delay };
-	PGresult *res;
-	int ret = -1;
+	const struct store_stmt stmt = {
+		.send = STORE_PARAMS, .text = sql_park_unclaimed[kind], .what = "park",
+		.want = PGRES_TUPLES_OK,
+	};
+	PGresult *res = NULL;
 
 	if (!store_connected(st)) {
 		store_errorf(st, "not connected to the database");
@@ -88,19 +88,13 @@ store_park_unclaimed(store *st, enum item_kind kind, int64_t id, int64_t delay_m
 	}
 	snprintf(idtext, sizeof(idtext), "%" PRId64, id);
 	snprintf(delay, sizeof(delay), "%" PRId64, delay_ms);
-	res = store_exec_params_bounded(store_conn(st), store_client_deadline_ms(st),
-	    sql_park_unclaimed[kind], 3, params);
-	if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-		store_set_error(st, "park", res);
-		goto out;
-	}
+	if (store_run(st, &stmt, 3, params, &res) == -1)
+		return -1;
 	*ret_parked = PQntuples(res) == 1;
 	if (*ret_parked)
 		log_error("%s %" PRId64 ": %s; left pending with this reason for an operator, "
 		    "not claimed again for %" PRId64 " ms", item_kind_name(kind), id, reason,
 		    delay_ms);
-	ret = 0;
-out:
 	PQclear(res);
-	return ret;
+	return 0;
 }

@@ -15,6 +15,15 @@ static const char sql_pause[] =
 
 static const char sql_resume[] = "DELETE FROM fleet_pause WHERE kind = $1";
 
+static const struct store_stmt stmt_pause = {
+	.send = STORE_PARAMS, .text = sql_pause, .what = "could not pause",
+	.want = PGRES_TUPLES_OK,
+};
+static const struct store_stmt stmt_resume = {
+	.send = STORE_PARAMS, .text = sql_resume, .what = "could not resume",
+	.want = PGRES_COMMAND_OK,
+};
+
 int
 store_set_pause(store *st, const bool kinds[ITEM_KIND_COUNT], bool pause,
     const char *reason, const char *by, int *ret_changed)
@@ -31,12 +40,9 @@ store_set_pause(store *st, const bool kinds[ITEM_KIND_COUNT], bool pause,
 
 		if (!kinds[k])
 			continue;
-		res = store_exec_params_bounded(store_conn(st), store_client_deadline_ms(st),
-		    pause ? sql_pause : sql_resume, pause ? 3 : 1, params);
-		if (PQresultStatus(res) != (pause ? PGRES_TUPLES_OK : PGRES_COMMAND_OK)) {
-			store_set_error(st, pause ? "could not pause" : "could not resume", res);
+		if (store_run(st, pause ? &stmt_pause : &stmt_resume, pause ? 3 : 1, params,
+		    &res) == -1)
 			goto out;
-		}
 		/* A new pause inserts (xmax 0); a resume deletes one row. */
 		if (pause ? PQgetvalue(res, 0, 0)[0] == 't' : PQcmdTuples(res)[0] == '1')
 			changed++;

@@ -97,18 +97,16 @@ static const char sql_workers[] =
     " coalesce(api_blocked_reason, ''), seen_at > now() - interval '60 seconds' "
     "FROM workers ORDER BY seen_at DESC, worker_id LIMIT 100";
 
+/* The rows of SQL, or NULL with store_errmsg() set; the caller PQclear()s them. */
 static PGresult *
 query(store *st, const char *sql, int nparams, const char *const *params)
 {
-	PGresult *res = store_exec_params_bounded(store_conn(st), store_client_deadline_ms(st),
-	    sql, nparams, params);
+	const struct store_stmt stmt = {
+		.send = STORE_PARAMS, .text = sql, .what = "status", .want = PGRES_TUPLES_OK,
+	};
+	PGresult *res = NULL;
 
-	if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-		store_set_error(st, "status", res);
-		PQclear(res);
-		return NULL;
-	}
-	return res;
+	return store_run(st, &stmt, nparams, params, &res) == 0 ? res : NULL;
 }
 
 /* The three result sets of the report, fetched in one place for both formats. */

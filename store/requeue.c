@@ -83,19 +83,11 @@ static int
 run(store *st, const char *sql, int nparams, const char *const *params,
     ExecStatusType want, PGresult **ret)
 {
-	PGresult *res = store_exec_params_bounded(store_conn(st), store_client_deadline_ms(st),
-	    sql, nparams, params);
+	const struct store_stmt stmt = {
+		.send = STORE_PARAMS, .text = sql, .what = "could not requeue", .want = want,
+	};
 
-	if (PQresultStatus(res) != want) {
-		store_set_error(st, "could not requeue", res);
-		PQclear(res);
-		return -1;
-	}
-	if (ret != NULL)
-		*ret = res;
-	else
-		PQclear(res);
-	return 0;
+	return store_run(st, &stmt, nparams, params, ret);
 }
 
 /* The ids as an array literal, sorted and without duplicates; NULL without memory. */
@@ -236,8 +228,8 @@ store_requeue(store *st, const struct requeue_selection *sel, const char *reason
 	ret = 0;
 out:
 	/* A dry run, a refusal and a failure all leave the database as it was. */
-	if (in_tx && store_connected(st))
-		PQclear(store_exec_bounded(store_conn(st), store_client_deadline_ms(st), "ROLLBACK"));
+	if (in_tx)
+		store_run_cleanup(st, "ROLLBACK", false);
 	PQclear(res);
 	free(ids);
 	free(sorted);

@@ -1,17 +1,72 @@
 #ifndef BW_STORE_INT_H
 #define BW_STORE_INT_H
 
-/* Shared between the files of store/ only; nothing outside includes it. */
+/*
+ * Shared between the files of store/ only; nothing outside includes it.
+ * The handle is opaque to the rest of the program (store.h) and open to
+ * the store's own files here, as libpq-int.h opens struct pg_conn.
+ *
+ *   store.c    the handle, connecting, preparing, errors
+ *   exec.c     running a statement, and redoing one that hit a deadlock
+ *   deadline.c the bounded send and collect under exec.c
+ *   sqlbuf.c   array literals and the id index the batch statements share
+ *   claim.c    due, claim, renew        complete.c  completions
+ *   reserve.c  holds on subsidies       park.c      poison rows
+ *   the operator's commands: report.c, audit.c, history.c, requeue.c,
+ *   pause.c, workers.c, migrate.c; the LISTEN connection: listen.c
+ */
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
 
 #include <libpq-fe.h>
 
 #include "store/store.h"
+
+/* A growable text buffer for array literals, reused across calls. */
+struct buf {
+	char *data;
+	size_t len, cap;
+};
+
+/*
+ * Rows come back from RETURNING in no particular order.  To tell which of
+ * n items they name without an n x rows scan, the items' ids are sorted
+ * once with their positions and each returned id is looked up.
+ */
+struct id_pos {
+	int64_t id;
+	size_t pos;
+};
+
+struct store {
+	char *conninfo;
+	char *password;             /* the conninfo's, redacted from every message */
+	bool conninfo_unparsable;   /* libpq's parse error may quote it: withheld */
+	char *worker_id;
+	PGconn *conn;
+	bool prepared;
+	int query_timeout_ms;   /* statement_timeout; the client waits 1 s more */
+	char sqlstate[6];       /* of the last failed statement; "" for none */
+	char errmsg[512];
+	uint64_t retries;
+	struct buf arr[13];
+	char pause_note[ITEM_KIND_COUNT][600]; /* from the last due query; "" = not paused */
+	bool history;               /* completions write the attempts history */
+	struct id_pos *index;       /* scratch for index_reserve() */
+	size_t index_cap;
+};
 
 /* The live connection, or NULL; owned by the store. */
 PGconn *store_conn(store *st);
 
 /* Sets store_errmsg() to "WHAT: <the server's or libpq's message>". */
 void store_set_error(store *st, const char *what, const PGresult *res);
+
+/* Sets store_errmsg() from a format. */
+void store_errorf(store *st, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 /*
  * Opens a connection with our defaults (connect timeout, TCP keepalives,
@@ -20,25 +75,135 @@ void store_set_error(store *st, const char *what, const PGresult *res);
  */
 PGconn *store_open_conn(const char *conninfo, const char *application_name);
 
+/* How long the client waits for an answer: the server's own timeout fires first. */
+int store_client_deadline_ms(const store *st);
+
 /*
- * PQexec, PQexecPrepared and PQprepare with a deadline on the client side
- * (store/deadline.c): after TIMEOUT_MS without the whole answer the
- * connection is dropped and the error result says it was lost.  Same
- * ownership as libpq's: the caller PQclear()s the result.
+ * Prepares every statement of the daemon on ST's connection (claim.c,
+ * complete.c, reserve.c); store_run() calls it before the first prepared
+ * statement of a connection, so migrate and status work on any schema.
+ */
+int store_prepare_all(store *st) __attribute__((warn_unused_result));
+
+/*
+ * Each file's share of store_prepare_all(), for one kind where the
+ * statement has one per kind: claim_skip, claim_ids and renew
+ * (claim.c), complete (complete.c), reserve (reserve.c), due (claim.c).
+ */
+int store_prepare_claims(store *st, enum item_kind kind) __attribute__((warn_unused_result));
+int store_prepare_complete(store *st, enum item_kind kind) __attribute__((warn_unused_result));
+int store_prepare_reserve(store *st) __attribute__((warn_unused_result));
+int store_prepare_due(store *st) __attribute__((warn_unused_result));
+
+/*
+ * Running statements (exec.c).  Every statement of a store handle goes
+ * through store_run(), which sends it, waits for the answer against a
+ * deadline on the client side, checks the result's status and records a
+ * failure, so every caller fails the same way.
+ */
+
+/* How a statement is sent: libpq's three ways. */
+enum store_send {
+	STORE_SIMPLE,     /* PQsendQuery: no parameters; may hold several statements */
+	STORE_PARAMS,     /* PQsendQueryParams: one statement with $n parameters */
+	STORE_PREPARED,   /* PQsendQueryPrepared: TEXT names a prepared statement */
+};
+
+struct store_stmt {
+	enum store_send send;
+	const char *text;       /* the SQL, or the prepared statement's name */
+	const char *what;       /* names a failure: store_errmsg() is "WHAT: reason" */
+	ExecStatusType want;    /* the status of success: PGRES_COMMAND_OK or _TUPLES_OK */
+	/*
+	 * false: wait at most store_client_deadline_ms().  true: wait as long
+	 * as the server takes, for `billing-worker migrate` only, which an
+	 * operator runs by hand and whose DDL may rightly take long.
+	 */
+	bool no_deadline;
+};
+
+/*
+ * Runs STMT with NPARAMS text parameters (NULL for SQL NULL).  On success
+ * returns 0 and, when RET is not NULL, hands the result to the caller,
+ * who PQclear()s it; without RET the result is cleared here.  On failure
+ * returns -1 with store_errmsg() and the SQLSTATE set (store_set_error:
+ * a read-only server drops the connection) and leaves *RET alone.  A
+ * prepared statement first needs a connection ("not connected to the
+ * database") and prepares the store's statements on first use.
+ */
+int store_run(store *st, const struct store_stmt *stmt, int nparams,
+    const char *const *params, PGresult **ret) __attribute__((warn_unused_result));
+
+/*
+ * Runs SQL (one simple query) when connected and discards the answer,
+ * leaving store_errmsg() and the SQLSTATE as they are: for a ROLLBACK or
+ * an unlock after a failure, whose own error is the one to report.
+ */
+void store_run_cleanup(store *st, const char *sql, bool no_deadline);
+
+/*
+ * Redoes work that hit a deadlock or a serialization failure (SQLSTATE
+ * 40P01, 40001: the server rolled it back, and the same work may well
+ * succeed now), a bounded number of times.  BODY(ST, ARG) returns 0 or -1
+ * with the error recorded by store_run().  With TX each attempt is one
+ * transaction, BEGIN, BODY, COMMIT, and a failed one is rolled back.
+ * Every retry is counted in store_retries() and logged as
+ * "SUBJECT hit a deadlock or serialization failure, retrying", SUBJECT
+ * formatted from FMT only then.  Returns BODY's last result.
+ */
+int store_retrying(store *st, bool tx, int (*body)(store *st, void *arg), void *arg,
+    const char *fmt, ...) __attribute__((format(printf, 5, 6), warn_unused_result));
+
+/* store_run() of one statement under store_retrying(), TX false. */
+int store_run_retrying(store *st, const struct store_stmt *stmt, int nparams,
+    const char *const *params, PGresult **ret, const char *fmt, ...)
+	__attribute__((format(printf, 6, 7), warn_unused_result));
+
+/*
+ * Prepares SQL as NAME with the client deadline; on failure store_errmsg()
+ * is "could not prepare statements: reason".
+ */
+int store_prepare(store *st, const char *name, const char *sql)
+	__attribute__((warn_unused_result));
+
+/*
+ * PQexec, PQexecParams, PQexecPrepared and PQprepare with a deadline on
+ * the client side (store/deadline.c): after TIMEOUT_MS without the whole
+ * answer the connection is dropped and the error result says it was lost.
+ * A negative TIMEOUT_MS waits without a deadline.  Same ownership as
+ * libpq's: the caller PQclear()s the result.  For connections that are
+ * not a store handle's (listen.c); a handle's statements use store_run().
  */
 PGresult *store_exec_bounded(PGconn *conn, int timeout_ms, const char *sql);
+PGresult *store_exec_params_bounded(PGconn *conn, int timeout_ms, const char *sql,
+    int nparams, const char *const *values);
 PGresult *store_exec_prepared_bounded(PGconn *conn, int timeout_ms, const char *name,
     int nparams, const char *const *values);
 PGresult *store_prepare_bounded(PGconn *conn, int timeout_ms, const char *name,
     const char *sql);
 
-PGresult *store_exec_params_bounded(PGconn *conn, int timeout_ms, const char *sql,
-    int nparams, const char *const *values);
+/*
+ * Array literals and the id index (sqlbuf.c), for the statements that
+ * take a whole batch as arrays.  Each returns 0, or -1 when out of memory.
+ */
 
-/* How long the client waits for an answer: the server's own timeout fires first. */
-int store_client_deadline_ms(const store *st);
+/* Starts B over as an empty array literal "{". */
+int arr_open(struct buf *b) __attribute__((warn_unused_result));
+/* Appends an element as it is: a number, "NULL", "t". */
+int arr_add_raw(struct buf *b, const char *s) __attribute__((warn_unused_result));
+int arr_add_int(struct buf *b, int64_t v) __attribute__((warn_unused_result));
+/* Appends S quoted; NULL or "" is NULL.  Bytes that are not ASCII text become '?'. */
+int arr_add_text(struct buf *b, const char *s) __attribute__((warn_unused_result));
+/* Ends the literal "}": B->data is then the parameter. */
+int arr_close(struct buf *b) __attribute__((warn_unused_result));
 
-/* Sets store_errmsg() from a format. */
-void store_errorf(store *st, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Orders struct id_pos by id, for qsort(). */
+int id_pos_cmp(const void *a, const void *b);
+/* Position of ID in the sorted index IX of N entries, or -1. */
+ssize_t index_find(const struct id_pos *ix, size_t n, int64_t id);
+/* Makes room for N entries in ST's scratch index; NULL when out of memory. */
+struct id_pos *index_reserve(store *st, size_t n);
+/* ST's scratch index over the ids of ITEMS, sorted; NULL when out of memory. */
+struct id_pos *index_items(store *st, struct item *const *items, size_t n);
 
 #endif

@@ -25,21 +25,16 @@ static const char sql_gone[] = "DELETE FROM workers WHERE worker_id = $1";
 static int
 run(store *st, const char *sql, int n, const char *const *params)
 {
-	PGresult *res;
-	int ret = -1;
+	const struct store_stmt stmt = {
+		.send = STORE_PARAMS, .text = sql, .what = "could not update the worker registry",
+		.want = PGRES_COMMAND_OK,
+	};
 
 	if (!store_connected(st)) {
 		store_errorf(st, "not connected to the database");
 		return -1;
 	}
-	res = store_exec_params_bounded(store_conn(st), store_client_deadline_ms(st), sql, n,
-	    params);
-	if (PQresultStatus(res) != PGRES_COMMAND_OK)
-		store_set_error(st, "could not update the worker registry", res);
-	else
-		ret = 0;
-	PQclear(res);
-	return ret;
+	return store_run(st, &stmt, n, params, NULL);
 }
 
 int

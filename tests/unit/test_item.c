@@ -348,7 +348,7 @@ test_set_strings(void **state)
 }
 
 /*
- * Covers the claim's copy of a row's strings (store_claim in store/store.c
+ * Covers the claim's copy of a row's strings (store_claim in store/claim.c
  * calls item_set_strings): a failed allocation of either string must fail
  * the whole copy, never leave an item with a NULL currency that
  * item_validate would then refuse for good as "currency is not a
