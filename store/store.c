@@ -191,6 +191,28 @@ store_prepare_all(store *st)
 	return 0;
 }
 
+/*
+ * What the server says on a session besides answers (a trigger's RAISE
+ * WARNING, "terminating connection due to administrator command") goes
+ * through the log: libpq's default prints it raw on stderr, which breaks
+ * JSON logs and the journal's priorities.  Warnings are warnings; notices
+ * (CREATE ... IF NOT EXISTS skipping) are for debugging.
+ */
+static void
+notice_to_log(void *arg, const PGresult *res)
+{
+	const char *severity = PQresultErrorField(res, PG_DIAG_SEVERITY_NONLOCALIZED);
+	const char *msg = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+
+	(void)arg;
+	if (msg == NULL)
+		msg = PQresultErrorMessage(res);
+	if (severity != NULL && strcmp(severity, "WARNING") == 0)
+		log_warnx("the database warns: %s", msg);
+	else
+		log_debug("the database says (%s): %s", severity != NULL ? severity : "notice", msg);
+}
+
 PGconn *
 store_open_conn(const char *conninfo, const char *application_name)
 {
@@ -205,7 +227,11 @@ store_open_conn(const char *conninfo, const char *application_name)
 	const char *vals[] = { "5", "1", "10", "5", "3", "20000",
 	    application_name, conninfo, NULL };
 
-	return PQconnectdbParams(keys, vals, 1);
+	PGconn *conn = PQconnectdbParams(keys, vals, 1);
+
+	if (conn != NULL)
+		PQsetNoticeReceiver(conn, notice_to_log, NULL);
+	return conn;
 }
 
 int
