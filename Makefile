@@ -73,7 +73,7 @@ STORE_SRC   := store/store.c store/conninfo.c store/deadline.c store/park.c stor
                $(BUILD)/migrations.c
 BILLING_SRC := billing/api.c billing/response.c billing/backoff.c billing/outcome.c billing/pace.c
 LOCKS_SRC   := locks/lock.c locks/redis_lock.c
-WORKER_SRC  := worker/loop.c worker/telemetry.c worker/notify.c worker/metrics_http.c \
+WORKER_SRC  := worker/loop.c worker/claim.c worker/telemetry.c worker/notify.c worker/metrics_http.c \
                worker/preflight.c worker/probe.c \
                worker/secret.c worker/main.c
 

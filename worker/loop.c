@@ -21,6 +21,7 @@
 #include "common/metrics.h"
 #include "locks/lock.h"
 #include "store/store.h"
+#include "worker/claim.h"
 #include "worker/secret.h"
 #include "worker/telemetry.h"
 
@@ -74,6 +75,7 @@ struct loop {
 	int64_t next_listen_try_ms;
 	int listen_delay_ms;
 	lockmgr *locks;
+	claimer *claims;        /* drives the store and the lock manager */
 	api_client *api;
 	telemetry *tm;
 	struct retry_policy policy;
@@ -704,11 +706,11 @@ claim(struct loop *l)
 		return 0;
 	want = (size_t)room < (size_t)l->cfg->worker.batch_size ?
 	    (size_t)room : (size_t)l->cfg->worker.batch_size;
-	if (lock_claim(l->locks, want, l->claimed, &n, &more) == -1) {
+	if (claim_take(l->claims, want, l->claimed, &n, &more) == -1) {
 		if (!store_connected(l->st))
 			note_db_failure(l, "could not claim items");
 		else if (!lock_redis_down(l->locks))
-			log_warnx("could not claim items: %s", lock_errmsg(l->locks));
+			log_warnx("could not claim items: %s", claim_errmsg(l->claims));
 		/* A Redis outage is logged once, by the lock manager, not every poll. */
 		if (l->claim_failing_since_ms == 0)
 			l->claim_failing_since_ms = clock_ms();
@@ -919,7 +921,7 @@ renew(struct loop *l)
 	for (int i = 0; i < l->nflights; i++)
 		if (l->flights[i].state != FLIGHT_FREE)
 			l->itemp[n++] = &l->flights[i].item;
-	if (n > 0 && store_connected(l->st) && lock_renew(l->locks, l->itemp, n) == -1)
+	if (n > 0 && store_connected(l->st) && claim_renew(l->claims, l->itemp, n) == -1)
 		note_db_failure(l, "could not renew leases");
 }
 
@@ -1011,9 +1013,9 @@ reload(struct loop *l)
 	policy_from(&l->policy, l->cfg);
 	api_client_set_limits(l->api, l->cfg->billing_api.timeout_ms,
 	    l->cfg->billing_api.connect_timeout_ms, l->cfg->worker.concurrency);
-	lock_set_ttl(l->locks, l->cfg->locks.ttl_ms);
+	claim_set_ttl(l->claims, l->cfg->locks.ttl_ms);
 	store_set_history(l->st, l->cfg->history.enabled);
-	lock_set_park_delay(l->locks, l->cfg->billing_api.backoff_max_ms);
+	claim_set_park_delay(l->claims, l->cfg->billing_api.backoff_max_ms);
 	lock_set_rate(l->locks, l->cfg->billing_api.max_requests_per_second);
 	log_set_level((int)l->cfg->log.level);
 	log_set_json(l->cfg->log.format == LOG_FORMAT_JSON);
@@ -1100,14 +1102,19 @@ loop_setup(struct loop *l, const char *token, const char *redis_password)
 		.ca_file = cfg->billing_api.ca_file,
 	};
 	struct lock_options lo = {
-		.mode = cfg->locks.mode,
+		.policy = claim_lock_policy(cfg->locks.mode),
+		.ttl_ms = cfg->locks.ttl_ms,
+		.worker_id = cfg->worker.id,
+		.key_prefix = cfg->redis.key_prefix,
+	};
+	struct claim_options co = {
+		.policy = lo.policy,
 		.ttl_ms = cfg->locks.ttl_ms,
 		.park_ms = cfg->billing_api.backoff_max_ms,
-		.worker_id = cfg->worker.id,
 	};
 	char err[256];
 
-	lock_redis_options(cfg, redis_password, &lo.redis);
+	claim_redis_options(cfg, redis_password, &lo.redis);
 	jitter_seed(&l->rng);
 	policy_from(&l->policy, cfg);
 	if (gethostname(l->host, sizeof(l->host)) == -1)
@@ -1121,7 +1128,8 @@ loop_setup(struct loop *l, const char *token, const char *redis_password)
 	}
 	if (store_new(cfg->database.conninfo, cfg->worker.id, &l->st) == -1 ||
 	    (!l->once && store_listener_new(cfg->database.conninfo, &l->listener) == -1) ||
-	    lock_new(&lo, l->st, &l->locks) == -1) {
+	    lock_new(&lo, &l->locks) == -1 ||
+	    claim_new(&co, l->st, l->locks, &l->claims) == -1) {
 		log_error("out of memory");
 		return -1;
 	}
@@ -1156,6 +1164,7 @@ loop_teardown(struct loop *l)
 	free(l->reserved);
 	api_client_free(l->api);
 	telemetry_free(l->tm);
+	claim_free(l->claims);
 	lock_free(l->locks);
 	store_listener_free(l->listener);
 	store_free(l->st);
@@ -1185,7 +1194,7 @@ once_out_of_patience(struct loop *l, int64_t now)
 	} else if (l->claim_failing_since_ms != 0) {
 		why = "claims kept failing";
 		since = l->claim_failing_since_ms;
-		detail = lock_errmsg(l->locks);
+		detail = claim_errmsg(l->claims);
 	} else if (l->flush_failing_since_ms != 0) {
 		why = "outcomes could not be recorded";
 		since = l->flush_failing_since_ms;
@@ -1298,7 +1307,7 @@ loop_run(struct bw_config *cfg, const char *token, const char *redis_password, b
 		    may_claim(&l, now) && db_ready(&l)) {
 			bool probing = l.refused.on;
 			int r = claim(&l);
-			int64_t hold = lock_wait_ms(l.locks);
+			int64_t hold = claim_wait_ms(l.claims);
 
 			note_pauses(&l);
 			if (probing && l.busy > 0)

@@ -9,8 +9,9 @@
 #include <string.h>
 
 #include "billing/api.h"
-#include "locks/lock.h"
+#include "locks/redis_lock.h"
 #include "store/store.h"
+#include "worker/claim.h"
 
 /*
  * libpq's messages run over several lines ("...failed: Connection
@@ -79,7 +80,7 @@ probe_redis(const struct bw_config *cfg, const char *password)
 		snprintf(where, sizeof(where), "\"%s\"", cfg->redis.socket);
 	else
 		snprintf(where, sizeof(where), "\"%s:%d\"", cfg->redis.host, cfg->redis.port);
-	lock_redis_options(cfg, password, &o);
+	claim_redis_options(cfg, password, &o);
 	if (redis_lock_new(&o, &rl) == -1) {
 		printf("redis: out of memory\n");
 		return -1;
