@@ -7,13 +7,11 @@
 #include <sys/random.h>
 #include <time.h>
 
-#include "billing/pace.h"
 #include "common/clock.h"
 #include "common/log.h"
 #include "common/metrics.h"
+#include "locks/redis_lock.h"
 
-/* The rate budget may bank this much time's worth of calls. */
-#define RATE_BURST_MS 50
 #define RECONNECT_MIN_MS 100
 #define RECONNECT_MAX_MS 5000
 /* The key prefix, "lock:", a kind and an id, with room to spare. */
@@ -24,19 +22,12 @@ struct lockmgr {
 	int ttl_ms;
 	char worker_id[ITEM_TOKEN_MAX - 34];
 	char key_prefix[LOCK_KEY_PREFIX_MAX + 1];
+	redis_conn *conn;               /* borrowed; NULL in skip-locked policy */
 	redis_lock *redis;
 	bool redis_down;                /* logged as unreachable, not yet back */
 	int64_t next_reconnect_ms;
 	int reconnect_delay_ms;
 	char errmsg[512];
-	/*
-	 * The rate budget: shared in Redis while it answers; otherwise this
-	 * process's even share, rate / the workers last seen there.
-	 */
-	int rate;
-	int workers_seen;
-	struct pace pace;
-	int64_t wait_ms;                /* from the last grant: until calls may start */
 	/* scratch reused across calls */
 	char (*keys)[LOCK_KEY_MAX];
 	const char **keyp, **tokp;
@@ -84,27 +75,28 @@ grow(lockmgr *lm, size_t n)
 }
 
 int
-lock_new(const struct lock_options *o, lockmgr **ret)
+lock_new(const struct lock_options *o, redis_conn *conn, lockmgr **ret)
 {
 	lockmgr *lm;
-	const char *prefix = o->key_prefix != NULL ? o->key_prefix : "billing-worker:";
+	const char *prefix = conn != NULL ? redis_conn_prefix(conn) : "";
 
-	if (strlen(prefix) > LOCK_KEY_PREFIX_MAX)
+	if ((o->policy != LOCK_POLICY_SKIP_LOCKED && conn == NULL) ||
+	    strlen(prefix) > LOCK_KEY_PREFIX_MAX)
 		return -1;
 	if ((lm = calloc(1, sizeof(*lm))) == NULL)
 		return -1;
 	lm->policy = o->policy;
 	lm->ttl_ms = o->ttl_ms;
 	lm->reconnect_delay_ms = RECONNECT_MIN_MS;
-	lm->workers_seen = 1;
-	pace_init(&lm->pace, 0, RATE_BURST_MS, clock_ms());
 	snprintf(lm->worker_id, sizeof(lm->worker_id), "%s", o->worker_id);
 	snprintf(lm->key_prefix, sizeof(lm->key_prefix), "%s", prefix);
 	metrics_set_lock_mode(lock_policy_name(lm->policy));
-	if (lm->policy != LOCK_POLICY_SKIP_LOCKED &&
-	    redis_lock_new(&o->redis, &lm->redis) == -1) {
-		free(lm);
-		return -1;
+	if (lm->policy != LOCK_POLICY_SKIP_LOCKED) {
+		lm->conn = conn;
+		if (redis_lock_new(conn, &lm->redis) == -1) {
+			free(lm);
+			return -1;
+		}
 	}
 	*ret = lm;
 	return 0;
@@ -130,53 +122,10 @@ lock_set_ttl(lockmgr *lm, int ttl_ms)
 	lm->ttl_ms = ttl_ms;
 }
 
-/* The local fallback bucket, at this process's share of the fleet's rate. */
-static void
-pace_reset(lockmgr *lm)
-{
-	int64_t paused = lm->pace.paused_until_ms;
-	double share = lm->rate > 0 ? (double)lm->rate / lm->workers_seen : 0;
-
-	pace_init(&lm->pace, share, RATE_BURST_MS, clock_ms());
-	pace_pause(&lm->pace, paused);
-}
-
-void
-lock_set_rate(lockmgr *lm, int calls_per_second)
-{
-	lm->rate = calls_per_second;
-	pace_reset(lm);
-}
-
 bool
 lock_redis_down(const lockmgr *lm)
 {
 	return lm->redis_down;
-}
-
-int64_t
-lock_wait_ms(const lockmgr *lm)
-{
-	return lm->wait_ms;
-}
-
-size_t
-lock_local_grant(lockmgr *lm, size_t want)
-{
-	int64_t now = clock_ms();
-	int granted = pace_take(&lm->pace, want > INT32_MAX ? INT32_MAX : (int)want, now);
-
-	lm->wait_ms = granted == 0 ? pace_wait_ms(&lm->pace, now) : 0;
-	return (size_t)granted;
-}
-
-void
-lock_pause(lockmgr *lm, int pause_ms)
-{
-	pace_pause(&lm->pace, clock_ms() + pause_ms);
-	if (lm->redis != NULL && redis_lock_connected(lm->redis) &&
-	    redis_lock_pause(lm->redis, pause_ms) == -1)
-		note_redis_failure(lm);
 }
 
 const char *
@@ -219,7 +168,7 @@ static void
 mark_redis_down(lockmgr *lm)
 {
 	if (!lm->redis_down)
-		log_warnx("redis unreachable: %s%s", redis_lock_errmsg(lm->redis),
+		log_warnx("redis unreachable: %s%s", redis_conn_errmsg(lm->conn),
 		    lm->policy == LOCK_POLICY_AUTO ?
 		    "; claiming with FOR UPDATE SKIP LOCKED until it returns" :
 		    "; no new items are taken until it returns");
@@ -243,13 +192,13 @@ redis_usable(lockmgr *lm)
 
 	if (lm->redis == NULL)
 		return false;
-	metrics_set_redis_up(redis_lock_connected(lm->redis));
-	if (redis_lock_connected(lm->redis))
+	metrics_set_redis_up(redis_conn_connected(lm->conn));
+	if (redis_conn_connected(lm->conn))
 		return true;
 	now = clock_ms();
 	if (now < lm->next_reconnect_ms)
 		return false;
-	if (redis_lock_connect(lm->redis) == 0) {
+	if (redis_conn_connect(lm->conn) == 0) {
 		if (lm->redis_down) {
 			metrics_reconnect(METRICS_PEER_REDIS);
 			log_info("redis reachable again%s", lm->policy == LOCK_POLICY_AUTO ?
@@ -282,28 +231,36 @@ lock_now(lockmgr *lm)
 	if (lm->policy == LOCK_POLICY_AUTO)
 		return LOCK_WAY_SKIP_LOCKED;
 	snprintf(lm->errmsg, sizeof(lm->errmsg), "redis unreachable: %s",
-	    redis_lock_errmsg(lm->redis));
+	    redis_conn_errmsg(lm->conn));
 	return LOCK_WAY_NONE;
 }
 
 static void
 note_redis_failure(lockmgr *lm)
 {
-	if (!redis_lock_connected(lm->redis))
+	if (!redis_conn_connected(lm->conn))
 		mark_redis_down(lm);
 	else
-		log_warnx("redis lock command failed: %s", redis_lock_errmsg(lm->redis));
+		log_warnx("redis lock command failed: %s", redis_conn_errmsg(lm->conn));
+}
+
+void
+lock_redis_failed(lockmgr *lm)
+{
+	if (lm->redis == NULL)
+		return;
+	if (!redis_conn_connected(lm->conn))
+		mark_redis_down(lm);
+	else
+		log_warnx("redis command failed: %s", redis_conn_errmsg(lm->conn));
+	snprintf(lm->errmsg, sizeof(lm->errmsg), "redis: %s", redis_conn_errmsg(lm->conn));
 }
 
 int
 lock_acquire(lockmgr *lm, const enum item_kind *kinds, const int64_t *ids, size_t n,
     size_t max, char (*tokens)[ITEM_TOKEN_MAX], bool *got)
 {
-	struct redis_rate rate;
-	struct redis_rate_answer answer;
-
 	lm->errmsg[0] = '\0';
-	lm->wait_ms = 0;
 	if (lm->redis == NULL) {
 		snprintf(lm->errmsg, sizeof(lm->errmsg), "redis: not used in skip-locked mode");
 		return -1;
@@ -319,20 +276,10 @@ lock_acquire(lockmgr *lm, const enum item_kind *kinds, const int64_t *ids, size_
 		lm->tokp[i] = tokens[i];
 		got[i] = false;
 	}
-	rate.rate = lm->rate;
-	rate.burst = lm->rate * RATE_BURST_MS / 1000 > 1 ? lm->rate * RATE_BURST_MS / 1000 : 1;
-	rate.member = lm->worker_id;
-	rate.max_keys = max;
-	if (redis_lock_acquire(lm->redis, lm->keyp, lm->tokp, n, lm->ttl_ms, &rate,
-	    got, &answer) == -1) {
+	if (redis_lock_acquire(lm->redis, lm->keyp, lm->tokp, n, lm->ttl_ms, max, got) == -1) {
 		note_redis_failure(lm);
-		snprintf(lm->errmsg, sizeof(lm->errmsg), "redis: %s", redis_lock_errmsg(lm->redis));
+		snprintf(lm->errmsg, sizeof(lm->errmsg), "redis: %s", redis_conn_errmsg(lm->conn));
 		return -1;
-	}
-	lm->wait_ms = answer.wait_ms;
-	if (answer.workers > 0 && answer.workers != lm->workers_seen) {
-		lm->workers_seen = answer.workers;
-		pace_reset(lm);
 	}
 	return 0;
 }
@@ -347,7 +294,7 @@ lock_give_back(lockmgr *lm, const enum item_kind *kinds, const int64_t *ids,
 		lock_key(lm, lm->keys[i], sizeof(lm->keys[i]), kinds[i], ids[i]);
 		lm->keyp[i] = lm->keys[i];
 	}
-	if (!redis_lock_connected(lm->redis))
+	if (!redis_conn_connected(lm->conn))
 		return;
 	if (redis_lock_release(lm->redis, lm->keyp, tokens, n) == -1)
 		note_redis_failure(lm);
@@ -401,7 +348,7 @@ lock_release(lockmgr *lm, struct item *const *items, size_t n)
 		lm->tokp[m] = items[i]->token;
 		m++;
 	}
-	if (m == 0 || !redis_lock_connected(lm->redis))
+	if (m == 0 || !redis_conn_connected(lm->conn))
 		return;
 	if (redis_lock_release(lm->redis, lm->keyp, lm->tokp, m) == -1)
 		note_redis_failure(lm);

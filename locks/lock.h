@@ -6,7 +6,7 @@
 #include <stdint.h>
 
 #include "common/item.h"
-#include "locks/redis_lock.h"
+#include "common/redis.h"
 
 /*
  * Per-item locks in Redis, behind the three lock policies: keys, tokens
@@ -33,51 +33,32 @@ enum lock_way {
 	LOCK_WAY_NONE,          /* redis policy and Redis is unreachable: take nothing */
 };
 
-/* The longest key prefix lock_new() accepts. */
+/*
+ * The longest key prefix lock_new() accepts.  Every lock key starts with
+ * the connection's prefix, so fleets sharing one Redis never touch each
+ * other's locks.
+ */
 #define LOCK_KEY_PREFIX_MAX 64
 
 struct lock_options {
 	enum lock_policy policy;
 	int ttl_ms;
 	const char *worker_id;          /* copied; part of every token */
-	/*
-	 * Starts every lock key (at most LOCK_KEY_PREFIX_MAX bytes), so fleets
-	 * sharing one Redis never touch each other's locks.  Copied.
-	 */
-	const char *key_prefix;
-	struct redis_options redis;     /* unused in skip-locked policy */
 };
 
 /* "redis", "skip-locked" or "auto", as the configuration spells them. */
 const char *lock_policy_name(enum lock_policy policy);
 
-int lock_new(const struct lock_options *o, lockmgr **ret)
+/*
+ * CONN is the loop's connection to Redis, borrowed (it must outlive the
+ * manager), NULL only in skip-locked policy.  The manager decides when it
+ * is reconnected, since its policy says what an outage means.
+ */
+int lock_new(const struct lock_options *o, redis_conn *conn, lockmgr **ret)
 	__attribute__((warn_unused_result));
 void lock_free(lockmgr *lm);
 
 void lock_set_ttl(lockmgr *lm, int ttl_ms);
-
-/*
- * The fleet's API call budget (billing_api.max_requests_per_second, 0 =
- * none), which lock_acquire() spends through Redis.
- */
-void lock_set_rate(lockmgr *lm, int calls_per_second);
-
-/*
- * After lock_acquire(): how long until more calls may start (the rate
- * budget is spent or a 429 pause is in force), 0 when they may start now.
- */
-int64_t lock_wait_ms(const lockmgr *lm);
-
-/*
- * While Redis cannot be asked: grants up to WANT calls from this process's
- * even share of the budget (rate / the workers last seen in Redis) and
- * spends them.  0 granted sets lock_wait_ms().
- */
-size_t lock_local_grant(lockmgr *lm, size_t want);
-
-/* A 429: no worker of the fleet starts a call for PAUSE_MS. */
-void lock_pause(lockmgr *lm, int pause_ms);
 
 /*
  * Connects to Redis now (redis and auto policies), so a wrong address
@@ -96,6 +77,13 @@ enum lock_way lock_now(lockmgr *lm);
 
 /* True while Redis is unreachable (the outage is logged once, here). */
 bool lock_redis_down(const lockmgr *lm);
+
+/*
+ * Another user of the connection found Redis failing: logs the outage
+ * (once) when the connection is gone, as a failed lock command would, and
+ * makes the reason lock_errmsg().
+ */
+void lock_redis_failed(lockmgr *lm);
 
 /*
  * Locks, in one round trip, at most MAX of the N candidates (KINDS[i],

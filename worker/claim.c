@@ -34,6 +34,7 @@ struct claimer {
 	int park_ms;                    /* a row the database refuses to claim rests this long */
 	store *st;
 	lockmgr *lm;
+	fleet *fleet;
 	char errmsg[512];
 	int64_t wait_ms;                /* from the last claim: until calls may start */
 	struct jitter rng;              /* shuffles candidates; not for secrets */
@@ -107,7 +108,7 @@ grow(claimer *c, size_t n)
 }
 
 int
-claim_new(const struct claim_options *o, store *st, lockmgr *lm, claimer **ret)
+claim_new(const struct claim_options *o, store *st, lockmgr *lm, fleet *fl, claimer **ret)
 {
 	claimer *c;
 
@@ -118,6 +119,7 @@ claim_new(const struct claim_options *o, store *st, lockmgr *lm, claimer **ret)
 	c->park_ms = o->park_ms;
 	c->st = st;
 	c->lm = lm;
+	c->fleet = fl;
 	jitter_seed(&c->rng);
 	*ret = c;
 	return 0;
@@ -322,12 +324,15 @@ claim_skip_locked(claimer *c, size_t ndue, size_t limit, struct item *items,
 {
 	size_t due[ITEM_KIND_COUNT] = { 0, 0 }, got = 0, n;
 	struct claim_failures failures = { 0 };
-	size_t granted = lock_local_grant(c->lm, ndue < limit ? ndue : limit);
+	size_t granted;
 
+	/* Not shared, the grant cannot fail. */
+	if (fleet_grant(c->fleet, false, ndue < limit ? ndue : limit, ndue, &granted) == -1)
+		granted = 0;
 	if (granted < limit)
 		limit = granted;
 	if (limit == 0) {
-		c->wait_ms = lock_wait_ms(c->lm);
+		c->wait_ms = fleet_wait_ms(c->fleet);
 		*ret_n = 0;
 		return 0;
 	}
@@ -358,17 +363,34 @@ claim_skip_locked(claimer *c, size_t ndue, size_t limit, struct item *items,
 }
 
 /*
- * Redis mode: lock a shuffled share of the due candidates in one round
- * trip, claim the ones we got in PostgreSQL (one statement per kind), hand
- * each claimed item its token, and give back at once the locks of ids the
- * database did not give us (finished or leased meanwhile by a skip-locked
- * worker).
+ * Redis mode: ask the fleet's budget for as many calls as we want, lock a
+ * shuffled share of the due candidates, at most that many, in one round
+ * trip, and give the calls whose items we could not lock back to the
+ * budget.  Then claim the ones we got in PostgreSQL (one statement per
+ * kind), hand each claimed item its token, and give back at once the locks
+ * of ids the database did not give us (finished or leased meanwhile by a
+ * skip-locked worker).  Redis failing in either step falls back to
+ * skip-locked in auto mode, with this process's share of the budget.
  */
 static int
 claim_redis(claimer *c, size_t ndue, size_t limit, struct item *items, size_t *ret_n)
 {
-	size_t got = 0, nlocked = 0, nback = 0, locked = 0, contended = 0;
+	size_t got = 0, nlocked = 0, nback = 0, locked = 0, contended = 0, granted;
 	struct claim_failures failures = { 0 };
+
+	if (fleet_grant(c->fleet, true, ndue < limit ? ndue : limit, ndue, &granted) == -1) {
+		lock_redis_failed(c->lm);
+		if (c->policy == LOCK_POLICY_AUTO)
+			return claim_skip_locked(c, ndue, limit, items, ret_n);
+		snprintf(c->errmsg, sizeof(c->errmsg), "%s", lock_errmsg(c->lm));
+		return -1;
+	}
+	c->wait_ms = fleet_wait_ms(c->fleet);
+	if (granted == 0) {
+		/* The budget is spent or a 429 pause holds: no lock is worth taking. */
+		*ret_n = 0;
+		return 0;
+	}
 
 	/*
 	 * Flags and token pointers are swapped along with their candidates:
@@ -379,16 +401,21 @@ claim_redis(claimer *c, size_t ndue, size_t limit, struct item *items, size_t *r
 		c->tokp[i] = NULL;
 	}
 	shuffle_candidates(c, ndue);
-	if (lock_acquire(c->lm, c->kinds, c->ids, ndue, limit, c->tokens, c->flags) == -1) {
+	if (lock_acquire(c->lm, c->kinds, c->ids, ndue, granted, c->tokens, c->flags) == -1) {
+		fleet_give_back(c->fleet, granted);
+		c->wait_ms = 0;
 		if (c->policy == LOCK_POLICY_AUTO)
 			return claim_skip_locked(c, ndue, limit, items, ret_n);
 		snprintf(c->errmsg, sizeof(c->errmsg), "%s", lock_errmsg(c->lm));
 		return -1;
 	}
-	c->wait_ms = lock_wait_ms(c->lm);
 	for (size_t i = 0; i < ndue; i++) {
 		c->tokp[i] = c->tokens[i];
 		locked += c->flags[i];
+	}
+	if (locked < granted) {
+		fleet_give_back(c->fleet, granted - locked);
+		c->wait_ms = fleet_wait_ms(c->fleet);
 	}
 	/* Every candidate was tried only when we got fewer than we wanted, unthrottled. */
 	if (locked < limit && c->wait_ms == 0)

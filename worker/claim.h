@@ -5,16 +5,19 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "billing/fleet.h"
 #include "common/item.h"
+#include "common/redis.h"
 #include "config/config.h"
 #include "locks/lock.h"
 #include "store/store.h"
 
 /*
  * The claim step: due items become this worker's.  The loop's helper that
- * drives the lock manager and the store in turn, so neither knows the
- * other: the store lists what is due, the lock manager locks a share of it
- * in Redis (or nothing, in skip-locked mode), and the store claims what was
+ * drives the store, the fleet's rate budget and the lock manager in turn,
+ * so none knows the others: the store lists what is due, the budget grants
+ * how many calls may start, the lock manager locks at most that many in
+ * Redis (or nothing, in skip-locked mode), and the store claims what was
  * locked, bumping each item's fence and setting its lease, whatever the
  * mode, so correctness never rests on Redis.
  */
@@ -42,8 +45,13 @@ void claim_redis_options(const struct bw_config *cfg, const char *password,
 /* The lock manager's policy for the configuration's locks.mode. */
 enum lock_policy claim_lock_policy(enum lock_mode mode);
 
-/* ST and LM are borrowed and must outlive the claimer. */
-int claim_new(const struct claim_options *o, store *st, lockmgr *lm, claimer **ret)
+/*
+ * ST, LM and FL are borrowed and must outlive the claimer: the loop owns
+ * them, and hands the claim step the store, the lock manager and the
+ * fleet's rate budget it drives in turn.
+ */
+int claim_new(const struct claim_options *o, store *st, lockmgr *lm, fleet *fl,
+    claimer **ret)
 	__attribute__((warn_unused_result));
 void claim_free(claimer *c);
 

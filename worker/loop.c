@@ -13,12 +13,14 @@
 #include <unistd.h>
 
 #include "billing/api.h"
+#include "billing/fleet.h"
 #include "billing/outcome.h"
 #include "common/clock.h"
 #include "common/item.h"
 #include "common/jitter.h"
 #include "common/log.h"
 #include "common/metrics.h"
+#include "common/redis.h"
 #include "locks/lock.h"
 #include "store/store.h"
 #include "worker/claim.h"
@@ -74,8 +76,15 @@ struct loop {
 	store_listener *listener;   /* NULL in once runs */
 	int64_t next_listen_try_ms;
 	int listen_delay_ms;
+	/*
+	 * One connection to Redis (NULL in skip-locked mode), which the lock
+	 * manager and the fleet's rate budget share; the claim step drives
+	 * the store, the budget and the locks in turn.
+	 */
+	redis_conn *redis;
 	lockmgr *locks;
-	claimer *claims;        /* drives the store and the lock manager */
+	fleet *fleet;
+	claimer *claims;
 	api_client *api;
 	telemetry *tm;
 	struct retry_policy policy;
@@ -875,7 +884,7 @@ collect(struct loop *l)
 			/* The API is over its limit for everyone: the whole fleet waits. */
 			int pause_ms = v.retry_after_s > 0 ? v.retry_after_s * 1000 : 1000;
 
-			lock_pause(l->locks, pause_ms);
+			fleet_pause(l->fleet, pause_ms);
 			log_info("billing API answered 429: no worker starts a call for %d ms",
 			    pause_ms);
 		}
@@ -1016,7 +1025,7 @@ reload(struct loop *l)
 	claim_set_ttl(l->claims, l->cfg->locks.ttl_ms);
 	store_set_history(l->st, l->cfg->history.enabled);
 	claim_set_park_delay(l->claims, l->cfg->billing_api.backoff_max_ms);
-	lock_set_rate(l->locks, l->cfg->billing_api.max_requests_per_second);
+	fleet_set_rate(l->fleet, l->cfg->billing_api.max_requests_per_second);
 	log_set_level((int)l->cfg->log.level);
 	log_set_json(l->cfg->log.format == LOG_FORMAT_JSON);
 	reload_token(l);
@@ -1105,8 +1114,8 @@ loop_setup(struct loop *l, const char *token, const char *redis_password)
 		.policy = claim_lock_policy(cfg->locks.mode),
 		.ttl_ms = cfg->locks.ttl_ms,
 		.worker_id = cfg->worker.id,
-		.key_prefix = cfg->redis.key_prefix,
 	};
+	struct redis_options ro;
 	struct claim_options co = {
 		.policy = lo.policy,
 		.ttl_ms = cfg->locks.ttl_ms,
@@ -1114,7 +1123,7 @@ loop_setup(struct loop *l, const char *token, const char *redis_password)
 	};
 	char err[256];
 
-	claim_redis_options(cfg, redis_password, &lo.redis);
+	claim_redis_options(cfg, redis_password, &ro);
 	jitter_seed(&l->rng);
 	policy_from(&l->policy, cfg);
 	if (gethostname(l->host, sizeof(l->host)) == -1)
@@ -1128,14 +1137,16 @@ loop_setup(struct loop *l, const char *token, const char *redis_password)
 	}
 	if (store_new(cfg->database.conninfo, cfg->worker.id, &l->st) == -1 ||
 	    (!l->once && store_listener_new(cfg->database.conninfo, &l->listener) == -1) ||
-	    lock_new(&lo, &l->locks) == -1 ||
-	    claim_new(&co, l->st, l->locks, &l->claims) == -1) {
+	    (lo.policy != LOCK_POLICY_SKIP_LOCKED && redis_conn_new(&ro, &l->redis) == -1) ||
+	    lock_new(&lo, l->redis, &l->locks) == -1 ||
+	    fleet_new(l->redis, cfg->worker.id, &l->fleet) == -1 ||
+	    claim_new(&co, l->st, l->locks, l->fleet, &l->claims) == -1) {
 		log_error("out of memory");
 		return -1;
 	}
 	store_set_query_timeout(l->st, cfg->database.query_timeout_ms);
 	store_set_history(l->st, cfg->history.enabled);
-	lock_set_rate(l->locks, cfg->billing_api.max_requests_per_second);
+	fleet_set_rate(l->fleet, cfg->billing_api.max_requests_per_second);
 	if (telemetry_new(cfg, l->st, l->once, &l->tm) == -1)
 		return -1;
 	if (api_client_new(&ao, &l->api, err, sizeof(err)) == -1) {
@@ -1165,7 +1176,9 @@ loop_teardown(struct loop *l)
 	api_client_free(l->api);
 	telemetry_free(l->tm);
 	claim_free(l->claims);
+	fleet_free(l->fleet);
 	lock_free(l->locks);
+	redis_conn_free(l->redis);
 	store_listener_free(l->listener);
 	store_free(l->st);
 }

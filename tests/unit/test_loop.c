@@ -2,7 +2,8 @@
  * Unit tests for worker/loop.c's bookkeeping: flights and their slots, the
  * flush and its backoff, claim sizing, worker-level refusals.  The loop is
  * linked against small fakes of the modules it drives (the store, the lock
- * manager, the claim step, the API client, telemetry, secrets), defined
+ * manager, the Redis connection, the fleet's rate budget, the claim step,
+ * the API client, telemetry, secrets), defined
  * below: a scripted backlog of invoices that the fake claim step hands
  * out, an API that answers every call at the next turn, a store that
  * records completions and can refuse them.  Real outcome, config, log and metrics modules.
@@ -176,17 +177,16 @@ struct lockmgr {
 static struct lockmgr the_locks;
 
 int
-lock_new(const struct lock_options *o, lockmgr **ret)
+lock_new(const struct lock_options *o, redis_conn *conn, lockmgr **ret)
 {
 	(void)o;
+	(void)conn;
 	*ret = &the_locks;
 	return 0;
 }
 
 void lock_free(lockmgr *lm) { (void)lm; }
-void lock_set_rate(lockmgr *lm, int r) { (void)lm; (void)r; }
 bool lock_redis_down(const lockmgr *lm) { (void)lm; return false; }
-void lock_pause(lockmgr *lm, int ms) { (void)lm; (void)ms; }
 void lock_start(lockmgr *lm) { (void)lm; }
 void lock_release(lockmgr *lm, struct item *const *items, size_t n)
 {
@@ -194,6 +194,40 @@ void lock_release(lockmgr *lm, struct item *const *items, size_t n)
 	(void)items;
 	(void)n;
 }
+
+/* The Redis connection and the fleet's budget: never asked, no limit. */
+struct redis_conn {
+	int unused;
+};
+static struct redis_conn the_redis;
+
+int
+redis_conn_new(const struct redis_options *o, redis_conn **ret)
+{
+	(void)o;
+	*ret = &the_redis;
+	return 0;
+}
+
+void redis_conn_free(redis_conn *rc) { (void)rc; }
+
+struct fleet {
+	int unused;
+};
+static struct fleet the_fleet;
+
+int
+fleet_new(redis_conn *conn, const char *member, fleet **ret)
+{
+	(void)conn;
+	(void)member;
+	*ret = &the_fleet;
+	return 0;
+}
+
+void fleet_free(fleet *f) { (void)f; }
+void fleet_set_rate(fleet *f, int r) { (void)f; (void)r; }
+void fleet_pause(fleet *f, int ms) { (void)f; (void)ms; }
 
 /* The claim step as a whole: the scripted backlog, oldest first. */
 struct claimer {
@@ -212,11 +246,12 @@ claim_redis_options(const struct bw_config *cfg, const char *password, struct re
 enum lock_policy claim_lock_policy(enum lock_mode m) { (void)m; return LOCK_POLICY_REDIS; }
 
 int
-claim_new(const struct claim_options *o, store *st, lockmgr *lm, claimer **ret)
+claim_new(const struct claim_options *o, store *st, lockmgr *lm, fleet *fl, claimer **ret)
 {
 	(void)o;
 	(void)st;
 	(void)lm;
+	(void)fl;
 	*ret = &the_claims;
 	return 0;
 }
