@@ -67,13 +67,13 @@ endif
 # Modules: common at the bottom; config, store, billing and locks each use common
 # alone; worker (the loop and the claim step) uses them all.
 COMMON_SRC  := common/log.c common/item.c common/metrics.c common/clock.c common/jitter.c \
-               common/redis.c
+               common/backoff.c common/redis.c
 CONFIG_SRC  := config/config.c
 STORE_SRC   := store/store.c store/conninfo.c store/deadline.c store/park.c store/migrate.c \
                store/report.c store/audit.c store/listen.c store/workers.c store/pause.c store/history.c \
                store/requeue.c \
                $(BUILD)/migrations.c
-BILLING_SRC := billing/api.c billing/response.c billing/backoff.c billing/outcome.c billing/pace.c \
+BILLING_SRC := billing/api.c billing/response.c billing/outcome.c billing/pace.c \
                billing/fleet.c
 LOCKS_SRC   := locks/lock.c locks/redis_lock.c
 WORKER_SRC  := worker/loop.c worker/claim.c worker/telemetry.c worker/notify.c worker/metrics_http.c \
@@ -94,9 +94,9 @@ UNIT_BINS  := $(addprefix $(BUILD)/tests/,$(UNIT_TESTS))
 
 # What each unit test links besides itself: the module under test alone.
 test_config_DEPS   := $(CONFIG_SRC)
-test_backoff_DEPS  := billing/backoff.c
+test_backoff_DEPS  := common/backoff.c
 test_response_DEPS := billing/response.c common/log.c
-test_outcome_DEPS  := billing/outcome.c billing/backoff.c billing/response.c common/item.c common/log.c
+test_outcome_DEPS  := billing/outcome.c common/backoff.c billing/response.c common/item.c common/log.c
 test_item_DEPS     := common/item.c
 test_pace_DEPS     := billing/pace.c
 # The fleet's budget against a fake Redis connection (defined in the test).
@@ -106,7 +106,7 @@ test_log_DEPS      := common/log.c
 test_conninfo_DEPS := store/conninfo.c
 # The loop against fakes of the store, locks, API client, telemetry and
 # secrets (defined in the test itself); the pure modules are the real ones.
-test_loop_DEPS     := worker/loop.c billing/outcome.c billing/backoff.c billing/response.c \
+test_loop_DEPS     := worker/loop.c billing/outcome.c common/backoff.c billing/response.c \
                       common/item.c common/log.c common/clock.c common/jitter.c \
                       common/metrics.c config/config.c
 

@@ -4,7 +4,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "billing/backoff.h"
+#include "common/backoff.h"
 
 static void
 outcome_init(const struct item *it, struct completion *out)

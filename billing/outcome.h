@@ -5,7 +5,7 @@
 
 #include "billing/response.h"
 #include "common/item.h"
-#include "billing/completion.h"
+#include "common/completion.h"
 
 /*
  * Turns the verdict on one API call into what the store records: done,

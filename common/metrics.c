@@ -11,6 +11,17 @@ static const double latency_le[] = {
 };
 #define N_LE (sizeof(latency_le) / sizeof(latency_le[0]))
 
+/*
+ * Buckets of the loop stall histogram: a healthy turn is tens of
+ * microseconds to a few milliseconds, a statement waiting on a frozen peer
+ * is seconds, so 0.1 ms to 10 s in steps of about 2.5.
+ */
+static const double stall_le[] = {
+	0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+	1, 2.5, 5, 10,
+};
+#define N_STALL_LE (sizeof(stall_le) / sizeof(stall_le[0]))
+
 enum api_class {
 	CLASS_2XX,
 	CLASS_4XX,
@@ -34,6 +45,9 @@ static struct {
 	uint64_t calls[CLASS_COUNT];
 	uint64_t latency_bucket[N_LE + 1];      /* not cumulative; last is +Inf */
 	double latency_sum_s;
+	uint64_t stall_bucket[N_STALL_LE + 1];  /* not cumulative; last is +Inf */
+	double stall_sum_s;
+	double stall_max_s;
 	uint64_t locks[METRICS_LOCK_EVENT_COUNT];
 	uint64_t reconnects[METRICS_PEER_COUNT];
 	int in_flight;
@@ -93,6 +107,21 @@ metrics_api_call(long http_status, double latency_ms)
 		b++;
 	m.latency_bucket[b]++;
 	m.latency_sum_s += s;
+}
+
+void
+metrics_loop_stall(double seconds)
+{
+	size_t b = 0;
+
+	if (seconds < 0)
+		seconds = 0;
+	while (b < N_STALL_LE && seconds > stall_le[b])
+		b++;
+	m.stall_bucket[b]++;
+	m.stall_sum_s += seconds;
+	if (seconds > m.stall_max_s)
+		m.stall_max_s = seconds;
 }
 
 void
@@ -194,10 +223,28 @@ render_items(FILE *out)
 		    item_kind_name(k), (unsigned long long)m.rejected[k]);
 }
 
+/* The _bucket, _sum and _count lines of histogram NAME from its raw buckets. */
+static void
+render_histogram(FILE *out, const char *name, const double *le, size_t n_le,
+    const uint64_t *bucket, double sum)
+{
+	uint64_t cum = 0;
+
+	for (size_t b = 0; b < n_le; b++) {
+		cum += bucket[b];
+		fprintf(out, "billing_worker_%s_bucket{le=\"%g\"} %llu\n", name, le[b],
+		    (unsigned long long)cum);
+	}
+	cum += bucket[n_le];
+	fprintf(out, "billing_worker_%s_bucket{le=\"+Inf\"} %llu\n", name,
+	    (unsigned long long)cum);
+	fprintf(out, "billing_worker_%s_sum %.6f\n", name, sum);
+	fprintf(out, "billing_worker_%s_count %llu\n", name, (unsigned long long)cum);
+}
+
 static void
 render_api(FILE *out)
 {
-	uint64_t cum = 0;
 
 	head(out, "api_calls_total", "counter",
 	    "Billing API calls finished, by HTTP status class (none: no HTTP answer).");
@@ -206,17 +253,21 @@ render_api(FILE *out)
 		    class_names[c], (unsigned long long)m.calls[c]);
 	head(out, "api_call_duration_seconds", "histogram",
 	    "Billing API call latency, from start to the last byte or the error.");
-	for (size_t b = 0; b < N_LE; b++) {
-		cum += m.latency_bucket[b];
-		fprintf(out, "billing_worker_api_call_duration_seconds_bucket{le=\"%g\"} %llu\n",
-		    latency_le[b], (unsigned long long)cum);
-	}
-	cum += m.latency_bucket[N_LE];
-	fprintf(out, "billing_worker_api_call_duration_seconds_bucket{le=\"+Inf\"} %llu\n",
-	    (unsigned long long)cum);
-	fprintf(out, "billing_worker_api_call_duration_seconds_sum %.6f\n", m.latency_sum_s);
-	fprintf(out, "billing_worker_api_call_duration_seconds_count %llu\n",
-	    (unsigned long long)cum);
+	render_histogram(out, "api_call_duration_seconds", latency_le, N_LE, m.latency_bucket,
+	    m.latency_sum_s);
+}
+
+static void
+render_loop(FILE *out)
+{
+	head(out, "loop_stall_seconds", "histogram",
+	    "Time the event loop spent on each turn outside its wait: statements, Redis "
+	    "commands and bookkeeping, during which no API answer is read.");
+	render_histogram(out, "loop_stall_seconds", stall_le, N_STALL_LE, m.stall_bucket,
+	    m.stall_sum_s);
+	head(out, "loop_stall_max_seconds", "gauge",
+	    "The longest turn of the event loop outside its wait since the process started.");
+	fprintf(out, "billing_worker_loop_stall_max_seconds %.6f\n", m.stall_max_s);
 }
 
 static void
@@ -302,6 +353,7 @@ metrics_render(char **ret, size_t *ret_len)
 		return -1;
 	render_items(out);
 	render_api(out);
+	render_loop(out);
 	render_locks(out);
 	render_gauges(out);
 	if (fclose(out) != 0) {

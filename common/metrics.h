@@ -8,8 +8,8 @@
 #include "common/item.h"
 
 /*
- * What this process has done, as Prometheus counters, gauges and one
- * histogram.  Process-wide state, like the log: the worker is one thread,
+ * What this process has done, as Prometheus counters, gauges and two
+ * histograms.  Process-wide state, like the log: the worker is one thread,
  * so the increments are plain additions, and any module may count without
  * a handle being passed down to it.  Every series exists from the start
  * with value 0, so rate() and absent() work before the first event.
@@ -26,6 +26,13 @@ void metrics_completion_rejected(enum item_kind kind);
 
 /* One finished API call: its HTTP status (0 when none came) and latency. */
 void metrics_api_call(long http_status, double latency_ms);
+
+/*
+ * One turn of the event loop took SECONDS outside its wait (from the
+ * return of the poll to the next one): the time no API answer is read and
+ * no timer is looked at.  Also keeps the longest seen.
+ */
+void metrics_loop_stall(double seconds);
 
 enum metrics_lock_event {
 	METRICS_LOCK_ACQUIRED,          /* a claim taken (lease in the database) */

@@ -1475,6 +1475,19 @@ config_free(struct bw_config *cfg)
 	}
 }
 
+/* Whether RUNNING and LOADED hold the same value for O's key. */
+static bool
+same_value(const struct bw_config *running, const struct bw_config *loaded,
+    const struct opt *o)
+{
+	if (o->type == OPT_STRING)
+		return strcmp(str_value(running, o), str_value(loaded, o)) == 0;
+	if (o->type == OPT_BOOL)
+		return *(const bool *)(const void *)((const char *)running + o->offset) ==
+		    *(const bool *)(const void *)((const char *)loaded + o->offset);
+	return *int_field_const(running, o) == *int_field_const(loaded, o);
+}
+
 int
 config_restart_needed(const struct bw_config *running,
     const struct bw_config *loaded, char **names)
@@ -1487,22 +1500,12 @@ config_restart_needed(const struct bw_config *running,
 	*names = NULL;
 	for (size_t i = 0; i < N_OPTS; i++) {
 		const struct opt *o = &opts[i];
-		bool same;
 
-		if (o->reloadable)
+		if (o->reloadable || same_value(running, loaded, o))
 			continue;
-		if (o->type == OPT_STRING)
-			same = strcmp(str_value(running, o), str_value(loaded, o)) == 0;
-		else if (o->type == OPT_BOOL)
-			same = *(const bool *)(const void *)((const char *)running + o->offset) ==
-			    *(const bool *)(const void *)((const char *)loaded + o->offset);
-		else
-			same = *int_field_const(running, o) == *int_field_const(loaded, o);
-		if (!same) {
-			if (out != NULL)
-				fprintf(out, "%s%s", n > 0 ? ", " : "", o->key);
-			n++;
-		}
+		if (out != NULL)
+			fprintf(out, "%s%s", n > 0 ? ", " : "", o->key);
+		n++;
 	}
 	if (out != NULL && fclose(out) == 0 && n > 0) {
 		*names = buf;
@@ -1510,6 +1513,82 @@ config_restart_needed(const struct bw_config *running,
 	}
 	free(buf);
 	return n;
+}
+
+int
+config_apply_reloadable(struct bw_config *running, const struct bw_config *fresh,
+    char **changed_names)
+{
+	/*
+	 * Everything that can fail (the names, a copy of each changed string)
+	 * happens before RUNNING is touched, so a failure leaves it whole
+	 * rather than half the old file and half the new.
+	 */
+	bool changed[N_OPTS] = { false };
+	char *copies[N_OPTS] = { NULL };
+	char *buf = NULL;
+	size_t len = 0;
+	FILE *out = NULL;
+	int n = 0, result = -1;
+
+	if ((out = open_memstream(&buf, &len)) == NULL)
+		goto done;
+	for (size_t i = 0; i < N_OPTS; i++) {
+		const struct opt *o = &opts[i];
+
+		if (!o->reloadable || same_value(running, fresh, o))
+			continue;
+		if (o->type == OPT_STRING &&
+		    (copies[i] = strdup(str_value(fresh, o))) == NULL)
+			goto done;
+		if (fprintf(out, "%s%s", n > 0 ? ", " : "", o->key) < 0)
+			goto done;
+		changed[i] = true;
+		n++;
+	}
+	if (fclose(out) != 0) {
+		out = NULL;
+		goto done;
+	}
+	out = NULL;
+
+	for (size_t i = 0; i < N_OPTS; i++) {
+		const struct opt *o = &opts[i];
+
+		if (!changed[i])
+			continue;
+		if (o->type == OPT_STRING) {
+			free(*str_field(running, o));
+			*str_field(running, o) = copies[i];
+			copies[i] = NULL;
+		} else if (o->type == OPT_BOOL) {
+			*bool_field(running, o) =
+			    *(const bool *)(const void *)((const char *)fresh + o->offset);
+		} else {
+			*int_field(running, o) = *int_field_const(fresh, o);
+		}
+	}
+	*changed_names = n > 0 ? buf : NULL;
+	if (n > 0)
+		buf = NULL;
+	result = n;
+done:
+	if (out != NULL)
+		fclose(out);
+	for (size_t i = 0; i < N_OPTS; i++)
+		free(copies[i]);
+	free(buf);
+	return result;
+}
+
+int
+config_key_at(size_t i, const char **ret_name, bool *ret_reloadable)
+{
+	if (i >= N_OPTS)
+		return -1;
+	*ret_name = opts[i].key;
+	*ret_reloadable = opts[i].reloadable;
+	return 0;
 }
 
 const char *

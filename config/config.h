@@ -126,6 +126,30 @@ void config_free(struct bw_config *cfg);
 int config_restart_needed(const struct bw_config *running,
     const struct bw_config *loaded, char **names);
 
+/*
+ * Copies into RUNNING every setting the key table marks reloadable whose
+ * value in FRESH differs, and nothing else: the table, not the caller,
+ * knows what SIGHUP may change.  Returns the number of settings changed and
+ * sets *changed_names to a malloc'd comma-separated list of their keys in
+ * table order ("worker.concurrency, log.level"), or NULL when none changed;
+ * the caller frees it.  A reloadable string is copied: RUNNING frees its
+ * old value and owns the copy, FRESH keeps its own, so the caller still
+ * config_frees FRESH; any pointer taken into RUNNING's old string dangles
+ * afterwards.  Returns -1 without memory, with RUNNING and *changed_names
+ * untouched.
+ */
+int config_apply_reloadable(struct bw_config *running,
+    const struct bw_config *fresh, char **changed_names)
+	__attribute__((warn_unused_result));
+
+/*
+ * The I-th key of the table, for callers that walk it (the tests check
+ * every reloadable key reloads): sets *ret_name (static, never freed) and
+ * *ret_reloadable and returns 0, or returns -1 past the last key.
+ */
+int config_key_at(size_t i, const char **ret_name, bool *ret_reloadable)
+	__attribute__((warn_unused_result));
+
 const char *config_lock_mode_name(enum lock_mode mode);
 
 /*

@@ -20,8 +20,21 @@ Rows:
   cpu              worker CPU seconds per 1 000 items (the 4-process run)
   rss              peak RSS of one process at concurrency 1 024
   idle             queries/s to PostgreSQL and commands/s to Redis per idle process
+  pg freeze        1 process, 64 calls in flight to a 50 ms API, its PostgreSQL
+                   backend SIGSTOPped for 5 s: the loop's longest stall (scraped
+                   from billing_worker_loop_stall_max_seconds), calls that ended
+                   with no answer (ambiguous), API calls/s and items recorded/s
+                   before, during and after
+  redis freeze     the same with redis-server SIGSTOPped for 3 s (redis lock mode)
+  row lock         3 processes, 100 ms API, invoices and redemptions over 10
+                   subsidies; a producer holds one subsidy row FOR UPDATE for
+                   20 s: items not on that subsidy completed/s before and during
 
-Usage: make bench [BENCH_ARGS="--items 20000 --quick"]
+The freeze and row-lock rows measure what the loop's blocking statements
+and Redis commands cost; they are the figures an asynchronous loop is to
+be judged against.
+
+Usage: make bench [BENCH_ARGS="--items 20000 --quick --only pg-freeze redis-freeze"]
 """
 
 import argparse
@@ -35,6 +48,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +59,7 @@ from harness import (PgCluster, RedisServer, render_config, wait_for)  # noqa: E
 
 BINARY = ROOT / "build" / "billing-worker"
 PEER_BEST = 2810          # pg-boss, HTTP + UPDATE jobs/s, ../shared/BENCH-ANCHORS.md
+SCENARIOS = ("e2e", "slow", "latency", "rss", "idle", "pg-freeze", "redis-freeze", "row-lock")
 
 
 class BenchCluster(PgCluster):
@@ -146,13 +161,18 @@ class Bench:
         if r.returncode != 0:
             raise RuntimeError(r.stderr)
         self.sql("CREATE EXTENSION pg_stat_statements")
-        self.nginx, self.fast_url = start_nginx(self.work)
+        # The fast API only for the rows that call it: the others run without nginx.
+        if {"e2e", "idle"} & set(self.args.only):
+            self.nginx, self.fast_url = start_nginx(self.work)
 
     def close(self):
         stop(getattr(self, "nginx", None))
         self.redis.cleanup()
         self.pg.cleanup()
-        shutil.rmtree(self.work, ignore_errors=True)
+        if self.args.keep:
+            print(f"worker logs and configs kept in {self.work}")
+        else:
+            shutil.rmtree(self.work, ignore_errors=True)
 
     def sql(self, q, params=None):
         with self.conn.cursor() as cur:
@@ -216,7 +236,8 @@ class Bench:
                 raise RuntimeError(f"worker exited {p.returncode}: see {self.work}")
 
     def reset(self):
-        self.sql("TRUNCATE invoices, attempts RESTART IDENTITY")
+        self.sql("TRUNCATE invoices, attempts, redemptions, ledger_transactions, subsidies "
+                 "RESTART IDENTITY CASCADE")
         self.sql("SELECT pg_stat_statements_reset()")
         self.sql("CHECKPOINT")
         self.redis.command("FLUSHALL")
@@ -397,12 +418,250 @@ class Bench:
                 return int(line.split(":")[1])
         raise RuntimeError("no total_commands_processed in INFO")
 
+    @staticmethod
+    def scrape(port):
+        """The worker's /metrics as {series: value}. A loop stalled on a
+        frozen peer answers late: the timeout is generous on purpose."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60) as r:
+            text = r.read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
+    def recorded_between(self, t0, t1, held=None):
+        """Items whose outcome was recorded in [t0, t1) (unix seconds), by the
+        database's finished_at; with HELD, redemptions of that subsidy are
+        left out. finished_at is the completion's transaction time, so a
+        completion that met a frozen backend counts where it began."""
+        n = self.scalar("SELECT count(*) FROM invoices WHERE finished_at >= to_timestamp(%s) "
+                        "AND finished_at < to_timestamp(%s)", (t0, t1))
+        n += self.scalar("SELECT count(*) FROM redemptions WHERE finished_at >= to_timestamp(%s) "
+                         "AND finished_at < to_timestamp(%s) AND subsidy_id IS DISTINCT FROM %s",
+                         (t0, t1, held))
+        return n
+
+    @staticmethod
+    def arrived_between(arrivals, t0, t1):
+        """API requests the timed API received in [t0, t1)."""
+        n = 0
+        for line in arrivals.read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 2 and t0 <= float(parts[1]) < t1:
+                n += 1
+        return n
+
+    def freeze(self, what, seconds, calm=3.0):
+        """One process, 64 calls in flight to a 50 ms API; then WHAT
+        ("postgres": the worker's own backend, not its LISTEN one; "redis":
+        redis-server) is SIGSTOPped for SECONDS. Returns the figures of the
+        CALM seconds before, the freeze, and the CALM seconds after."""
+        n = self.args.freeze_items
+        self.reset()
+        arrivals = self.work / f"arrivals-{what}.txt"
+        arrivals.write_text("")
+        api, url = start_timed_api(self.work, delay_ms=50, arrivals=arrivals)
+        port = harness.free_port()
+        procs = []
+        try:
+            procs = self.workers(1, url, **{"worker.concurrency": 64, "worker.batch_size": 64,
+                                            "locks.mode": "redis",
+                                            "billing_api.timeout_ms": self.args.freeze_api_timeout_ms,
+                                            "metrics.listen": f"127.0.0.1:{port}"})
+            self.sql("INSERT INTO invoices (customer_id, amount_cents, currency) "
+                     "SELECT 'cus_' || g, 1000, 'usd' FROM generate_series(1, %s) g", (n,))
+            wait_for(lambda: self.scrape(port)["billing_worker_in_flight"] >= 60, 30,
+                     ignore=(OSError,), message="the worker never had 60 calls in flight")
+            time.sleep(1)
+            if what == "postgres":
+                pid = self.scalar("SELECT pid FROM pg_stat_activity WHERE datname = 'bench' "
+                                  "AND application_name = 'billing-worker'")
+            else:
+                pid = self.redis.proc.pid
+            m0 = self.scrape(port)
+            t0 = time.time()
+            time.sleep(calm)
+            t_stop = time.time()
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                time.sleep(seconds)
+            finally:
+                t_cont = time.time()
+                os.kill(pid, signal.SIGCONT)
+            time.sleep(calm)
+            t1 = time.time()
+            m1 = self.scrape(port)
+            left = self.scalar("SELECT count(*) FROM invoices WHERE status = 'pending'")
+            if left == 0:
+                raise RuntimeError(f"{what} freeze: the backlog ran out; raise --freeze-items")
+            self.stop_workers(procs)
+            procs = []
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+            stop(api)
+        windows = {"before": (t0, t_stop), "during": (t_stop, t_cont), "after": (t_cont, t1)}
+        items = {k: self.recorded_between(a, b) / (b - a) for k, (a, b) in windows.items()}
+        calls = {k: self.arrived_between(arrivals, a, b) / (b - a) for k, (a, b) in windows.items()}
+        none = m1['billing_worker_api_calls_total{class="none"}'] - \
+            m0['billing_worker_api_calls_total{class="none"}']
+        ambiguous = self.scalar("SELECT count(*) FROM attempts WHERE class = 'ambiguous'")
+        long_turns = (m1["billing_worker_loop_stall_seconds_count"] -
+                      m1['billing_worker_loop_stall_seconds_bucket{le="1"}']) - \
+            (m0["billing_worker_loop_stall_seconds_count"] -
+             m0['billing_worker_loop_stall_seconds_bucket{le="1"}'])
+        return {"max0": m0["billing_worker_loop_stall_max_seconds"],
+                "max1": m1["billing_worker_loop_stall_max_seconds"],
+                "long_turns": long_turns, "none": none, "ambiguous": ambiguous,
+                "items": items, "calls": calls, "seconds": seconds}
+
+    def row_lock(self, hold_s=20.0, before_s=5.0, nsub=10):
+        """Three processes, 100 ms API, a backlog of invoices and redemptions
+        over NSUB subsidies; a producer's transaction holds subsidy 1's row
+        FOR UPDATE for HOLD_S seconds. Items not on subsidy 1 recorded per
+        second in the BEFORE_S seconds before the hold and during it."""
+        n = self.args.rowlock_items
+        held = 1
+        self.reset()
+        for i in range(nsub):
+            sid = self.scalar("INSERT INTO subsidies (name) VALUES (%s) RETURNING id", (f"bench-{i}",))
+            self.sql("INSERT INTO ledger_transactions (subsidy_id, amount_cents) VALUES (%s, %s)",
+                     (sid, 10 ** 12))
+        api, url = start_timed_api(self.work, delay_ms=100)
+        ports = [harness.free_port() for _ in range(3)]
+        procs = []
+        try:
+            for port in ports:
+                procs += self.workers(1, url, **{"metrics.listen": f"127.0.0.1:{port}"})
+            # Chunks of both kinds, each its own statement (its own now()):
+            # the due query takes them oldest first, so the kinds interleave
+            # and redemptions of subsidy 1 turn up in every stretch.
+            chunk = 500
+            for lo in range(0, n // 2, chunk):
+                self.sql("INSERT INTO invoices (customer_id, amount_cents, currency) "
+                         "SELECT 'cus_' || g, 1000, 'usd' FROM generate_series(%s, %s) g",
+                         (lo + 1, lo + chunk))
+                self.sql("INSERT INTO redemptions (subsidy_id, customer_id, amount_cents) "
+                         "SELECT 1 + g %% %s, 'learner-' || g, 100 FROM generate_series(%s, %s) g",
+                         (nsub, lo + 1, lo + chunk))
+            time.sleep(2)
+            t0 = time.time()
+            time.sleep(before_s)
+            hold = self.pg.connect("bench", autocommit=False)
+            try:
+                with hold.cursor() as cur:
+                    cur.execute("SELECT id FROM subsidies WHERE id = %s FOR UPDATE", (held,))
+                t_h0 = time.time()
+                time.sleep(hold_s)
+                t_h1 = time.time()
+                left = self.scalar("SELECT (SELECT count(*) FROM invoices WHERE status = 'pending') "
+                                   "+ (SELECT count(*) FROM redemptions WHERE status = 'pending' "
+                                   "AND subsidy_id <> %s)", (held,))
+                hold.commit()
+            finally:
+                hold.close()
+            if left == 0:
+                raise RuntimeError("row lock: the backlog ran out during the hold; raise --rowlock-items")
+            ms = [self.scrape(p) for p in ports]
+            stall = max(m["billing_worker_loop_stall_max_seconds"] for m in ms)
+            long_turns = sum(m["billing_worker_loop_stall_seconds_count"] -
+                             m['billing_worker_loop_stall_seconds_bucket{le="5"}'] for m in ms)
+            held_done = self.scalar("SELECT count(*) FROM redemptions WHERE subsidy_id = %s AND "
+                                    "finished_at >= to_timestamp(%s) AND finished_at < to_timestamp(%s)",
+                                    (held, t_h0, t_h1))
+            self.stop_workers(procs)
+            procs = []
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+            stop(api)
+        before = self.recorded_between(t0, t_h0, held) / (t_h0 - t0)
+        during = self.recorded_between(t_h0, t_h1, held) / (t_h1 - t_h0)
+        return before, during, stall, long_turns, held_done, hold_s
+
     # -- the report ------------------------------------------------------
 
     def run(self):
         a = self.args
+        only = set(a.only)
         print(f"billing-worker bench: {a.items} invoices per e2e run; machine: "
-              f"{os.cpu_count()} cores, {platform.platform()}", flush=True)
+              f"{os.cpu_count()} cores, {platform.platform()}; scenarios: "
+              + ", ".join(x for x in SCENARIOS if x in only), flush=True)
+        lines = [
+            "",
+            "| measurement | figure | ratio | target |",
+            "|---|---|---|---|",
+        ]
+        tail = []
+        if "e2e" in only:
+            self.run_e2e(lines, tail)
+        if "slow" in only:
+            slow = self.slow_api()
+            print(f"  slow API: {slow:,.0f} items/s", flush=True)
+            lines.append(f"| 100 ms API, 1 process, concurrency 256 | {slow:,.0f} items/s | "
+                         f"{slow / 2560:.0%} of 2 560/s | ≥ 80 % |")
+        if "latency" in only:
+            p50, p99, nlat = self.latency()
+            print(f"  latency: p50 {p50:.1f} ms, p99 {p99:.1f} ms ({nlat} samples)", flush=True)
+            lines.append(f"| INSERT → API call latency, idle, {nlat} samples | p50 {p50:.1f} ms, "
+                         f"p99 {p99:.1f} ms | | p50 < 20 ms |")
+        if "e2e" in only:
+            lines.append(tail.pop(0))
+        if "rss" in only:
+            rss = self.rss()
+            print(f"  rss: {rss:.1f} MiB", flush=True)
+            lines.append(f"| peak RSS, 1 process, concurrency 1 024 | {rss:.1f} MiB | | < 64 MiB |")
+        if "idle" in only:
+            q_idle, r_idle = self.idle()
+            print(f"  idle: {q_idle:.2f} queries/s, {r_idle:.2f} redis commands/s per process",
+                  flush=True)
+            lines.append(f"| idle cost per process | {q_idle:.2f} queries/s, {r_idle:.2f} Redis "
+                         f"commands/s | | ≤ 1 query/s |")
+        for name, what, secs in (("pg-freeze", "postgres", 5.0), ("redis-freeze", "redis", 3.0)):
+            if name not in only:
+                continue
+            f = self.freeze(what, secs)
+            it, ca = f["items"], f["calls"]
+            label = (f"{'PostgreSQL backend' if what == 'postgres' else 'redis-server'} "
+                     f"frozen {secs:.0f} s (1 process, 64 in flight, 50 ms API, API timeout "
+                     f"{a.freeze_api_timeout_ms / 1000:g} s)")
+            print(f"  {name}: longest stall {f['max1']:.2f} s (before: {f['max0'] * 1000:.1f} ms), "
+                  f"{f['long_turns']:.0f} turns over 1 s, {f['none']:.0f} calls without an answer, "
+                  f"{f['ambiguous']} ambiguous attempts; items/s before {it['before']:,.0f}, during "
+                  f"{it['during']:,.0f}, after {it['after']:,.0f}; API calls/s {ca['before']:,.0f} / "
+                  f"{ca['during']:,.0f} / {ca['after']:,.0f}", flush=True)
+            lines.append(f"| {label}: longest loop stall | {f['max1']:.2f} s "
+                         f"({f['long_turns']:.0f} turns over 1 s) | {f['max1'] / secs:.0%} of the "
+                         f"freeze (before it: {f['max0'] * 1000:.1f} ms) | |")
+            lines.append(f"| {label}: calls ended without an answer | {f['none']:.0f} "
+                         f"({f['ambiguous']} attempts recorded ambiguous) | | 0 |")
+            lines.append(f"| {label}: items recorded/s before / during / after | "
+                         f"{it['before']:,.0f} / {it['during']:,.0f} / {it['after']:,.0f} | during = "
+                         f"{it['during'] / it['before']:.0%} of before | |")
+            lines.append(f"| {label}: API calls/s before / during / after | "
+                         f"{ca['before']:,.0f} / {ca['during']:,.0f} / {ca['after']:,.0f} | during = "
+                         f"{ca['during'] / ca['before']:.0%} of before | |")
+        if "row-lock" in only:
+            before, during, stall, long_turns, held_done, hold_s = self.row_lock()
+            print(f"  row lock: items not on the held subsidy {before:,.0f}/s before, "
+                  f"{during:,.0f}/s during the {hold_s:.0f} s hold ({during / before:.0%}); "
+                  f"longest stall {stall:.2f} s, {long_turns:.0f} turns over 5 s in the 3 "
+                  f"processes; {held_done} of the held subsidy's redemptions recorded during it",
+                  flush=True)
+            lines.append(f"| one subsidy row held FOR UPDATE {hold_s:.0f} s, 3 processes, 100 ms API: "
+                         f"items not on it recorded/s before / during | {before:,.0f} / {during:,.0f} "
+                         f"(longest loop stall {stall:.2f} s, {long_turns:.0f} turns over 5 s) | "
+                         f"during = {during / before:.0%} of before | |")
+        print("\n".join(lines + tail))
+
+    def run_e2e(self, lines, tail):
+        """The e2e runs, the history comparison and the pgbench limits: rows
+        into LINES, then the CPU row and the CPU table into TAIL."""
+        a = self.args
         e2e = {}
         for p in a.procs:
             rate, cpu, batch, split, elapsed = self.e2e(p)
@@ -427,21 +686,6 @@ class Bench:
             limits[p] = (lim_b, lim_1)
             print(f"  pgbench {p} conn: {lim_b:,.0f} items/s at batch {e2e[p][2]:.0f}, "
                   f"{lim_1:,.0f} at batch 1", flush=True)
-        slow = self.slow_api()
-        print(f"  slow API: {slow:,.0f} items/s", flush=True)
-        p50, p99, nlat = self.latency()
-        print(f"  latency: p50 {p50:.1f} ms, p99 {p99:.1f} ms ({nlat} samples)", flush=True)
-        rss = self.rss()
-        print(f"  rss: {rss:.1f} MiB", flush=True)
-        q_idle, r_idle = self.idle()
-        print(f"  idle: {q_idle:.2f} queries/s, {r_idle:.2f} redis commands/s per process", flush=True)
-
-        cpu_per_k = e2e[top][1] / (a.items / 1000)
-        lines = [
-            "",
-            "| measurement | figure | ratio | target |",
-            "|---|---|---|---|",
-        ]
         for p in a.procs:
             rate = e2e[p][0]
             lim_b, lim_1 = limits[p]
@@ -453,18 +697,12 @@ class Bench:
                          f"worker / limit = {rate / lim_b:.0%} | {'≥ 70 %' if p == top else ''} |")
             lines.append(f"| pgbench limit, {p} conn, same SQL, batch 1 (per-item tx) | "
                          f"{lim_1:,.0f} items/s | worker / limit = {rate / lim_1:.0%} | |")
-        lines += [
-            f"| e2e, {top} processes, history.enabled = false | {nohist[0]:,.0f} items/s | "
-            f"with history (mean of the runs before and after) = {hist_rate / nohist[0]:.0%} "
-            f"of it | ≥ 90 % |",
-            f"| 100 ms API, 1 process, concurrency 256 | {slow:,.0f} items/s | "
-            f"{slow / 2560:.0%} of 2 560/s | ≥ 80 % |",
-            f"| INSERT → API call latency, idle, {nlat} samples | p50 {p50:.1f} ms, p99 {p99:.1f} ms | "
-            f"| p50 < 20 ms |",
-            f"| worker CPU per 1 000 items ({top} processes) | {cpu_per_k:.3f} s | | |",
-            f"| peak RSS, 1 process, concurrency 1 024 | {rss:.1f} MiB | | < 64 MiB |",
-            f"| idle cost per process | {q_idle:.2f} queries/s, {r_idle:.2f} Redis commands/s | "
-            f"| ≤ 1 query/s |",
+        lines.append(f"| e2e, {top} processes, history.enabled = false | {nohist[0]:,.0f} items/s | "
+                     f"with history (mean of the runs before and after) = {hist_rate / nohist[0]:.0%} "
+                     f"of it | ≥ 90 % |")
+        cpu_per_k = e2e[top][1] / (a.items / 1000)
+        tail.append(f"| worker CPU per 1 000 items ({top} processes) | {cpu_per_k:.3f} s | | |")
+        tail += [
             "",
             "CPU seconds during each e2e run, by component (cores busy = total / elapsed):",
             "",
@@ -473,9 +711,8 @@ class Bench:
         ]
         for p in a.procs:
             split, elapsed = e2e[p][3], e2e[p][4]
-            lines.append(f"| {p} | {elapsed:.2f} s | " + " | ".join(f"{v:.2f}" for v in split.values()) +
-                         f" | {sum(split.values()) / elapsed:.2f} of {os.cpu_count()} |")
-        print("\n".join(lines))
+            tail.append(f"| {p} | {elapsed:.2f} s | " + " | ".join(f"{v:.2f}" for v in split.values()) +
+                        f" | {sum(split.values()) / elapsed:.2f} of {os.cpu_count()} |")
 
 
 def main():
@@ -485,6 +722,16 @@ def main():
     ap.add_argument("--slow-items", type=int, default=7680)
     ap.add_argument("--latency-samples", type=int, default=200)
     ap.add_argument("--pgbench-rows", type=int, default=200000)
+    ap.add_argument("--freeze-items", type=int, default=20000,
+                    help="backlog of the freeze rows: enough to keep 64 calls in flight throughout")
+    ap.add_argument("--freeze-api-timeout-ms", type=int, default=2000,
+                    help="billing_api.timeout_ms of the freeze rows; below the freeze, so a loop "
+                         "that does not read answers while it waits times them out")
+    ap.add_argument("--rowlock-items", type=int, default=48000,
+                    help="backlog of the row-lock row, half invoices, half redemptions")
+    ap.add_argument("--only", nargs="+", choices=SCENARIOS, default=list(SCENARIOS),
+                    metavar="NAME", help="run only these scenarios: " + ", ".join(SCENARIOS))
+    ap.add_argument("--keep", action="store_true", help="keep the worker logs and configs")
     ap.add_argument("--quick", action="store_true", help="small sizes, to check the bench itself")
     a = ap.parse_args()
     if a.quick:

@@ -1082,7 +1082,8 @@ store_reserve(store *st, struct item *const *items, size_t n,
 
 		if (pos >= 0)
 			results[pos] = strcmp(what, "held") == 0 ? RESERVE_HELD :
-			    strcmp(what, "insufficient") == 0 ? RESERVE_INSUFFICIENT : RESERVE_LOST;
+			    strcmp(what, "insufficient") == 0 ? RESERVE_INSUFFICIENT :
+			    strcmp(what, "busy") == 0 ? RESERVE_BUSY : RESERVE_LOST;
 	}
 	ret = 0;
 	PQclear(res);

@@ -6,7 +6,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
-#include "billing/completion.h"
+#include "common/completion.h"
 #include "common/item.h"
 
 /*
@@ -197,6 +197,12 @@ enum reserve_result {
 	RESERVE_HELD,           /* the hold is in the ledger (now or before) */
 	RESERVE_INSUFFICIENT,   /* the subsidy's balance does not cover it */
 	RESERVE_LOST,           /* the claim is no longer ours: do nothing */
+	/*
+	 * Another transaction holds the subsidy's row or the redemption's own
+	 * (a producer's FOR UPDATE): nothing was written and nothing waited.
+	 * Still ours; try again shortly, without a call.
+	 */
+	RESERVE_BUSY,
 };
 
 /*
@@ -204,7 +210,9 @@ enum reserve_result {
  * transaction, if its subsidy's balance covers it (the escrow step: the
  * money is set aside before the API is called).  Serializes on each
  * subsidy's row, so concurrent workers can never overdraw; fenced, so a
- * stale claim writes nothing.  results[i] answers for items[i].
+ * stale claim writes nothing.  Never waits on a row lock: a redemption
+ * whose row or subsidy row another transaction holds is RESERVE_BUSY
+ * (schema version 8).  results[i] answers for items[i].
  */
 int store_reserve(store *st, struct item *const *items, size_t n,
     enum reserve_result *results) __attribute__((warn_unused_result));

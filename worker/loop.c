@@ -15,6 +15,7 @@
 #include "billing/api.h"
 #include "billing/fleet.h"
 #include "billing/outcome.h"
+#include "common/backoff.h"
 #include "common/clock.h"
 #include "common/item.h"
 #include "common/jitter.h"
@@ -47,6 +48,16 @@
  */
 #define PROBE_MIN_MS 1000
 #define PROBE_MAX_MS 30000
+/*
+ * A redemption whose subsidy row (or own row) another transaction holds is
+ * put back, pending, for this long plus up to BUSY_JITTER_MS at random:
+ * long enough not to spin on a lock a producer keeps for seconds, short
+ * enough that another worker's reservation of a few milliseconds costs
+ * little, and spread so the redemptions of one subsidy do not all come
+ * back in the same claim.
+ */
+#define BUSY_DEFER_MS 200
+#define BUSY_JITTER_MS 300
 /* Each worker says it is alive in the fleet's registry this often. */
 #define HEARTBEAT_MS 10000
 #ifndef BW_VERSION
@@ -67,6 +78,7 @@ struct flight {
 	double latency_ms;
 	long http_status;
 	int64_t started_unix_ms;        /* for the history */
+	bool busy;                      /* put back, its rows locked: a debug line */
 };
 
 struct loop {
@@ -75,7 +87,7 @@ struct loop {
 	store *st;
 	store_listener *listener;   /* NULL in once runs */
 	int64_t next_listen_try_ms;
-	int listen_delay_ms;
+	struct backoff listen_backoff;
 	/*
 	 * One connection to Redis (NULL in skip-locked mode), which the lock
 	 * manager and the fleet's rate budget share; the claim step drives
@@ -106,7 +118,7 @@ struct loop {
 	int64_t next_poll_ms;
 	int64_t next_renew_ms;
 	int64_t next_flush_ms;          /* after a failed flush: not before */
-	int flush_delay_ms;
+	struct backoff flush_backoff;
 	int64_t flush_failing_since_ms; /* 0 while outcomes get recorded */
 	int64_t claim_failing_since_ms; /* 0 while claims work */
 	int64_t next_prune_ms;          /* history.retention_days */
@@ -122,13 +134,13 @@ struct loop {
 		bool on;
 		int64_t since_ms;
 		int64_t probe_at_ms;
-		int probe_delay_ms;
+		struct backoff probe_backoff;
 		int64_t recorded_at_ms;     /* last write of the registry for a probe */
 		char reason[600];
 	} refused;
 	bool paused[ITEM_KIND_COUNT];   /* as the last due query saw the fleet */
 	int64_t next_db_try_ms;
-	int db_delay_ms;
+	struct backoff db_backoff;
 	int64_t db_down_since_ms;
 	bool db_outage_logged;
 	int64_t db_connected_at_ms;     /* the last connect */
@@ -139,6 +151,7 @@ struct loop {
 
 	bool stopping;
 	int64_t stop_deadline_ms;
+	double turn_start_s;            /* when the loop last left its wait */
 
 	/* what this process did, for the exit line */
 	uint64_t n_done, n_failed, n_retry, n_rejected, n_calls;
@@ -169,7 +182,13 @@ signals_setup(void)
 {
 	struct sigaction sa;
 
-	if (pipe2(wake_pipe, O_NONBLOCK | O_CLOEXEC) == -1)
+	/*
+	 * Nothing could have set the flags before the handlers exist (the
+	 * default action ends the process); a second run in one process (the
+	 * unit tests) starts from a clean slate.
+	 */
+	got_stop = got_reload = 0;
+	if (wake_pipe[0] == -1 && pipe2(wake_pipe, O_NONBLOCK | O_CLOEXEC) == -1)
 		return -1;
 	memset(&sa, 0, sizeof(sa));
 	sa.sa_handler = on_signal;
@@ -313,9 +332,11 @@ log_outcome(const struct flight *f, bool accepted)
 			    "worker: %s (attempt %d, http %ld)", c->error, attempt, f->http_status);
 		} else {
 			lf.outcome = "retry";
-			log_item(LOG_INFO, &lf, "retry in %" PRId64 " ms%s: %s (attempt %d, http %ld, "
-			    "%.1f ms)", c->delay_ms, c->ambiguous ? " (may have taken effect)" : "",
-			    c->error, attempt, f->http_status, f->latency_ms);
+			/* A redemption put back behind a lock: routine, and frequent. */
+			log_item(f->busy ? LOG_DEBUG : LOG_INFO, &lf, "retry in %" PRId64
+			    " ms%s: %s (attempt %d, http %ld, %.1f ms)", c->delay_ms,
+			    c->ambiguous ? " (may have taken effect)" : "", c->error, attempt,
+			    f->http_status, f->latency_ms);
 		}
 		break;
 	}
@@ -342,14 +363,13 @@ note_db_failure(struct loop *l, const char *what)
 			log_warnx("%s: %s; reconnecting%s", what, store_errmsg(l->st), young ?
 			    " (again and again, with backoff, while connections die this young)" : "");
 		if (young)
-			l->db_delay_ms = l->db_delay_ms * 2 > DB_RETRY_MAX_MS ? DB_RETRY_MAX_MS :
-			    l->db_delay_ms * 2;
+			(void)backoff_take(&l->db_backoff);
 		else
-			l->db_delay_ms = DB_RETRY_MIN_MS;
+			backoff_reset(&l->db_backoff);
 		l->db_flapping = young;
 		l->db_outage_logged = true;
 		l->db_down_since_ms = now;
-		l->next_db_try_ms = now + l->db_delay_ms;
+		l->next_db_try_ms = now + backoff_peek(&l->db_backoff);
 	}
 }
 
@@ -360,7 +380,7 @@ note_db_failure(struct loop *l, const char *what)
 static bool
 db_ready(struct loop *l)
 {
-	int64_t now = clock_ms();
+	int64_t now = clock_ms(), delay;
 
 	if (store_connected(l->st))
 		return true;
@@ -369,7 +389,8 @@ db_ready(struct loop *l)
 	if (now < l->next_db_try_ms)
 		return false;
 	if (store_connect(l->st) == 0) {
-		if (!l->db_flapping && (l->db_delay_ms > DB_RETRY_MIN_MS || l->db_outage_logged))
+		if (!l->db_flapping && (backoff_peek(&l->db_backoff) > DB_RETRY_MIN_MS ||
+		    l->db_outage_logged))
 			log_info("database reachable again after %.1f s",
 			    (double)(now - l->db_down_since_ms) / 1000.0);
 		l->db_outage_logged = false;
@@ -377,15 +398,15 @@ db_ready(struct loop *l)
 		l->db_connected_at_ms = now;
 		l->db_proven = false;
 		if (!l->db_flapping)
-			l->db_delay_ms = DB_RETRY_MIN_MS;
+			backoff_reset(&l->db_backoff);
 		if (l->db_seen)
 			metrics_reconnect(METRICS_PEER_DATABASE);
 		l->db_seen = true;
 		return true;
 	}
-	log_warnx("%s (retrying in %d ms)", store_errmsg(l->st), l->db_delay_ms);
-	l->next_db_try_ms = now + l->db_delay_ms;
-	l->db_delay_ms = l->db_delay_ms * 2 > DB_RETRY_MAX_MS ? DB_RETRY_MAX_MS : l->db_delay_ms * 2;
+	delay = backoff_take(&l->db_backoff);
+	log_warnx("%s (retrying in %" PRId64 " ms)", store_errmsg(l->st), delay);
+	l->next_db_try_ms = now + delay;
 	return false;
 }
 
@@ -470,11 +491,9 @@ flush_failed(struct loop *l, size_t n, int64_t now)
 	}
 	if (l->flush_failing_since_ms == 0) {
 		l->flush_failing_since_ms = now;
-		l->flush_delay_ms = FLUSH_RETRY_MIN_MS;
+		backoff_reset(&l->flush_backoff);
 	}
-	l->next_flush_ms = now + l->flush_delay_ms;
-	l->flush_delay_ms = l->flush_delay_ms * 2 > FLUSH_RETRY_MAX_MS ? FLUSH_RETRY_MAX_MS :
-	    l->flush_delay_ms * 2;
+	l->next_flush_ms = now + backoff_take(&l->flush_backoff);
 }
 
 /* True when queued outcomes can be tried now: the loop must not sleep. */
@@ -571,9 +590,10 @@ stamp_history(struct flight *f, long http_status, const char *cls)
  * Takes a freshly claimed item into a flight: starts its call, or queues
  * its refusal (REFUSE: failed with that reason, no call) or its deferral
  * (DEFER: pending again shortly, no call, e.g. its hold could not be
- * written because the database failed).
+ * written because the database failed).  Returns its flight, or NULL
+ * when no slot was free.
  */
-static void
+static struct flight *
 launch(struct loop *l, struct item *it, const char *refuse, const char *defer)
 {
 	int slot = free_flight(l);
@@ -584,7 +604,7 @@ launch(struct loop *l, struct item *it, const char *refuse, const char *defer)
 		/* Cannot happen: claims never exceed free flights.  The lease runs out. */
 		log_error("%s %" PRId64 ": no free slot", item_kind_name(it->kind), it->id);
 		item_clear(it);
-		return;
+		return NULL;
 	}
 	f = &l->flights[slot];
 	f->item = *it;
@@ -592,11 +612,12 @@ launch(struct loop *l, struct item *it, const char *refuse, const char *defer)
 	f->latency_ms = 0;
 	f->http_status = 0;
 	f->started_unix_ms = clock_wall_ms();
+	f->busy = false;
 	l->busy++;
 	if (refuse != NULL) {
 		outcome_refused(&f->item, refuse, &f->done);
 		f->state = FLIGHT_DONE;
-		return;
+		return f;
 	}
 	if (defer != NULL) {
 		outcome_abandoned(&f->item, defer, &f->done);
@@ -604,7 +625,7 @@ launch(struct loop *l, struct item *it, const char *refuse, const char *defer)
 		f->done.ambiguous = f->item.ambiguous;
 		f->done.delay_ms = l->cfg->worker.poll_interval_ms;
 		f->state = FLIGHT_DONE;
-		return;
+		return f;
 	}
 	if (item_validate(&f->item, &reason) == -1) {
 		if (f->item.ambiguous) {
@@ -626,11 +647,11 @@ launch(struct loop *l, struct item *it, const char *refuse, const char *defer)
 			outcome_refused(&f->item, reason, &f->done);
 		}
 		f->state = FLIGHT_DONE;
-		return;
+		return f;
 	}
 	if (outcome_before_call(&f->item, &l->policy, &f->done)) {
 		f->state = FLIGHT_DONE;     /* logged with its outcome */
-		return;
+		return f;
 	}
 	if (api_start(l->api, &f->item, slot) == -1) {
 		/* Never sent: try again soon, nothing ambiguous about it. */
@@ -641,19 +662,46 @@ launch(struct loop *l, struct item *it, const char *refuse, const char *defer)
 		f->done.calls = 0;
 		stamp_history(f, 0, NULL);
 		f->state = FLIGHT_DONE;
-		return;
+		return f;
 	}
 	l->n_calls++;
 	f->state = FLIGHT_CALLING;
 	log_debug("%s %" PRId64 ": calling the billing API (attempt %d, fence %" PRId64 ")",
 	    item_kind_name(f->item.kind), f->item.id, f->item.attempts + 1, f->item.fence);
+	return f;
+}
+
+/*
+ * A redemption whose reservation met a row another transaction holds:
+ * pending again in a few hundred milliseconds, with no call made, so its
+ * attempts (and max_attempts) are untouched; its ambiguous flag is kept
+ * (the completion only ever sets it), and it has no hold to lose, since
+ * one that had a hold was never sent to be reserved.
+ */
+static void
+defer_busy(struct loop *l, struct item *it)
+{
+	int64_t id = it->id, subsidy = it->subsidy_id;
+	struct flight *f;
+
+	f = launch(l, it, NULL, "funds not reserved yet: the subsidy's row or the "
+	    "redemption's is locked by another transaction");
+	if (f == NULL)
+		return;
+	f->busy = true;
+	f->done.delay_ms = BUSY_DEFER_MS + (int64_t)(jitter_next(&l->rng) % BUSY_JITTER_MS);
+	log_debug("redemption %" PRId64 ": subsidy %" PRId64 " or the redemption's row is "
+	    "locked by another transaction; tried again in %" PRId64 " ms, no call made", id,
+	    subsidy, f->done.delay_ms);
 }
 
 /*
  * Redemptions: set the money aside before calling the API (the escrow
  * step).  Items already holding funds from an earlier attempt go straight
  * on; bad rows are refused before any hold; a claim found stale is dropped
- * without a word to the database.
+ * without a word to the database; one whose rows another transaction
+ * holds is put back for a moment, so no lock anyone keeps can stall the
+ * loop.
  */
 static void
 reserve_then_launch(struct loop *l, size_t n)
@@ -684,13 +732,15 @@ reserve_then_launch(struct loop *l, size_t n)
 			    "reserved; left to its new holder", it->id);
 			lock_release(l->locks, &l->itemp[j], 1);
 			item_clear(it);
+		} else if (l->reserved[j] == RESERVE_BUSY) {
+			defer_busy(l, it);      /* taken into a flight: skipped below */
 		}
 	}
 	for (size_t i = 0; i < n; i++) {
 		struct item *it = &l->claimed[i];
 
 		if (it->id == 0)
-			continue;           /* dropped above */
+			continue;           /* dropped or deferred above */
 		if (it->held || item_validate(it, &reason) == -1)
 			launch(l, it, NULL, NULL);
 		else if (failed)
@@ -786,8 +836,8 @@ api_refused(struct loop *l, const struct api_verdict *v, long status, int64_t no
 	config_url_for_log(l->cfg->billing_api.base_url, url, sizeof(url));
 	l->refused.on = true;
 	l->refused.since_ms = now;
-	l->refused.probe_delay_ms = PROBE_MIN_MS;
-	l->refused.probe_at_ms = now + PROBE_MIN_MS;
+	backoff_reset(&l->refused.probe_backoff);
+	l->refused.probe_at_ms = now + backoff_peek(&l->refused.probe_backoff);
 	snprintf(l->refused.reason, sizeof(l->refused.reason), "http %ld from the billing API "
 	    "at \"%s\" (%s)", status, url, v->error);
 	log_error("the billing API at \"%s\" answered http %ld (%s): the token "
@@ -855,9 +905,7 @@ may_claim(const struct loop *l, int64_t now)
 static void
 probe_sent(struct loop *l, int64_t now)
 {
-	l->refused.probe_at_ms = now + l->refused.probe_delay_ms;
-	l->refused.probe_delay_ms = l->refused.probe_delay_ms * 2 > PROBE_MAX_MS ? PROBE_MAX_MS :
-	    l->refused.probe_delay_ms * 2;
+	l->refused.probe_at_ms = now + backoff_take(&l->refused.probe_backoff);
 }
 
 static void
@@ -953,7 +1001,7 @@ reload_token(struct loop *l)
 	explicit_bzero(token, sizeof(token));
 	if (l->refused.on) {
 		l->refused.probe_at_ms = clock_ms();
-		l->refused.probe_delay_ms = PROBE_MIN_MS;
+		backoff_reset(&l->refused.probe_backoff);
 		log_info("reload: API token read again; probing the billing API now");
 	}
 }
@@ -963,8 +1011,8 @@ static void
 reload(struct loop *l)
 {
 	struct bw_config *fresh;
-	char *errors = NULL, *names = NULL;
-	int nerr;
+	char *errors = NULL, *names = NULL, *changed = NULL;
+	int nerr, nchanged;
 
 	if ((fresh = calloc(1, sizeof(*fresh))) == NULL) {
 		log_warnx("reload: out of memory; keeping the running configuration");
@@ -998,24 +1046,13 @@ reload(struct loop *l)
 		telemetry_reloaded(l->tm);
 		return;
 	}
-	l->cfg->worker.concurrency = fresh->worker.concurrency;
-	l->cfg->worker.batch_size = fresh->worker.batch_size;
-	l->cfg->worker.poll_interval_ms = fresh->worker.poll_interval_ms;
-	l->cfg->worker.shutdown_timeout_ms = fresh->worker.shutdown_timeout_ms;
-	l->cfg->worker.once_patience_ms = fresh->worker.once_patience_ms;
-	l->cfg->billing_api.timeout_ms = fresh->billing_api.timeout_ms;
-	l->cfg->billing_api.connect_timeout_ms = fresh->billing_api.connect_timeout_ms;
-	l->cfg->billing_api.max_attempts = fresh->billing_api.max_attempts;
-	l->cfg->billing_api.backoff_initial_ms = fresh->billing_api.backoff_initial_ms;
-	l->cfg->billing_api.backoff_max_ms = fresh->billing_api.backoff_max_ms;
-	l->cfg->billing_api.max_requests_per_second = fresh->billing_api.max_requests_per_second;
-	l->cfg->billing_api.idempotency_key_ttl_s = fresh->billing_api.idempotency_key_ttl_s;
-	l->cfg->history.enabled = fresh->history.enabled;
-	l->cfg->history.retention_days = fresh->history.retention_days;
-	l->cfg->locks.ttl_ms = fresh->locks.ttl_ms;
-	l->cfg->locks.renew_interval_ms = fresh->locks.renew_interval_ms;
-	l->cfg->log.level = fresh->log.level;
-	l->cfg->log.format = fresh->log.format;
+	if ((nchanged = config_apply_reloadable(l->cfg, fresh, &changed)) == -1) {
+		log_warnx("reload: out of memory; keeping the running configuration");
+		config_free(fresh);
+		free(fresh);
+		telemetry_reloaded(l->tm);
+		return;
+	}
 	config_free(fresh);
 	free(fresh);
 
@@ -1030,9 +1067,10 @@ reload(struct loop *l)
 	log_set_json(l->cfg->log.format == LOG_FORMAT_JSON);
 	reload_token(l);
 	telemetry_reloaded(l->tm);
-	log_info("configuration reloaded (concurrency %d, batch %d, poll %d ms)",
+	log_info("configuration reloaded (concurrency %d, batch %d, poll %d ms; changed: %s)",
 	    l->cfg->worker.concurrency, l->cfg->worker.batch_size,
-	    l->cfg->worker.poll_interval_ms);
+	    l->cfg->worker.poll_interval_ms, nchanged > 0 ? changed : "nothing");
+	free(changed);
 }
 
 /* At the shutdown deadline: stop the calls still running; they may have charged. */
@@ -1071,13 +1109,11 @@ listen_service(struct loop *l, bool readable)
 			return;
 		if (store_listener_connect(l->listener) == 0) {
 			log_info("listening for new items");
-			l->listen_delay_ms = DB_RETRY_MIN_MS;
+			backoff_reset(&l->listen_backoff);
 		} else {
 			log_warnx("%s; polling every %d ms until it returns",
 			    store_listener_errmsg(l->listener), l->cfg->worker.poll_interval_ms);
-			l->next_listen_try_ms = now + l->listen_delay_ms;
-			l->listen_delay_ms = l->listen_delay_ms * 2 > DB_RETRY_MAX_MS ?
-			    DB_RETRY_MAX_MS : l->listen_delay_ms * 2;
+			l->next_listen_try_ms = now + backoff_take(&l->listen_backoff);
 		}
 		return;
 	}
@@ -1087,7 +1123,7 @@ listen_service(struct loop *l, bool readable)
 	if (n == -1) {
 		log_warnx("%s; polling every %d ms until it returns",
 		    store_listener_errmsg(l->listener), l->cfg->worker.poll_interval_ms);
-		l->next_listen_try_ms = now + l->listen_delay_ms;
+		l->next_listen_try_ms = now + backoff_peek(&l->listen_backoff);
 		return;
 	}
 	if (n > 0) {
@@ -1129,8 +1165,10 @@ loop_setup(struct loop *l, const char *token, const char *redis_password)
 	if (gethostname(l->host, sizeof(l->host)) == -1)
 		snprintf(l->host, sizeof(l->host), "localhost");
 	l->host[sizeof(l->host) - 1] = '\0';
-	l->db_delay_ms = DB_RETRY_MIN_MS;
-	l->listen_delay_ms = DB_RETRY_MIN_MS;
+	backoff_init(&l->db_backoff, DB_RETRY_MIN_MS, DB_RETRY_MAX_MS);
+	backoff_init(&l->listen_backoff, DB_RETRY_MIN_MS, DB_RETRY_MAX_MS);
+	backoff_init(&l->flush_backoff, FLUSH_RETRY_MIN_MS, FLUSH_RETRY_MAX_MS);
+	backoff_init(&l->refused.probe_backoff, PROBE_MIN_MS, PROBE_MAX_MS);
 	if (reserve(l, cfg->worker.concurrency, cfg->worker.batch_size) == -1) {
 		log_error("out of memory");
 		return -1;
@@ -1233,6 +1271,19 @@ once_out_of_patience(struct loop *l, int64_t now)
 	return verdict;
 }
 
+/*
+ * Seconds on the monotonic clock, to the microsecond: clock_ms() is too
+ * coarse for the loop's stall, whose healthy turns are under a millisecond.
+ */
+static double
+stall_clock_s(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
 /* Waits for the database at start; false when a once run should give up. */
 static bool
 first_connect(struct loop *l)
@@ -1258,14 +1309,238 @@ first_connect(struct loop *l)
 	}
 }
 
+/* SIGTERM/SIGINT: no new items, a bounded wait for calls in flight.  SIGHUP: reload. */
+static void
+take_signals(struct loop *l, int64_t now)
+{
+	if (got_stop && !l->stopping) {
+		l->stopping = true;
+		l->stop_deadline_ms = now + l->cfg->worker.shutdown_timeout_ms;
+		log_info("stopping: no new items; waiting up to %d ms for %d call%s in flight",
+		    l->cfg->worker.shutdown_timeout_ms, api_in_flight(l->api),
+		    api_in_flight(l->api) == 1 ? "" : "s");
+		telemetry_stopping(l->tm, l->busy);
+	}
+	if (got_reload) {
+		got_reload = 0;
+		reload(l);
+	}
+}
+
+/* What comes due by the clock: lease renewals, history pruning, the heartbeat. */
+static void
+maintain(struct loop *l, int64_t now)
+{
+	if (now >= l->next_renew_ms) {
+		renew(l);
+		l->next_renew_ms = now + l->cfg->locks.renew_interval_ms;
+	}
+	prune_history(l, now);
+	if (now >= l->next_seen_ms)
+		worker_seen(l, now);
+}
+
+/*
+ * Claims what is due when there is room, and sets when to look again.
+ * Returns true when a once run has nothing left to do.
+ */
+static bool
+take_work(struct loop *l, int64_t now)
+{
+	bool probing = l->refused.on;
+	int64_t hold;
+	int r;
+
+	if (l->stopping || now < l->next_poll_ms || l->busy >= l->cfg->worker.concurrency ||
+	    !may_claim(l, now) || !db_ready(l))
+		return false;
+	r = claim(l);
+	hold = claim_wait_ms(l->claims);
+	note_pauses(l);
+	if (probing && l->busy > 0)
+		probe_sent(l, now);
+	if (hold > 0)
+		l->next_poll_ms = now + hold;       /* rate budget spent or a 429 pause */
+	else if (r == 1)
+		l->next_poll_ms = now;              /* more due: take them as room frees */
+	else
+		l->next_poll_ms = now + l->cfg->worker.poll_interval_ms;
+	if (r == 0 && hold == 0 && l->once && l->busy == 0) {
+		log_info("nothing due; once run finished");
+		return true;
+	}
+	return false;
+}
+
+/*
+ * A once run's patience (once_out_of_patience): ends it now (true, with
+ * *STATUS 1), or turns it into a stop that records its calls in flight.
+ */
+static bool
+keep_patience(struct loop *l, int64_t now, int *status)
+{
+	int give_up;
+
+	if (!l->once || (l->stopping && l->db_down_since_ms == 0))
+		return false;
+	give_up = once_out_of_patience(l, now);
+	if (give_up != 0)
+		*status = 1;
+	if (give_up == 2)
+		return true;
+	if (give_up == 1 && !l->stopping) {
+		l->stopping = true;
+		l->stop_deadline_ms = now + l->cfg->worker.shutdown_timeout_ms;
+	}
+	return false;
+}
+
+/*
+ * While stopping: true once every flight is recorded, or at the deadline,
+ * after abandoning the calls still running and one last flush.
+ */
+static bool
+stopped(struct loop *l, int64_t now)
+{
+	if (!l->stopping)
+		return false;
+	if (l->busy == 0)
+		return true;
+	if (now < l->stop_deadline_ms)
+		return false;
+	abandon_calls(l);
+	flush(l);
+	if (l->busy > 0)
+		log_warnx("%d outcome%s could not be recorded before exit; their leases run out "
+		    "and the calls are repeated under the same keys", l->busy,
+		    l->busy == 1 ? "" : "s");
+	return true;
+}
+
+/* How long the loop may sleep: until the next thing the clock brings. */
+static int
+wait_budget_ms(const struct loop *l, int64_t now)
+{
+	int64_t wait = WAIT_MAX_MS;
+
+	if (!l->stopping && l->busy < l->cfg->worker.concurrency &&
+	    (!l->refused.on || l->busy == 0)) {
+		/* Refused with calls in flight: their answers wake us, not the clock. */
+		int64_t at = l->next_poll_ms;
+
+		if (l->refused.on && l->refused.probe_at_ms > at)
+			at = l->refused.probe_at_ms;
+		/* No claim before the database is back: not before the reconnect. */
+		if (!store_connected(l->st) && l->next_db_try_ms > at)
+			at = l->next_db_try_ms;
+		if (at - now < wait)
+			wait = at - now;
+	}
+	if (l->next_renew_ms - now < wait)
+		wait = l->next_renew_ms - now;
+	if (l->db_down_since_ms != 0 && l->next_db_try_ms - now < wait)
+		wait = l->next_db_try_ms - now;
+	for (int i = 0; i < l->nflights; i++) {
+		if (l->flights[i].state != FLIGHT_DONE)
+			continue;
+		/* Queued outcomes: now if they can be tried, else at the retry. */
+		if (flush_due(l, now))
+			wait = 0;
+		else if (store_connected(l->st) && l->next_flush_ms - now < wait)
+			wait = l->next_flush_ms - now;
+		break;
+	}
+	return wait < 0 ? 0 : (int)wait;
+}
+
+/*
+ * The one place the loop sleeps: on the API's sockets, the signal pipe,
+ * the LISTEN connection and telemetry's descriptors, for at most WAIT_MS.
+ */
+static void
+wait_for_events(struct loop *l, int64_t now, int wait_ms)
+{
+	struct api_waitfd wake[4];
+	unsigned nwake;
+
+	wake[0].fd = wake_pipe[0];
+	wake[0].events = POLLIN;
+	wake[0].revents = 0;
+	wake[1].fd = l->listener != NULL ? store_listener_fd(l->listener) : -1;
+	wake[1].events = POLLIN;
+	wake[1].revents = 0;
+	nwake = 2 + telemetry_wait_fds(l->tm, now, &wake[2], &wait_ms);
+	/*
+	 * The stall is each turn's time outside api_wait, the loop's only
+	 * deliberate sleep: every statement and Redis command runs in it, and
+	 * no API answer is read meanwhile, so a frozen peer shows here and an
+	 * idle loop does not.
+	 */
+	metrics_loop_stall(stall_clock_s() - l->turn_start_s);
+	if (api_wait(l->api, wake, nwake, wait_ms) == -1)
+		log_warnx("waiting on the billing API calls failed");
+	l->turn_start_s = stall_clock_s();
+	if (wake[0].revents & POLLIN)
+		drain_wake_pipe();
+	listen_service(l, wake[1].fd >= 0 && (wake[1].revents & (POLLIN | POLLERR | POLLHUP)));
+	telemetry_after_wait(l->tm);
+}
+
+/*
+ * One turn: signals, answers in, outcomes recorded, upkeep, new work, then
+ * the wait.  Returns true when the loop should end.
+ */
+static bool
+turn(struct loop *l, int *status)
+{
+	int64_t now = clock_ms();
+
+	take_signals(l, now);
+	collect(l);
+	flush(l);
+	telemetry_tick(l->tm, now, l->busy, l->cfg->worker.concurrency, store_connected(l->st));
+	maintain(l, now);
+	if (take_work(l, now) || keep_patience(l, now, status) || stopped(l, now))
+		return true;
+	wait_for_events(l, now, wait_budget_ms(l, now));
+	return false;
+}
+
+/* At exit: the Redis locks still held go back, the registry row goes, one summary line. */
+static void
+finish(struct loop *l)
+{
+	size_t n = 0;
+
+	/* Whatever is still claimed (an outage at exit): give back the Redis locks. */
+	for (int i = 0; i < l->nflights; i++)
+		if (l->flights[i].state != FLIGHT_FREE)
+			l->itemp[n++] = &l->flights[i].item;
+	lock_release(l->locks, l->itemp, n);
+	if (store_connected(l->st) && store_worker_gone(l->st, l->cfg->worker.id) == -1)
+		log_warnx("%s", store_errmsg(l->st));
+	log_info("stopped: %" PRIu64 " done, %" PRIu64 " failed, %" PRIu64 " to retry, %" PRIu64
+	    " not recorded (claim lost), %" PRIu64 " API calls, %" PRIu64 " transaction retries",
+	    l->n_done, l->n_failed, l->n_retry, l->n_rejected, l->n_calls,
+	    l->st ? store_retries(l->st) : 0);
+}
+
+/* Connected, schema checked: the first connection to Redis, LISTEN, readiness. */
+static void
+start(struct loop *l)
+{
+	lock_start(l->locks);
+	listen_service(l, false);
+	l->next_renew_ms = clock_ms() + l->cfg->locks.renew_interval_ms;
+	telemetry_ready(l->tm, clock_ms());
+	l->turn_start_s = stall_clock_s();
+}
+
 int
 loop_run(struct bw_config *cfg, const char *token, const char *redis_password, bool once)
 {
 	struct loop l;
-	struct api_waitfd wake[4];
-	unsigned nwake;
-	int status = 1, wait_ms;
-	int64_t now, wait;
+	int status = 1;
 
 	memset(&l, 0, sizeof(l));
 	l.cfg = cfg;
@@ -1284,146 +1559,10 @@ loop_run(struct bw_config *cfg, const char *token, const char *redis_password, b
 		goto out;
 	}
 	status = 0;
-	lock_start(l.locks);
-	listen_service(&l, false);
-	l.next_renew_ms = clock_ms() + cfg->locks.renew_interval_ms;
-	telemetry_ready(l.tm, clock_ms());
-
-	for (;;) {
-		now = clock_ms();
-		if (got_stop && !l.stopping) {
-			l.stopping = true;
-			l.stop_deadline_ms = now + l.cfg->worker.shutdown_timeout_ms;
-			log_info("stopping: no new items; waiting up to %d ms for %d call%s in flight",
-			    l.cfg->worker.shutdown_timeout_ms, api_in_flight(l.api),
-			    api_in_flight(l.api) == 1 ? "" : "s");
-			telemetry_stopping(l.tm, l.busy);
-		}
-		if (got_reload) {
-			got_reload = 0;
-			reload(&l);
-		}
-
-		collect(&l);
-		flush(&l);
-		telemetry_tick(l.tm, now, l.busy, l.cfg->worker.concurrency, store_connected(l.st));
-
-		if (now >= l.next_renew_ms) {
-			renew(&l);
-			l.next_renew_ms = now + l.cfg->locks.renew_interval_ms;
-		}
-		prune_history(&l, now);
-		if (now >= l.next_seen_ms)
-			worker_seen(&l, now);
-
-		if (!l.stopping && now >= l.next_poll_ms && l.busy < l.cfg->worker.concurrency &&
-		    may_claim(&l, now) && db_ready(&l)) {
-			bool probing = l.refused.on;
-			int r = claim(&l);
-			int64_t hold = claim_wait_ms(l.claims);
-
-			note_pauses(&l);
-			if (probing && l.busy > 0)
-				probe_sent(&l, now);
-			if (hold > 0)
-				l.next_poll_ms = now + hold;    /* rate budget spent or a 429 pause */
-			else if (r == 1)
-				l.next_poll_ms = now;       /* more due: take them as room frees */
-			else
-				l.next_poll_ms = now + l.cfg->worker.poll_interval_ms;
-			if (r == 0 && hold == 0 && once && l.busy == 0) {
-				log_info("nothing due; once run finished");
-				break;
-			}
-		}
-		if (once && (!l.stopping || l.db_down_since_ms != 0)) {
-			int give_up = once_out_of_patience(&l, now);
-
-			if (give_up != 0)
-				status = 1;
-			if (give_up == 2)
-				break;
-			if (give_up == 1) {
-				l.stopping = true;
-				l.stop_deadline_ms = now + l.cfg->worker.shutdown_timeout_ms;
-			}
-		}
-
-		if (l.stopping) {
-			if (l.busy == 0)
-				break;
-			if (now >= l.stop_deadline_ms) {
-				abandon_calls(&l);
-				flush(&l);
-				if (l.busy > 0)
-					log_warnx("%d outcome%s could not be recorded before exit; "
-					    "their leases run out and the calls are repeated under the "
-					    "same keys", l.busy, l.busy == 1 ? "" : "s");
-				break;
-			}
-		}
-
-		/* Sleep until the next thing to do, or a call, or a signal. */
-		wait = WAIT_MAX_MS;
-		if (!l.stopping && l.busy < l.cfg->worker.concurrency &&
-		    (!l.refused.on || l.busy == 0)) {
-			/* Refused with calls in flight: their answers wake us, not the clock. */
-			int64_t at = l.next_poll_ms;
-
-			if (l.refused.on && l.refused.probe_at_ms > at)
-				at = l.refused.probe_at_ms;
-			/* No claim before the database is back: not before the reconnect. */
-			if (!store_connected(l.st) && l.next_db_try_ms > at)
-				at = l.next_db_try_ms;
-			if (at - now < wait)
-				wait = at - now;
-		}
-		if (l.next_renew_ms - now < wait)
-			wait = l.next_renew_ms - now;
-		if (l.db_down_since_ms != 0 && l.next_db_try_ms - now < wait)
-			wait = l.next_db_try_ms - now;
-		for (int i = 0; i < l.nflights; i++) {
-			if (l.flights[i].state != FLIGHT_DONE)
-				continue;
-			/* Queued outcomes: now if they can be tried, else at the retry. */
-			if (flush_due(&l, now))
-				wait = 0;
-			else if (store_connected(l.st) && l.next_flush_ms - now < wait)
-				wait = l.next_flush_ms - now;
-			break;
-		}
-		if (wait < 0)
-			wait = 0;
-		wake[0].fd = wake_pipe[0];
-		wake[0].events = POLLIN;
-		wake[0].revents = 0;
-		wake[1].fd = l.listener != NULL ? store_listener_fd(l.listener) : -1;
-		wake[1].events = POLLIN;
-		wake[1].revents = 0;
-		wait_ms = (int)wait;
-		nwake = 2 + telemetry_wait_fds(l.tm, now, &wake[2], &wait_ms);
-		if (api_wait(l.api, wake, nwake, wait_ms) == -1)
-			log_warnx("waiting on the billing API calls failed");
-		if (wake[0].revents & POLLIN)
-			drain_wake_pipe();
-		listen_service(&l, wake[1].fd >= 0 && (wake[1].revents & (POLLIN | POLLERR | POLLHUP)));
-		telemetry_after_wait(l.tm);
-	}
-	{
-		/* Whatever is still claimed (an outage at exit): give back the Redis locks. */
-		size_t n = 0;
-
-		for (int i = 0; i < l.nflights; i++)
-			if (l.flights[i].state != FLIGHT_FREE)
-				l.itemp[n++] = &l.flights[i].item;
-		lock_release(l.locks, l.itemp, n);
-	}
-	if (store_connected(l.st) && store_worker_gone(l.st, l.cfg->worker.id) == -1)
-		log_warnx("%s", store_errmsg(l.st));
-	log_info("stopped: %" PRIu64 " done, %" PRIu64 " failed, %" PRIu64 " to retry, %" PRIu64
-	    " not recorded (claim lost), %" PRIu64 " API calls, %" PRIu64 " transaction retries",
-	    l.n_done, l.n_failed, l.n_retry, l.n_rejected, l.n_calls,
-	    l.st ? store_retries(l.st) : 0);
+	start(&l);
+	while (!turn(&l, &status))
+		;
+	finish(&l);
 out:
 	loop_teardown(&l);
 	return status;

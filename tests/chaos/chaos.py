@@ -370,17 +370,20 @@ class Chaos:
             conn.close()
 
     def fault_kill_after_hold(self):
-        """Blocks reservations on the subsidy rows; freezes the first worker
-        found waiting there; lets its holds commit; kills it before it can
-        make its API calls.  Holds written, API never called."""
+        """Blocks reservations at their hold's insert; freezes the first
+        worker found waiting there; lets its holds commit; kills it before it
+        can make its API calls.  Holds written, API never called."""
         conn = self.pg.connect(self.db.name, autocommit=False)
         w = None
         try:
             with conn.cursor() as cur:
                 cur.execute("SET lock_timeout = '1s'")
-                # NO KEY UPDATE: blocks bw_reserve (FOR UPDATE) and deposits, but
-                # not the producer's new redemptions (their foreign key check).
-                cur.execute("SELECT id FROM subsidies ORDER BY id FOR NO KEY UPDATE")
+                # bw_reserve skips a subsidy row another transaction holds
+                # (SKIP LOCKED: 'busy', nothing written), so it is stopped at
+                # the hold's INSERT instead, its rows locked: SHARE blocks
+                # every write to the ledger (holds, reversals, deposits) but
+                # not the producer's new redemptions, nor reads.
+                cur.execute("LOCK TABLE ledger_transactions IN SHARE MODE")
                 deadline = time.monotonic() + 4
                 found = None
                 while found is None and time.monotonic() < deadline:

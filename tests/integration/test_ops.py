@@ -5,8 +5,10 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
+import subprocess
 import threading
 import time
 import urllib.error
@@ -130,6 +132,65 @@ def test_metrics_backlog_and_reconnects(tmp_path, pg, db, redis, fake_api, binar
              message=w.log)
     wait_for(lambda: count(db, "pending") == 0, 60, message=w.log, ignore=(Exception,))
     assert scrape(port)["billing_worker_database_up"] == 1
+    assert w.stop() == 0
+
+
+def test_metrics_loop_stall_shows_a_frozen_backend_not_an_idle_loop(tmp_path, db, redis,
+                                                                     fake_api, binary):
+    """billing_worker_loop_stall_seconds counts each turn's time outside the
+    loop's wait: idle turns are short however long the loop sleeps, and a
+    statement waiting on a frozen PostgreSQL backend is one long turn."""
+    port = free_port()
+    app = f"bw-stall-{os.getpid()}"
+    cfg = make_config(tmp_path, db, redis, fake_api, **{
+        "metrics.listen": f"{LOCALHOST}:{port}",
+        "database.conninfo": f"{db.dsn} application_name={app}",
+        "worker.poll_interval_ms": 200})
+    migrate(cfg)
+    insert_invoices(db, 5)
+    w = Worker(cfg, "w").start()
+    wait_for(lambda: count(db, "paid") == 5, 20, message=w.log)
+    pid = wait_for(lambda: db.scalar("SELECT pid FROM pg_stat_activity WHERE application_name = %s",
+                                     (app,)), 10)
+    # Idle for 3 s, polling every 200 ms: many turns, none of them long.
+    time.sleep(3)
+    idle = wait_for(lambda: scrape(port), 10, ignore=(OSError,))
+    assert idle["billing_worker_loop_stall_seconds_count"] >= 10
+    assert idle["billing_worker_loop_stall_max_seconds"] < 0.5
+    assert idle['billing_worker_loop_stall_seconds_bucket{le="0.5"}'] == \
+        idle["billing_worker_loop_stall_seconds_count"]
+
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(2)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # The poll that met the frozen backend returns once it runs again.
+    m = wait_for(lambda: (lambda m: m if m["billing_worker_loop_stall_max_seconds"] >= 1.5
+                          else None)(scrape(port)), 10, ignore=(OSError,), message=w.log)
+    assert m["billing_worker_loop_stall_max_seconds"] < 10
+    assert m['billing_worker_loop_stall_seconds_bucket{le="0.5"}'] < \
+        m["billing_worker_loop_stall_seconds_count"]
+    assert m['billing_worker_loop_stall_seconds_bucket{le="+Inf"}'] == \
+        m["billing_worker_loop_stall_seconds_count"]
+    assert w.stop() == 0
+
+
+def test_metrics_exposition_passes_promtool(tmp_path, db, redis, fake_api, binary):
+    """promtool (Prometheus' own linter) accepts the whole exposition."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian's prometheus package)")
+    port = free_port()
+    cfg = make_config(tmp_path, db, redis, fake_api, **{"metrics.listen": f"{LOCALHOST}:{port}"})
+    migrate(cfg)
+    insert_invoices(db, 3)
+    w = Worker(cfg, "w").start()
+    wait_for(lambda: count(db, "paid") == 3, 20, message=w.log)
+    text = wait_for(lambda: urllib.request.urlopen(f"http://{LOCALHOST}:{port}/metrics",
+                                                   timeout=5).read(), 10, ignore=(OSError,))
+    r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True)
+    assert r.returncode == 0, (r.stdout + r.stderr).decode()
     assert w.stop() == 0
 
 

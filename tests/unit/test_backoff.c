@@ -1,5 +1,5 @@
 /*
- * Unit tests for billing/backoff.c: the cap doubles from the initial delay
+ * Unit tests for common/backoff.c: the cap doubles from the initial delay
  * and stops at the maximum, whatever the attempt count, and the delay is
  * drawn from [0, cap] by the caller's random value.
  */
@@ -12,7 +12,7 @@
 
 #include <cmocka.h>
 
-#include "billing/backoff.h"
+#include "common/backoff.h"
 
 /* The defaults of billing_api.backoff_initial_ms and backoff_max_ms. */
 #define INITIAL 1000
@@ -178,6 +178,49 @@ test_nonpositive_cap_gives_zero(void **state)
 	assert_true(backoff_cap_ms(INT_MAX, INT64_MIN, MAX) <= 0);
 }
 
+/* struct backoff: min, doubling, held at max, back to min on reset. */
+static void
+test_doubling_helper(void **state)
+{
+	static const int64_t want[] = { 200, 400, 800, 1600, 3200, 6400, 10000, 10000, 10000 };
+	struct backoff b;
+
+	(void)state;
+	backoff_init(&b, 200, 10000);
+	for (size_t i = 0; i < sizeof(want) / sizeof(want[0]); i++) {
+		assert_int_equal(backoff_peek(&b), want[i]);
+		assert_int_equal(backoff_take(&b), want[i]);
+	}
+	backoff_reset(&b);
+	assert_int_equal(backoff_take(&b), 200);
+	assert_int_equal(backoff_take(&b), 400);
+}
+
+/* Taken forever, it neither overflows nor leaves [min, max]; odd bounds hold. */
+static void
+test_doubling_helper_bounds(void **state)
+{
+	struct backoff b;
+
+	(void)state;
+	backoff_init(&b, 1, INT64_MAX);
+	for (int i = 0; i < 200; i++) {
+		int64_t d = backoff_take(&b);
+
+		assert_true(d >= 1 && d <= INT64_MAX);
+	}
+	assert_int_equal(backoff_take(&b), INT64_MAX);
+	/* A maximum below the minimum is the minimum; a zero minimum is 1 ms. */
+	backoff_init(&b, 500, 100);
+	assert_int_equal(backoff_take(&b), 500);
+	assert_int_equal(backoff_take(&b), 500);
+	backoff_init(&b, 0, 4);
+	assert_int_equal(backoff_take(&b), 1);
+	assert_int_equal(backoff_take(&b), 2);
+	assert_int_equal(backoff_take(&b), 4);
+	assert_int_equal(backoff_take(&b), 4);
+}
+
 int
 main(void)
 {
@@ -190,6 +233,8 @@ main(void)
 		cmocka_unit_test(test_delay_within_cap),
 		cmocka_unit_test(test_full_jitter_spreads),
 		cmocka_unit_test(test_nonpositive_cap_gives_zero),
+		cmocka_unit_test(test_doubling_helper),
+		cmocka_unit_test(test_doubling_helper_bounds),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

@@ -606,6 +606,227 @@ test_restart_needed(void **state)
 	config_free(&running);
 }
 
+/*
+ * The keys SIGHUP may change, in table order: the ones reload() applied by
+ * hand before the table drove it.  Making a key reloadable is a decision
+ * about the running worker (locks.mode or redis.key_prefix changed under
+ * live locks would split the fleet), so it takes an edit here too.
+ */
+static const char *const reloadable_keys[] = {
+	"worker.concurrency", "worker.batch_size", "worker.poll_interval_ms",
+	"worker.shutdown_timeout_ms", "worker.once_patience_ms",
+	"locks.ttl_ms", "locks.renew_interval_ms",
+	"billing_api.timeout_ms", "billing_api.connect_timeout_ms",
+	"billing_api.max_attempts", "billing_api.backoff_initial_ms",
+	"billing_api.backoff_max_ms", "billing_api.max_requests_per_second",
+	"billing_api.idempotency_key_ttl_s",
+	"log.level", "log.format",
+	"history.enabled", "history.retention_days",
+};
+
+static void
+test_reloadable_keys(void **state)
+{
+	const char *name;
+	bool reloadable;
+	size_t n = 0, nkeys = 0;
+
+	(void)state;
+	while (config_key_at(nkeys, &name, &reloadable) == 0) {
+		nkeys++;
+		if (!reloadable)
+			continue;
+		if (n >= sizeof(reloadable_keys) / sizeof(reloadable_keys[0]))
+			fail_msg("\"%s\" is reloadable but not in reloadable_keys", name);
+		assert_string_equal(name, reloadable_keys[n]);
+		n++;
+	}
+	assert_int_equal(n, sizeof(reloadable_keys) / sizeof(reloadable_keys[0]));
+	assert_true(nkeys > n);
+}
+
+/*
+ * The file both sides of test_apply_every_key start from: the two required
+ * keys, and a password file so that redis.username may be set alone.
+ */
+static const struct {
+	const char *group, *name, *value;
+} base_keys[] = {
+	{ "database", "conninfo", "\"postgresql:///billing\"" },
+	{ "billing_api", "base_url", "\"https://billing.example.com\"" },
+	{ "redis", "password_file", "\"/run/redis-password\"" },
+};
+
+#define N_BASE_KEYS (sizeof(base_keys) / sizeof(base_keys[0]))
+
+static bool
+in_group(const char *key, size_t glen, const char *group)
+{
+	return key != NULL && strlen(group) == glen && strncmp(group, key, glen) == 0;
+}
+
+/*
+ * The base file with KEY ("group.name") set to VALUE, or the base file
+ * alone when KEY is NULL.  Each base key has a group of its own.
+ */
+static void
+key_text(const char *key, const char *value, char *buf, size_t len)
+{
+	const char *dot = key != NULL ? strchr(key, '.') : NULL;
+	size_t glen = dot != NULL ? (size_t)(dot - key) : 0;
+	FILE *out = fmemopen(buf, len, "w");
+	bool placed = false;
+
+	assert_true(key == NULL || dot != NULL);
+	assert_non_null(out);
+	for (size_t i = 0; i < N_BASE_KEYS; i++) {
+		bool here = in_group(key, glen, base_keys[i].group);
+		bool same = here && strcmp(dot + 1, base_keys[i].name) == 0;
+
+		fprintf(out, "%s = { %s = %s; ", base_keys[i].group, base_keys[i].name,
+		    same ? value : base_keys[i].value);
+		if (here && !same)
+			fprintf(out, "%s = %s; ", dot + 1, value);
+		fprintf(out, "};\n");
+		placed = placed || here;
+	}
+	if (key != NULL && !placed)
+		fprintf(out, "%.*s = { %s = %s; };\n", (int)glen, key, dot + 1, value);
+	assert_int_equal(fclose(out), 0);
+}
+
+/*
+ * Values to try for a key whose type and range the test does not know: the
+ * first that loads and differs from the default is used.  A new key none
+ * of them fits fails the test below, which names it.
+ */
+static const char *const candidates[] = {
+	"1", "2", "50", "101", "5000", "20000", "true", "false",
+	"\"debug\"", "\"json\"", "\"skip-locked\"", "\"x\"",
+	"\"https://other.example.com\"", "\"127.0.0.1:9187\"", "\"billing-worker:t:\"",
+};
+
+/*
+ * Walks the table: for every key, a file that changes that key alone.  A
+ * reloadable key must be copied into the running configuration and named;
+ * any other key must be left alone and named by config_restart_needed
+ * instead.  A key flagged reloadable that the copy skips finds no candidate
+ * (neither function names it) and fails here too.
+ */
+static void
+test_apply_every_key(void **state)
+{
+	const char *key;
+	bool reloadable;
+	size_t nkeys = 0, nreloaded = 0;
+
+	(void)state;
+	for (size_t k = 0; config_key_at(k, &key, &reloadable) == 0; k++) {
+		bool found = false;
+
+		nkeys++;
+		for (size_t c = 0; c < sizeof(candidates) / sizeof(candidates[0]) && !found; c++) {
+			struct bw_config running, fresh;
+			char text[1024], *errors = NULL;
+			char *restart = NULL, *changed = (char *)"unset";
+			int nrestart, nchanged;
+
+			key_text(key, candidates[c], text, sizeof(text));
+			if (config_load_string(text, NAME, &fresh, &errors) != 0) {
+				free(errors);
+				continue;
+			}
+			key_text(NULL, NULL, text, sizeof(text));
+			load_ok(text, &running);
+			nrestart = config_restart_needed(&running, &fresh, &restart);
+			nchanged = config_apply_reloadable(&running, &fresh, &changed);
+			assert_true(nchanged >= 0);
+			if (nrestart + nchanged == 1) {
+				found = true;
+				if (reloadable) {
+					assert_int_equal(nchanged, 1);
+					assert_string_equal(changed, key);
+					assert_null(restart);
+				} else {
+					assert_int_equal(nrestart, 1);
+					assert_string_equal(restart, key);
+					assert_null(changed);
+				}
+				free(restart);
+				free(changed);
+				/* Applied: nothing left to copy.  Not applied: still differs. */
+				changed = (char *)"unset";
+				restart = NULL;
+				assert_int_equal(config_apply_reloadable(&running, &fresh, &changed), 0);
+				assert_null(changed);
+				assert_int_equal(config_restart_needed(&running, &fresh, &restart),
+				    reloadable ? 0 : 1);
+				nreloaded += reloadable;
+			} else if (nchanged > 0) {
+				free(changed);
+			}
+			free(restart);
+			config_free(&running);
+			config_free(&fresh);
+		}
+		if (!found)
+			fail_msg("no candidate value changes \"%s\" alone: add one to "
+			    "candidates, or the key is %s", key,
+			    reloadable ? "reloadable but not applied" : "not compared");
+	}
+	assert_int_equal(nreloaded, sizeof(reloadable_keys) / sizeof(reloadable_keys[0]));
+	assert_true(nkeys > nreloaded);
+}
+
+/* Several keys at once: only the reloadable ones move, named in table order. */
+static void
+test_apply_reloadable(void **state)
+{
+	struct bw_config running, fresh;
+	char *changed = (char *)"unset";
+
+	(void)state;
+	load_ok(DB API, &running);
+
+	/* The same file twice changes nothing. */
+	load_ok(DB API, &fresh);
+	assert_int_equal(config_apply_reloadable(&running, &fresh, &changed), 0);
+	assert_null(changed);
+	config_free(&fresh);
+
+	load_ok(DB API "history = { enabled = false; };\n"
+	    "redis = { host = \"10.0.0.2\"; };\n"
+	    "log = { level = \"debug\"; };\n"
+	    "locks = { mode = \"auto\"; };\n"
+	    "worker = { concurrency = 8; batch_size = 8; id = \"w-2\"; };\n", &fresh);
+	assert_int_equal(config_apply_reloadable(&running, &fresh, &changed), 4);
+	assert_string_equal(changed,
+	    "worker.concurrency, worker.batch_size, log.level, history.enabled");
+	free(changed);
+	assert_int_equal(running.worker.concurrency, 8);
+	assert_int_equal(running.worker.batch_size, 8);
+	assert_int_equal(running.log.level, LOG_LEVEL_DEBUG);
+	assert_false(running.history.enabled);
+	assert_string_equal(running.worker.id, "");
+	assert_string_equal(running.redis.host, "127.0.0.1");
+	assert_int_equal(running.locks.mode, LOCK_MODE_REDIS);
+	assert_int_equal(running.worker.poll_interval_ms, 1000);
+	config_free(&fresh);
+
+	/* Going back reports the same keys again. */
+	changed = (char *)"unset";
+	load_ok(DB API, &fresh);
+	assert_int_equal(config_apply_reloadable(&running, &fresh, &changed), 4);
+	assert_string_equal(changed,
+	    "worker.concurrency, worker.batch_size, log.level, history.enabled");
+	free(changed);
+	assert_int_equal(running.worker.concurrency, 64);
+	assert_true(running.history.enabled);
+	config_free(&fresh);
+
+	config_free(&running);
+}
+
 static void
 test_load_missing_file(void **state)
 {
@@ -950,6 +1171,9 @@ static const struct CMUnitTest fixed_tests[] = {
 	cmocka_unit_test(test_enum_values),
 	cmocka_unit_test(test_digits_in_strings_untouched),
 	cmocka_unit_test(test_restart_needed),
+	cmocka_unit_test(test_reloadable_keys),
+	cmocka_unit_test(test_apply_every_key),
+	cmocka_unit_test(test_apply_reloadable),
 	cmocka_unit_test(test_load_missing_file),
 	cmocka_unit_test(test_load_directory),
 	cmocka_unit_test(test_load_file),

@@ -10,6 +10,7 @@
  */
 
 #include <setjmp.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -50,7 +51,11 @@ static struct {
 	size_t busy_max;
 	size_t claim_over_limit;        /* claims that asked beyond free room */
 
-	size_t recorded_done, parked, complete_calls, api_started, zero_waits;
+	size_t recorded_done, recorded_retry, parked, complete_calls, api_started, zero_waits;
+	size_t aborted;
+	int shutdown_timeout_ms;        /* worker.shutdown_timeout_ms; 0: 30 s */
+	bool hold_answers;              /* the API answers nothing until it is cleared */
+	size_t stop_at_call;            /* SIGTERM as this call starts (0: never) */
 	int concurrency;
 } w;
 
@@ -128,7 +133,9 @@ store_complete(store *st, const struct completion *c, size_t n, bool *accepted)
 		w.busy_items--;
 		if (c[i].state == COMPLETION_DONE)
 			w.recorded_done++;
-		else if (c[i].state == COMPLETION_RETRY && w.ndue < BACKLOG_MAX)
+		else if (c[i].state == COMPLETION_RETRY)
+			w.recorded_retry++;
+		if (c[i].state == COMPLETION_RETRY && w.ndue < BACKLOG_MAX)
 			w.due[w.ndue++] = c[i].id;     /* due again */
 	}
 	return 0;
@@ -325,7 +332,21 @@ void api_client_set_limits(api_client *api, long a, long b, int c)
 	(void)c;
 }
 int api_in_flight(const api_client *api) { (void)api; return (int)w.ncalls; }
-void api_abort(api_client *api, int tag) { (void)api; (void)tag; }
+
+void
+api_abort(api_client *api, int tag)
+{
+	(void)api;
+	for (size_t i = 0; i < w.ncalls; i++) {
+		if (w.calls[i] != tag)
+			continue;
+		memmove(w.calls + i, w.calls + i + 1, (w.ncalls - i - 1) * sizeof(w.calls[0]));
+		w.ncalls--;
+		w.aborted++;
+		return;
+	}
+	fail_msg("api_abort of tag %d, which is not in flight", tag);
+}
 
 int
 api_start(api_client *api, const struct item *it, int tag)
@@ -337,6 +358,8 @@ api_start(api_client *api, const struct item *it, int tag)
 	w.api_started++;
 	if (w.ncalls > w.in_flight_max)
 		w.in_flight_max = w.ncalls;
+	if (w.stop_at_call != 0 && w.api_started == w.stop_at_call)
+		raise(SIGTERM);
 	return 0;
 }
 
@@ -351,9 +374,9 @@ api_wait(api_client *api, struct api_waitfd *extra, unsigned nextra, int timeout
 	(void)api;
 	(void)extra;
 	(void)nextra;
-	if (w.ncalls == 0 && timeout_ms == 0)
+	if ((w.ncalls == 0 || w.hold_answers) && timeout_ms == 0)
 		w.zero_waits++;
-	if (w.ncalls == 0 && timeout_ms > 0)
+	if ((w.ncalls == 0 || w.hold_answers) && timeout_ms > 0)
 		usleep((useconds_t)(timeout_ms < 50 ? timeout_ms : 50) * 1000);
 	return 0;
 }
@@ -363,7 +386,7 @@ api_next_result(api_client *api, int *tag, struct api_verdict *v, double *latenc
     long *http_status)
 {
 	(void)api;
-	if (w.ncalls == 0)
+	if (w.ncalls == 0 || w.hold_answers)
 		return 0;
 	*tag = w.calls[0];
 	memmove(w.calls, w.calls + 1, --w.ncalls * sizeof(w.calls[0]));
@@ -458,12 +481,13 @@ load_config(struct bw_config *cfg, int concurrency, int batch, const char *extra
 
 	snprintf(text, sizeof(text),
 	    "worker = { id = \"unit\"; concurrency = %d; batch_size = %d; poll_interval_ms = 10;"
-	    " once_patience_ms = 1000; };\n"
+	    " once_patience_ms = 1000; shutdown_timeout_ms = %d; };\n"
 	    "database = { conninfo = \"dbname=none\"; };\n"
 	    "locks = { mode = \"skip-locked\"; };\n"
 	    "billing_api = { base_url = \"http://127.0.0.1:9\"; backoff_initial_ms = 1;"
 	    " backoff_max_ms = 5; };\n"
-	    "log = { level = \"error\"; };\n%s", concurrency, batch, extra);
+	    "log = { level = \"error\"; };\n%s", concurrency, batch,
+	    w.shutdown_timeout_ms != 0 ? w.shutdown_timeout_ms : 30000, extra);
 	memset(cfg, 0, sizeof(*cfg));
 	if (config_load_string(text, "unit.conf", cfg, &errors) != 0)
 		fail_msg("config: %s", errors ? errors : "?");
@@ -569,6 +593,82 @@ test_refused_worker_probes_one_at_a_time(void **state)
 	config_free(&cfg);
 }
 
+/*
+ * Many answers at once are recorded in few transactions: 64 items at
+ * concurrency 16 take a handful of completions, not one per item.
+ */
+static void
+test_outcomes_are_recorded_in_batches(void **state)
+{
+	struct bw_config cfg;
+
+	(void)state;
+	world_reset();
+	load_config(&cfg, 16, 16, "");
+	backlog(1, 64);
+	assert_int_equal(loop_run(&cfg, "token", NULL, true), 0);
+	assert_int_equal(w.recorded_done, 64);
+	assert_in_range(w.complete_calls, 4, 8);
+	config_free(&cfg);
+}
+
+/*
+ * SIGTERM with calls in flight: no new item is taken, the calls in flight
+ * are answered and recorded, and the run ends cleanly with nothing left
+ * claimed.
+ */
+static void
+test_stop_records_the_calls_in_flight(void **state)
+{
+	struct bw_config cfg;
+
+	(void)state;
+	world_reset();
+	load_config(&cfg, 4, 4, "");
+	backlog(1, 40);
+	w.stop_at_call = 4;         /* as the first batch's last call starts */
+	assert_int_equal(loop_run(&cfg, "token", NULL, true), 0);
+	assert_int_equal(w.api_started, 4);
+	assert_int_equal(w.recorded_done, 4);
+	assert_int_equal(w.aborted, 0);
+	assert_int_equal(w.busy_items, 0);
+	assert_int_equal(w.ndue, 36);
+	config_free(&cfg);
+}
+
+/*
+ * SIGTERM while the API answers nothing: at worker.shutdown_timeout_ms the
+ * calls are abandoned and recorded as retries under the same key (they
+ * may have charged), and the run ends within the bound, not at the API's
+ * pleasure.
+ */
+static void
+test_stop_abandons_calls_at_the_deadline(void **state)
+{
+	struct bw_config cfg;
+	int64_t start;
+
+	(void)state;
+	world_reset();
+	w.shutdown_timeout_ms = 200;
+	load_config(&cfg, 4, 4, "");
+	backlog(1, 40);
+	w.hold_answers = true;
+	w.stop_at_call = 4;
+	start = clock_ms();
+	assert_int_equal(loop_run(&cfg, "token", NULL, true), 0);
+	assert_in_range(clock_ms() - start, 200, 200 + 500);
+	assert_int_equal(w.api_started, 4);
+	assert_int_equal(w.aborted, 4);
+	assert_int_equal(w.ncalls, 0);
+	assert_int_equal(w.recorded_done, 0);
+	assert_int_equal(w.recorded_retry, 4);
+	assert_int_equal(w.busy_items, 0);
+	/* It slept while it waited for the answers, it did not spin. */
+	assert_true(w.zero_waits < 50);
+	config_free(&cfg);
+}
+
 int
 main(void)
 {
@@ -577,6 +677,9 @@ main(void)
 		cmocka_unit_test(test_claims_fit_the_free_room),
 		cmocka_unit_test(test_refused_flush_backs_off),
 		cmocka_unit_test(test_refused_worker_probes_one_at_a_time),
+		cmocka_unit_test(test_outcomes_are_recorded_in_batches),
+		cmocka_unit_test(test_stop_records_the_calls_in_flight),
+		cmocka_unit_test(test_stop_abandons_calls_at_the_deadline),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

@@ -150,6 +150,45 @@ test_histogram_is_cumulative_with_inclusive_bounds(void **state)
 	free(t);
 }
 
+/*
+ * The loop stall: 0.1 ms to 10 s, bounds inclusive, and the gauge keeps
+ * the longest turn however many short ones follow it.
+ */
+static void
+test_loop_stall_histogram_and_max(void **state)
+{
+	char *t;
+
+	(void)state;
+	t = render();
+	assert_true(value_of(t, "billing_worker_loop_stall_seconds_bucket{le=\"0.0001\"}") == 0);
+	assert_true(value_of(t, "billing_worker_loop_stall_seconds_count") == 0);
+	assert_true(value_of(t, "billing_worker_loop_stall_max_seconds") == 0);
+	free(t);
+
+	metrics_loop_stall(0.00005);        /* le 0.0001 */
+	metrics_loop_stall(0.0001);         /* exactly the bound: le 0.0001 */
+	metrics_loop_stall(0.003);          /* le 0.005 */
+	metrics_loop_stall(5.2);            /* a frozen backend: le 10 */
+	metrics_loop_stall(0.0002);         /* shorter again: the max stays */
+	metrics_loop_stall(42.0);           /* beyond 10: only +Inf */
+	metrics_loop_stall(0.001);
+	t = render();
+	assert_true(value_of(t, "billing_worker_loop_stall_seconds_bucket{le=\"0.0001\"}") == 2);
+	assert_true(value_of(t, "billing_worker_loop_stall_seconds_bucket{le=\"0.00025\"}") == 3);
+	assert_true(value_of(t, "billing_worker_loop_stall_seconds_bucket{le=\"0.001\"}") == 4);
+	assert_true(value_of(t, "billing_worker_loop_stall_seconds_bucket{le=\"0.005\"}") == 5);
+	assert_true(value_of(t, "billing_worker_loop_stall_seconds_bucket{le=\"5\"}") == 5);
+	assert_true(value_of(t, "billing_worker_loop_stall_seconds_bucket{le=\"10\"}") == 6);
+	assert_true(value_of(t, "billing_worker_loop_stall_seconds_bucket{le=\"+Inf\"}") == 7);
+	assert_true(value_of(t, "billing_worker_loop_stall_seconds_count") == 7);
+	assert_float_equal(value_of(t, "billing_worker_loop_stall_seconds_sum"), 47.20435, 1e-6);
+	assert_float_equal(value_of(t, "billing_worker_loop_stall_max_seconds"), 42.0, 1e-9);
+	/* The API latency histogram is untouched by it. */
+	assert_true(value_of(t, "billing_worker_api_call_duration_seconds_count") == 0);
+	free(t);
+}
+
 static void
 test_locks_reconnects_and_gauges(void **state)
 {
@@ -292,6 +331,7 @@ main(void)
 		cmocka_unit_test_setup(test_outcomes_by_kind, reset),
 		cmocka_unit_test_setup(test_status_classes, reset),
 		cmocka_unit_test_setup(test_histogram_is_cumulative_with_inclusive_bounds, reset),
+		cmocka_unit_test_setup(test_loop_stall_histogram_and_max, reset),
 		cmocka_unit_test_setup(test_locks_reconnects_and_gauges, reset),
 		cmocka_unit_test_setup(test_redis_up_lock_mode_and_last_poll, reset),
 		cmocka_unit_test_setup(test_build_info, reset),

@@ -15,7 +15,7 @@
 #include <cmocka.h>
 
 #include "tests/unit/table.h"
-#include "billing/backoff.h"
+#include "common/backoff.h"
 #include "billing/outcome.h"
 
 /* max 5 attempts, delays 1 s, 2 s, 4 s, 8 s ... capped at 60 s. */

@@ -1,4 +1,4 @@
-#include "billing/backoff.h"
+#include "common/backoff.h"
 
 int64_t
 backoff_cap_ms(int attempt, int64_t initial_ms, int64_t max_ms)
@@ -24,4 +24,34 @@ backoff_delay_ms(int attempt, int64_t initial_ms, int64_t max_ms, uint64_t rnd)
 	if (cap <= 0)
 		return 0;
 	return (int64_t)(rnd % ((uint64_t)cap + 1));
+}
+
+void
+backoff_init(struct backoff *b, int64_t min_ms, int64_t max_ms)
+{
+	b->min_ms = min_ms > 0 ? min_ms : 1;
+	b->max_ms = max_ms > b->min_ms ? max_ms : b->min_ms;
+	b->next_ms = b->min_ms;
+}
+
+int64_t
+backoff_take(struct backoff *b)
+{
+	int64_t now = b->next_ms;
+
+	/* Never doubles past max_ms, so no overflow however often it is taken. */
+	b->next_ms = now > b->max_ms / 2 ? b->max_ms : now * 2;
+	return now;
+}
+
+int64_t
+backoff_peek(const struct backoff *b)
+{
+	return b->next_ms;
+}
+
+void
+backoff_reset(struct backoff *b)
+{
+	b->next_ms = b->min_ms;
 }

@@ -9,8 +9,9 @@
 /*
  * What one attempt at an item ended with: the outcome module decides it
  * (billing/outcome.c), the loop hands it to the store, which records it.
- * A value type, so the store includes it and billing knows nothing of the
- * store.
+ * A value type shared by both, so neither includes the other: billing
+ * knows nothing of the store, and the store records outcomes without
+ * knowing how answers are classified.
  */
 
 enum completion_state {
