@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "billing/api.h"
+#include "billing/fleet.h"
 #include "billing/outcome.h"
 #include "common/backoff.h"
 #include "common/clock.h"
@@ -20,8 +21,10 @@
 #include "common/jitter.h"
 #include "common/log.h"
 #include "common/metrics.h"
+#include "common/redis.h"
 #include "locks/lock.h"
 #include "store/store.h"
+#include "worker/claim.h"
 #include "worker/secret.h"
 #include "worker/telemetry.h"
 
@@ -85,7 +88,15 @@ struct loop {
 	store_listener *listener;   /* NULL in once runs */
 	int64_t next_listen_try_ms;
 	struct backoff listen_backoff;
+	/*
+	 * One connection to Redis (NULL in skip-locked mode), which the lock
+	 * manager and the fleet's rate budget share; the claim step drives
+	 * the store, the budget and the locks in turn.
+	 */
+	redis_conn *redis;
 	lockmgr *locks;
+	fleet *fleet;
+	claimer *claims;
 	api_client *api;
 	telemetry *tm;
 	struct retry_policy policy;
@@ -764,11 +775,11 @@ claim(struct loop *l)
 		return 0;
 	want = (size_t)room < (size_t)l->cfg->worker.batch_size ?
 	    (size_t)room : (size_t)l->cfg->worker.batch_size;
-	if (lock_claim(l->locks, want, l->claimed, &n, &more) == -1) {
+	if (claim_take(l->claims, want, l->claimed, &n, &more) == -1) {
 		if (!store_connected(l->st))
 			note_db_failure(l, "could not claim items");
 		else if (!lock_redis_down(l->locks))
-			log_warnx("could not claim items: %s", lock_errmsg(l->locks));
+			log_warnx("could not claim items: %s", claim_errmsg(l->claims));
 		/* A Redis outage is logged once, by the lock manager, not every poll. */
 		if (l->claim_failing_since_ms == 0)
 			l->claim_failing_since_ms = clock_ms();
@@ -931,7 +942,7 @@ collect(struct loop *l)
 			/* The API is over its limit for everyone: the whole fleet waits. */
 			int pause_ms = v.retry_after_s > 0 ? v.retry_after_s * 1000 : 1000;
 
-			lock_pause(l->locks, pause_ms);
+			fleet_pause(l->fleet, pause_ms);
 			log_info("billing API answered 429: no worker starts a call for %d ms",
 			    pause_ms);
 		}
@@ -977,7 +988,7 @@ renew(struct loop *l)
 	for (int i = 0; i < l->nflights; i++)
 		if (l->flights[i].state != FLIGHT_FREE)
 			l->itemp[n++] = &l->flights[i].item;
-	if (n > 0 && store_connected(l->st) && lock_renew(l->locks, l->itemp, n) == -1)
+	if (n > 0 && store_connected(l->st) && claim_renew(l->claims, l->itemp, n) == -1)
 		note_db_failure(l, "could not renew leases");
 }
 
@@ -1058,10 +1069,10 @@ reload(struct loop *l)
 	policy_from(&l->policy, l->cfg);
 	api_client_set_limits(l->api, l->cfg->billing_api.timeout_ms,
 	    l->cfg->billing_api.connect_timeout_ms, l->cfg->worker.concurrency);
-	lock_set_ttl(l->locks, l->cfg->locks.ttl_ms);
+	claim_set_ttl(l->claims, l->cfg->locks.ttl_ms);
 	store_set_history(l->st, l->cfg->history.enabled);
-	lock_set_park_delay(l->locks, l->cfg->billing_api.backoff_max_ms);
-	lock_set_rate(l->locks, l->cfg->billing_api.max_requests_per_second);
+	claim_set_park_delay(l->claims, l->cfg->billing_api.backoff_max_ms);
+	fleet_set_rate(l->fleet, l->cfg->billing_api.max_requests_per_second);
 	log_set_level((int)l->cfg->log.level);
 	log_set_json(l->cfg->log.format == LOG_FORMAT_JSON);
 	reload_token(l);
@@ -1146,14 +1157,19 @@ loop_setup(struct loop *l, const char *token, const char *redis_password)
 		.ca_file = cfg->billing_api.ca_file,
 	};
 	struct lock_options lo = {
-		.mode = cfg->locks.mode,
+		.policy = claim_lock_policy(cfg->locks.mode),
+		.ttl_ms = cfg->locks.ttl_ms,
+		.worker_id = cfg->worker.id,
+	};
+	struct redis_options ro;
+	struct claim_options co = {
+		.policy = lo.policy,
 		.ttl_ms = cfg->locks.ttl_ms,
 		.park_ms = cfg->billing_api.backoff_max_ms,
-		.worker_id = cfg->worker.id,
 	};
 	char err[256];
 
-	lock_redis_options(cfg, redis_password, &lo.redis);
+	claim_redis_options(cfg, redis_password, &ro);
 	jitter_seed(&l->rng);
 	policy_from(&l->policy, cfg);
 	if (gethostname(l->host, sizeof(l->host)) == -1)
@@ -1169,13 +1185,16 @@ loop_setup(struct loop *l, const char *token, const char *redis_password)
 	}
 	if (store_new(cfg->database.conninfo, cfg->worker.id, &l->st) == -1 ||
 	    (!l->once && store_listener_new(cfg->database.conninfo, &l->listener) == -1) ||
-	    lock_new(&lo, l->st, &l->locks) == -1) {
+	    (lo.policy != LOCK_POLICY_SKIP_LOCKED && redis_conn_new(&ro, &l->redis) == -1) ||
+	    lock_new(&lo, l->redis, &l->locks) == -1 ||
+	    fleet_new(l->redis, cfg->worker.id, &l->fleet) == -1 ||
+	    claim_new(&co, l->st, l->locks, l->fleet, &l->claims) == -1) {
 		log_error("out of memory");
 		return -1;
 	}
 	store_set_query_timeout(l->st, cfg->database.query_timeout_ms);
 	store_set_history(l->st, cfg->history.enabled);
-	lock_set_rate(l->locks, cfg->billing_api.max_requests_per_second);
+	fleet_set_rate(l->fleet, cfg->billing_api.max_requests_per_second);
 	if (telemetry_new(cfg, l->st, l->once, &l->tm) == -1)
 		return -1;
 	if (api_client_new(&ao, &l->api, err, sizeof(err)) == -1) {
@@ -1204,7 +1223,10 @@ loop_teardown(struct loop *l)
 	free(l->reserved);
 	api_client_free(l->api);
 	telemetry_free(l->tm);
+	claim_free(l->claims);
+	fleet_free(l->fleet);
 	lock_free(l->locks);
+	redis_conn_free(l->redis);
 	store_listener_free(l->listener);
 	store_free(l->st);
 }
@@ -1233,7 +1255,7 @@ once_out_of_patience(struct loop *l, int64_t now)
 	} else if (l->claim_failing_since_ms != 0) {
 		why = "claims kept failing";
 		since = l->claim_failing_since_ms;
-		detail = lock_errmsg(l->locks);
+		detail = claim_errmsg(l->claims);
 	} else if (l->flush_failing_since_ms != 0) {
 		why = "outcomes could not be recorded";
 		since = l->flush_failing_since_ms;
@@ -1343,7 +1365,7 @@ take_work(struct loop *l, int64_t now)
 	    !may_claim(l, now) || !db_ready(l))
 		return false;
 	r = claim(l);
-	hold = lock_wait_ms(l->locks);
+	hold = claim_wait_ms(l->claims);
 	note_pauses(l);
 	if (probing && l->busy > 0)
 		probe_sent(l, now);
