@@ -69,7 +69,7 @@ endif
 COMMON_SRC  := common/log.c common/item.c common/metrics.c common/clock.c common/jitter.c \
                common/backoff.c common/redis.c
 CONFIG_SRC  := config/config.c
-STORE_SRC   := store/store.c store/exec.c store/deadline.c store/sqlbuf.c store/conninfo.c \
+STORE_SRC   := store/store.c store/exec.c store/deadline.c store/pq.c store/sqlbuf.c store/conninfo.c \
                store/claim.c store/complete.c store/reserve.c store/park.c store/migrate.c \
                store/report.c store/audit.c store/listen.c store/workers.c store/pause.c store/history.c \
                store/requeue.c \

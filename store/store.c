@@ -213,25 +213,38 @@ notice_to_log(void *arg, const PGresult *res)
 		log_debug("the database says (%s): %s", severity != NULL ? severity : "notice", msg);
 }
 
+/*
+ * Our defaults come first so the operator's conninfo overrides them:
+ * bounded connect time and TCP keepalives so a dead peer is noticed
+ * instead of blocking the loop forever.
+ */
+static const char *const conn_keys[] = { "connect_timeout", "keepalives", "keepalives_idle",
+    "keepalives_interval", "keepalives_count", "tcp_user_timeout",
+    "application_name", "dbname", NULL };
+#define CONNECT_TIMEOUT_S "5"
+
 PGconn *
 store_open_conn(const char *conninfo, const char *application_name)
 {
-	/*
-	 * Our defaults come first so the operator's conninfo overrides them:
-	 * bounded connect time and TCP keepalives so a dead peer is noticed
-	 * instead of blocking the loop forever.
-	 */
-	const char *keys[] = { "connect_timeout", "keepalives", "keepalives_idle",
-	    "keepalives_interval", "keepalives_count", "tcp_user_timeout",
-	    "application_name", "dbname", NULL };
-	const char *vals[] = { "5", "1", "10", "5", "3", "20000",
+	const char *vals[] = { CONNECT_TIMEOUT_S, "1", "10", "5", "3", "20000",
 	    application_name, conninfo, NULL };
-
-	PGconn *conn = PQconnectdbParams(keys, vals, 1);
+	PGconn *conn = PQconnectdbParams(conn_keys, vals, 1);
 
 	if (conn != NULL)
 		PQsetNoticeReceiver(conn, notice_to_log, NULL);
 	return conn;
+}
+
+int
+store_start_conn(pq *c, const char *conninfo, const char *application_name)
+{
+	const char *vals[] = { CONNECT_TIMEOUT_S, "1", "10", "5", "3", "20000",
+	    application_name, conninfo, NULL };
+
+	if (pq_connect_start(c, conn_keys, vals, atoi(CONNECT_TIMEOUT_S) * 1000) == -1)
+		return -1;
+	PQsetNoticeReceiver(pq_raw_conn(c), notice_to_log, NULL);
+	return 0;
 }
 
 int

@@ -86,6 +86,7 @@ struct loop {
 	bool once;
 	store *st;
 	store_listener *listener;   /* NULL in once runs */
+	bool listening;             /* its LISTEN took effect */
 	int64_t next_listen_try_ms;
 	struct backoff listen_backoff;
 	/*
@@ -405,8 +406,9 @@ db_ready(struct loop *l)
 		 * follows, or it could stay up on the old primary, read-only,
 		 * and never hear an insert again.
 		 */
-		if (l->db_seen && l->listener != NULL && store_listener_fd(l->listener) != -1) {
+		if (l->db_seen && l->listener != NULL && store_listener_active(l->listener)) {
 			store_listener_close(l->listener);
+			l->listening = false;
 			l->next_listen_try_ms = now;
 		}
 		if (l->db_seen)
@@ -1107,34 +1109,39 @@ abandon_calls(struct loop *l)
  * poll_interval_ms goes on regardless, so nothing waits on this.
  */
 static void
-listen_service(struct loop *l, bool readable)
+listen_service(struct loop *l, short revents)
 {
 	int64_t now = clock_ms();
+	bool was_listening = l->listening, now_listening;
 	int n;
 
 	if (l->listener == NULL)
 		return;
-	if (store_listener_fd(l->listener) == -1) {
+	if (!store_listener_active(l->listener)) {
 		if (now < l->next_listen_try_ms || !store_connected(l->st))
 			return;
-		if (store_listener_connect(l->listener) == 0) {
-			log_info("listening for new items");
-			backoff_reset(&l->listen_backoff);
-		} else {
+		if (store_listener_connect(l->listener) == -1) {
 			log_warnx("%s; polling every %d ms until it returns",
 			    store_listener_errmsg(l->listener), l->cfg->worker.poll_interval_ms);
 			l->next_listen_try_ms = now + backoff_take(&l->listen_backoff);
+			return;
 		}
-		return;
+		revents = 0;        /* a connect just started: nothing to read yet */
 	}
-	if (!readable)
-		return;
-	n = store_listener_drain(l->listener);
+	n = store_listener_drive(l->listener, revents, now, &now_listening);
 	if (n == -1) {
+		/* A connect that failed backs off; a connection that was up retries soon. */
+		l->listening = false;
 		log_warnx("%s; polling every %d ms until it returns",
 		    store_listener_errmsg(l->listener), l->cfg->worker.poll_interval_ms);
-		l->next_listen_try_ms = now + backoff_peek(&l->listen_backoff);
+		l->next_listen_try_ms = now + (was_listening ? backoff_peek(&l->listen_backoff) :
+		    backoff_take(&l->listen_backoff));
 		return;
+	}
+	if (now_listening) {
+		l->listening = true;
+		log_info("listening for new items");
+		backoff_reset(&l->listen_backoff);
 	}
 	if (n > 0) {
 		int64_t at = now + (int64_t)(jitter_next(&l->rng) % (NOTIFY_JITTER_MS + 1));
@@ -1452,6 +1459,10 @@ wait_budget_ms(const struct loop *l, int64_t now)
 		wait = l->next_renew_ms - now;
 	if (l->db_down_since_ms != 0 && l->next_db_try_ms - now < wait)
 		wait = l->next_db_try_ms - now;
+	/* The LISTEN connection's connect or LISTEN has a deadline of its own. */
+	if (l->listener != NULL && store_listener_active(l->listener) &&
+	    store_listener_deadline(l->listener) - now < wait)
+		wait = store_listener_deadline(l->listener) - now;
 	for (int i = 0; i < l->nflights; i++) {
 		if (l->flights[i].state != FLIGHT_DONE)
 			continue;
@@ -1479,7 +1490,7 @@ wait_for_events(struct loop *l, int64_t now, int wait_ms)
 	wake[0].events = POLLIN;
 	wake[0].revents = 0;
 	wake[1].fd = l->listener != NULL ? store_listener_fd(l->listener) : -1;
-	wake[1].events = POLLIN;
+	wake[1].events = l->listener != NULL ? store_listener_events(l->listener) : 0;
 	wake[1].revents = 0;
 	nwake = 2 + telemetry_wait_fds(l->tm, now, &wake[2], &wait_ms);
 	/*
@@ -1494,7 +1505,7 @@ wait_for_events(struct loop *l, int64_t now, int wait_ms)
 	l->turn_start_s = stall_clock_s();
 	if (wake[0].revents & POLLIN)
 		drain_wake_pipe();
-	listen_service(l, wake[1].fd >= 0 && (wake[1].revents & (POLLIN | POLLERR | POLLHUP)));
+	listen_service(l, wake[1].fd >= 0 ? wake[1].revents : 0);
 	telemetry_after_wait(l->tm);
 }
 
@@ -1542,7 +1553,7 @@ static void
 start(struct loop *l)
 {
 	lock_start(l->locks);
-	listen_service(l, false);
+	listen_service(l, 0);
 	l->next_renew_ms = clock_ms() + l->cfg->locks.renew_interval_ms;
 	telemetry_ready(l->tm, clock_ms());
 	l->turn_start_s = stall_clock_s();

@@ -174,7 +174,19 @@ void store_listener_free(store_listener *sl) { (void)sl; }
 int store_listener_connect(store_listener *sl) { (void)sl; return -1; }
 void store_listener_close(store_listener *sl) { (void)sl; }
 int store_listener_fd(const store_listener *sl) { (void)sl; return -1; }
-int store_listener_drain(store_listener *sl) { (void)sl; return 0; }
+bool store_listener_active(const store_listener *sl) { (void)sl; return false; }
+short store_listener_events(const store_listener *sl) { (void)sl; return 0; }
+int64_t store_listener_deadline(const store_listener *sl) { (void)sl; return INT64_MAX; }
+
+int
+store_listener_drive(store_listener *sl, short revents, int64_t now, bool *listening)
+{
+	(void)sl;
+	(void)revents;
+	(void)now;
+	*listening = false;
+	return -1;
+}
 const char *store_listener_errmsg(const store_listener *sl) { (void)sl; return ""; }
 
 /* ---- the lock manager and the claim step ---- */
