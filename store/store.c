@@ -65,6 +65,7 @@ store_free(store *st)
 		return;
 	if (st->conn != NULL)
 		PQfinish(st->conn);
+	pq_free(st->connecting);
 	if (st->conninfo != NULL) {
 		/* The conninfo may hold a password. */
 		explicit_bzero(st->conninfo, strlen(st->conninfo));
@@ -247,32 +248,15 @@ store_start_conn(pq *c, const char *conninfo, const char *application_name)
 	return 0;
 }
 
-int
-store_connect(store *st)
+/*
+ * The connection is up: the session's settings, and one line saying where
+ * it went.
+ */
+static int
+session_setup(store *st)
 {
 	char settings[192];
-	int ret = -1;
 
-	if (st->conn != NULL) {
-		PQfinish(st->conn);
-		st->conn = NULL;
-	}
-	st->prepared = false;
-	st->conn = store_open_conn(st->conninfo, "billing-worker");
-	if (st->conn == NULL) {
-		store_errorf(st, "could not connect to the database: out of memory");
-		return -1;
-	}
-	if (st->conninfo_unparsable && conninfo_may_hold_secret(st->conninfo)) {
-		store_errorf(st, "could not connect to the database: \"database.conninfo\" is not "
-		    "a valid connection string (libpq's message is not shown: it may quote the "
-		    "password)");
-		goto out;
-	}
-	if (PQstatus(st->conn) != CONNECTION_OK) {
-		store_errorf(st, "could not connect to the database: %s", PQerrorMessage(st->conn));
-		goto out;
-	}
 	/*
 	 * A statement that hangs (lock waits, a stuck server) must not stall the
 	 * loop.  synchronous_commit is set, not inherited: a claim and a hold
@@ -287,10 +271,111 @@ store_connect(store *st)
 	if (store_run(st, &(const struct store_stmt){ .send = STORE_SIMPLE, .text = settings,
 	    .what = "could not configure the session", .want = PGRES_COMMAND_OK }, 0, NULL,
 	    NULL) == -1)
-		goto out;
+		return -1;
 	log_info("connected to the database (host \"%s\", port \"%s\", database \"%s\")",
 	    PQhost(st->conn), PQport(st->conn), PQdb(st->conn));
-	ret = 0;
-out:
-	return ret;
+	return 0;
+}
+
+/* Closes what is open, and refuses a conninfo whose error could show a password. */
+static int
+connect_begin(store *st)
+{
+	if (st->conn != NULL) {
+		PQfinish(st->conn);
+		st->conn = NULL;
+	}
+	if (st->connecting != NULL)
+		pq_drop(st->connecting, NULL);
+	st->prepared = false;
+	if (st->conninfo_unparsable && conninfo_may_hold_secret(st->conninfo)) {
+		store_errorf(st, "could not connect to the database: \"database.conninfo\" is not "
+		    "a valid connection string (libpq's message is not shown: it may quote the "
+		    "password)");
+		return -1;
+	}
+	return 0;
+}
+
+int
+store_connect(store *st)
+{
+	if (connect_begin(st) == -1)
+		return -1;
+	st->conn = store_open_conn(st->conninfo, "billing-worker");
+	if (st->conn == NULL) {
+		store_errorf(st, "could not connect to the database: out of memory");
+		return -1;
+	}
+	if (PQstatus(st->conn) != CONNECTION_OK) {
+		store_errorf(st, "could not connect to the database: %s", PQerrorMessage(st->conn));
+		return -1;
+	}
+	return session_setup(st);
+}
+
+int
+store_connect_start(store *st)
+{
+	if (connect_begin(st) == -1)
+		return -1;
+	if (st->connecting == NULL && pq_new(&st->connecting) == -1) {
+		store_errorf(st, "could not connect to the database: out of memory");
+		return -1;
+	}
+	if (store_start_conn(st->connecting, st->conninfo, "billing-worker") == -1) {
+		store_errorf(st, "could not connect to the database: %s",
+		    pq_errmsg(st->connecting));
+		return -1;
+	}
+	return 0;
+}
+
+bool
+store_connecting(const store *st)
+{
+	return st->connecting != NULL && pq_state(st->connecting) == PQ_CONNECTING;
+}
+
+int
+store_connect_fd(const store *st)
+{
+	return store_connecting(st) ? pq_fd(st->connecting) : -1;
+}
+
+short
+store_connect_events(const store *st)
+{
+	return store_connecting(st) ? pq_events(st->connecting) : 0;
+}
+
+int64_t
+store_connect_deadline(const store *st)
+{
+	return store_connecting(st) ? pq_deadline(st->connecting) : INT64_MAX;
+}
+
+int
+store_connect_drive(store *st, short revents, int64_t now)
+{
+	if (st->connecting == NULL)
+		return -1;
+	pq_drive(st->connecting, revents, now);
+	switch (pq_state(st->connecting)) {
+	case PQ_CONNECTING:
+		return 0;
+	case PQ_DOWN:
+		store_errorf(st, "could not connect to the database: %s",
+		    pq_errmsg(st->connecting));
+		return -1;
+	case PQ_READY:
+		break;
+	}
+	/* Up: from here the store's statements run on it as on any connection. */
+	if ((st->conn = pq_detach(st->connecting)) == NULL) {
+		store_errorf(st, "could not connect to the database: %s",
+		    pq_errmsg(st->connecting));
+		return -1;
+	}
+	return session_setup(st) == 0 ? 1 : -1;
 }

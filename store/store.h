@@ -60,6 +60,23 @@ int store_show(store *st, enum item_kind kind, int64_t id, bool json, FILE *out,
 /* (Re)connects and prepares the statements.  Logs the target without its password. */
 int store_connect(store *st) __attribute__((warn_unused_result));
 bool store_connected(const store *st);
+/*
+ * The same connect, for the daemon's loop, without blocking: starts it
+ * (any old connection is closed), then the loop polls store_connect_fd()
+ * for store_connect_events() and calls store_connect_drive() until it
+ * returns 1 (connected, the session set up as by store_connect(); that
+ * last step is statements with the client deadline) or -1 (failed,
+ * store_errmsg() says why).  0: still connecting.  store_connecting() is
+ * true in between, and store_connect_deadline() says by when the drive
+ * must run even if nothing arrives.
+ */
+int store_connect_start(store *st) __attribute__((warn_unused_result));
+bool store_connecting(const store *st);
+int store_connect_fd(const store *st);
+short store_connect_events(const store *st);
+int64_t store_connect_deadline(const store *st);
+int store_connect_drive(store *st, short revents, int64_t now)
+	__attribute__((warn_unused_result));
 const char *store_errmsg(const store *st);
 /*
  * Writes what a connected handle is connected to into BUF: host, port and

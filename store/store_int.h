@@ -48,6 +48,7 @@ struct store {
 	bool conninfo_unparsable;   /* libpq's parse error may quote it: withheld */
 	char *worker_id;
 	PGconn *conn;
+	pq *connecting;          /* a connect the loop drives (store_connect_start) */
 	bool prepared;
 	int query_timeout_ms;   /* statement_timeout; the client waits 1 s more */
 	char sqlstate[6];       /* of the last failed statement; "" for none */

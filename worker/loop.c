@@ -374,14 +374,55 @@ note_db_failure(struct loop *l, const char *what)
 	}
 }
 
+/* A connect succeeded: the outage, if any, is over. */
+static void
+db_up(struct loop *l, int64_t now)
+{
+	if (!l->db_flapping && (backoff_peek(&l->db_backoff) > DB_RETRY_MIN_MS ||
+	    l->db_outage_logged))
+		log_info("database reachable again after %.1f s",
+		    (double)(now - l->db_down_since_ms) / 1000.0);
+	l->db_outage_logged = false;
+	l->db_down_since_ms = 0;
+	l->db_connected_at_ms = now;
+	l->db_proven = false;
+	if (!l->db_flapping)
+		backoff_reset(&l->db_backoff);
+	/*
+	 * A reconnect may have found another host (a failover, with
+	 * target_session_attrs=read-write): the LISTEN connection
+	 * follows, or it could stay up on the old primary, read-only,
+	 * and never hear an insert again.
+	 */
+	if (l->db_seen && l->listener != NULL && store_listener_active(l->listener)) {
+		store_listener_close(l->listener);
+		l->listening = false;
+		l->next_listen_try_ms = now;
+	}
+	if (l->db_seen)
+		metrics_reconnect(METRICS_PEER_DATABASE);
+	l->db_seen = true;
+}
+
+/* A connect failed: the next one waits longer. */
+static void
+db_connect_failed(struct loop *l, int64_t now)
+{
+	int64_t delay = backoff_take(&l->db_backoff);
+
+	log_warnx("%s (retrying in %" PRId64 " ms)", store_errmsg(l->st), delay);
+	l->next_db_try_ms = now + delay;
+}
+
 /*
- * Reconnects to the database when the connection is gone, with backoff.
- * Returns true when connected.
+ * Connects to the database when the connection is gone, with backoff,
+ * blocking: for the start, when nothing is in flight yet.  Returns true
+ * when connected.
  */
 static bool
 db_ready(struct loop *l)
 {
-	int64_t now = clock_ms(), delay;
+	int64_t now = clock_ms();
 
 	if (store_connected(l->st))
 		return true;
@@ -390,36 +431,48 @@ db_ready(struct loop *l)
 	if (now < l->next_db_try_ms)
 		return false;
 	if (store_connect(l->st) == 0) {
-		if (!l->db_flapping && (backoff_peek(&l->db_backoff) > DB_RETRY_MIN_MS ||
-		    l->db_outage_logged))
-			log_info("database reachable again after %.1f s",
-			    (double)(now - l->db_down_since_ms) / 1000.0);
-		l->db_outage_logged = false;
-		l->db_down_since_ms = 0;
-		l->db_connected_at_ms = now;
-		l->db_proven = false;
-		if (!l->db_flapping)
-			backoff_reset(&l->db_backoff);
-		/*
-		 * A reconnect may have found another host (a failover, with
-		 * target_session_attrs=read-write): the LISTEN connection
-		 * follows, or it could stay up on the old primary, read-only,
-		 * and never hear an insert again.
-		 */
-		if (l->db_seen && l->listener != NULL && store_listener_active(l->listener)) {
-			store_listener_close(l->listener);
-			l->listening = false;
-			l->next_listen_try_ms = now;
-		}
-		if (l->db_seen)
-			metrics_reconnect(METRICS_PEER_DATABASE);
-		l->db_seen = true;
+		db_up(l, now);
 		return true;
 	}
-	delay = backoff_take(&l->db_backoff);
-	log_warnx("%s (retrying in %" PRId64 " ms)", store_errmsg(l->st), delay);
-	l->next_db_try_ms = now + delay;
+	db_connect_failed(l, now);
 	return false;
+}
+
+/*
+ * The loop's reconnect, which never blocks: starts a connect when the
+ * backoff allows, and advances it with what the poll saw on its socket
+ * (REVENTS, 0 when nothing).  A server that accepts the connection and
+ * then does not answer costs its connect timeout here, while the calls
+ * in flight are read as usual.
+ */
+static void
+db_reconnect(struct loop *l, short revents)
+{
+	int64_t now = clock_ms();
+
+	if (store_connected(l->st))
+		return;
+	if (l->db_down_since_ms == 0)
+		l->db_down_since_ms = now;
+	if (!store_connecting(l->st)) {
+		if (now < l->next_db_try_ms)
+			return;
+		if (store_connect_start(l->st) == -1) {
+			db_connect_failed(l, now);
+			return;
+		}
+		revents = 0;
+	}
+	switch (store_connect_drive(l->st, revents, now)) {
+	case 1:
+		db_up(l, now);
+		break;
+	case -1:
+		db_connect_failed(l, now);
+		break;
+	default:
+		break;
+	}
 }
 
 /*
@@ -531,7 +584,7 @@ flush(struct loop *l)
 		l->batch_flight[n] = i;
 		n++;
 	}
-	if (n == 0 || now < l->next_flush_ms || !db_ready(l))
+	if (n == 0 || now < l->next_flush_ms || !store_connected(l->st))
 		return;
 	if (store_complete(l->st, l->batch, n, l->accepted) == -1) {
 		size_t left;
@@ -1369,7 +1422,7 @@ take_work(struct loop *l, int64_t now)
 	int r;
 
 	if (l->stopping || now < l->next_poll_ms || l->busy >= l->cfg->worker.concurrency ||
-	    !may_claim(l, now) || !db_ready(l))
+	    !may_claim(l, now) || !store_connected(l->st))
 		return false;
 	r = claim(l);
 	hold = claim_wait_ms(l->claims);
@@ -1449,17 +1502,25 @@ wait_budget_ms(const struct loop *l, int64_t now)
 
 		if (l->refused.on && l->refused.probe_at_ms > at)
 			at = l->refused.probe_at_ms;
-		/* No claim before the database is back: not before the reconnect. */
-		if (!store_connected(l->st) && l->next_db_try_ms > at)
+		/*
+		 * No claim before the database is back: not before the next
+		 * connect, and not while one is under way (its socket and its
+		 * deadline wake the loop).
+		 */
+		if (store_connecting(l->st))
+			at = now + WAIT_MAX_MS;
+		else if (!store_connected(l->st) && l->next_db_try_ms > at)
 			at = l->next_db_try_ms;
 		if (at - now < wait)
 			wait = at - now;
 	}
 	if (l->next_renew_ms - now < wait)
 		wait = l->next_renew_ms - now;
-	if (l->db_down_since_ms != 0 && l->next_db_try_ms - now < wait)
+	if (l->db_down_since_ms != 0 && !store_connecting(l->st) && l->next_db_try_ms - now < wait)
 		wait = l->next_db_try_ms - now;
-	/* The LISTEN connection's connect or LISTEN has a deadline of its own. */
+	/* A connect in progress, and the LISTEN connection's, have deadlines of their own. */
+	if (store_connecting(l->st) && store_connect_deadline(l->st) - now < wait)
+		wait = store_connect_deadline(l->st) - now;
 	if (l->listener != NULL && store_listener_active(l->listener) &&
 	    store_listener_deadline(l->listener) - now < wait)
 		wait = store_listener_deadline(l->listener) - now;
@@ -1483,7 +1544,7 @@ wait_budget_ms(const struct loop *l, int64_t now)
 static void
 wait_for_events(struct loop *l, int64_t now, int wait_ms)
 {
-	struct api_waitfd wake[4];
+	struct api_waitfd wake[5];
 	unsigned nwake;
 
 	wake[0].fd = wake_pipe[0];
@@ -1492,7 +1553,10 @@ wait_for_events(struct loop *l, int64_t now, int wait_ms)
 	wake[1].fd = l->listener != NULL ? store_listener_fd(l->listener) : -1;
 	wake[1].events = l->listener != NULL ? store_listener_events(l->listener) : 0;
 	wake[1].revents = 0;
-	nwake = 2 + telemetry_wait_fds(l->tm, now, &wake[2], &wait_ms);
+	wake[2].fd = store_connect_fd(l->st);
+	wake[2].events = store_connect_events(l->st);
+	wake[2].revents = 0;
+	nwake = 3 + telemetry_wait_fds(l->tm, now, &wake[3], &wait_ms);
 	/*
 	 * The stall is each turn's time outside api_wait, the loop's only
 	 * deliberate sleep: every statement and Redis command runs in it, and
@@ -1505,6 +1569,7 @@ wait_for_events(struct loop *l, int64_t now, int wait_ms)
 	l->turn_start_s = stall_clock_s();
 	if (wake[0].revents & POLLIN)
 		drain_wake_pipe();
+	db_reconnect(l, wake[2].fd >= 0 ? wake[2].revents : 0);
 	listen_service(l, wake[1].fd >= 0 ? wake[1].revents : 0);
 	telemetry_after_wait(l->tm);
 }
@@ -1519,6 +1584,7 @@ turn(struct loop *l, int *status)
 	int64_t now = clock_ms();
 
 	take_signals(l, now);
+	db_reconnect(l, 0);
 	collect(l);
 	flush(l);
 	telemetry_tick(l->tm, now, l->busy, l->cfg->worker.concurrency, store_connected(l->st));

@@ -549,3 +549,47 @@ def test_a_listen_reconnect_to_a_frozen_server_does_not_stall_the_loop(tmp_path,
     wait_for(lambda: count(db, "pending") == 0, 60, message=w.log, ignore=(Exception,))
     wait_for(lambda: w.log().count("listening for new items") >= 2, 20, message=w.log)
     assert w.stop() == 0
+
+
+def test_a_reconnect_to_a_frozen_server_does_not_stall_the_loop(tmp_path, pg, db, redis,
+                                                                fake_api, binary):
+    """The main connection reconnects without blocking the loop either.
+    With its backend gone and the postmaster frozen, the reconnect waits
+    out its connect timeout on its own; the calls in flight are answered,
+    read and kept meanwhile, and recorded once the database is back, none
+    of them timed out into an ambiguous attempt.  A blocking reconnect
+    stalled the loop for connect_timeout (3 s here, measured 3 003 ms),
+    during which no answer was read and no slot refilled."""
+    port = free_port()
+    cfg = make_config(tmp_path, db, redis, fake_api, **{
+        "metrics.listen": f"{LOCALHOST}:{port}",
+        "database.conninfo": f"{db.dsn} connect_timeout=3",
+        "billing_api.timeout_ms": 2000,
+        "worker.concurrency": 8, "worker.batch_size": 8, "worker.poll_interval_ms": 200})
+    migrate(cfg)
+    fake_api.faults([], latency_ms=300)
+    w = Worker(cfg, "w").start()
+    wait_for(lambda: "listening for new items" in w.log(), 15, message=w.log)
+    insert_invoices(db, 400)
+    wait_for(lambda: count(db, "paid") >= 16, 30, message=w.log)
+    admin = db.connect()
+    postmaster = int((pg.datadir / "postmaster.pid").read_text().split()[0])
+    os.kill(postmaster, signal.SIGSTOP)
+    try:
+        with admin.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE application_name = 'billing-worker' "
+                        "AND datname = current_database()")
+        time.sleep(4.5)
+    finally:
+        os.kill(postmaster, signal.SIGCONT)
+        admin.close()
+    m = wait_for(lambda: scrape(port), 10, ignore=(OSError,))
+    wait_for(lambda: count(db, "pending") == 0, 60, message=w.log, ignore=(Exception,))
+    ambiguous = db.scalar("SELECT count(*) FROM attempts WHERE class = 'ambiguous'")
+    print(f"longest loop stall {m['billing_worker_loop_stall_max_seconds'] * 1000:.0f} ms; "
+          f"ambiguous attempts {ambiguous}")
+    assert m["billing_worker_loop_stall_max_seconds"] < 1.0, w.log()
+    assert ambiguous == 0, w.log()
+    assert "database reachable again" in w.log()
+    assert w.stop() == 0

@@ -96,6 +96,12 @@ void store_set_query_timeout(store *st, int ms) { (void)st; (void)ms; }
 void store_set_history(store *st, bool on) { (void)st; (void)on; }
 int store_prune_history(store *st, int d, int l, int *n) { (void)st; (void)d; (void)l; *n = 0; return 0; }
 int store_connect(store *st) { (void)st; return 0; }
+int store_connect_start(store *st) { (void)st; return -1; }
+bool store_connecting(const store *st) { (void)st; return false; }
+int store_connect_fd(const store *st) { (void)st; return -1; }
+short store_connect_events(const store *st) { (void)st; return 0; }
+int64_t store_connect_deadline(const store *st) { (void)st; return INT64_MAX; }
+int store_connect_drive(store *st, short r, int64_t now) { (void)st; (void)r; (void)now; return -1; }
 bool store_connected(const store *st) { (void)st; return true; }
 const char *store_errmsg(const store *st) { (void)st; return "fake store error"; }
 uint64_t store_retries(const store *st) { (void)st; return 0; }
