@@ -1015,10 +1015,10 @@ check_redis_auth(struct loader *ld)
 }
 
 /*
- * With sentinels the master is found by its name, and wherever they say it
- * is: a name without sentinels, or sentinels without a name, is a mistake;
- * host, port and socket set beside them are simply not used, which the
- * operator should hear before wondering why a changed port changes nothing.
+ * With sentinels the master is found by its name: sentinels without one
+ * is a mistake.  Keys that are then not used (host, port and socket beside
+ * sentinels, a name without them) are valid, but the operator should hear
+ * before wondering why a changed port changes nothing.
  */
 static void
 check_redis_sentinels(struct loader *ld)
@@ -1034,8 +1034,8 @@ check_redis_sentinels(struct loader *ld)
 		error_in(ld, ld->seen[si], "\"redis.sentinels\" is set but \"redis.master_name\" "
 		    "is not: the sentinels are asked for the master by its name");
 	else if (name && !sentinels)
-		error_in(ld, ld->seen[mi], "\"redis.master_name\" is set but \"redis.sentinels\" "
-		    "is not: only sentinels know the master by its name");
+		warning_in(ld, ld->seen[mi], "\"redis.master_name\" is not used without "
+		    "\"redis.sentinels\": Redis is at \"redis.host\" and \"redis.port\"");
 	for (size_t i = 0; sentinels && i < sizeof(unused) / sizeof(unused[0]); i++) {
 		int k = find_key(unused[i]);
 
