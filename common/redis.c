@@ -12,6 +12,9 @@
 
 /* Scripts of every user together: the lock manager's three, the fleet's two. */
 #define SCRIPT_MAX 8
+/* As many as the configuration may list. */
+#define SENTINEL_MAX 16
+#define HOST_MAX 256
 
 struct script {
 	const char *name;
@@ -19,13 +22,29 @@ struct script {
 	char sha[48];
 };
 
+struct sentinel {
+	char host[HOST_MAX];
+	int port;
+};
+
 struct redis_conn {
 	char *host, *socket, *password, *username, *prefix;
 	int port, db, connect_timeout_ms, command_timeout_ms;
 	redisContext *ctx;
+	/*
+	 * With sentinels: the master's name, the sentinels in the order they
+	 * are asked (from FIRST_SENTINEL on, the one that answered last), and
+	 * where the connected master came from, for the log and the probe.
+	 */
+	char *master_name;
+	struct sentinel sentinels[SENTINEL_MAX];
+	int nsentinels, first_sentinel;
+	char master_host[HOST_MAX];
+	int master_port;
+	char master_from[HOST_MAX + 16];
 	struct script scripts[SCRIPT_MAX];
 	int nscripts;
-	char errmsg[256];
+	char errmsg[1024];
 	/* argv buffers reused across calls */
 	const char **argv;
 	size_t *argvlen;
@@ -45,6 +64,46 @@ set_err(redis_conn *rc, const char *fmt, ...)
 	va_end(ap);
 }
 
+/*
+ * Splits "HOST:PORT,HOST:PORT" (the configuration's form, already checked
+ * there) into RC's table; an IPv6 host comes in brackets, kept without.
+ */
+static int
+parse_sentinels(redis_conn *rc, const char *list)
+{
+	const char *p = list;
+
+	while (*p != '\0') {
+		size_t len = strcspn(p, ",");
+		const char *colon = NULL;
+		struct sentinel *s;
+		size_t hlen;
+
+		for (size_t i = 0; i < len; i++)
+			if (p[i] == ':')
+				colon = p + i;
+		if (rc->nsentinels == SENTINEL_MAX || colon == NULL)
+			return -1;
+		s = &rc->sentinels[rc->nsentinels++];
+		hlen = (size_t)(colon - p);
+		if (hlen >= 2 && p[0] == '[' && colon[-1] == ']') {
+			p++;
+			hlen -= 2;
+		}
+		if (hlen == 0 || hlen >= sizeof(s->host))
+			return -1;
+		memcpy(s->host, p, hlen);
+		s->host[hlen] = '\0';
+		s->port = atoi(colon + 1);
+		if (s->port < 1 || s->port > 65535)
+			return -1;
+		p = colon + strcspn(colon, ",");
+		if (*p == ',')
+			p++;
+	}
+	return 0;
+}
+
 int
 redis_conn_new(const struct redis_options *o, redis_conn **ret)
 {
@@ -52,6 +111,12 @@ redis_conn_new(const struct redis_options *o, redis_conn **ret)
 
 	if ((rc = calloc(1, sizeof(*rc))) == NULL)
 		return -1;
+	if (o->sentinels != NULL && o->sentinels[0] != '\0' &&
+	    (parse_sentinels(rc, o->sentinels) == -1 || o->master_name == NULL ||
+	    o->master_name[0] == '\0' || (rc->master_name = strdup(o->master_name)) == NULL)) {
+		redis_conn_free(rc);
+		return -1;
+	}
 	rc->host = strdup(o->host ? o->host : "127.0.0.1");
 	rc->socket = strdup(o->socket ? o->socket : "");
 	rc->password = o->password && o->password[0] ? strdup(o->password) : NULL;
@@ -86,6 +151,7 @@ redis_conn_free(redis_conn *rc)
 	free(rc->socket);
 	free(rc->username);
 	free(rc->prefix);
+	free(rc->master_name);
 	free(rc->argv);
 	free(rc->argvlen);
 	free(rc);
@@ -176,19 +242,26 @@ redis_conn_script(redis_conn *rc, const char *name, const char *source, int *ret
 	return 0;
 }
 
-int
-redis_conn_connect(redis_conn *rc)
+/*
+ * Opens a connection to one server, HOST:PORT or, with HOST NULL, the
+ * configured socket or host and port; AUTH and SELECT on it.  Scripts are
+ * loaded by the caller once it knows this is the server to keep.
+ */
+static int
+open_node(redis_conn *rc, const char *host, int port)
 {
 	redisReply *r;
+	bool unix_socket = host == NULL && rc->socket[0] != '\0';
 
 	if (rc->ctx != NULL) {
 		redisFree(rc->ctx);
 		rc->ctx = NULL;
 	}
-	if (rc->socket[0] != '\0')
+	if (unix_socket)
 		rc->ctx = redisConnectUnixWithTimeout(rc->socket, tv_of(rc->connect_timeout_ms));
 	else
-		rc->ctx = redisConnectWithTimeout(rc->host, rc->port, tv_of(rc->connect_timeout_ms));
+		rc->ctx = redisConnectWithTimeout(host != NULL ? host : rc->host,
+		    host != NULL ? port : rc->port, tv_of(rc->connect_timeout_ms));
 	if (rc->ctx == NULL) {
 		set_err(rc, "out of memory");
 		return -1;
@@ -199,7 +272,7 @@ redis_conn_connect(redis_conn *rc)
 	}
 	/* A dead server must not block the loop: bound every command. */
 	redisSetTimeout(rc->ctx, tv_of(rc->command_timeout_ms));
-	if (rc->socket[0] == '\0')
+	if (!unix_socket)
 		redisEnableKeepAlive(rc->ctx);
 	if (rc->password != NULL) {
 		/* ACL (Redis 6): AUTH user password; otherwise the default user's. */
@@ -236,16 +309,204 @@ redis_conn_connect(redis_conn *rc)
 		}
 		freeReplyObject(r);
 	}
+	return 0;
+}
+
+/*
+ * Asks sentinel S where the master is.  Returns 1 with its address, 0 when
+ * the sentinel answered but does not know the name, -1 when it did not
+ * answer; the reason is in rc->errmsg.  Sentinels are asked without AUTH.
+ */
+static int
+ask_sentinel(redis_conn *rc, const struct sentinel *s, char *host, size_t hlen, int *port)
+{
+	redisContext *c = redisConnectWithTimeout(s->host, s->port, tv_of(rc->connect_timeout_ms));
+	redisReply *r = NULL;
+	int ret = -1;
+
+	if (c == NULL || c->err) {
+		set_err(rc, "%s", c != NULL ? c->errstr : "out of memory");
+		goto out;
+	}
+	redisSetTimeout(c, tv_of(rc->command_timeout_ms));
+	r = redisCommand(c, "SENTINEL get-master-addr-by-name %s", rc->master_name);
+	if (r == NULL) {
+		set_err(rc, "%s", c->errstr[0] ? c->errstr : "connection lost");
+	} else if (r->type == REDIS_REPLY_NIL ||
+	    (r->type == REDIS_REPLY_ARRAY && r->elements == 0)) {
+		set_err(rc, "does not know master \"%s\"", rc->master_name);
+		ret = 0;
+	} else if (r->type == REDIS_REPLY_ERROR) {
+		set_err(rc, "%s", r->str);
+	} else if (r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
+	    r->element[0]->type != REDIS_REPLY_STRING ||
+	    r->element[1]->type != REDIS_REPLY_STRING ||
+	    r->element[0]->len >= hlen || atoi(r->element[1]->str) < 1 ||
+	    atoi(r->element[1]->str) > 65535) {
+		set_err(rc, "unexpected reply to SENTINEL get-master-addr-by-name");
+	} else {
+		snprintf(host, hlen, "%s", r->element[0]->str);
+		*port = atoi(r->element[1]->str);
+		ret = 1;
+	}
+out:
+	freeReplyObject(r);
+	redisFree(c);
+	return ret;
+}
+
+/*
+ * Whether the connected server says it is a master (ROLE).  A replica is
+ * what a sentinel names for a moment during a failover, or a master
+ * already demoted: it would refuse every lock with READONLY.  A user the
+ * ACL forbids ROLE is trusted as it is: a write it refuses still drops
+ * the connection (redis_conn_eval).
+ */
+static int
+check_master(redis_conn *rc)
+{
+	redisReply *r = redisCommand(rc->ctx, "ROLE");
+	int ret = -1;
+
+	if (r == NULL) {
+		drop(rc);
+		return -1;
+	}
+	if (r->type == REDIS_REPLY_ERROR && strncmp(r->str, "NOPERM", 6) == 0) {
+		ret = 0;
+	} else if (r->type == REDIS_REPLY_ARRAY && r->elements > 0 &&
+	    r->element[0]->type == REDIS_REPLY_STRING) {
+		if (strcmp(r->element[0]->str, "master") == 0)
+			ret = 0;
+		else
+			set_err(rc, "it says it is a %s, not the master", r->element[0]->str);
+	} else {
+		set_err(rc, "ROLE: %s", r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+	}
+	freeReplyObject(r);
+	if (ret == -1)
+		close_unusable(rc);
+	return ret;
+}
+
+/* Appends "; WHAT: rc->errmsg" to WHY, which holds LEN bytes. */
+static void
+note(char *why, size_t len, const char *what, const redis_conn *rc)
+{
+	size_t used = strlen(why);
+
+	if (used + 1 < len)
+		snprintf(why + used, len - used, "%s%s: %s", used > 0 ? "; " : "", what,
+		    rc->errmsg);
+}
+
+/*
+ * Finds the master through the sentinels and connects to it: each
+ * sentinel in turn, from the one that answered last, names an address; the
+ * first address that accepts us and says it is the master is kept.  An
+ * address already tried in this round is not tried again, so a dead master
+ * that every sentinel still names costs one connect, not one per sentinel.
+ */
+static int
+connect_via_sentinels(redis_conn *rc)
+{
+	char why[sizeof(rc->errmsg)] = "";
+	char tried[SENTINEL_MAX][HOST_MAX + 8];
+	char what[2 * HOST_MAX + 64];
+	int ntried = 0, nunknown = 0, nnamed = 0;
+
+	for (int k = 0; k < rc->nsentinels; k++) {
+		int i = (rc->first_sentinel + k) % rc->nsentinels;
+		const struct sentinel *s = &rc->sentinels[i];
+		char host[HOST_MAX], addr[HOST_MAX + 8];
+		int port = 0, got;
+		bool seen = false;
+
+		snprintf(what, sizeof(what), "sentinel %s:%d", s->host, s->port);
+		if ((got = ask_sentinel(rc, s, host, sizeof(host), &port)) != 1) {
+			nunknown += got == 0;
+			note(why, sizeof(why), what, rc);
+			continue;
+		}
+		nnamed++;
+		snprintf(addr, sizeof(addr), "%s:%d", host, port);
+		for (int t = 0; t < ntried && !seen; t++)
+			seen = strcmp(tried[t], addr) == 0;
+		if (seen)
+			continue;
+		snprintf(tried[ntried++], sizeof(tried[0]), "%s", addr);
+		snprintf(what, sizeof(what), "master at %s (from sentinel %s:%d)", addr,
+		    s->host, s->port);
+		if (open_node(rc, host, port) == -1 || check_master(rc) == -1) {
+			note(why, sizeof(why), what, rc);
+			continue;
+		}
+		rc->first_sentinel = i;
+		snprintf(rc->master_host, sizeof(rc->master_host), "%s", host);
+		rc->master_port = port;
+		snprintf(rc->master_from, sizeof(rc->master_from), "%s:%d", s->host, s->port);
+		log_info("redis master \"%s\" is %s (from sentinel %s)", rc->master_name, addr,
+		    rc->master_from);
+		return 0;
+	}
+	if (nnamed > 0)
+		set_err(rc, "no master found for \"%s\": %s", rc->master_name, why);
+	else if (nunknown > 0)
+		set_err(rc, "no sentinel knows master \"%s\": %s", rc->master_name, why);
+	else
+		set_err(rc, "no sentinel answered for master \"%s\": %s", rc->master_name, why);
+	return -1;
+}
+
+int
+redis_conn_connect(redis_conn *rc)
+{
+	if (rc->nsentinels > 0) {
+		if (connect_via_sentinels(rc) == -1)
+			return -1;
+	} else if (open_node(rc, NULL, 0) == -1) {
+		return -1;
+	}
 	for (int i = 0; i < rc->nscripts; i++)
 		if (load_script(rc, i) == -1)
 			return -1;
-	if (rc->socket[0] != '\0')
+	if (rc->nsentinels > 0)
+		log_info("connected to redis at \"%s:%d\" (master \"%s\", database %d, keys \"%s*\")",
+		    rc->master_host, rc->master_port, rc->master_name, rc->db, rc->prefix);
+	else if (rc->socket[0] != '\0')
 		log_info("connected to redis at \"%s\" (database %d, keys \"%s*\")",
 		    rc->socket, rc->db, rc->prefix);
 	else
 		log_info("connected to redis at \"%s:%d\" (database %d, keys \"%s*\")",
 		    rc->host, rc->port, rc->db, rc->prefix);
 	return 0;
+}
+
+void
+redis_conn_describe(const redis_conn *rc, char *buf, size_t len)
+{
+	if (rc->nsentinels > 0 && redis_conn_connected(rc))
+		snprintf(buf, len, "master \"%s\" at \"%s:%d\" (from sentinel %s)",
+		    rc->master_name, rc->master_host, rc->master_port, rc->master_from);
+	else if (rc->nsentinels > 0)
+		snprintf(buf, len, "master \"%s\" (from %d sentinel%s)", rc->master_name,
+		    rc->nsentinels, rc->nsentinels == 1 ? "" : "s");
+	else if (rc->socket[0] != '\0')
+		snprintf(buf, len, "\"%s\"", rc->socket);
+	else
+		snprintf(buf, len, "\"%s:%d\"", rc->host, rc->port);
+}
+
+/*
+ * True for the answers of a server that is not, or no longer, the master:
+ * a demoted master refuses writes with READONLY, a replica that lost its
+ * master may refuse everything with MASTERDOWN.
+ */
+static bool
+not_master_error(const redisReply *r)
+{
+	return r != NULL && r->type == REDIS_REPLY_ERROR &&
+	    (strncmp(r->str, "READONLY", 8) == 0 || strncmp(r->str, "MASTERDOWN", 10) == 0);
 }
 
 int
@@ -308,6 +569,15 @@ redis_conn_eval(redis_conn *rc, int id, const char *const *keys, size_t nkeys,
 			continue;
 		}
 		break;
+	}
+	if (not_master_error(r)) {
+		/*
+		 * Locks written here would be lost or refused: drop the
+		 * connection, so the next connect asks the sentinels again.
+		 */
+		set_err(rc, "%s script: %s", rc->scripts[id].name, r->str);
+		close_unusable(rc);
+		goto out;
 	}
 	if (r == NULL || r->type != REDIS_REPLY_ARRAY || r->elements != nout) {
 		set_err(rc, "unexpected reply to %s script: %s", rc->scripts[id].name,

@@ -31,6 +31,14 @@ struct redis_options {
 	const char *key_prefix;
 	int connect_timeout_ms;
 	int command_timeout_ms;
+	/*
+	 * "" or NULL: connect to host/port or socket.  Otherwise Sentinel
+	 * entries "HOST:PORT" ("[::1]:26379" for IPv6) joined by commas,
+	 * asked, without AUTH, where MASTER_NAME is; host, port and socket
+	 * are then not used.  Both copied.
+	 */
+	const char *sentinels;
+	const char *master_name;
 };
 
 /* Nothing is connected yet.  O's strings are copied. */
@@ -49,8 +57,13 @@ int redis_conn_script(redis_conn *rc, const char *name, const char *source, int 
 
 /*
  * (Re)connects: AUTH when a password is set, SELECT the database, load
- * every registered script.  Logs the connection once made.  Returns -1
- * with the reason in redis_conn_errmsg().
+ * every registered script.  With sentinels, first asks each in turn
+ * (SENTINEL get-master-addr-by-name, with the connect and command
+ * timeouts) and keeps the first address named that says, with ROLE, it is
+ * the master; so a connection dropped after a failover finds the new
+ * master at the next connect.  Logs the connection once made (and the
+ * master found, and by which sentinel).  Returns -1 with the reason in
+ * redis_conn_errmsg().
  */
 int redis_conn_connect(redis_conn *rc) __attribute__((warn_unused_result));
 bool redis_conn_connected(const redis_conn *rc);
@@ -60,11 +73,19 @@ const char *redis_conn_errmsg(const redis_conn *rc);
 const char *redis_conn_prefix(const redis_conn *rc);
 
 /*
+ * Where the handle connects, for a person: "\"HOST:PORT\"", the socket,
+ * or with sentinels "master \"NAME\" at \"HOST:PORT\" (from sentinel
+ * HOST:PORT)" once connected.  Written into BUF, LEN bytes.
+ */
+void redis_conn_describe(const redis_conn *rc, char *buf, size_t len);
+
+/*
  * EVALSHA script ID with the NKEYS KEYS and the NARGS ARGS.  The reply
  * must be an array of NOUT elements; each integer goes to OUT[i], anything
  * else as 0.  A NOSCRIPT answer (a restarted server) loads the script
  * again, once.  Returns -1 with the reason in redis_conn_errmsg(); a broken
- * connection is then dropped.
+ * connection is then dropped, and so is one to a server that answers
+ * READONLY or MASTERDOWN (a master demoted by a failover).
  */
 int redis_conn_eval(redis_conn *rc, int id, const char *const *keys, size_t nkeys,
     const char *const *args, size_t nargs, long long *out, size_t nout)

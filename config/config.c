@@ -34,6 +34,7 @@ enum opt_type {
 	OPT_STRING,
 	OPT_ENUM,
 	OPT_BOOL,
+	OPT_LIST,
 };
 
 #define RELOAD  true
@@ -52,7 +53,7 @@ struct opt {
 	long long max;
 	long long def;              /* OPT_INT, OPT_ENUM: the default */
 	const char *def_str;        /* OPT_STRING: the default; NULL = required */
-	string_check *check;        /* OPT_STRING: extra validation, or NULL */
+	string_check *check;        /* OPT_STRING, OPT_LIST (each entry): extra validation, or NULL */
 	const char *const *names;   /* OPT_ENUM: value i is names[i]; NULL ends */
 	bool reloadable;            /* may change on SIGHUP without a restart */
 	size_t offset;              /* of the field in struct bw_config */
@@ -66,6 +67,15 @@ struct opt {
 	.offset = offsetof(struct bw_config, field) }
 #define ENUM_OPT(k, nm, d, rl, field) { .key = (k), .type = OPT_ENUM, \
 	.names = (nm), .def = (d), .reloadable = (rl), \
+	.offset = offsetof(struct bw_config, field) }
+
+/*
+ * A list (or array) of strings, kept as one string of its entries joined
+ * by commas ("" for none): config_free, the restart check and SIGHUP then
+ * treat it as any string, and CHECK refuses a comma inside an entry.
+ */
+#define LIST_OPT(k, chk, rl, field) { .key = (k), .type = OPT_LIST, \
+	.def_str = "", .check = (chk), .reloadable = (rl), \
 	.offset = offsetof(struct bw_config, field) }
 
 #define BOOL_OPT(k, d, rl, field) { .key = (k), .type = OPT_BOOL, \
@@ -86,6 +96,7 @@ static string_check check_url;
 static string_check check_listen;
 static string_check check_key_prefix;
 static string_check check_no_control;
+static string_check check_sentinel;
 
 /*
  * Every key the file may hold, in the order the documentation and the
@@ -120,6 +131,9 @@ static const struct opt opts[] = {
 	    redis.key_prefix),
 	INT_OPT("redis.connect_timeout_ms", 1, 60000, 500, RESTART, redis.connect_timeout_ms),
 	INT_OPT("redis.command_timeout_ms", 1, 60000, 2000, RESTART, redis.command_timeout_ms),
+	/* With sentinels the master's address comes from them, not host/port. */
+	LIST_OPT("redis.sentinels", check_sentinel, RESTART, redis.sentinels),
+	STR_OPT("redis.master_name", "", check_no_control, RESTART, redis.master_name),
 
 	ENUM_OPT("locks.mode", lock_mode_names, LOCK_MODE_REDIS, RESTART, locks.mode),
 	INT_OPT("locks.ttl_ms", 100, 86400000, 30000, RELOAD, locks.ttl_ms),
@@ -478,6 +492,18 @@ check_no_control(const char *value)
 }
 
 /*
+ * One entry of redis.sentinels: HOST:PORT as metrics.listen takes it, and
+ * no comma, since the entries are kept joined by commas.
+ */
+static const char *
+check_sentinel(const char *value)
+{
+	if (value[0] == '\0' || strchr(value, ',') != NULL || check_listen(value) != NULL)
+		return "must be HOST:PORT, e.g. \"10.0.0.5:26379\" or \"[::1]:26379\"";
+	return NULL;
+}
+
+/*
  * Returns the end of the number starting at P (digits, maybe signed) and
  * sets *wide when it is an integer literal without an L suffix whose value
  * does not fit in an int.
@@ -691,6 +717,61 @@ apply_enum(struct loader *ld, const struct opt *o, const config_setting_t *s)
 	return ok;
 }
 
+/* The most sentinels one file may list: Sentinel deployments run 3 or 5. */
+#define LIST_MAX 16
+
+static bool
+apply_list(struct loader *ld, const struct opt *o, const config_setting_t *s)
+{
+	char *joined = NULL;
+	size_t len = 0;
+	FILE *out = NULL;
+	int n = config_setting_length(s);
+	bool ok = true;
+
+	if (!config_setting_is_array(s) && !config_setting_is_list(s)) {
+		error_in(ld, s, "\"%s\" must be a list of strings, e.g. "
+		    "[ \"10.0.0.5:26379\", \"10.0.0.6:26379\" ]", o->key);
+		return false;
+	}
+	if (n > LIST_MAX) {
+		error_in(ld, s, "\"%s\" must have at most %d entries, not %d", o->key,
+		    LIST_MAX, n);
+		return false;
+	}
+	for (int i = 0; i < n; i++) {
+		const config_setting_t *e = config_setting_get_elem(s, (unsigned)i);
+		const char *problem;
+
+		if (config_setting_type(e) != CONFIG_TYPE_STRING) {
+			error_in(ld, e, "\"%s\" entry %d must be a string", o->key, i + 1);
+			ok = false;
+		} else if (o->check != NULL &&
+		    (problem = o->check(config_setting_get_string(e))) != NULL) {
+			error_in(ld, e, "\"%s\" entry %d (\"%s\") %s", o->key, i + 1,
+			    config_setting_get_string(e), problem);
+			ok = false;
+		}
+	}
+	if (ok && (out = open_memstream(&joined, &len)) != NULL) {
+		for (int i = 0; i < n; i++)
+			fprintf(out, "%s%s", i > 0 ? "," : "",
+			    config_setting_get_string(config_setting_get_elem(s, (unsigned)i)));
+		if (fclose(out) != 0) {
+			free(joined);
+			joined = NULL;
+		}
+	}
+	if (ok && joined == NULL) {
+		error_in(ld, s, "out of memory");
+		ok = false;
+	}
+	if (ok)
+		set_string(ld, o, s, joined);
+	free(joined);
+	return ok;
+}
+
 static bool
 apply_bool(struct loader *ld, const struct opt *o, const config_setting_t *s)
 {
@@ -733,6 +814,9 @@ walk_group(struct loader *ld, const config_setting_t *group)
 			break;
 		case OPT_BOOL:
 			ok = apply_bool(ld, o, s);
+			break;
+		case OPT_LIST:
+			ok = apply_list(ld, o, s);
 			break;
 		}
 		ld->bad[idx] = !ok;
@@ -931,6 +1015,37 @@ check_redis_auth(struct loader *ld)
 }
 
 /*
+ * With sentinels the master is found by its name: sentinels without one
+ * is a mistake.  Keys that are then not used (host, port and socket beside
+ * sentinels, a name without them) are valid, but the operator should hear
+ * before wondering why a changed port changes nothing.
+ */
+static void
+check_redis_sentinels(struct loader *ld)
+{
+	static const char *const unused[] = { "redis.host", "redis.port", "redis.socket" };
+	int si = find_key("redis.sentinels"), mi = find_key("redis.master_name");
+	bool sentinels = ld->cfg.redis.sentinels != NULL && ld->cfg.redis.sentinels[0] != '\0';
+	bool name = ld->cfg.redis.master_name != NULL && ld->cfg.redis.master_name[0] != '\0';
+
+	if (ld->bad[si] || ld->bad[mi])
+		return;
+	if (sentinels && !name)
+		error_in(ld, ld->seen[si], "\"redis.sentinels\" is set but \"redis.master_name\" "
+		    "is not: the sentinels are asked for the master by its name");
+	else if (name && !sentinels)
+		warning_in(ld, ld->seen[mi], "\"redis.master_name\" is not used without "
+		    "\"redis.sentinels\": Redis is at \"redis.host\" and \"redis.port\"");
+	for (size_t i = 0; sentinels && i < sizeof(unused) / sizeof(unused[0]); i++) {
+		int k = find_key(unused[i]);
+
+		if (ld->seen[k] != NULL && !ld->bad[k])
+			warning_in(ld, ld->seen[k], "\"%s\" is not used: with \"redis.sentinels\" "
+			    "the master's address comes from the sentinels", unused[i]);
+	}
+}
+
+/*
  * A poll takes at most as many items as there is room for calls, so a
  * batch larger than worker.concurrency is never taken whole: the setting
  * does nothing past that.  Said only when the file sets one of the two,
@@ -956,11 +1071,11 @@ set_defaults(struct loader *ld)
 	for (size_t i = 0; i < N_OPTS; i++) {
 		const struct opt *o = &opts[i];
 
-		if (o->type == OPT_STRING && o->def_str != NULL)
+		if ((o->type == OPT_STRING || o->type == OPT_LIST) && o->def_str != NULL)
 			set_string(ld, o, NULL, o->def_str);
 		else if (o->type == OPT_BOOL)
 			*bool_field(&ld->cfg, o) = o->def != 0;
-		else if (o->type != OPT_STRING)
+		else if (o->type == OPT_INT || o->type == OPT_ENUM)
 			*int_field(&ld->cfg, o) = (int)o->def;
 	}
 }
@@ -1327,6 +1442,7 @@ load_text(struct loader *ld, const char *text)
 		check_rules(ld);
 		check_transport(ld);
 		check_redis_auth(ld);
+		check_redis_sentinels(ld);
 		check_warnings(ld);
 	}
 	config_destroy(&lc);
@@ -1467,7 +1583,7 @@ config_free(struct bw_config *cfg)
 {
 	if (cfg != NULL) {
 		for (size_t i = 0; i < N_OPTS; i++)
-			if (opts[i].type == OPT_STRING)
+			if (opts[i].type == OPT_STRING || opts[i].type == OPT_LIST)
 				free(*str_field(cfg, &opts[i]));
 		free(cfg->path);
 		free(cfg->warnings);
@@ -1480,7 +1596,7 @@ static bool
 same_value(const struct bw_config *running, const struct bw_config *loaded,
     const struct opt *o)
 {
-	if (o->type == OPT_STRING)
+	if (o->type == OPT_STRING || o->type == OPT_LIST)
 		return strcmp(str_value(running, o), str_value(loaded, o)) == 0;
 	if (o->type == OPT_BOOL)
 		return *(const bool *)(const void *)((const char *)running + o->offset) ==
@@ -1538,7 +1654,7 @@ config_apply_reloadable(struct bw_config *running, const struct bw_config *fresh
 
 		if (!o->reloadable || same_value(running, fresh, o))
 			continue;
-		if (o->type == OPT_STRING &&
+		if ((o->type == OPT_STRING || o->type == OPT_LIST) &&
 		    (copies[i] = strdup(str_value(fresh, o))) == NULL)
 			goto done;
 		if (fprintf(out, "%s%s", n > 0 ? ", " : "", o->key) < 0)
@@ -1557,7 +1673,7 @@ config_apply_reloadable(struct bw_config *running, const struct bw_config *fresh
 
 		if (!changed[i])
 			continue;
-		if (o->type == OPT_STRING) {
+		if (o->type == OPT_STRING || o->type == OPT_LIST) {
 			free(*str_field(running, o));
 			*str_field(running, o) = copies[i];
 			copies[i] = NULL;

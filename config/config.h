@@ -65,6 +65,13 @@ struct bw_config {
 		char *key_prefix;       /* starts every key the fleet keeps in Redis */
 		int connect_timeout_ms;
 		int command_timeout_ms;
+		/*
+		 * The Sentinel entries ("HOST:PORT") joined by commas, "" for
+		 * none; with them the master is asked of them by master_name,
+		 * and host, port and socket are not used.
+		 */
+		char *sentinels;
+		char *master_name;
 	} redis;
 	struct {
 		enum lock_mode mode;

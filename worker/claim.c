@@ -63,6 +63,8 @@ claim_redis_options(const struct bw_config *cfg, const char *password,
 	out->key_prefix = cfg->redis.key_prefix;
 	out->connect_timeout_ms = cfg->redis.connect_timeout_ms;
 	out->command_timeout_ms = cfg->redis.command_timeout_ms;
+	out->sentinels = cfg->redis.sentinels;
+	out->master_name = cfg->redis.master_name;
 }
 
 enum lock_policy

@@ -69,25 +69,24 @@ probe_redis(const struct bw_config *cfg, const char *password)
 {
 	struct redis_options o;
 	redis_conn *rc = NULL;
-	char where[300], answer[64];
+	char where[600], answer[64];
 	int ret = -1;
 
 	if (cfg->locks.mode == LOCK_MODE_SKIP_LOCKED) {
 		printf("redis: not used (locks.mode \"skip-locked\")\n");
 		return 0;
 	}
-	if (cfg->redis.socket[0] != '\0')
-		snprintf(where, sizeof(where), "\"%s\"", cfg->redis.socket);
-	else
-		snprintf(where, sizeof(where), "\"%s:%d\"", cfg->redis.host, cfg->redis.port);
 	claim_redis_options(cfg, password, &o);
 	if (redis_conn_new(&o, &rc) == -1) {
 		printf("redis: out of memory\n");
 		return -1;
 	}
+	redis_conn_describe(rc, where, sizeof(where));
 	if (redis_conn_connect(rc) == -1 || redis_conn_ping(rc, answer, sizeof(answer)) == -1)
 		printf("redis: no answer at %s: %s\n", where, redis_conn_errmsg(rc));
 	else {
+		/* With sentinels, which master they named and which one did. */
+		redis_conn_describe(rc, where, sizeof(where));
 		printf("redis: %s answered %s%s\n", where, answer,
 		    password != NULL ? " (after AUTH)" : "");
 		ret = 0;

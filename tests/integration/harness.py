@@ -5,6 +5,8 @@ Private servers for the whole session (started by conftest.py):
     PgCluster    a throw-away PostgreSQL cluster on a free 127.0.0.1 port
     PgStandby    a hot standby of a PgCluster (pg_basebackup -R), for failover tests
     RedisServer  a throw-away redis-server on a free 127.0.0.1 port
+    SentinelSet  a master, a replica and three sentinels (quorum 2), for
+                 Redis failover tests
 
 Per-test objects (conftest.py fixtures `db`, `redis`, `fake_api`):
 
@@ -626,6 +628,123 @@ class RedisServer:
             self.stop()
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class SentinelSet:
+    """A Redis master, one replica (replicaof) and three sentinels watching
+    it with quorum 2, all on free 127.0.0.1 ports, each redis-server and
+    redis-sentinel started with its own config file in one temp dir (a
+    sentinel rewrites its file as it learns).  Short timings
+    (down-after-milliseconds DOWN_AFTER_MS) make a failover take seconds.
+
+    kill(port) SIGKILLs the server on PORT; master() asks a sentinel where
+    the master is now; node(port).command(...) talks to one server.
+    """
+
+    host = LOCALHOST
+    name = "bw-master"
+
+    def __init__(self, down_after_ms=1000, failover_timeout_ms=3000):
+        self.server_binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.sentinel_binary = shutil.which("redis-sentinel") or "/usr/bin/redis-sentinel"
+        self.dir = Path(tempfile.mkdtemp(prefix="bw-sentinel-"))
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self.procs = {}        # port -> Popen
+        self.master_port = self.replica_port = None
+        self.sentinel_ports = []
+
+    def _spawn(self, binary, port, lines):
+        conf = self.dir / f"{port}.conf"
+        conf.write_text("\n".join([f"port {port}", f"bind {self.host}", "daemonize no",
+                                   f'dir "{self.dir}"', f'logfile "{self.dir}/{port}.log"']
+                                  + lines) + "\n")
+        self.procs[port] = subprocess.Popen(
+            [binary, str(conf)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, cwd=self.dir)
+        wait_for(lambda: self.procs[port].poll() is not None or self._ping(port), 10,
+                 message=f"{binary} on port {port} did not answer PING")
+        if self.procs[port].poll() is not None:
+            raise RuntimeError(f"{binary} exited {self.procs[port].returncode}; log:\n"
+                               f"{_tail(self.dir / f'{port}.log')}")
+
+    def _ping(self, port):
+        try:
+            return redis_command(self.host, port, "PING", timeout=0.5) == "PONG"
+        except (OSError, ConnectionError, RedisError):
+            return False
+
+    def start(self):
+        data = ['save ""', "appendonly no"]
+        self.master_port = free_port()
+        self._spawn(self.server_binary, self.master_port, data)
+        self.replica_port = free_port()
+        self._spawn(self.server_binary, self.replica_port,
+                    data + [f"replicaof {self.host} {self.master_port}"])
+        for _ in range(3):
+            port = free_port()
+            self._spawn(self.sentinel_binary, port, [
+                f"sentinel monitor {self.name} {self.host} {self.master_port} 2",
+                f"sentinel down-after-milliseconds {self.name} {self.down_after_ms}",
+                f"sentinel failover-timeout {self.name} {self.failover_timeout_ms}",
+                f"sentinel parallel-syncs {self.name} 1"])
+            self.sentinel_ports.append(port)
+        wait_for(lambda: "master_link_status:up" in self.node(self.replica_port).command(
+            "INFO", "replication"), 20, message="the replica never synced")
+        # A failover needs every sentinel to know the replica and the others.
+        wait_for(self._sentinels_ready, 30, interval=0.2,
+                 message="the sentinels never found each other and the replica")
+        return self
+
+    def _sentinels_ready(self):
+        for port in self.sentinel_ports:
+            info = redis_command(self.host, port, "SENTINEL", "MASTER", self.name)
+            info = dict(zip(info[::2], info[1::2]))
+            if info.get("num-other-sentinels") != "2" or info.get("num-slaves") != "1":
+                return False
+        return True
+
+    @property
+    def sentinels(self):
+        """The sentinels as redis.sentinels lists them."""
+        return [f"{self.host}:{p}" for p in self.sentinel_ports]
+
+    def master(self):
+        """The master's port as the first sentinel that answers names it, or None."""
+        for port in self.sentinel_ports:
+            try:
+                got = redis_command(self.host, port, "SENTINEL", "get-master-addr-by-name",
+                                    self.name, timeout=0.5)
+                return int(got[1]) if got else None
+            except (OSError, ConnectionError, RedisError):
+                continue
+        return None
+
+    def node(self, port):
+        """A client of the server on PORT (the same RESP client as RedisClient)."""
+        return _PortClient(self.host, port)
+
+    def kill(self, port):
+        proc = self.procs.get(port)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+    def log(self, port):
+        return _tail(self.dir / f"{port}.log", 60)
+
+    def cleanup(self):
+        for port in list(self.procs):
+            self.kill(port)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class _PortClient:
+    def __init__(self, host, port):
+        self.host, self.port = host, port
+
+    def command(self, *args, timeout=2.0):
+        return redis_command(self.host, self.port, *args, timeout=timeout)
 
 
 class RedisClient:

@@ -178,6 +178,33 @@ static struct load_case cases[] = {
 	  DB API "redis = {\n\tusername = \"a\\tb\";\n"
 	  "\tpassword_file = \"/etc/billing-worker/redis-password\";\n};\n", 1,
 	  { NAME ":4: \"redis.username\" must not contain control characters\n" } },
+	{ "redis sentinels with a master name",
+	  DB API "redis = {\n\tsentinels = [ \"10.0.0.5:26379\", \"[::1]:26380\", "
+	  "\"sentinel-3.internal:26379\" ];\n\tmaster_name = \"billing\";\n};\n", 0, { NULL } },
+	{ "redis sentinels as a list", DB API "redis = { sentinels = ( \"h:1\" ); "
+	  "master_name = \"m\"; };\n", 0, { NULL } },
+	{ "no redis sentinels", DB API "redis = { sentinels = [ ]; };\n", 0, { NULL } },
+	{ "redis sentinels need a master name",
+	  DB API "redis = {\n\tsentinels = [ \"10.0.0.5:26379\" ];\n};\n", 1,
+	  { NAME ":4: \"redis.sentinels\" is set but \"redis.master_name\" is not: " } },
+	{ "each bad redis sentinel at its line",
+	  DB API "redis = {\n\tmaster_name = \"m\";\n\tsentinels = [ \"10.0.0.5:26379\",\n"
+	  "\t\t\"10.0.0.6\",\n\t\t\"a,b:1\",\n\t\t\":26379\" ];\n};\n", 3,
+	  { NAME ":6: \"redis.sentinels\" entry 2 (\"10.0.0.6\") must be HOST:PORT, e.g. ",
+	    NAME ":7: \"redis.sentinels\" entry 3 (\"a,b:1\") must be HOST:PORT",
+	    NAME ":8: \"redis.sentinels\" entry 4 (\":26379\") must be HOST:PORT" } },
+	{ "a redis sentinel port in range",
+	  DB API "redis = { master_name = \"m\"; sentinels = [ \"h:65536\" ]; };\n", 1,
+	  { NAME ":3: \"redis.sentinels\" entry 1 (\"h:65536\") must be HOST:PORT" } },
+	{ "redis sentinels are a list",
+	  DB API "redis = { master_name = \"m\"; sentinels = \"h:26379\"; };\n", 1,
+	  { NAME ":3: \"redis.sentinels\" must be a list of strings, e.g. " } },
+	{ "redis sentinels are strings",
+	  DB API "redis = { master_name = \"m\"; sentinels = ( \"h:1\", 26379 ); };\n", 1,
+	  { NAME ":3: \"redis.sentinels\" entry 2 must be a string\n" } },
+	{ "redis master name without control characters",
+	  DB API "redis = { master_name = \"m\\n\"; sentinels = [ \"h:1\" ]; };\n", 1,
+	  { NAME ":3: \"redis.master_name\" must not contain control characters\n" } },
 	{ "empty redis username needs no password", DB API "redis = { username = \"\"; };\n", 0,
 	  { NULL } },
 	{ "metrics listen on IPv4", DB API "metrics = { listen = \"127.0.0.1:9187\"; };\n", 0, { NULL } },
@@ -647,7 +674,8 @@ test_reloadable_keys(void **state)
 
 /*
  * The file both sides of test_apply_every_key start from: the two required
- * keys, and a password file so that redis.username may be set alone.
+ * keys, a password file so that redis.username may be set alone, and a
+ * master name so that redis.sentinels may.  A group's keys are adjacent.
  */
 static const struct {
 	const char *group, *name, *value;
@@ -655,6 +683,7 @@ static const struct {
 	{ "database", "conninfo", "\"postgresql:///billing\"" },
 	{ "billing_api", "base_url", "\"https://billing.example.com\"" },
 	{ "redis", "password_file", "\"/run/redis-password\"" },
+	{ "redis", "master_name", "\"bw-master\"" },
 };
 
 #define N_BASE_KEYS (sizeof(base_keys) / sizeof(base_keys[0]))
@@ -667,7 +696,7 @@ in_group(const char *key, size_t glen, const char *group)
 
 /*
  * The base file with KEY ("group.name") set to VALUE, or the base file
- * alone when KEY is NULL.  Each base key has a group of its own.
+ * alone when KEY is NULL.
  */
 static void
 key_text(const char *key, const char *value, char *buf, size_t len)
@@ -675,19 +704,28 @@ key_text(const char *key, const char *value, char *buf, size_t len)
 	const char *dot = key != NULL ? strchr(key, '.') : NULL;
 	size_t glen = dot != NULL ? (size_t)(dot - key) : 0;
 	FILE *out = fmemopen(buf, len, "w");
-	bool placed = false;
+	bool placed = false, group_same = false;
 
 	assert_true(key == NULL || dot != NULL);
 	assert_non_null(out);
 	for (size_t i = 0; i < N_BASE_KEYS; i++) {
-		bool here = in_group(key, glen, base_keys[i].group);
+		const char *group = base_keys[i].group;
+		bool first = i == 0 || strcmp(base_keys[i - 1].group, group) != 0;
+		bool last = i + 1 == N_BASE_KEYS || strcmp(base_keys[i + 1].group, group) != 0;
+		bool here = in_group(key, glen, group);
 		bool same = here && strcmp(dot + 1, base_keys[i].name) == 0;
 
-		fprintf(out, "%s = { %s = %s; ", base_keys[i].group, base_keys[i].name,
-		    same ? value : base_keys[i].value);
-		if (here && !same)
-			fprintf(out, "%s = %s; ", dot + 1, value);
-		fprintf(out, "};\n");
+		if (first) {
+			fprintf(out, "%s = { ", group);
+			group_same = false;
+		}
+		fprintf(out, "%s = %s; ", base_keys[i].name, same ? value : base_keys[i].value);
+		group_same = group_same || same;
+		if (last) {
+			if (here && !group_same)
+				fprintf(out, "%s = %s; ", dot + 1, value);
+			fprintf(out, "};\n");
+		}
 		placed = placed || here;
 	}
 	if (key != NULL && !placed)
@@ -704,6 +742,7 @@ static const char *const candidates[] = {
 	"1", "2", "50", "101", "5000", "20000", "true", "false",
 	"\"debug\"", "\"json\"", "\"skip-locked\"", "\"x\"",
 	"\"https://other.example.com\"", "\"127.0.0.1:9187\"", "\"billing-worker:t:\"",
+	"[ \"127.0.0.1:26379\" ]",
 };
 
 /*
