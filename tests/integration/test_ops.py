@@ -506,6 +506,29 @@ def test_reloads_with_calls_in_flight_drop_nothing(tmp_path, db, redis, fake_api
     assert "abandoned" not in w.log()
 
 
+def busy_worker_on_a_freezable_server(tmp_path, db, redis, fake_api, latency_ms, items, **over):
+    """A worker with 8 calls in flight to an API answering in LATENCY_MS,
+    connect_timeout 3 s, metrics on; returns it and its metrics port once
+    it listens and bills."""
+    port = free_port()
+    cfg = make_config(tmp_path, db, redis, fake_api, **{
+        "metrics.listen": f"{LOCALHOST}:{port}",
+        "database.conninfo": f"{db.dsn} connect_timeout=3",
+        "worker.concurrency": 8, "worker.batch_size": 8, "worker.poll_interval_ms": 200,
+        **over})
+    migrate(cfg)
+    fake_api.faults([], latency_ms=latency_ms)
+    w = Worker(cfg, "w").start()
+    wait_for(lambda: "listening for new items" in w.log(), 15, message=w.log)
+    insert_invoices(db, items)
+    wait_for(lambda: count(db, "paid") >= 16, 30, message=w.log)
+    return w, port
+
+
+def postmaster_pid(pg):
+    return int((pg.datadir / "postmaster.pid").read_text().split()[0])
+
+
 def test_a_listen_reconnect_to_a_frozen_server_does_not_stall_the_loop(tmp_path, pg, db, redis,
                                                                        fake_api, binary):
     """The LISTEN connection reconnects without blocking the loop.  With the
@@ -514,19 +537,9 @@ def test_a_listen_reconnect_to_a_frozen_server_does_not_stall_the_loop(tmp_path,
     timeout on its own, and the calls in flight are read and recorded
     meanwhile.  A blocking connect stalled the whole loop for
     connect_timeout, every call in flight waiting with it."""
-    port = free_port()
-    cfg = make_config(tmp_path, db, redis, fake_api, **{
-        "metrics.listen": f"{LOCALHOST}:{port}",
-        "database.conninfo": f"{db.dsn} connect_timeout=3",
-        "worker.concurrency": 8, "worker.batch_size": 8, "worker.poll_interval_ms": 200})
-    migrate(cfg)
-    fake_api.faults([], latency_ms=50)
-    w = Worker(cfg, "w").start()
-    wait_for(lambda: "listening for new items" in w.log(), 15, message=w.log)
-    insert_invoices(db, 1500)
-    wait_for(lambda: count(db, "paid") >= 50, 30, message=w.log)
+    w, port = busy_worker_on_a_freezable_server(tmp_path, db, redis, fake_api, 50, 1500)
     admin = db.connect()
-    postmaster = int((pg.datadir / "postmaster.pid").read_text().split()[0])
+    postmaster = postmaster_pid(pg)
     os.kill(postmaster, signal.SIGSTOP)
     try:
         with admin.cursor() as cur:
@@ -560,20 +573,10 @@ def test_a_reconnect_to_a_frozen_server_does_not_stall_the_loop(tmp_path, pg, db
     of them timed out into an ambiguous attempt.  A blocking reconnect
     stalled the loop for connect_timeout (3 s here, measured 3 003 ms),
     during which no answer was read and no slot refilled."""
-    port = free_port()
-    cfg = make_config(tmp_path, db, redis, fake_api, **{
-        "metrics.listen": f"{LOCALHOST}:{port}",
-        "database.conninfo": f"{db.dsn} connect_timeout=3",
-        "billing_api.timeout_ms": 2000,
-        "worker.concurrency": 8, "worker.batch_size": 8, "worker.poll_interval_ms": 200})
-    migrate(cfg)
-    fake_api.faults([], latency_ms=300)
-    w = Worker(cfg, "w").start()
-    wait_for(lambda: "listening for new items" in w.log(), 15, message=w.log)
-    insert_invoices(db, 400)
-    wait_for(lambda: count(db, "paid") >= 16, 30, message=w.log)
+    w, port = busy_worker_on_a_freezable_server(tmp_path, db, redis, fake_api, 300, 400, **{
+        "billing_api.timeout_ms": 2000})
     admin = db.connect()
-    postmaster = int((pg.datadir / "postmaster.pid").read_text().split()[0])
+    postmaster = postmaster_pid(pg)
     os.kill(postmaster, signal.SIGSTOP)
     try:
         with admin.cursor() as cur:
