@@ -29,6 +29,7 @@ import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 MAX_BODY = 1 << 20  # larger request bodies are refused (400) and the connection closed
+ARRIVALS_MAX = 100000  # /_control/arrivals keeps the times of this many requests
 
 CHARGES = "/v1/charges"
 REDEMPTIONS = "/v1/redemptions"
@@ -202,6 +203,7 @@ class State:
         self.requests = {}     # key -> count
         self.total_requests = 0
         self.per_second = {}   # "<unix second>" -> count
+        self.arrivals = []     # time.time() of each request, the first ARRIVALS_MAX
         self.last_headers = {}
         self.fired = {}        # "<rule index>" -> count
         self.alpn = {}         # TLS: protocol chosen by ALPN ("none": no ALPN) -> handshakes
@@ -223,6 +225,8 @@ class State:
         with self.lock:
             self.total_requests += 1
             self.per_second[now] = self.per_second.get(now, 0) + 1
+            if len(self.arrivals) < ARRIVALS_MAX:
+                self.arrivals.append(time.time())
             if key is not None:
                 self.requests[key] = self.requests.get(key, 0) + 1
                 self.last_headers[key] = headers
@@ -433,6 +437,13 @@ class Handler(BaseHTTPRequestHandler):
             if self.command not in ("GET", "HEAD"):
                 return self.method_not_allowed("GET")
             self.send_raw(200, self.server.state.snapshot())
+        elif path == "/_control/arrivals":
+            # When each request came, for tests that need finer than per_second.
+            if self.command not in ("GET", "HEAD"):
+                return self.method_not_allowed("GET")
+            with self.server.state.lock:
+                raw = json.dumps(self.server.state.arrivals).encode()
+            self.send_raw(200, raw)
         elif path == "/_control/faults":
             if self.command != "POST":
                 return self.method_not_allowed("POST")

@@ -929,6 +929,10 @@ class FakeApi:
     def state(self):
         return self._control("GET", "/_control/state")
 
+    def arrivals(self):
+        """time.time() of each request so far (the first 100 000), in order."""
+        return self._control("GET", "/_control/arrivals")
+
     def reset(self):
         return self._control("POST", "/_control/reset", {})
 

@@ -52,12 +52,16 @@ def test_a_429_pauses_every_worker(tmp_path, db, redis, fake_api, binary):
     wait_for(lambda: pending(db) == 0, 60, interval=0.2)
     for w in workers:
         assert w.stop() == 0
-    state = fake_api.state()
-    seconds = sorted(int(k) for k in state["per_second"])
-    first = seconds[0]
-    # The 429 came with the first request, in second `first`; its 2 s pause
-    # covers the whole next second for every worker, not just the one told.
-    assert state["per_second"].get(str(first + 1), 0) == 0, state["per_second"]
+    # The 429 answered the first request; its 2 s pause holds every worker,
+    # not just the one told.  Calls granted before the pause was known may
+    # still start in the first few hundred milliseconds (they were claimed
+    # already), but none in the rest of the pause.  By arrival time, not by
+    # wall-clock second: a first burst that straddles a second's boundary
+    # is not a violation.
+    arrivals = fake_api.arrivals()
+    first = arrivals[0]
+    during = [round(t - first, 3) for t in arrivals if first + 0.4 <= t < first + 1.9]
+    assert during == [], (during, arrivals[:12])
     assert sum(1 for w in workers if "answered 429" in w.log()) == 1
     assert db.scalar("SELECT count(*) FROM invoices WHERE status = 'paid'") == 150
 
