@@ -80,6 +80,11 @@ static const char script_pause[] =
 
 struct fleet {
 	redis_conn *conn;               /* borrowed; NULL: never shared */
+	/* the shared grant's call, between fleet_grant_call() and fleet_grant_done() */
+	char args_buf[4][24];
+	const char *args[6];
+	long long out[3];
+	size_t want, offered;
 	int grant, give_back, pause;    /* script ids on conn */
 	char *member;
 	int rate;
@@ -161,34 +166,59 @@ grant_local(fleet *f, size_t want, size_t *ret_granted)
 	return 0;
 }
 
+void
+fleet_grant_call(fleet *f, size_t want, size_t offered, struct redis_eval *ev)
+{
+	f->wait_ms = 0;
+	f->short_grant = false;
+	for (int i = 0; i < 4; i++)
+		f->args[i] = f->args_buf[i];
+	f->args[4] = f->member;
+	f->args[5] = redis_conn_prefix(f->conn);
+	snprintf(f->args_buf[0], sizeof(f->args_buf[0]), "%d", f->rate);
+	snprintf(f->args_buf[1], sizeof(f->args_buf[1]), "%d", burst_of(f->rate));
+	snprintf(f->args_buf[2], sizeof(f->args_buf[2]), "%zu", want);
+	snprintf(f->args_buf[3], sizeof(f->args_buf[3]), "%zu", offered);
+	f->want = want;
+	f->offered = offered;
+	*ev = (struct redis_eval){ .id = f->grant, .args = f->args, .nargs = 6, .out = f->out,
+	    .nout = 3 };
+}
+
+void
+fleet_grant_done(fleet *f, size_t *ret_granted)
+{
+	*ret_granted = f->out[0] > 0 ? (size_t)f->out[0] : 0;
+	if (*ret_granted > f->want)
+		*ret_granted = f->want;
+	f->wait_ms = f->out[1];
+	f->short_grant = *ret_granted < f->offered;
+	if (f->out[2] > 0 && f->out[2] != f->workers_seen) {
+		f->workers_seen = (int)f->out[2];
+		pace_reset(f);
+	}
+}
+
+bool
+fleet_limited(const fleet *f)
+{
+	return f->rate > 0;
+}
+
 int
 fleet_grant(fleet *f, bool shared, size_t want, size_t offered, size_t *ret_granted)
 {
-	char rate[24], burst[24], wantb[24], offeredb[24];
-	const char *args[6] = { rate, burst, wantb, offeredb, f->member, NULL };
-	long long out[3];
+	struct redis_eval ev;
 
 	f->wait_ms = 0;
 	f->short_grant = false;
 	*ret_granted = 0;
 	if (!shared || f->conn == NULL)
 		return grant_local(f, want, ret_granted);
-	args[5] = redis_conn_prefix(f->conn);
-	snprintf(rate, sizeof(rate), "%d", f->rate);
-	snprintf(burst, sizeof(burst), "%d", burst_of(f->rate));
-	snprintf(wantb, sizeof(wantb), "%zu", want);
-	snprintf(offeredb, sizeof(offeredb), "%zu", offered);
-	if (redis_conn_eval(f->conn, f->grant, NULL, 0, args, 6, out, 3) == -1)
+	fleet_grant_call(f, want, offered, &ev);
+	if (redis_conn_eval_many(f->conn, &ev, 1) == -1)
 		return -1;
-	*ret_granted = out[0] > 0 ? (size_t)out[0] : 0;
-	if (*ret_granted > want)
-		*ret_granted = want;
-	f->wait_ms = out[1];
-	f->short_grant = *ret_granted < offered;
-	if (out[2] > 0 && out[2] != f->workers_seen) {
-		f->workers_seen = (int)out[2];
-		pace_reset(f);
-	}
+	fleet_grant_done(f, ret_granted);
 	return 0;
 }
 

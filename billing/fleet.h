@@ -43,6 +43,19 @@ int fleet_grant(fleet *f, bool shared, size_t want, size_t offered, size_t *ret_
 	__attribute__((warn_unused_result));
 
 /*
+ * The shared grant in two steps, for a caller that sends it in one round
+ * trip with another script call (redis_conn_eval_many): fleet_grant_call()
+ * describes the call into EV (its buffers are F's until the next call);
+ * after it ran, fleet_grant_done() reads its answer as fleet_grant() does.
+ * While it failed, the caller falls back as for a failed fleet_grant().
+ */
+void fleet_grant_call(fleet *f, size_t want, size_t offered, struct redis_eval *ev);
+void fleet_grant_done(fleet *f, size_t *ret_granted);
+
+/* True when billing_api.max_requests_per_second sets a budget at all. */
+bool fleet_limited(const fleet *f);
+
+/*
  * After a shared grant of which UNUSED calls were not started (their items
  * could not be locked): puts them back in the fleet's bucket, so a claim
  * spends only the calls it makes.  Best effort; no-op when UNUSED is 0.

@@ -509,90 +509,169 @@ not_master_error(const redisReply *r)
 	    (strncmp(r->str, "READONLY", 8) == 0 || strncmp(r->str, "MASTERDOWN", 10) == 0);
 }
 
-int
-redis_conn_eval(redis_conn *rc, int id, const char *const *keys, size_t nkeys,
-    const char *const *args, size_t nargs, long long *out, size_t nout)
+/* Room for ARGC arguments in the argument buffers. */
+static int
+argv_reserve(redis_conn *rc, size_t argc)
 {
-	char nkeybuf[24];
-	size_t argc = 3 + nkeys + nargs;
-	redisReply *r = NULL;
-	int ret = -1;
+	const char **a;
+	size_t *l;
 
-	if (!redis_conn_connected(rc)) {
-		set_err(rc, "not connected to redis");
+	if (argc <= rc->argcap)
+		return 0;
+	if ((a = realloc(rc->argv, argc * sizeof(*a))) == NULL)
 		return -1;
-	}
-	if (id < 0 || id >= rc->nscripts) {
-		set_err(rc, "no such script");
+	rc->argv = a;
+	if ((l = realloc(rc->argvlen, argc * sizeof(*l))) == NULL)
 		return -1;
-	}
-	if (argc > rc->argcap) {
-		const char **a = realloc(rc->argv, argc * sizeof(*a));
-		size_t *l;
+	rc->argvlen = l;
+	rc->argcap = argc;
+	return 0;
+}
 
-		if (a == NULL)
-			goto oom;
-		rc->argv = a;
-		if ((l = realloc(rc->argvlen, argc * sizeof(*l))) == NULL)
-			goto oom;
-		rc->argvlen = l;
-		rc->argcap = argc;
-	}
-	snprintf(nkeybuf, sizeof(nkeybuf), "%zu", nkeys);
-	rc->argv[0] = "EVALSHA";
-	rc->argv[1] = rc->scripts[id].sha;
-	rc->argv[2] = nkeybuf;
-	for (size_t i = 0; i < nkeys; i++)
-		rc->argv[3 + i] = keys[i];
-	for (size_t i = 0; i < nargs; i++)
-		rc->argv[3 + nkeys + i] = args[i];
+/* EV's EVSHA command, written at ARGV (room for 3 + nkeys + nargs); NKEYBUF holds its key count. */
+static size_t
+build_argv(redis_conn *rc, const struct redis_eval *ev, const char **argv, size_t *argvlen,
+    char nkeybuf[24])
+{
+	size_t argc = 3 + ev->nkeys + ev->nargs;
+
+	snprintf(nkeybuf, 24, "%zu", ev->nkeys);
+	argv[0] = "EVALSHA";
+	argv[1] = rc->scripts[ev->id].sha;
+	argv[2] = nkeybuf;
+	for (size_t i = 0; i < ev->nkeys; i++)
+		argv[3 + i] = ev->keys[i];
+	for (size_t i = 0; i < ev->nargs; i++)
+		argv[3 + ev->nkeys + i] = ev->args[i];
 	for (size_t i = 0; i < argc; i++)
-		rc->argvlen[i] = strlen(rc->argv[i]);
+		argvlen[i] = strlen(argv[i]);
+	return argc;
+}
 
-	for (int tries = 0; tries < 2; tries++) {
-		r = redisCommandArgv(rc->ctx, (int)argc, rc->argv, rc->argvlen);
-		if (r == NULL) {
-			drop(rc);
-			return -1;
-		}
-		if (r->type == REDIS_REPLY_ERROR && strncmp(r->str, "NOSCRIPT", 8) == 0) {
-			redisReply *l = redisCommand(rc->ctx, "SCRIPT LOAD %s", rc->scripts[id].source);
-
-			if (l == NULL) {
-				freeReplyObject(r);
-				drop(rc);
-				return -1;
-			}
-			freeReplyObject(l);
-			freeReplyObject(r);
-			r = NULL;
-			continue;
-		}
-		break;
-	}
+/*
+ * EV's reply R into EV's out; -1 with the error set when it is not the
+ * array of NOUT results the script gives.  Consumes nothing.
+ */
+static int
+take_reply(redis_conn *rc, const struct redis_eval *ev, const redisReply *r)
+{
 	if (not_master_error(r)) {
 		/*
 		 * Locks written here would be lost or refused: drop the
 		 * connection, so the next connect asks the sentinels again.
 		 */
-		set_err(rc, "%s script: %s", rc->scripts[id].name, r->str);
+		set_err(rc, "%s script: %s", rc->scripts[ev->id].name, r->str);
 		close_unusable(rc);
-		goto out;
+		return -1;
 	}
-	if (r == NULL || r->type != REDIS_REPLY_ARRAY || r->elements != nout) {
-		set_err(rc, "unexpected reply to %s script: %s", rc->scripts[id].name,
-		    r != NULL && r->type == REDIS_REPLY_ERROR ? r->str : "not an array of results");
-		goto out;
+	if (r->type != REDIS_REPLY_ARRAY || r->elements != ev->nout) {
+		set_err(rc, "unexpected reply to %s script: %s", rc->scripts[ev->id].name,
+		    r->type == REDIS_REPLY_ERROR ? r->str : "not an array of results");
+		return -1;
 	}
-	for (size_t i = 0; i < nout; i++)
-		out[i] = r->element[i]->type == REDIS_REPLY_INTEGER ? r->element[i]->integer : 0;
-	ret = 0;
-	goto out;
-oom:
-	set_err(rc, "out of memory");
-out:
-	freeReplyObject(r);
+	for (size_t i = 0; i < ev->nout; i++)
+		ev->out[i] = r->element[i]->type == REDIS_REPLY_INTEGER ? r->element[i]->integer : 0;
+	return 0;
+}
+
+static bool
+is_noscript(const redisReply *r)
+{
+	return r->type == REDIS_REPLY_ERROR && strncmp(r->str, "NOSCRIPT", 8) == 0;
+}
+
+int
+redis_conn_eval_many(redis_conn *rc, const struct redis_eval *ev, size_t n)
+{
+	char nkeybufs[REDIS_EVAL_MAX][24];
+	size_t argc[REDIS_EVAL_MAX], total = 0, at = 0;
+	redisReply *replies[REDIS_EVAL_MAX] = { NULL };
+	int ret = 0;
+
+	if (!redis_conn_connected(rc)) {
+		set_err(rc, "not connected to redis");
+		return -1;
+	}
+	if (n == 0 || n > REDIS_EVAL_MAX) {
+		set_err(rc, "%zu script calls in one round trip", n);
+		return -1;
+	}
+	for (size_t k = 0; k < n; k++) {
+		if (ev[k].id < 0 || ev[k].id >= rc->nscripts) {
+			set_err(rc, "no such script");
+			return -1;
+		}
+		total += 3 + ev[k].nkeys + ev[k].nargs;
+	}
+	if (argv_reserve(rc, total) == -1) {
+		set_err(rc, "out of memory");
+		return -1;
+	}
+	/* Every command first, then every reply: one round trip for all of them. */
+	for (size_t k = 0; k < n; k++) {
+		argc[k] = build_argv(rc, &ev[k], rc->argv + at, rc->argvlen + at, nkeybufs[k]);
+		if (redisAppendCommandArgv(rc->ctx, (int)argc[k], rc->argv + at,
+		    rc->argvlen + at) != REDIS_OK) {
+			drop(rc);
+			return -1;
+		}
+		at += argc[k];
+	}
+	for (size_t k = 0; k < n; k++) {
+		void *r = NULL;
+
+		if (redisGetReply(rc->ctx, &r) != REDIS_OK || r == NULL) {
+			for (size_t j = 0; j < k; j++)
+				freeReplyObject(replies[j]);
+			drop(rc);
+			return -1;
+		}
+		replies[k] = r;
+	}
+	at = 0;
+	for (size_t k = 0; k < n && rc->ctx != NULL; k++) {
+		redisReply *r = replies[k];
+
+		if (is_noscript(r)) {
+			/* A restarted or flushed server: load the script and run the call again. */
+			redisReply *l = redisCommand(rc->ctx, "SCRIPT LOAD %s",
+			    rc->scripts[ev[k].id].source);
+
+			freeReplyObject(r);
+			replies[k] = NULL;
+			if (l == NULL) {
+				drop(rc);
+				ret = -1;
+				break;
+			}
+			freeReplyObject(l);
+			r = redisCommandArgv(rc->ctx, (int)argc[k], rc->argv + at, rc->argvlen + at);
+			if (r == NULL) {
+				drop(rc);
+				ret = -1;
+				break;
+			}
+			replies[k] = r;
+		}
+		if (take_reply(rc, &ev[k], r) == -1)
+			ret = -1;
+		at += argc[k];
+	}
+	for (size_t k = 0; k < n; k++)
+		freeReplyObject(replies[k]);
 	return ret;
+}
+
+int
+redis_conn_eval(redis_conn *rc, int id, const char *const *keys, size_t nkeys,
+    const char *const *args, size_t nargs, long long *out, size_t nout)
+{
+	const struct redis_eval ev = {
+		.id = id, .keys = keys, .nkeys = nkeys, .args = args, .nargs = nargs,
+		.out = out, .nout = nout,
+	};
+
+	return redis_conn_eval_many(rc, &ev, 1);
 }
 
 int

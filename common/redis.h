@@ -79,6 +79,30 @@ const char *redis_conn_prefix(const redis_conn *rc);
  */
 void redis_conn_describe(const redis_conn *rc, char *buf, size_t len);
 
+/* One script call, for redis_conn_eval_many(). */
+struct redis_eval {
+	int id;                         /* from redis_conn_script() */
+	const char *const *keys;
+	size_t nkeys;
+	const char *const *args;
+	size_t nargs;
+	long long *out;                 /* the script's array of NOUT integers */
+	size_t nout;
+};
+
+#define REDIS_EVAL_MAX 4
+
+/*
+ * Runs N (at most REDIS_EVAL_MAX) script calls in one round trip, in order
+ * (pipelined: every command is sent before any reply is read), and fills
+ * each one's out.  -1 when any failed, with the first failure in
+ * redis_conn_errmsg(); the outs of those that succeeded are filled all the
+ * same.  A NOSCRIPT reply loads that script and runs its call again; a
+ * broken connection, READONLY or MASTERDOWN drops the connection.
+ */
+int redis_conn_eval_many(redis_conn *rc, const struct redis_eval *ev, size_t n)
+	__attribute__((warn_unused_result));
+
 /*
  * EVALSHA script ID with the NKEYS KEYS and the NARGS ARGS.  The reply
  * must be an array of NOUT elements; each integer goes to OUT[i], anything

@@ -257,8 +257,8 @@ lock_redis_failed(lockmgr *lm)
 }
 
 int
-lock_acquire(lockmgr *lm, const enum item_kind *kinds, const int64_t *ids, size_t n,
-    size_t max, char (*tokens)[ITEM_TOKEN_MAX], bool *got)
+lock_acquire_call(lockmgr *lm, const enum item_kind *kinds, const int64_t *ids, size_t n,
+    size_t max, char (*tokens)[ITEM_TOKEN_MAX], bool *got, struct redis_eval *ev)
 {
 	lm->errmsg[0] = '\0';
 	if (lm->redis == NULL) {
@@ -276,11 +276,39 @@ lock_acquire(lockmgr *lm, const enum item_kind *kinds, const int64_t *ids, size_
 		lm->tokp[i] = tokens[i];
 		got[i] = false;
 	}
-	if (redis_lock_acquire(lm->redis, lm->keyp, lm->tokp, n, lm->ttl_ms, max, got) == -1) {
-		note_redis_failure(lm);
-		snprintf(lm->errmsg, sizeof(lm->errmsg), "redis: %s", redis_conn_errmsg(lm->conn));
+	if (redis_lock_acquire_call(lm->redis, lm->keyp, lm->tokp, n, lm->ttl_ms, max, ev) == -1) {
+		snprintf(lm->errmsg, sizeof(lm->errmsg), "out of memory");
 		return -1;
 	}
+	return 0;
+}
+
+void
+lock_acquire_done(lockmgr *lm, size_t n, bool *got)
+{
+	redis_lock_acquire_done(lm->redis, n, got);
+}
+
+void
+lock_acquire_failed(lockmgr *lm)
+{
+	note_redis_failure(lm);
+	snprintf(lm->errmsg, sizeof(lm->errmsg), "redis: %s", redis_conn_errmsg(lm->conn));
+}
+
+int
+lock_acquire(lockmgr *lm, const enum item_kind *kinds, const int64_t *ids, size_t n,
+    size_t max, char (*tokens)[ITEM_TOKEN_MAX], bool *got)
+{
+	struct redis_eval ev;
+
+	if (lock_acquire_call(lm, kinds, ids, n, max, tokens, got, &ev) == -1)
+		return -1;
+	if (redis_conn_eval_many(lm->conn, &ev, 1) == -1) {
+		lock_acquire_failed(lm);
+		return -1;
+	}
+	lock_acquire_done(lm, n, got);
 	return 0;
 }
 

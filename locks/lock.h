@@ -97,6 +97,19 @@ int lock_acquire(lockmgr *lm, const enum item_kind *kinds, const int64_t *ids,
 	__attribute__((warn_unused_result));
 
 /*
+ * The same in steps, for a caller that sends it in one round trip with
+ * another script call on the same connection (redis_conn_eval_many): the
+ * call into EV (TOKENS are made here; the buffers are LM's until it ran),
+ * then its answer into GOT, or, when the round trip failed,
+ * lock_acquire_failed() to count the failure as lock_acquire() does.
+ */
+int lock_acquire_call(lockmgr *lm, const enum item_kind *kinds, const int64_t *ids, size_t n,
+    size_t max, char (*tokens)[ITEM_TOKEN_MAX], bool *got, struct redis_eval *ev)
+	__attribute__((warn_unused_result));
+void lock_acquire_done(lockmgr *lm, size_t n, bool *got);
+void lock_acquire_failed(lockmgr *lm);
+
+/*
  * Gives back the locks of the N candidates (KINDS[i], IDS[i]) that hold
  * TOKENS[i], best effort (they expire anyway).
  */

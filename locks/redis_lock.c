@@ -42,6 +42,7 @@ struct redis_lock {
 	const char **args;
 	long long *out;
 	size_t cap;
+	char ttl[24], most[24];         /* the acquire call's own arguments */
 };
 
 int
@@ -77,8 +78,8 @@ redis_lock_free(redis_lock *rl)
  * arguments), and sets flags[i] from the reply's 0/1 for keys[i].
  */
 static int
-run(redis_lock *rl, int script, const char *const *keys, const char *const *tokens,
-    size_t n, const char *const *extra, size_t nextra, bool *flags)
+prepare(redis_lock *rl, int script, const char *const *keys, const char *const *tokens,
+    size_t n, const char *const *extra, size_t nextra, struct redis_eval *ev)
 {
 	size_t need = n + nextra;
 
@@ -99,23 +100,60 @@ run(redis_lock *rl, int script, const char *const *keys, const char *const *toke
 		rl->args[i] = tokens[i];
 	for (size_t i = 0; i < nextra; i++)
 		rl->args[n + i] = extra[i];
-	if (redis_conn_eval(rl->conn, script, keys, n, rl->args, need, rl->out, n) == -1)
-		return -1;
+	*ev = (struct redis_eval){ .id = script, .keys = keys, .nkeys = n, .args = rl->args,
+	    .nargs = need, .out = rl->out, .nout = n };
+	return 0;
+}
+
+/* The reply's 0/1 for keys[i] into flags[i]. */
+static void
+finish(const redis_lock *rl, size_t n, bool *flags)
+{
 	for (size_t i = 0; i < n; i++)
 		flags[i] = rl->out[i] == 1;
+}
+
+static int
+run(redis_lock *rl, int script, const char *const *keys, const char *const *tokens,
+    size_t n, const char *const *extra, size_t nextra, bool *flags)
+{
+	struct redis_eval ev;
+
+	if (prepare(rl, script, keys, tokens, n, extra, nextra, &ev) == -1 ||
+	    redis_conn_eval_many(rl->conn, &ev, 1) == -1)
+		return -1;
+	finish(rl, n, flags);
 	return 0;
+}
+
+int
+redis_lock_acquire_call(redis_lock *rl, const char *const *keys, const char *const *tokens,
+    size_t n, int ttl_ms, size_t max, struct redis_eval *ev)
+{
+	const char *extra[2] = { rl->ttl, rl->most };
+
+	snprintf(rl->ttl, sizeof(rl->ttl), "%d", ttl_ms);
+	snprintf(rl->most, sizeof(rl->most), "%zu", max);
+	return prepare(rl, rl->acquire, keys, tokens, n, extra, 2, ev);
+}
+
+void
+redis_lock_acquire_done(const redis_lock *rl, size_t n, bool *got)
+{
+	finish(rl, n, got);
 }
 
 int
 redis_lock_acquire(redis_lock *rl, const char *const *keys, const char *const *tokens,
     size_t n, int ttl_ms, size_t max, bool *got)
 {
-	char ttl[24], most[24];
-	const char *extra[2] = { ttl, most };
+	struct redis_eval ev;
 
-	snprintf(ttl, sizeof(ttl), "%d", ttl_ms);
-	snprintf(most, sizeof(most), "%zu", max);
-	return run(rl, rl->acquire, keys, tokens, n, extra, 2, got);
+	if (redis_lock_acquire_call(rl, keys, tokens, n, ttl_ms, max, &ev) == -1 ||
+	    redis_conn_eval_many(rl->conn, &ev, 1) == -1)
+		return -1;
+	finish(rl, n, got);
+	return 0;
 }
 
 int

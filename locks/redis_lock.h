@@ -31,6 +31,17 @@ int redis_lock_acquire(redis_lock *rl, const char *const *keys,
     const char *const *tokens, size_t n, int ttl_ms, size_t max, bool *got)
 	__attribute__((warn_unused_result));
 
+/*
+ * The same in two steps, for a caller that sends it in one round trip
+ * with another script call (redis_conn_eval_many): the call into EV, whose
+ * buffers are RL's (and KEYS and TOKENS the caller's) until it ran; then
+ * its answer into GOT.
+ */
+int redis_lock_acquire_call(redis_lock *rl, const char *const *keys,
+    const char *const *tokens, size_t n, int ttl_ms, size_t max, struct redis_eval *ev)
+	__attribute__((warn_unused_result));
+void redis_lock_acquire_done(const redis_lock *rl, size_t n, bool *got);
+
 /* Sets held[i] when keys[i] still held tokens[i] and now expires in TTL_MS. */
 int redis_lock_renew(redis_lock *rl, const char *const *keys,
     const char *const *tokens, size_t n, int ttl_ms, bool *held)

@@ -35,6 +35,7 @@ struct claimer {
 	store *st;
 	lockmgr *lm;
 	fleet *fleet;
+	redis_conn *redis;
 	char errmsg[512];
 	int64_t wait_ms;                /* from the last claim: until calls may start */
 	struct jitter rng;              /* shuffles candidates; not for secrets */
@@ -122,6 +123,7 @@ claim_new(const struct claim_options *o, store *st, lockmgr *lm, fleet *fl, clai
 	c->st = st;
 	c->lm = lm;
 	c->fleet = fl;
+	c->redis = o->redis;
 	jitter_seed(&c->rng);
 	*ret = c;
 	return 0;
@@ -374,25 +376,53 @@ claim_skip_locked(claimer *c, size_t ndue, size_t limit, struct item *items,
  * skip-locked worker).  Redis failing in either step falls back to
  * skip-locked in auto mode, with this process's share of the budget.
  */
+/*
+ * Without a rate limit the grant only honours a 429 pause and keeps the
+ * registry, so it grants everything nearly always: it goes with the locks
+ * in one round trip, the locks capped at what we want, and whatever was
+ * locked beyond the grant (a pause was in force) is given back at once.
+ * Returns 0 with *GRANTED and the flags set, or -1 when the round trip
+ * failed (counted as a Redis failure).
+ */
+static int
+grant_and_lock_at_once(claimer *c, size_t ndue, size_t want, size_t *granted)
+{
+	struct redis_eval ev[2];
+	size_t locked = 0, nback = 0;
+
+	fleet_grant_call(c->fleet, want, ndue, &ev[0]);
+	if (lock_acquire_call(c->lm, c->kinds, c->ids, ndue, want, c->tokens, c->flags,
+	    &ev[1]) == -1)
+		return -1;
+	if (redis_conn_eval_many(c->redis, ev, 2) == -1) {
+		/* Locks it may have taken expire: they only ever saved work. */
+		lock_acquire_failed(c->lm);
+		return -1;
+	}
+	fleet_grant_done(c->fleet, granted);
+	lock_acquire_done(c->lm, ndue, c->flags);
+	for (size_t i = 0; i < ndue; i++) {
+		if (!c->flags[i])
+			continue;
+		if (++locked <= *granted)
+			continue;
+		c->flags[i] = false;
+		c->ids[ndue + nback] = c->ids[i];
+		c->kinds[ndue + nback] = c->kinds[i];
+		c->tokp[ndue + nback] = c->tokens[i];
+		nback++;
+	}
+	/* Past the candidates, so the give-back leaves them in place. */
+	lock_give_back(c->lm, c->kinds + ndue, c->ids + ndue, c->tokp + ndue, nback);
+	return 0;
+}
+
 static int
 claim_redis(claimer *c, size_t ndue, size_t limit, struct item *items, size_t *ret_n)
 {
 	size_t got = 0, nlocked = 0, nback = 0, locked = 0, contended = 0, granted;
+	size_t want = ndue < limit ? ndue : limit;
 	struct claim_failures failures = { 0 };
-
-	if (fleet_grant(c->fleet, true, ndue < limit ? ndue : limit, ndue, &granted) == -1) {
-		lock_redis_failed(c->lm);
-		if (c->policy == LOCK_POLICY_AUTO)
-			return claim_skip_locked(c, ndue, limit, items, ret_n);
-		snprintf(c->errmsg, sizeof(c->errmsg), "%s", lock_errmsg(c->lm));
-		return -1;
-	}
-	c->wait_ms = fleet_wait_ms(c->fleet);
-	if (granted == 0) {
-		/* The budget is spent or a 429 pause holds: no lock is worth taking. */
-		*ret_n = 0;
-		return 0;
-	}
 
 	/*
 	 * Flags and token pointers are swapped along with their candidates:
@@ -403,17 +433,47 @@ claim_redis(claimer *c, size_t ndue, size_t limit, struct item *items, size_t *r
 		c->tokp[i] = NULL;
 	}
 	shuffle_candidates(c, ndue);
-	if (lock_acquire(c->lm, c->kinds, c->ids, ndue, granted, c->tokens, c->flags) == -1) {
-		fleet_give_back(c->fleet, granted);
-		c->wait_ms = 0;
-		if (c->policy == LOCK_POLICY_AUTO)
-			return claim_skip_locked(c, ndue, limit, items, ret_n);
-		snprintf(c->errmsg, sizeof(c->errmsg), "%s", lock_errmsg(c->lm));
-		return -1;
+	if (!fleet_limited(c->fleet) && c->redis != NULL) {
+		if (grant_and_lock_at_once(c, ndue, want, &granted) == -1) {
+			c->wait_ms = 0;
+			if (c->policy == LOCK_POLICY_AUTO)
+				return claim_skip_locked(c, ndue, limit, items, ret_n);
+			snprintf(c->errmsg, sizeof(c->errmsg), "%s", lock_errmsg(c->lm));
+			return -1;
+		}
+		c->wait_ms = fleet_wait_ms(c->fleet);
+	} else {
+		if (fleet_grant(c->fleet, true, want, ndue, &granted) == -1) {
+			lock_redis_failed(c->lm);
+			if (c->policy == LOCK_POLICY_AUTO)
+				return claim_skip_locked(c, ndue, limit, items, ret_n);
+			snprintf(c->errmsg, sizeof(c->errmsg), "%s", lock_errmsg(c->lm));
+			return -1;
+		}
+		c->wait_ms = fleet_wait_ms(c->fleet);
+		if (granted == 0) {
+			/* The budget is spent or a 429 pause holds: no lock is worth taking. */
+			*ret_n = 0;
+			return 0;
+		}
+		if (lock_acquire(c->lm, c->kinds, c->ids, ndue, granted, c->tokens,
+		    c->flags) == -1) {
+			fleet_give_back(c->fleet, granted);
+			c->wait_ms = 0;
+			if (c->policy == LOCK_POLICY_AUTO)
+				return claim_skip_locked(c, ndue, limit, items, ret_n);
+			snprintf(c->errmsg, sizeof(c->errmsg), "%s", lock_errmsg(c->lm));
+			return -1;
+		}
 	}
 	for (size_t i = 0; i < ndue; i++) {
 		c->tokp[i] = c->tokens[i];
 		locked += c->flags[i];
+	}
+	if (granted == 0) {
+		/* A 429 pause holds: whatever was locked went back. */
+		*ret_n = 0;
+		return 0;
 	}
 	if (locked < granted) {
 		fleet_give_back(c->fleet, granted - locked);
@@ -499,7 +559,8 @@ claim_take(claimer *c, size_t limit, struct item *items, size_t *ret_n, bool *mo
 	window = c->policy == LOCK_POLICY_SKIP_LOCKED ? limit : limit * CANDIDATE_FACTOR;
 	if (window > CANDIDATE_MAX)
 		window = limit > CANDIDATE_MAX ? limit : CANDIDATE_MAX;
-	if (grow(c, window) == -1) {
+	/* Twice the window: a grant short of the locks lists their give-back past it. */
+	if (grow(c, window * 2) == -1) {
 		snprintf(c->errmsg, sizeof(c->errmsg), "out of memory");
 		return -1;
 	}

@@ -31,6 +31,12 @@ struct claim_options {
 	 * (billing_api.backoff_max_ms, as for a row it refuses to complete).
 	 */
 	int park_ms;
+	/*
+	 * The one Redis connection the lock manager and the fleet's budget
+	 * share (NULL in skip-locked mode): the claim step sends the grant and
+	 * the locks on it in one round trip where it can.
+	 */
+	redis_conn *redis;
 };
 
 /*

@@ -1248,7 +1248,7 @@ loop_setup(struct loop *l, const char *token, const char *redis_password)
 	    (lo.policy != LOCK_POLICY_SKIP_LOCKED && redis_conn_new(&ro, &l->redis) == -1) ||
 	    lock_new(&lo, l->redis, &l->locks) == -1 ||
 	    fleet_new(l->redis, cfg->worker.id, &l->fleet) == -1 ||
-	    claim_new(&co, l->st, l->locks, l->fleet, &l->claims) == -1) {
+	    (co.redis = l->redis, claim_new(&co, l->st, l->locks, l->fleet, &l->claims)) == -1) {
 		log_error("out of memory");
 		return -1;
 	}

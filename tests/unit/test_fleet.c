@@ -63,6 +63,18 @@ redis_conn_eval(redis_conn *rc, int id, const char *const *keys, size_t nkeys,
 	return 0;
 }
 
+int
+redis_conn_eval_many(redis_conn *rc, const struct redis_eval *ev, size_t n)
+{
+	int ret = 0;
+
+	for (size_t k = 0; k < n; k++)
+		if (redis_conn_eval(rc, ev[k].id, ev[k].keys, ev[k].nkeys, ev[k].args, ev[k].nargs,
+		    ev[k].out, ev[k].nout) == -1)
+			ret = -1;
+	return ret;
+}
+
 static int
 reset(void **state)
 {
