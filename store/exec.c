@@ -1,6 +1,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <strings.h>
 
 #include "common/log.h"
 #include "store/store_int.h"
@@ -20,11 +21,25 @@ static const struct store_stmt stmt_commit = {
 	.send = STORE_SIMPLE, .text = "COMMIT", .what = "COMMIT", .want = PGRES_COMMAND_OK,
 };
 
+/*
+ * The SQL kept under NAME by store_prepare() for transaction pooling, or
+ * NULL when no statement has that name.
+ */
+static const char *
+unnamed_sql(const store *st, const char *name)
+{
+	for (size_t i = 0; i < st->n_unnamed; i++)
+		if (strcmp(st->unnamed[i].name, name) == 0)
+			return st->unnamed[i].sql;
+	return NULL;
+}
+
 /* Sends STMT and collects its answer; the caller PQclear()s it. */
 static PGresult *
 send_collect(store *st, const struct store_stmt *stmt, int nparams, const char *const *params)
 {
 	int timeout_ms = stmt->no_deadline ? -1 : store_client_deadline_ms(st);
+	const char *sql;
 
 	switch (stmt->send) {
 	case STORE_SIMPLE:
@@ -33,27 +48,31 @@ send_collect(store *st, const struct store_stmt *stmt, int nparams, const char *
 		return store_exec_params_bounded(st->conn, timeout_ms, stmt->text, nparams, params);
 	case STORE_PREPARED:
 	default:
+		/*
+		 * Behind a transaction pooler a statement prepared on one server
+		 * connection is unknown on the next ("prepared statement does not
+		 * exist") and a second prepare on the first fails ("already
+		 * exists"): the same SQL goes as the unnamed statement instead,
+		 * parsed and planned again at every call.
+		 */
+		if (st->txn_pooling) {
+			if ((sql = unnamed_sql(st, stmt->text)) == NULL)
+				return NULL;
+			return store_exec_params_bounded(st->conn, timeout_ms, sql, nparams,
+			    params);
+		}
 		return store_exec_prepared_bounded(st->conn, timeout_ms, stmt->text, nparams,
 		    params);
 	}
 }
 
-int
-store_run(store *st, const struct store_stmt *stmt, int nparams, const char *const *params,
+/* Sends STMT, checks the status it returned and records a failure. */
+static int
+run_plain(store *st, const struct store_stmt *stmt, int nparams, const char *const *params,
     PGresult **ret)
 {
-	PGresult *res;
+	PGresult *res = send_collect(st, stmt, nparams, params);
 
-	if (stmt->send == STORE_PREPARED) {
-		if (!store_connected(st)) {
-			store_errorf(st, "not connected to the database");
-			return -1;
-		}
-		/* Prepared on first use, so migrate and status work on any schema. */
-		if (!st->prepared && store_prepare_all(st) == -1)
-			return -1;
-	}
-	res = send_collect(st, stmt, nparams, params);
 	if (PQresultStatus(res) != stmt->want) {
 		store_set_error(st, stmt->what, res);
 		PQclear(res);
@@ -66,6 +85,96 @@ store_run(store *st, const struct store_stmt *stmt, int nparams, const char *con
 	return 0;
 }
 
+/* What a statement of the store's own does to the transaction it runs in. */
+enum tx_effect {
+	TX_NONE,
+	TX_OPENS,       /* BEGIN ... */
+	TX_ENDS,        /* COMMIT, ROLLBACK */
+};
+
+static enum tx_effect
+tx_effect_of(const char *sql)
+{
+	if (strncasecmp(sql, "BEGIN", 5) == 0)
+		return TX_OPENS;
+	if (strncasecmp(sql, "COMMIT", 6) == 0 || strncasecmp(sql, "ROLLBACK", 8) == 0)
+		return TX_ENDS;
+	return TX_NONE;
+}
+
+/*
+ * Under transaction pooling the session settings live in each transaction
+ * (store_connect()).  A caller's BEGIN carries them in the same round
+ * trip.  A statement outside a transaction would be one of its own without
+ * them, so it is wrapped: BEGIN with the settings, the statement, COMMIT.
+ * Two round trips more than a prepared statement on a session; what it
+ * costs is in BENCHMARKS.md.  A failure rolls back, keeping its own error.
+ */
+static int
+run_pooled(store *st, const struct store_stmt *stmt, int nparams, const char *const *params,
+    PGresult **ret)
+{
+	enum tx_effect fx = stmt->send == STORE_SIMPLE ? tx_effect_of(stmt->text) : TX_NONE;
+	char begin[512];
+	struct store_stmt step = *stmt;
+	PGresult *res = NULL;
+
+	if (fx == TX_ENDS) {
+		st->in_tx = false;
+		return run_plain(st, stmt, nparams, params, ret);
+	}
+	if (fx == TX_NONE && st->in_tx)
+		return run_plain(st, stmt, nparams, params, ret);
+	if ((size_t)snprintf(begin, sizeof(begin), "%s; %s", fx == TX_OPENS ? stmt->text : "BEGIN",
+	    st->tx_settings) >= sizeof(begin)) {
+		store_errorf(st, "%s: statement too long", stmt->what);
+		return -1;
+	}
+	step.send = STORE_SIMPLE;
+	step.text = begin;
+	step.want = PGRES_TUPLES_OK;
+	st->in_tx = true;
+	if (run_plain(st, &step, 0, NULL, NULL) == -1)
+		goto rollback;
+	if (fx == TX_OPENS)
+		return 0;
+	if (run_plain(st, stmt, nparams, params, &res) == -1)
+		goto rollback;
+	step.text = "COMMIT";
+	step.want = PGRES_COMMAND_OK;
+	st->in_tx = false;
+	if (run_plain(st, &step, 0, NULL, NULL) == -1) {
+		PQclear(res);
+		return -1;
+	}
+	if (ret != NULL)
+		*ret = res;
+	else
+		PQclear(res);
+	return 0;
+rollback:
+	store_run_cleanup(st, "ROLLBACK", stmt->no_deadline);
+	return -1;
+}
+
+int
+store_run(store *st, const struct store_stmt *stmt, int nparams, const char *const *params,
+    PGresult **ret)
+{
+	if (stmt->send == STORE_PREPARED) {
+		if (!store_connected(st)) {
+			store_errorf(st, "not connected to the database");
+			return -1;
+		}
+		/* Prepared on first use, so migrate and status work on any schema. */
+		if (!st->prepared && store_prepare_all(st) == -1)
+			return -1;
+	}
+	if (st->txn_pooling)
+		return run_pooled(st, stmt, nparams, params, ret);
+	return run_plain(st, stmt, nparams, params, ret);
+}
+
 void
 store_run_cleanup(store *st, const char *sql, bool no_deadline)
 {
@@ -73,15 +182,43 @@ store_run_cleanup(store *st, const char *sql, bool no_deadline)
 		.send = STORE_SIMPLE, .text = sql, .no_deadline = no_deadline,
 	};
 
+	if (tx_effect_of(sql) == TX_ENDS)
+		st->in_tx = false;
 	if (store_connected(st))
 		PQclear(send_collect(st, &stmt, 0, NULL));
+}
+
+/* Keeps SQL under NAME for transaction pooling; once per name and handle. */
+static int
+keep_unnamed(store *st, const char *name, const char *sql)
+{
+	struct unnamed_stmt *u;
+
+	if (unnamed_sql(st, name) != NULL)
+		return 0;
+	if (st->n_unnamed == STORE_UNNAMED_MAX || strlen(name) >= sizeof(u->name)) {
+		store_errorf(st, "could not prepare statements: no room for \"%s\"", name);
+		return -1;
+	}
+	u = &st->unnamed[st->n_unnamed];
+	if ((u->sql = strdup(sql)) == NULL) {
+		store_errorf(st, "could not prepare statements: out of memory");
+		return -1;
+	}
+	snprintf(u->name, sizeof(u->name), "%s", name);
+	st->n_unnamed++;
+	return 0;
 }
 
 int
 store_prepare(store *st, const char *name, const char *sql)
 {
-	PGresult *res = store_prepare_bounded(st->conn, store_client_deadline_ms(st), name, sql);
+	PGresult *res;
 	int ret = 0;
+
+	if (st->txn_pooling)
+		return keep_unnamed(st, name, sql);
+	res = store_prepare_bounded(st->conn, store_client_deadline_ms(st), name, sql);
 
 	if (PQresultStatus(res) != PGRES_COMMAND_OK) {
 		store_set_error(st, "could not prepare statements", res);
