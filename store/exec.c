@@ -103,12 +103,77 @@ tx_effect_of(const char *sql)
 }
 
 /*
+ * Rolls back what a failed statement may have left open (an aborted
+ * pipeline stops before its COMMIT), keeping the failure's own error.
+ * Only when a transaction is open: a ROLLBACK without one draws a warning.
+ */
+static void
+rollback_open(store *st, bool no_deadline)
+{
+	st->in_tx = false;
+	if (store_connected(st) && PQtransactionStatus(st->conn) != PQTRANS_IDLE)
+		store_run_cleanup(st, "ROLLBACK", no_deadline);
+}
+
+/*
+ * A statement of its own, outside any transaction of the caller's, under
+ * transaction pooling: BEGIN, the settings, the statement and COMMIT, in
+ * one round trip for a statement with parameters (a pipeline), in three
+ * for a simple query, which may hold several statements and so cannot be
+ * pipelined (the schema check at start; migrate never comes here).
+ */
+static int
+run_in_tx(store *st, const struct store_stmt *stmt, int nparams, const char *const *params,
+    PGresult **ret)
+{
+	int timeout_ms = stmt->no_deadline ? -1 : store_client_deadline_ms(st);
+	const char *sql = stmt->send == STORE_PREPARED ? unnamed_sql(st, stmt->text) : stmt->text;
+	char begin[512];
+	struct store_stmt step = *stmt;
+	PGresult *res = NULL;
+
+	if (stmt->send != STORE_SIMPLE) {
+		res = sql == NULL ? NULL : store_exec_in_tx_bounded(st->conn, timeout_ms,
+		    st->tx_settings, sql, nparams, params);
+		if (PQresultStatus(res) != stmt->want) {
+			store_set_error(st, stmt->what, res);
+			PQclear(res);
+			rollback_open(st, stmt->no_deadline);
+			return -1;
+		}
+		goto done;
+	}
+	snprintf(begin, sizeof(begin), "BEGIN; %s", st->tx_settings);
+	step.text = begin;
+	step.want = PGRES_TUPLES_OK;
+	st->in_tx = true;
+	if (run_plain(st, &step, 0, NULL, NULL) == -1 ||
+	    run_plain(st, stmt, nparams, params, &res) == -1) {
+		rollback_open(st, stmt->no_deadline);
+		return -1;
+	}
+	step.text = "COMMIT";
+	step.want = PGRES_COMMAND_OK;
+	st->in_tx = false;
+	if (run_plain(st, &step, 0, NULL, NULL) == -1) {
+		PQclear(res);
+		return -1;
+	}
+done:
+	if (ret != NULL)
+		*ret = res;
+	else
+		PQclear(res);
+	return 0;
+}
+
+/*
  * Under transaction pooling the session settings live in each transaction
  * (store_connect()).  A caller's BEGIN carries them in the same round
- * trip.  A statement outside a transaction would be one of its own without
- * them, so it is wrapped: BEGIN with the settings, the statement, COMMIT.
- * Two round trips more than a prepared statement on a session; what it
- * costs is in BENCHMARKS.md.  A failure rolls back, keeping its own error.
+ * trip; inside its transaction statements run as they are; a statement
+ * outside one would be a transaction of its own without them, so it is
+ * wrapped in one that has them (run_in_tx).  A failure rolls back,
+ * keeping its own error.
  */
 static int
 run_pooled(store *st, const struct store_stmt *stmt, int nparams, const char *const *params,
@@ -117,44 +182,27 @@ run_pooled(store *st, const struct store_stmt *stmt, int nparams, const char *co
 	enum tx_effect fx = stmt->send == STORE_SIMPLE ? tx_effect_of(stmt->text) : TX_NONE;
 	char begin[512];
 	struct store_stmt step = *stmt;
-	PGresult *res = NULL;
 
 	if (fx == TX_ENDS) {
 		st->in_tx = false;
 		return run_plain(st, stmt, nparams, params, ret);
 	}
-	if (fx == TX_NONE && st->in_tx)
-		return run_plain(st, stmt, nparams, params, ret);
-	if ((size_t)snprintf(begin, sizeof(begin), "%s; %s", fx == TX_OPENS ? stmt->text : "BEGIN",
-	    st->tx_settings) >= sizeof(begin)) {
+	if (fx == TX_NONE)
+		return st->in_tx ? run_plain(st, stmt, nparams, params, ret) :
+		    run_in_tx(st, stmt, nparams, params, ret);
+	if ((size_t)snprintf(begin, sizeof(begin), "%s; %s", stmt->text, st->tx_settings) >=
+	    sizeof(begin)) {
 		store_errorf(st, "%s: statement too long", stmt->what);
 		return -1;
 	}
-	step.send = STORE_SIMPLE;
 	step.text = begin;
 	step.want = PGRES_TUPLES_OK;
 	st->in_tx = true;
-	if (run_plain(st, &step, 0, NULL, NULL) == -1)
-		goto rollback;
-	if (fx == TX_OPENS)
-		return 0;
-	if (run_plain(st, stmt, nparams, params, &res) == -1)
-		goto rollback;
-	step.text = "COMMIT";
-	step.want = PGRES_COMMAND_OK;
-	st->in_tx = false;
 	if (run_plain(st, &step, 0, NULL, NULL) == -1) {
-		PQclear(res);
+		rollback_open(st, stmt->no_deadline);
 		return -1;
 	}
-	if (ret != NULL)
-		*ret = res;
-	else
-		PQclear(res);
 	return 0;
-rollback:
-	store_run_cleanup(st, "ROLLBACK", stmt->no_deadline);
-	return -1;
 }
 
 int

@@ -206,6 +206,16 @@ PGresult *store_prepare_bounded(PGconn *conn, int timeout_ms, const char *name,
     const char *sql);
 
 /*
+ * BEGIN, SETTINGS (one statement without parameters), SQL with its
+ * parameters and COMMIT in one round trip (libpq's pipeline mode), with the
+ * same deadline.  Returns the first error, else SQL's result; the caller
+ * PQclear()s it.  After an error the transaction may be left open and
+ * aborted (PQtransactionStatus): the caller rolls it back.
+ */
+PGresult *store_exec_in_tx_bounded(PGconn *conn, int timeout_ms, const char *settings,
+    const char *sql, int nparams, const char *const *values);
+
+/*
  * Array literals and the id index (sqlbuf.c), for the statements that
  * take a whole batch as arrays.  Each returns 0, or -1 when out of memory.
  */
