@@ -20,8 +20,10 @@ import time
 
 import pytest
 
-from harness import (PgBouncer, Worker, create_subsidy, insert_invoices, insert_redemptions,
-                     ledger_balance, make_config, migrate, run_cli, wait_for)
+from harness import (PgBouncer, PgCluster, Worker, create_database, create_subsidy,
+                     insert_invoices, insert_redemptions, ledger_balance, make_config, migrate,
+                     reap_workers, run_cli, wait_for)
+from test_durability import CRASH_SETTINGS, facts, settle_wal
 
 WORKERS = 3
 INVOICES = 1200
@@ -270,3 +272,116 @@ def test_listen_conninfo_wakes_a_worker_behind_a_transaction_pooler(
           f"(poll_interval_ms 60000)")
     assert max(latencies) < 2.0, latencies
     assert w.stop() == 0
+
+
+@pytest.fixture
+def crash_setup(tmp_path):
+    """test_durability.py's cluster that loses every asynchronous commit it
+    can, a database in it, and a transaction pooler in front."""
+    cluster = PgCluster(settings=CRASH_SETTINGS)
+    bouncer = None
+    try:
+        cluster.start()
+        admin = cluster.connect("postgres")
+        try:
+            database = create_database(cluster, admin)
+        finally:
+            admin.close()
+        bouncer = PgBouncer(cluster, "transaction", default_pool_size=5).start()
+        yield cluster, database, bouncer
+    finally:
+        reap_workers()
+        if bouncer is not None:
+            bouncer.cleanup()
+        cluster.cleanup()
+
+
+def test_claim_and_hold_survive_a_crash_behind_a_transaction_pooler(
+        tmp_path, crash_setup, redis, fake_api, binary):
+    """test_durability.py's crash, with the worker behind a transaction
+    pooler: its settings come with each transaction, not the session, and
+    the claim and the hold of a redemption whose call is in flight are on
+    disk when PostgreSQL dies although the server's default is
+    synchronous_commit = off."""
+    cluster, db, bouncer = crash_setup
+    assert db.scalar("SHOW synchronous_commit") == "off"
+    cfg = make_config(tmp_path, db, redis, fake_api, **{
+        "worker.id": "crash-pooled", "locks.ttl_ms": 5000, "billing_api.timeout_ms": 15000,
+        **pooled(db, bouncer)})
+    migrate(make_config(tmp_path, db, redis, fake_api))
+    sid = create_subsidy(db, "crash", 1000)
+    [rid] = insert_redemptions(db, sid, 1, 1000)
+    key = f"redemption-{rid}"
+    fake_api.faults([{"match": {"key": key}, "action": "delay", "delay_ms": 4000, "times": 1}])
+    settle_wal(db)
+
+    w = Worker(cfg, "w").start()
+    wait_for(lambda: fake_api.state()["requests"].get(key, 0) >= 1, 20, message=w.log)
+    cluster.stop("immediate")
+    cluster.start()
+    after_crash = facts(db, rid)
+    assert after_crash == {"status": "pending", "fence": 1, "locked_by": "crash-pooled",
+                           "leased": True, "ambiguous": False, "holds": 1}, after_crash
+    wait_for(lambda: db.scalar("SELECT status FROM redemptions WHERE id = %s", (rid,))
+             == "redeemed", 60, message=w.log)
+    assert w.stop() == 0
+    assert list(fake_api.state()["applied"]) == [key]
+    assert ledger_balance(db, sid) == 0
+
+
+def test_a_refused_completion_is_rolled_back_and_parked_through_a_transaction_pooler(
+        tmp_path, db, redis, fake_api, binary, txn_bouncer):
+    """A statement that fails inside the pipelined transaction (a producer's
+    trigger refuses one completion) leaves that transaction aborted on a
+    server connection the pooler holds for us: it is rolled back, the
+    batch is recorded row by row, the poison row parked with the reason,
+    and the connection serves the next statements."""
+    migrate(make_config(tmp_path, db, redis, fake_api))
+    db.execute("""
+        CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+          IF NEW.status = 'paid' AND NEW.customer_id = 'poison' THEN
+            RAISE EXCEPTION 'producer refuses invoice %', NEW.id; END IF;
+          RETURN NEW; END $$;
+        CREATE TRIGGER refuse BEFORE UPDATE ON invoices FOR EACH ROW EXECUTE FUNCTION refuse();
+    """)
+    good = insert_invoices(db, 30)
+    [poison] = insert_invoices(db, 1, customer="poison")
+    good += insert_invoices(db, 30)
+    w = Worker(make_config(tmp_path, db, redis, fake_api, **{
+        **pooled(db, txn_bouncer), "billing_api.backoff_max_ms": 60000}), "w").start()
+    wait_for(lambda: db.scalar("SELECT count(*) FROM invoices WHERE status = 'paid'") == 60,
+             20, message=w.log)
+    wait_for(lambda: "producer refuses invoice" in (db.scalar(
+        "SELECT last_error FROM invoices WHERE id = %s", (poison,)) or ""), 20, message=w.log)
+    assert w.stop() == 0
+    assert db.scalar("SELECT status FROM invoices WHERE id = %s", (poison,)) == "pending"
+    for bad in ("prepared statement", "no transaction in progress",
+                "current transaction is aborted"):
+        assert bad not in w.log(), w.log_tail()
+    assert {k: n for k, n in fake_api.state()["requests"].items() if n != 1} == {}
+
+
+def test_server_side_timeouts_bound_statements_through_a_transaction_pooler(
+        tmp_path, db, redis, fake_api, binary, txn_bouncer):
+    """statement_timeout and lock_timeout come with each transaction: a
+    renewal that waits on a row a producer holds is cancelled by the server
+    after query_timeout_ms, not dropped by the client's deadline a second
+    later, which is all that would be left without them."""
+    migrate(make_config(tmp_path, db, redis, fake_api))
+    [iid] = insert_invoices(db, 1)
+    fake_api.faults([{"match": {"key": f"invoice-{iid}"}, "action": "delay", "delay_ms": 4000,
+                      "times": 1}])
+    w = Worker(make_config(tmp_path, db, redis, fake_api, **{
+        **pooled(db, txn_bouncer), "database.query_timeout_ms": 500,
+        "locks.ttl_ms": 10000, "locks.renew_interval_ms": 200}), "w").start()
+    wait_for(lambda: fake_api.state()["requests"].get(f"invoice-{iid}", 0) == 1, 10,
+             message=w.log)
+    producer = db.connect(autocommit=False)
+    with producer.cursor() as cur:
+        cur.execute("SELECT 1 FROM invoices WHERE id = %s FOR UPDATE", (iid,))
+        wait_for(lambda: "canceling statement due to" in w.log(), 5, message=w.log)
+    producer.rollback()
+    wait_for(lambda: db.scalar("SELECT status FROM invoices WHERE id = %s", (iid,)) == "paid",
+             15, message=w.log)
+    assert w.stop() == 0
+    assert "did not answer within" not in w.log(), w.log_tail()
