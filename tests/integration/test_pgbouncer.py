@@ -16,6 +16,7 @@ Before this, in transaction pooling the workers logged thousands of
 exist`, drained slowly or stalled, and `once` did not end.
 """
 
+import os
 import time
 
 import pytest
@@ -385,3 +386,31 @@ def test_server_side_timeouts_bound_statements_through_a_transaction_pooler(
              15, message=w.log)
     assert w.stop() == 0
     assert "did not answer within" not in w.log(), w.log_tail()
+
+
+def test_listen_conninfo_is_a_secret_like_conninfo(tmp_path, db, redis, fake_api, binary,
+                                                   txn_bouncer):
+    """A password in database.listen_conninfo makes the file a secret file,
+    as one in database.conninfo does; it is never printed, and a string
+    libpq cannot parse is refused at start under the key's own name."""
+    password = "Listen-Pw-7f3a"
+    migrate(make_config(tmp_path, db, redis, fake_api))
+    cfg = make_config(tmp_path, db, redis, fake_api, **{
+        **pooled(db, txn_bouncer), "database.listen_conninfo": f"{db.dsn} password={password}"})
+    os.chmod(cfg, 0o644)
+    for cmd in ("check-config", "once", "migrate"):
+        r = run_cli(cfg, cmd, timeout=20)
+        assert r.returncode == 2, (cmd, r.stdout + r.stderr)
+        assert "configuration file with a password in database.listen_conninfo" in r.stderr
+        assert password not in r.stdout + r.stderr
+    os.chmod(cfg, 0o600)
+    w = Worker(cfg, "w").start()
+    wait_for(lambda: "listening for new items" in w.log(), 10, message=w.log)
+    assert w.stop() == 0
+    assert password not in w.log()
+
+    bad = make_config(tmp_path, db, redis, fake_api, **{
+        **pooled(db, txn_bouncer), "database.listen_conninfo": "host=db1 sslmode"})
+    r = run_cli(bad, "check-config")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert '"database.listen_conninfo" is not a valid connection string' in r.stderr, r.stderr
