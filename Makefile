@@ -64,18 +64,20 @@ ifeq ($(SANITIZE),1)
 SAN_FLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 endif
 
-# Modules, bottom up: common -> store -> billing -> locks -> worker.
+# Modules: common at the bottom; config, store, billing and locks each use common
+# alone; worker (the loop and the claim step) uses them all.
 COMMON_SRC  := common/log.c common/item.c common/metrics.c common/clock.c common/jitter.c \
-               common/backoff.c
+               common/backoff.c common/redis.c
 CONFIG_SRC  := config/config.c
-STORE_SRC   := store/store.c store/exec.c store/deadline.c store/sqlbuf.c store/conninfo.c \
+STORE_SRC   := store/store.c store/exec.c store/deadline.c store/pq.c store/sqlbuf.c store/conninfo.c \
                store/claim.c store/complete.c store/reserve.c store/park.c store/migrate.c \
                store/report.c store/audit.c store/listen.c store/workers.c store/pause.c store/history.c \
                store/requeue.c \
                $(BUILD)/migrations.c
-BILLING_SRC := billing/api.c billing/response.c billing/outcome.c billing/pace.c
+BILLING_SRC := billing/api.c billing/response.c billing/outcome.c billing/pace.c \
+               billing/fleet.c
 LOCKS_SRC   := locks/lock.c locks/redis_lock.c
-WORKER_SRC  := worker/loop.c worker/telemetry.c worker/notify.c worker/metrics_http.c \
+WORKER_SRC  := worker/loop.c worker/claim.c worker/telemetry.c worker/notify.c worker/metrics_http.c \
                worker/preflight.c worker/probe.c \
                worker/secret.c worker/main.c
 
@@ -87,7 +89,7 @@ obj = $(patsubst %.c,$(BUILD)/obj/%.o,$(patsubst $(BUILD)/%,%,$(1)))
 
 BIN := $(BUILD)/billing-worker
 
-UNIT_TESTS := test_config test_backoff test_response test_outcome test_item test_pace \
+UNIT_TESTS := test_config test_backoff test_response test_outcome test_item test_pace test_fleet \
               test_metrics test_log test_conninfo test_loop
 UNIT_BINS  := $(addprefix $(BUILD)/tests/,$(UNIT_TESTS))
 
@@ -98,6 +100,8 @@ test_response_DEPS := billing/response.c common/log.c
 test_outcome_DEPS  := billing/outcome.c common/backoff.c billing/response.c common/item.c common/log.c
 test_item_DEPS     := common/item.c
 test_pace_DEPS     := billing/pace.c
+# The fleet's budget against a fake Redis connection (defined in the test).
+test_fleet_DEPS    := billing/fleet.c billing/pace.c common/clock.c common/log.c
 test_metrics_DEPS  := common/metrics.c common/item.c
 test_log_DEPS      := common/log.c
 test_conninfo_DEPS := store/conninfo.c

@@ -5,7 +5,7 @@
 
 /*
  * A local token bucket: how many API calls this process may start now.
- * The fleet's shared budget lives in Redis (see locks/redis_lock.c); this
+ * The fleet's shared budget lives in Redis (see billing/fleet.c); this
  * is what a process falls back to while Redis cannot be asked, with its
  * even share of the fleet's rate.  Pure: time comes from the caller.
  */

@@ -3,101 +3,112 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "common/item.h"
-#include "config/config.h"
-#include "locks/redis_lock.h"
-#include "store/store.h"
+#include "common/redis.h"
 
 /*
- * How a worker takes items, behind one interface for the three lock modes.
- *
- * Every claim ends in the database (store_claim): it bumps the item's
- * fence and sets a lease, whatever the mode, so correctness never rests on
- * Redis.  In redis mode the candidates are first locked in Redis, so
- * workers split the due items among themselves instead of contending for
- * the same rows; in skip-locked mode the database alone picks them with
- * FOR UPDATE SKIP LOCKED; auto is redis while Redis answers and skip-locked
- * while it does not.
+ * Per-item locks in Redis, behind the three lock policies: keys, tokens
+ * and their expiry, nothing else.  The lock manager never knows what it
+ * protects: the claim that follows a lock (a fence and a lease in the
+ * database, which is what correctness rests on) is the caller's.  In redis
+ * policy every item is locked here first, so workers split the due items
+ * between them instead of contending for the same rows; in skip-locked
+ * policy Redis is not used at all; auto is redis while Redis answers and
+ * skip-locked while it does not.
  */
 typedef struct lockmgr lockmgr;
 
-struct lock_options {
-	enum lock_mode mode;
-	int ttl_ms;
-	/*
-	 * How long a row the database refuses to claim is left alone
-	 * (billing_api.backoff_max_ms, as for a row it refuses to complete).
-	 */
-	int park_ms;
-	const char *worker_id;          /* copied; part of every token */
-	struct redis_options redis;     /* unused in skip-locked mode */
+enum lock_policy {
+	LOCK_POLICY_REDIS,
+	LOCK_POLICY_SKIP_LOCKED,
+	LOCK_POLICY_AUTO,
+};
+
+/* How items are to be taken now, under the policy and Redis' health. */
+enum lock_way {
+	LOCK_WAY_REDIS,         /* lock in Redis, then claim */
+	LOCK_WAY_SKIP_LOCKED,   /* claim with FOR UPDATE SKIP LOCKED, no Redis */
+	LOCK_WAY_NONE,          /* redis policy and Redis is unreachable: take nothing */
 };
 
 /*
- * The Redis connection CFG describes, with PASSWORD (NULL: no AUTH), into
- * OUT; the strings stay CFG's and PASSWORD's.  The one place the config's
- * redis group becomes connection options, for the daemon and for
- * check-config --connect alike.
+ * The longest key prefix lock_new() accepts.  Every lock key starts with
+ * the connection's prefix, so fleets sharing one Redis never touch each
+ * other's locks.
  */
-void lock_redis_options(const struct bw_config *cfg, const char *password,
-    struct redis_options *out);
+#define LOCK_KEY_PREFIX_MAX 64
 
-/* ST is borrowed and must outlive the manager. */
-int lock_new(const struct lock_options *o, store *st, lockmgr **ret)
+struct lock_options {
+	enum lock_policy policy;
+	int ttl_ms;
+	const char *worker_id;          /* copied; part of every token */
+};
+
+/* "redis", "skip-locked" or "auto", as the configuration spells them. */
+const char *lock_policy_name(enum lock_policy policy);
+
+/*
+ * CONN is the loop's connection to Redis, borrowed (it must outlive the
+ * manager), NULL only in skip-locked policy.  The manager decides when it
+ * is reconnected, since its policy says what an outage means.
+ */
+int lock_new(const struct lock_options *o, redis_conn *conn, lockmgr **ret)
 	__attribute__((warn_unused_result));
 void lock_free(lockmgr *lm);
 
 void lock_set_ttl(lockmgr *lm, int ttl_ms);
-void lock_set_park_delay(lockmgr *lm, int delay_ms);
 
 /*
- * The fleet's API call budget (billing_api.max_requests_per_second, 0 =
- * none).  Claims take no more items than it allows: shared through Redis
- * while it answers, this process's even share of it otherwise.
- */
-void lock_set_rate(lockmgr *lm, int calls_per_second);
-
-/*
- * After a claim: how long until more calls may start (the rate budget is
- * spent or a 429 pause is in force), 0 when they may start now.
- */
-int64_t lock_wait_ms(const lockmgr *lm);
-
-/* True while Redis is unreachable (the outage is logged once, here). */
-bool lock_redis_down(const lockmgr *lm);
-
-/* A 429: no worker of the fleet starts a call for PAUSE_MS. */
-void lock_pause(lockmgr *lm, int pause_ms);
-
-/*
- * Connects to Redis now (redis and auto modes), so a wrong address shows in
- * the log at start rather than at the first due item.  Never fails: an
- * unreachable Redis is logged and retried as the mode says.
+ * Connects to Redis now (redis and auto policies), so a wrong address
+ * shows in the log at start rather than at the first due item.  Never
+ * fails: an unreachable Redis is logged and retried as the policy says.
  */
 void lock_start(lockmgr *lm);
 
 /*
- * Claims up to LIMIT due items, of either kind, oldest first, into ITEMS
- * (capacity LIMIT), which the caller then owns.  *MORE tells whether more
- * items may be due right now (LIMIT claimed and more were due, or the due
- * query filled its window).  Each kind is claimed on its own: one kind's
- * failure is logged and does not stop the other.  A row the database
- * refuses to claim on its data is found by claiming the candidates one by
- * one, and parked (store_park_unclaimed) so it holds back nothing.  Returns
- * -1 when nothing could be claimed because something failed (the database
- * or, in redis mode, Redis); lock_errmsg() says why.
+ * Which way to take items now.  A lost Redis is reconnected here, spaced
+ * out with backoff, so a dead Redis costs one connect attempt per few
+ * seconds, not one per poll; the outage and the return are each logged
+ * once.  Connected, this costs nothing.
  */
-int lock_claim(lockmgr *lm, size_t limit, struct item *items, size_t *ret_n, bool *more)
+enum lock_way lock_now(lockmgr *lm);
+
+/* True while Redis is unreachable (the outage is logged once, here). */
+bool lock_redis_down(const lockmgr *lm);
+
+/*
+ * Another user of the connection found Redis failing: logs the outage
+ * (once) when the connection is gone, as a failed lock command would, and
+ * makes the reason lock_errmsg().
+ */
+void lock_redis_failed(lockmgr *lm);
+
+/*
+ * Locks, in one round trip, at most MAX of the N candidates (KINDS[i],
+ * IDS[i]), trying them in order.  Each candidate gets a fresh token in
+ * TOKENS[i] (capacity N); GOT[i] says whether its lock is now ours for the
+ * ttl.  Returns -1 when Redis failed (logged here, once per outage), with
+ * the reason in lock_errmsg().
+ */
+int lock_acquire(lockmgr *lm, const enum item_kind *kinds, const int64_t *ids,
+    size_t n, size_t max, char (*tokens)[ITEM_TOKEN_MAX], bool *got)
 	__attribute__((warn_unused_result));
 
 /*
- * Extends the claims of ITEMS (any mix of kinds): the database lease of
- * each, and the Redis lock of each that has one.  An item whose lease went
- * to another worker gets lock_lost set and is logged; a lost Redis lock
- * alone is logged and no longer renewed (the lease still fences it).
+ * Gives back the locks of the N candidates (KINDS[i], IDS[i]) that hold
+ * TOKENS[i], best effort (they expire anyway).
  */
-int lock_renew(lockmgr *lm, struct item *const *items, size_t n);
+void lock_give_back(lockmgr *lm, const enum item_kind *kinds, const int64_t *ids,
+    const char *const *tokens, size_t n);
+
+/*
+ * Extends the Redis lock of each of ITEMS that has one (a token) and has
+ * not lost its claim.  A lock found gone is logged, counted and no longer
+ * renewed (its token is cleared): the caller's lease still fences it.
+ */
+void lock_renew(lockmgr *lm, struct item *const *items, size_t n);
 
 /* Gives back the Redis locks of ITEMS, best effort (they expire anyway). */
 void lock_release(lockmgr *lm, struct item *const *items, size_t n);

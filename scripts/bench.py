@@ -59,7 +59,8 @@ from harness import (PgCluster, RedisServer, render_config, wait_for)  # noqa: E
 
 BINARY = ROOT / "build" / "billing-worker"
 PEER_BEST = 2810          # pg-boss, HTTP + UPDATE jobs/s, ../shared/BENCH-ANCHORS.md
-SCENARIOS = ("e2e", "slow", "latency", "rss", "idle", "pg-freeze", "redis-freeze", "row-lock")
+SCENARIOS = ("e2e", "slow", "latency", "rss", "idle", "pg-freeze", "redis-freeze", "row-lock",
+             "baseline")
 
 
 class BenchCluster(PgCluster):
@@ -162,7 +163,7 @@ class Bench:
             raise RuntimeError(r.stderr)
         self.sql("CREATE EXTENSION pg_stat_statements")
         # The fast API only for the rows that call it: the others run without nginx.
-        if {"e2e", "idle"} & set(self.args.only):
+        if {"e2e", "idle", "baseline"} & set(self.args.only):
             self.nginx, self.fast_url = start_nginx(self.work)
 
     def close(self):
@@ -199,12 +200,12 @@ class Bench:
         path.write_text(render_config(groups))
         return path
 
-    def workers(self, n, url, **over):
+    def workers(self, n, url, binary=None, **over):
         procs = []
         for _ in range(n):
             cfg = self.config(url, **over)
             log = open(self.work / f"{cfg.stem}.log", "w")
-            procs.append(subprocess.Popen([str(BINARY), "-c", str(cfg), "run"],
+            procs.append(subprocess.Popen([str(binary or BINARY), "-c", str(cfg), "run"],
                                           stdin=subprocess.DEVNULL, stdout=log, stderr=log))
         # Ready when every worker LISTENs (one 'billing-worker listen' session each).
         wait_for(lambda: self.scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name"
@@ -290,10 +291,10 @@ class Bench:
 
     # -- the measurements ------------------------------------------------
 
-    def e2e(self, nproc, **overrides):
+    def e2e(self, nproc, binary=None, **overrides):
         n = self.args.items
         self.reset()
-        procs = self.workers(nproc, self.fast_url, **overrides)
+        procs = self.workers(nproc, self.fast_url, binary=binary, **overrides)
         cpu0 = self.cpu_seconds(procs)
         other0 = self.cpu_by_component()
         self.sql("INSERT INTO invoices (customer_id, amount_cents, currency) "
@@ -656,7 +657,36 @@ class Bench:
                          f"items not on it recorded/s before / during | {before:,.0f} / {during:,.0f} "
                          f"(longest loop stall {stall:.2f} s, {long_turns:.0f} turns over 5 s) | "
                          f"during = {during / before:.0%} of before | |")
+        if "baseline" in only:
+            self.run_baseline(lines)
         print("\n".join(lines + tail))
+
+    def run_baseline(self, lines):
+        """This build against --baseline BINARY (a build of an earlier main),
+        side by side in this run: the fast-API e2e at 1 and 4 processes,
+        alternating ours, theirs, ours, theirs, so a drift of the machine
+        weighs on both alike."""
+        base = self.args.baseline
+        if base is None:
+            lines.append("| baseline comparison | not run: give --baseline BINARY | | |")
+            return
+        for p in (1, 4):
+            ours, theirs = [], []
+            for _ in range(2):
+                ours.append(self.e2e(p))
+                theirs.append(self.e2e(p, binary=base))
+            rate_o = sum(r[0] for r in ours) / 2
+            rate_t = sum(r[0] for r in theirs) / 2
+            cpu_o = sum(r[1] for r in ours) / 2 / (self.args.items / 1000)
+            cpu_t = sum(r[1] for r in theirs) / 2 / (self.args.items / 1000)
+            print(f"  baseline, {p} proc: ours {rate_o:,.0f} items/s ({cpu_o:.3f} CPU s per "
+                  f"1 000), baseline {rate_t:,.0f} items/s ({cpu_t:.3f})", flush=True)
+            lines.append(f"| e2e, {p} process{'es' if p > 1 else ''}, fast API: this build / "
+                         f"baseline (mean of 2 alternating runs each) | {rate_o:,.0f} / "
+                         f"{rate_t:,.0f} items/s | {rate_o / rate_t:.2f} × | |")
+            lines.append(f"| worker CPU per 1 000 items, {p} process{'es' if p > 1 else ''}: "
+                         f"this build / baseline | {cpu_o:.3f} / {cpu_t:.3f} s | "
+                         f"{cpu_o / cpu_t:.2f} × | |")
 
     def run_e2e(self, lines, tail):
         """The e2e runs, the history comparison and the pgbench limits: rows
@@ -732,6 +762,10 @@ def main():
     ap.add_argument("--only", nargs="+", choices=SCENARIOS, default=list(SCENARIOS),
                     metavar="NAME", help="run only these scenarios: " + ", ".join(SCENARIOS))
     ap.add_argument("--keep", action="store_true", help="keep the worker logs and configs")
+    ap.add_argument("--baseline", type=Path, metavar="BINARY",
+                    help="a build of an earlier main, for the 'baseline' rows: e.g. git worktree "
+                         "add /tmp/base REF && make -C /tmp/base, then "
+                         "--baseline /tmp/base/build/billing-worker")
     ap.add_argument("--quick", action="store_true", help="small sizes, to check the bench itself")
     a = ap.parse_args()
     if a.quick:

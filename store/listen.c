@@ -11,13 +11,21 @@
  * worker.  It only waits: its socket joins the loop's poll, and each
  * notification on billing_worker (sent by the insert triggers) tells the
  * loop to claim now instead of at the next poll.
+ *
+ * It never blocks the loop, connecting included: it is a store/pq.c
+ * connection, opened with PQconnectStartParams and driven by the loop's
+ * poll, so a server that accepts the TCP connection and then does not
+ * answer (a frozen postmaster, a host cut off mid-handshake) costs this
+ * connection its connect timeout, and the calls in flight nothing.
  */
 #define LISTEN_TIMEOUT_MS 10000
 
 struct store_listener {
 	char *conninfo;
 	char *password;             /* redacted from every message; may be NULL */
-	PGconn *conn;
+	pq *pq;
+	struct pq_job listen;       /* LISTEN billing_worker, once connected */
+	bool listening;
 	char errmsg[512];
 };
 
@@ -28,13 +36,16 @@ store_listener_new(const char *conninfo, store_listener **ret)
 
 	if ((sl = calloc(1, sizeof(*sl))) == NULL)
 		return -1;
-	if ((sl->conninfo = strdup(conninfo)) == NULL) {
+	if ((sl->conninfo = strdup(conninfo)) == NULL || pq_new(&sl->pq) == -1) {
+		free(sl->conninfo);
 		free(sl);
 		return -1;
 	}
 	/* The store already refuses a conninfo it cannot parse; no password then. */
 	if (conninfo_password(conninfo, &sl->password) == -1)
 		sl->password = NULL;
+	sl->listen.stmts[0].sql = "LISTEN billing_worker";
+	sl->listen.nstmts = 1;
 	*ret = sl;
 	return 0;
 }
@@ -42,10 +53,9 @@ store_listener_new(const char *conninfo, store_listener **ret)
 static void
 drop(store_listener *sl)
 {
-	if (sl->conn != NULL) {
-		PQfinish(sl->conn);
-		sl->conn = NULL;
-	}
+	pq_drop(sl->pq, NULL);
+	pq_job_clear(&sl->listen);
+	sl->listening = false;
 }
 
 void
@@ -54,6 +64,7 @@ store_listener_free(store_listener *sl)
 	if (sl == NULL)
 		return;
 	drop(sl);
+	pq_free(sl->pq);
 	explicit_bzero(sl->conninfo, strlen(sl->conninfo));
 	free(sl->conninfo);
 	if (sl->password != NULL) {
@@ -71,13 +82,13 @@ store_listener_errmsg(const store_listener *sl)
 
 /* The server and libpq may echo the password: it never reaches errmsg. */
 static void
-set_err(store_listener *sl, const char *what)
+set_err(store_listener *sl, const char *what, const char *detail)
 {
 	char raw[512];
 	size_t n;
 
-	snprintf(raw, sizeof(raw), "%s: %s", what,
-	    sl->conn != NULL ? PQerrorMessage(sl->conn) : "out of memory");
+	snprintf(raw, sizeof(raw), "%s: %s", what, detail != NULL && detail[0] != '\0' ?
+	    detail : "connection lost");
 	conninfo_redact(raw, sl->password, sl->errmsg, sizeof(sl->errmsg));
 	n = strlen(sl->errmsg);
 	while (n > 0 && (sl->errmsg[n - 1] == '\n' || sl->errmsg[n - 1] == ' '))
@@ -87,28 +98,9 @@ set_err(store_listener *sl, const char *what)
 int
 store_listener_connect(store_listener *sl)
 {
-	PGresult *res;
-
 	drop(sl);
-	sl->conn = store_open_conn(sl->conninfo, "billing-worker listen");
-	if (sl->conn == NULL || PQstatus(sl->conn) != CONNECTION_OK) {
-		set_err(sl, "could not open the LISTEN connection");
-		drop(sl);
-		return -1;
-	}
-	/* Bounded like every statement: a frozen server must not stall the loop. */
-	res = store_exec_bounded(sl->conn, LISTEN_TIMEOUT_MS, "LISTEN billing_worker");
-	if (PQresultStatus(res) != PGRES_COMMAND_OK) {
-		set_err(sl, "LISTEN failed");
-		PQclear(res);
-		drop(sl);
-		return -1;
-	}
-	PQclear(res);
-	/* From here on it is only read when poll says so: never block on it. */
-	if (PQsetnonblocking(sl->conn, 1) == -1) {
-		set_err(sl, "could not make the LISTEN connection non-blocking");
-		drop(sl);
+	if (store_start_conn(sl->pq, sl->conninfo, "billing-worker listen") == -1) {
+		set_err(sl, "could not open the LISTEN connection", pq_errmsg(sl->pq));
 		return -1;
 	}
 	return 0;
@@ -120,26 +112,72 @@ store_listener_close(store_listener *sl)
 	drop(sl);
 }
 
-int
-store_listener_fd(const store_listener *sl)
+bool
+store_listener_active(const store_listener *sl)
 {
-	return sl->conn != NULL ? PQsocket(sl->conn) : -1;
+	return pq_state(sl->pq) != PQ_DOWN;
 }
 
 int
-store_listener_drain(store_listener *sl)
+store_listener_fd(const store_listener *sl)
 {
+	return pq_fd(sl->pq);
+}
+
+short
+store_listener_events(const store_listener *sl)
+{
+	return pq_events(sl->pq);
+}
+
+int64_t
+store_listener_deadline(const store_listener *sl)
+{
+	return pq_deadline(sl->pq);
+}
+
+int
+store_listener_drive(store_listener *sl, short revents, int64_t now, bool *ret_listening_now)
+{
+	enum pq_state before = pq_state(sl->pq);
+	PGconn *conn;
 	PGnotify *n;
 	int count = 0;
 
-	if (sl->conn == NULL)
+	*ret_listening_now = false;
+	if (before == PQ_DOWN)
 		return -1;
-	if (PQconsumeInput(sl->conn) == 0 || PQstatus(sl->conn) != CONNECTION_OK) {
-		set_err(sl, "LISTEN connection lost");
+	pq_drive(sl->pq, revents, now);
+	if (pq_state(sl->pq) == PQ_DOWN) {
+		set_err(sl, before == PQ_CONNECTING ? "could not open the LISTEN connection" :
+		    "LISTEN connection lost", pq_errmsg(sl->pq));
 		drop(sl);
 		return -1;
 	}
-	while ((n = PQnotifies(sl->conn)) != NULL) {
+	if (pq_state(sl->pq) != PQ_READY)
+		return 0;           /* still connecting */
+	if (sl->listen.state == PQ_JOB_IDLE) {
+		/* Bounded like every statement: a frozen server must not stall the loop. */
+		if (pq_submit(sl->pq, &sl->listen, LISTEN_TIMEOUT_MS, now) == -1) {
+			set_err(sl, "LISTEN failed", pq_errmsg(sl->pq));
+			drop(sl);
+			return -1;
+		}
+		return 0;
+	}
+	if (sl->listen.state == PQ_JOB_DONE && !sl->listening) {
+		if (!sl->listen.ok) {
+			set_err(sl, "LISTEN failed", sl->listen.res[0] != NULL ?
+			    PQresultErrorMessage(sl->listen.res[0]) : pq_errmsg(sl->pq));
+			drop(sl);
+			return -1;
+		}
+		sl->listening = true;
+		*ret_listening_now = true;
+	}
+	/* pq_drive read what arrived; the notifications wait in libpq. */
+	conn = pq_raw_conn(sl->pq);
+	while ((n = PQnotifies(conn)) != NULL) {
 		count++;
 		PQfreemem(n);
 	}

@@ -200,21 +200,60 @@ store_prepare_all(store *st)
 	return 0;
 }
 
+/*
+ * What the server says on a session besides answers (a trigger's RAISE
+ * WARNING, "terminating connection due to administrator command") goes
+ * through the log: libpq's default prints it raw on stderr, which breaks
+ * JSON logs and the journal's priorities.  Warnings are warnings; notices
+ * (CREATE ... IF NOT EXISTS skipping) are for debugging.
+ */
+static void
+notice_to_log(void *arg, const PGresult *res)
+{
+	const char *severity = PQresultErrorField(res, PG_DIAG_SEVERITY_NONLOCALIZED);
+	const char *msg = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+
+	(void)arg;
+	if (msg == NULL)
+		msg = PQresultErrorMessage(res);
+	if (severity != NULL && strcmp(severity, "WARNING") == 0)
+		log_warnx("the database warns: %s", msg);
+	else
+		log_debug("the database says (%s): %s", severity != NULL ? severity : "notice", msg);
+}
+
+/*
+ * Our defaults come first so the operator's conninfo overrides them:
+ * bounded connect time and TCP keepalives so a dead peer is noticed
+ * instead of blocking the loop forever.
+ */
+static const char *const conn_keys[] = { "connect_timeout", "keepalives", "keepalives_idle",
+    "keepalives_interval", "keepalives_count", "tcp_user_timeout",
+    "application_name", "dbname", NULL };
+#define CONNECT_TIMEOUT_S "5"
+
 PGconn *
 store_open_conn(const char *conninfo, const char *application_name)
 {
-	/*
-	 * Our defaults come first so the operator's conninfo overrides them:
-	 * bounded connect time and TCP keepalives so a dead peer is noticed
-	 * instead of blocking the loop forever.
-	 */
-	const char *keys[] = { "connect_timeout", "keepalives", "keepalives_idle",
-	    "keepalives_interval", "keepalives_count", "tcp_user_timeout",
-	    "application_name", "dbname", NULL };
-	const char *vals[] = { "5", "1", "10", "5", "3", "20000",
+	const char *vals[] = { CONNECT_TIMEOUT_S, "1", "10", "5", "3", "20000",
+	    application_name, conninfo, NULL };
+	PGconn *conn = PQconnectdbParams(conn_keys, vals, 1);
+
+	if (conn != NULL)
+		PQsetNoticeReceiver(conn, notice_to_log, NULL);
+	return conn;
+}
+
+int
+store_start_conn(pq *c, const char *conninfo, const char *application_name)
+{
+	const char *vals[] = { CONNECT_TIMEOUT_S, "1", "10", "5", "3", "20000",
 	    application_name, conninfo, NULL };
 
-	return PQconnectdbParams(keys, vals, 1);
+	if (pq_connect_start(c, conn_keys, vals, atoi(CONNECT_TIMEOUT_S) * 1000) == -1)
+		return -1;
+	PQsetNoticeReceiver(pq_raw_conn(c), notice_to_log, NULL);
+	return 0;
 }
 
 int

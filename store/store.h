@@ -249,22 +249,35 @@ typedef struct store_listener store_listener;
 int store_listener_new(const char *conninfo, store_listener **ret)
 	__attribute__((warn_unused_result));
 void store_listener_free(store_listener *sl);
-/* Connects and LISTENs; -1 with store_listener_errmsg() set on failure. */
+/*
+ * Starts connecting, without blocking: the loop polls store_listener_fd()
+ * for store_listener_events() and calls store_listener_drive(), which
+ * sends the LISTEN once connected.  -1 with store_listener_errmsg() set
+ * when it could not even start.
+ */
 int store_listener_connect(store_listener *sl) __attribute__((warn_unused_result));
 /*
- * Closes the LISTEN connection, if open.  For a caller whose other
- * connection just moved: with a multi-host conninfo the next connect
- * follows the writable host, while this one, still up on a server that
- * turned read-only, would never hear an insert again.
+ * Closes the LISTEN connection (the main connection moved to another host,
+ * after a failover: this one must follow it, or it waits for notifications
+ * on a server nobody inserts into any more).  The caller connects again.
  */
 void store_listener_close(store_listener *sl);
-/* The socket to poll for input, or -1 when not connected. */
+/* True from store_listener_connect() until the connection fails or is closed. */
+bool store_listener_active(const store_listener *sl);
+/* The socket to poll, -1 when there is none; what to poll it for. */
 int store_listener_fd(const store_listener *sl);
+short store_listener_events(const store_listener *sl);
+/* When store_listener_drive() must run even if nothing arrives (a deadline). */
+int64_t store_listener_deadline(const store_listener *sl);
 /*
- * Reads what arrived without blocking; returns the number of notifications
- * (0 or more), or -1 when the connection broke (it is closed; reconnect).
+ * Does what REVENTS (0: nothing arrived) and the clock allow: advances the
+ * connect, sends the LISTEN, reads what arrived.  Returns the number of
+ * notifications (0 or more), with *RET_LISTENING_NOW true at the turn the
+ * LISTEN took effect; or -1 when the connect or the connection failed (it
+ * is closed; connect again later), with store_listener_errmsg() set.
  */
-int store_listener_drain(store_listener *sl);
+int store_listener_drive(store_listener *sl, short revents, int64_t now,
+    bool *ret_listening_now) __attribute__((warn_unused_result));
 const char *store_listener_errmsg(const store_listener *sl);
 
 /* What the registry says of a worker; the strings are the caller's. */

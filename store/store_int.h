@@ -23,6 +23,7 @@
 
 #include <libpq-fe.h>
 
+#include "store/pq.h"
 #include "store/store.h"
 
 /* A growable text buffer for array literals, reused across calls. */
@@ -95,6 +96,14 @@ void store_errorf(store *st, const char *fmt, ...) __attribute__((format(printf,
  * when out of memory; check PQstatus.
  */
 PGconn *store_open_conn(const char *conninfo, const char *application_name);
+
+/*
+ * The same, without blocking: starts connecting C (store/pq.c) with our
+ * defaults under CONNINFO's own settings; the loop drives the rest.  -1
+ * when it could not even start (pq_errmsg() says why).
+ */
+int store_start_conn(pq *c, const char *conninfo, const char *application_name)
+	__attribute__((warn_unused_result));
 
 /* How long the client waits for an answer: the server's own timeout fires first. */
 int store_client_deadline_ms(const store *st);

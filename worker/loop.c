@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "billing/api.h"
+#include "billing/fleet.h"
 #include "billing/outcome.h"
 #include "common/backoff.h"
 #include "common/clock.h"
@@ -20,8 +21,10 @@
 #include "common/jitter.h"
 #include "common/log.h"
 #include "common/metrics.h"
+#include "common/redis.h"
 #include "locks/lock.h"
 #include "store/store.h"
+#include "worker/claim.h"
 #include "worker/secret.h"
 #include "worker/telemetry.h"
 
@@ -83,9 +86,18 @@ struct loop {
 	bool once;
 	store *st;
 	store_listener *listener;   /* NULL in once runs */
+	bool listening;             /* its LISTEN took effect */
 	int64_t next_listen_try_ms;
 	struct backoff listen_backoff;
+	/*
+	 * One connection to Redis (NULL in skip-locked mode), which the lock
+	 * manager and the fleet's rate budget share; the claim step drives
+	 * the store, the budget and the locks in turn.
+	 */
+	redis_conn *redis;
 	lockmgr *locks;
+	fleet *fleet;
+	claimer *claims;
 	api_client *api;
 	telemetry *tm;
 	struct retry_policy policy;
@@ -394,8 +406,9 @@ db_ready(struct loop *l)
 		 * follows, or it could stay up on the old primary, read-only,
 		 * and never hear an insert again.
 		 */
-		if (l->db_seen && l->listener != NULL && store_listener_fd(l->listener) != -1) {
+		if (l->db_seen && l->listener != NULL && store_listener_active(l->listener)) {
 			store_listener_close(l->listener);
+			l->listening = false;
 			l->next_listen_try_ms = now;
 		}
 		if (l->db_seen)
@@ -764,11 +777,11 @@ claim(struct loop *l)
 		return 0;
 	want = (size_t)room < (size_t)l->cfg->worker.batch_size ?
 	    (size_t)room : (size_t)l->cfg->worker.batch_size;
-	if (lock_claim(l->locks, want, l->claimed, &n, &more) == -1) {
+	if (claim_take(l->claims, want, l->claimed, &n, &more) == -1) {
 		if (!store_connected(l->st))
 			note_db_failure(l, "could not claim items");
 		else if (!lock_redis_down(l->locks))
-			log_warnx("could not claim items: %s", lock_errmsg(l->locks));
+			log_warnx("could not claim items: %s", claim_errmsg(l->claims));
 		/* A Redis outage is logged once, by the lock manager, not every poll. */
 		if (l->claim_failing_since_ms == 0)
 			l->claim_failing_since_ms = clock_ms();
@@ -931,7 +944,7 @@ collect(struct loop *l)
 			/* The API is over its limit for everyone: the whole fleet waits. */
 			int pause_ms = v.retry_after_s > 0 ? v.retry_after_s * 1000 : 1000;
 
-			lock_pause(l->locks, pause_ms);
+			fleet_pause(l->fleet, pause_ms);
 			log_info("billing API answered 429: no worker starts a call for %d ms",
 			    pause_ms);
 		}
@@ -977,7 +990,7 @@ renew(struct loop *l)
 	for (int i = 0; i < l->nflights; i++)
 		if (l->flights[i].state != FLIGHT_FREE)
 			l->itemp[n++] = &l->flights[i].item;
-	if (n > 0 && store_connected(l->st) && lock_renew(l->locks, l->itemp, n) == -1)
+	if (n > 0 && store_connected(l->st) && claim_renew(l->claims, l->itemp, n) == -1)
 		note_db_failure(l, "could not renew leases");
 }
 
@@ -1058,10 +1071,10 @@ reload(struct loop *l)
 	policy_from(&l->policy, l->cfg);
 	api_client_set_limits(l->api, l->cfg->billing_api.timeout_ms,
 	    l->cfg->billing_api.connect_timeout_ms, l->cfg->worker.concurrency);
-	lock_set_ttl(l->locks, l->cfg->locks.ttl_ms);
+	claim_set_ttl(l->claims, l->cfg->locks.ttl_ms);
 	store_set_history(l->st, l->cfg->history.enabled);
-	lock_set_park_delay(l->locks, l->cfg->billing_api.backoff_max_ms);
-	lock_set_rate(l->locks, l->cfg->billing_api.max_requests_per_second);
+	claim_set_park_delay(l->claims, l->cfg->billing_api.backoff_max_ms);
+	fleet_set_rate(l->fleet, l->cfg->billing_api.max_requests_per_second);
 	log_set_level((int)l->cfg->log.level);
 	log_set_json(l->cfg->log.format == LOG_FORMAT_JSON);
 	reload_token(l);
@@ -1096,34 +1109,39 @@ abandon_calls(struct loop *l)
  * poll_interval_ms goes on regardless, so nothing waits on this.
  */
 static void
-listen_service(struct loop *l, bool readable)
+listen_service(struct loop *l, short revents)
 {
 	int64_t now = clock_ms();
+	bool was_listening = l->listening, now_listening;
 	int n;
 
 	if (l->listener == NULL)
 		return;
-	if (store_listener_fd(l->listener) == -1) {
+	if (!store_listener_active(l->listener)) {
 		if (now < l->next_listen_try_ms || !store_connected(l->st))
 			return;
-		if (store_listener_connect(l->listener) == 0) {
-			log_info("listening for new items");
-			backoff_reset(&l->listen_backoff);
-		} else {
+		if (store_listener_connect(l->listener) == -1) {
 			log_warnx("%s; polling every %d ms until it returns",
 			    store_listener_errmsg(l->listener), l->cfg->worker.poll_interval_ms);
 			l->next_listen_try_ms = now + backoff_take(&l->listen_backoff);
+			return;
 		}
-		return;
+		revents = 0;        /* a connect just started: nothing to read yet */
 	}
-	if (!readable)
-		return;
-	n = store_listener_drain(l->listener);
+	n = store_listener_drive(l->listener, revents, now, &now_listening);
 	if (n == -1) {
+		/* A connect that failed backs off; a connection that was up retries soon. */
+		l->listening = false;
 		log_warnx("%s; polling every %d ms until it returns",
 		    store_listener_errmsg(l->listener), l->cfg->worker.poll_interval_ms);
-		l->next_listen_try_ms = now + backoff_peek(&l->listen_backoff);
+		l->next_listen_try_ms = now + (was_listening ? backoff_peek(&l->listen_backoff) :
+		    backoff_take(&l->listen_backoff));
 		return;
+	}
+	if (now_listening) {
+		l->listening = true;
+		log_info("listening for new items");
+		backoff_reset(&l->listen_backoff);
 	}
 	if (n > 0) {
 		int64_t at = now + (int64_t)(jitter_next(&l->rng) % (NOTIFY_JITTER_MS + 1));
@@ -1164,14 +1182,19 @@ loop_setup(struct loop *l, const char *token, const char *redis_password)
 		.ca_file = cfg->billing_api.ca_file,
 	};
 	struct lock_options lo = {
-		.mode = cfg->locks.mode,
+		.policy = claim_lock_policy(cfg->locks.mode),
+		.ttl_ms = cfg->locks.ttl_ms,
+		.worker_id = cfg->worker.id,
+	};
+	struct redis_options ro;
+	struct claim_options co = {
+		.policy = lo.policy,
 		.ttl_ms = cfg->locks.ttl_ms,
 		.park_ms = cfg->billing_api.backoff_max_ms,
-		.worker_id = cfg->worker.id,
 	};
 	char err[256];
 
-	lock_redis_options(cfg, redis_password, &lo.redis);
+	claim_redis_options(cfg, redis_password, &ro);
 	jitter_seed(&l->rng);
 	policy_from(&l->policy, cfg);
 	if (gethostname(l->host, sizeof(l->host)) == -1)
@@ -1188,7 +1211,10 @@ loop_setup(struct loop *l, const char *token, const char *redis_password)
 	if (store_new(cfg->database.conninfo, cfg->worker.id, &l->st) == -1 ||
 	    (listen_conninfo(l) != NULL &&
 	    store_listener_new(listen_conninfo(l), &l->listener) == -1) ||
-	    lock_new(&lo, l->st, &l->locks) == -1) {
+	    (lo.policy != LOCK_POLICY_SKIP_LOCKED && redis_conn_new(&ro, &l->redis) == -1) ||
+	    lock_new(&lo, l->redis, &l->locks) == -1 ||
+	    fleet_new(l->redis, cfg->worker.id, &l->fleet) == -1 ||
+	    claim_new(&co, l->st, l->locks, l->fleet, &l->claims) == -1) {
 		log_error("out of memory");
 		return -1;
 	}
@@ -1200,7 +1226,7 @@ loop_setup(struct loop *l, const char *token, const char *redis_password)
 	store_set_query_timeout(l->st, cfg->database.query_timeout_ms);
 	store_set_pooling(l->st, cfg->database.pooling == DB_POOLING_TRANSACTION);
 	store_set_history(l->st, cfg->history.enabled);
-	lock_set_rate(l->locks, cfg->billing_api.max_requests_per_second);
+	fleet_set_rate(l->fleet, cfg->billing_api.max_requests_per_second);
 	if (telemetry_new(cfg, l->st, l->once, &l->tm) == -1)
 		return -1;
 	if (api_client_new(&ao, &l->api, err, sizeof(err)) == -1) {
@@ -1229,7 +1255,10 @@ loop_teardown(struct loop *l)
 	free(l->reserved);
 	api_client_free(l->api);
 	telemetry_free(l->tm);
+	claim_free(l->claims);
+	fleet_free(l->fleet);
 	lock_free(l->locks);
+	redis_conn_free(l->redis);
 	store_listener_free(l->listener);
 	store_free(l->st);
 }
@@ -1258,7 +1287,7 @@ once_out_of_patience(struct loop *l, int64_t now)
 	} else if (l->claim_failing_since_ms != 0) {
 		why = "claims kept failing";
 		since = l->claim_failing_since_ms;
-		detail = lock_errmsg(l->locks);
+		detail = claim_errmsg(l->claims);
 	} else if (l->flush_failing_since_ms != 0) {
 		why = "outcomes could not be recorded";
 		since = l->flush_failing_since_ms;
@@ -1368,7 +1397,7 @@ take_work(struct loop *l, int64_t now)
 	    !may_claim(l, now) || !db_ready(l))
 		return false;
 	r = claim(l);
-	hold = lock_wait_ms(l->locks);
+	hold = claim_wait_ms(l->claims);
 	note_pauses(l);
 	if (probing && l->busy > 0)
 		probe_sent(l, now);
@@ -1455,6 +1484,10 @@ wait_budget_ms(const struct loop *l, int64_t now)
 		wait = l->next_renew_ms - now;
 	if (l->db_down_since_ms != 0 && l->next_db_try_ms - now < wait)
 		wait = l->next_db_try_ms - now;
+	/* The LISTEN connection's connect or LISTEN has a deadline of its own. */
+	if (l->listener != NULL && store_listener_active(l->listener) &&
+	    store_listener_deadline(l->listener) - now < wait)
+		wait = store_listener_deadline(l->listener) - now;
 	for (int i = 0; i < l->nflights; i++) {
 		if (l->flights[i].state != FLIGHT_DONE)
 			continue;
@@ -1482,7 +1515,7 @@ wait_for_events(struct loop *l, int64_t now, int wait_ms)
 	wake[0].events = POLLIN;
 	wake[0].revents = 0;
 	wake[1].fd = l->listener != NULL ? store_listener_fd(l->listener) : -1;
-	wake[1].events = POLLIN;
+	wake[1].events = l->listener != NULL ? store_listener_events(l->listener) : 0;
 	wake[1].revents = 0;
 	nwake = 2 + telemetry_wait_fds(l->tm, now, &wake[2], &wait_ms);
 	/*
@@ -1497,7 +1530,7 @@ wait_for_events(struct loop *l, int64_t now, int wait_ms)
 	l->turn_start_s = stall_clock_s();
 	if (wake[0].revents & POLLIN)
 		drain_wake_pipe();
-	listen_service(l, wake[1].fd >= 0 && (wake[1].revents & (POLLIN | POLLERR | POLLHUP)));
+	listen_service(l, wake[1].fd >= 0 ? wake[1].revents : 0);
 	telemetry_after_wait(l->tm);
 }
 
@@ -1545,7 +1578,7 @@ static void
 start(struct loop *l)
 {
 	lock_start(l->locks);
-	listen_service(l, false);
+	listen_service(l, 0);
 	l->next_renew_ms = clock_ms() + l->cfg->locks.renew_interval_ms;
 	telemetry_ready(l->tm, clock_ms());
 	l->turn_start_s = stall_clock_s();

@@ -9,8 +9,9 @@
 #include <string.h>
 
 #include "billing/api.h"
-#include "locks/lock.h"
+#include "common/redis.h"
 #include "store/store.h"
+#include "worker/claim.h"
 
 /*
  * libpq's messages run over several lines ("...failed: Connection
@@ -68,7 +69,7 @@ static int
 probe_redis(const struct bw_config *cfg, const char *password)
 {
 	struct redis_options o;
-	redis_lock *rl = NULL;
+	redis_conn *rc = NULL;
 	char where[300], answer[64];
 	int ret = -1;
 
@@ -80,19 +81,19 @@ probe_redis(const struct bw_config *cfg, const char *password)
 		snprintf(where, sizeof(where), "\"%s\"", cfg->redis.socket);
 	else
 		snprintf(where, sizeof(where), "\"%s:%d\"", cfg->redis.host, cfg->redis.port);
-	lock_redis_options(cfg, password, &o);
-	if (redis_lock_new(&o, &rl) == -1) {
+	claim_redis_options(cfg, password, &o);
+	if (redis_conn_new(&o, &rc) == -1) {
 		printf("redis: out of memory\n");
 		return -1;
 	}
-	if (redis_lock_connect(rl) == -1 || redis_lock_ping(rl, answer, sizeof(answer)) == -1)
-		printf("redis: no answer at %s: %s\n", where, redis_lock_errmsg(rl));
+	if (redis_conn_connect(rc) == -1 || redis_conn_ping(rc, answer, sizeof(answer)) == -1)
+		printf("redis: no answer at %s: %s\n", where, redis_conn_errmsg(rc));
 	else {
 		printf("redis: %s answered %s%s\n", where, answer,
 		    password != NULL ? " (after AUTH)" : "");
 		ret = 0;
 	}
-	redis_lock_free(rl);
+	redis_conn_free(rc);
 	return ret;
 }
 

@@ -35,8 +35,8 @@ def pg_errors(db, text):
 @pytest.mark.parametrize("mode", MODES)
 def test_a_row_whose_fence_cannot_be_bumped_is_parked_and_blocks_nothing(
         tmp_path, db, redis, fake_api, binary, mode):
-    """Covers lock_claim's claim of one kind failing on the data (claim_skip_locked /
-    claim_redis in locks/lock.c): the candidates of that kind are claimed one by
+    """Covers claim_take's claim of one kind failing on the data (claim_skip_locked /
+    claim_redis in worker/claim.c): the candidates of that kind are claimed one by
     one, the refusing row is parked by store_park_unclaimed (store/park.c), every
     other row of both kinds is claimed and paid, and in redis mode every lock
     taken for a claim that did not happen is released."""
@@ -82,7 +82,7 @@ def test_a_row_whose_fence_cannot_be_bumped_is_parked_and_blocks_nothing(
 @pytest.mark.parametrize("mode", MODES)
 def test_redemptions_are_claimed_in_the_same_poll_when_the_invoice_claim_fails(
         tmp_path, db, redis, fake_api, binary, mode):
-    """Covers claim_skip_locked and claim_redis (locks/lock.c) when the claim of the
+    """Covers claim_skip_locked and claim_redis (worker/claim.c) when the claim of the
     first kind (invoices) fails, not on the data: the second kind is still claimed
     in the same poll, the invoices are left as they were (not parked), and in
     redis mode the locks of both kinds are given back."""
@@ -115,7 +115,7 @@ def test_redemptions_are_claimed_in_the_same_poll_when_the_invoice_claim_fails(
 
 def test_once_takes_a_backlogs_tail_without_waiting_for_polls(tmp_path, db, redis, fake_api,
                                                               binary):
-    """Covers lock_claim's *more in redis mode (locks/lock.c): with fewer items due
+    """Covers claim_take's *more in redis mode (worker/claim.c): with fewer items due
     than the 4 x limit candidate window but more than a claim may take, the next
     claim follows as soon as there is room instead of a poll_interval_ms later."""
     cfg = make_config(tmp_path, db, redis, fake_api, **{

@@ -99,3 +99,29 @@ def test_metrics_start_prints_no_libmicrohttpd_warning(tmp_path, db, redis, fake
     assert "MHD_OPTION_EXTERNAL_LOGGER" not in log, log
     assert "metrics endpoint:" not in log, log
     assert [line for line in worker_lines(log) if " warning " in line or " error " in line] == []
+
+
+def test_database_warnings_are_log_lines_not_raw_stderr(tmp_path, db, redis, fake_api, binary):
+    """A WARNING the server sends on the worker's session (a producer's
+    trigger, a shutdown in progress) goes through the log, so JSON logs stay
+    JSON: libpq's default notice processor printed it raw on stderr."""
+    cfg = make_config(tmp_path, db, redis, fake_api, **{"log.format": "json"})
+    migrate(cfg)
+    db.execute("""
+        CREATE FUNCTION warn_on_paid() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.status = 'paid' THEN
+                RAISE WARNING 'invoice % paid: a producer''s trigger says hello', NEW.id;
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER warn_on_paid BEFORE UPDATE ON invoices
+            FOR EACH ROW EXECUTE FUNCTION warn_on_paid();
+    """)
+    insert_invoices(db, 2)
+    r = run_cli(cfg, "once")
+    assert r.returncode == 0, r.stderr
+    objs = [json.loads(line) for line in r.stderr.splitlines()]
+    said = [o for o in objs if "says hello" in o["msg"]]
+    assert len(said) == 2, r.stderr
+    assert all(o["level"] == "warning" for o in said)

@@ -504,3 +504,48 @@ def test_reloads_with_calls_in_flight_drop_nothing(tmp_path, db, redis, fake_api
         assert state["applied"][f"invoice-{iid}"]["id"] == charge_id and attempts == 1
     assert "outcome not recorded" not in w.log()
     assert "abandoned" not in w.log()
+
+
+def test_a_listen_reconnect_to_a_frozen_server_does_not_stall_the_loop(tmp_path, pg, db, redis,
+                                                                       fake_api, binary):
+    """The LISTEN connection reconnects without blocking the loop.  With the
+    postmaster frozen (the kernel still accepts the TCP connection, but no
+    new session is ever answered) its reconnect waits out its connect
+    timeout on its own, and the calls in flight are read and recorded
+    meanwhile.  A blocking connect stalled the whole loop for
+    connect_timeout, every call in flight waiting with it."""
+    port = free_port()
+    cfg = make_config(tmp_path, db, redis, fake_api, **{
+        "metrics.listen": f"{LOCALHOST}:{port}",
+        "database.conninfo": f"{db.dsn} connect_timeout=3",
+        "worker.concurrency": 8, "worker.batch_size": 8, "worker.poll_interval_ms": 200})
+    migrate(cfg)
+    fake_api.faults([], latency_ms=50)
+    w = Worker(cfg, "w").start()
+    wait_for(lambda: "listening for new items" in w.log(), 15, message=w.log)
+    insert_invoices(db, 1500)
+    wait_for(lambda: count(db, "paid") >= 50, 30, message=w.log)
+    admin = db.connect()
+    postmaster = int((pg.datadir / "postmaster.pid").read_text().split()[0])
+    os.kill(postmaster, signal.SIGSTOP)
+    try:
+        with admin.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE application_name = 'billing-worker listen' "
+                        "AND datname = current_database()")
+            cur.execute("SELECT count(*) FROM invoices WHERE status = 'paid'")
+            paid0 = cur.fetchone()[0]
+            time.sleep(4.5)
+            cur.execute("SELECT count(*) FROM invoices WHERE status = 'paid'")
+            paid1 = cur.fetchone()[0]
+    finally:
+        os.kill(postmaster, signal.SIGCONT)
+        admin.close()
+    m = wait_for(lambda: scrape(port), 10, ignore=(OSError,))
+    print(f"paid during the 4.5 s freeze: {paid1 - paid0}; longest loop stall "
+          f"{m['billing_worker_loop_stall_max_seconds'] * 1000:.0f} ms")
+    assert m["billing_worker_loop_stall_max_seconds"] < 1.0, w.log()
+    assert paid1 - paid0 >= 100, w.log()
+    wait_for(lambda: count(db, "pending") == 0, 60, message=w.log, ignore=(Exception,))
+    wait_for(lambda: w.log().count("listening for new items") >= 2, 20, message=w.log)
+    assert w.stop() == 0

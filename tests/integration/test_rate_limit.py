@@ -1,5 +1,7 @@
 """billing_api.max_requests_per_second is one budget for the whole fleet."""
 
+import time
+
 from harness import Worker, insert_invoices, make_config, migrate, wait_for
 
 
@@ -80,3 +82,35 @@ def test_even_share_while_redis_is_down(tmp_path, db, redis_server, redis, fake_
     # Each takes 20/s locally: the fleet stays near 40/s without Redis.
     assert max(counts) <= 46, counts
     assert len(counts) >= 3, counts
+
+
+def test_the_budget_pays_only_for_items_locked(tmp_path, db, redis, fake_api, binary):
+    """Covers the claim step's give-back (worker/claim.c, billing/fleet.c): the fleet's
+    budget grants a claim its calls before the items are locked, and a claim that finds
+    its items held by another worker puts the grant straight back. Claims that start no
+    call must not drain the bucket, or the fleet would bill below its rate whenever
+    workers contend."""
+    cfg = make_config(tmp_path, db, redis, fake_api, **{
+        "locks.mode": "redis", "billing_api.max_requests_per_second": 1})
+    migrate(cfg)
+    ids = insert_invoices(db, 3)
+    for i in ids:
+        redis.command("SET", f"billing-worker:lock:invoice:{i}", "another-worker:0", "PX", 60_000)
+    w = Worker(cfg, "contended").start()
+    # Every grant registers the worker and writes the bucket.
+    wait_for(lambda: redis.command("HGET", "billing-worker:rate:bucket", "tokens") is not None
+             and redis.command("ZCARD", "billing-worker:workers") == 1, 10, message=w.log_tail)
+    samples = []
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        samples.append(float(redis.command("HGET", "billing-worker:rate:bucket", "tokens")))
+        time.sleep(0.03)
+    # A claim spends the one banked call for a moment only, between its grant and the
+    # give-back; without the give-back the bucket would sit near empty (1 call a second).
+    assert sum(1 for s in samples if s >= 0.99) >= 0.8 * len(samples), samples
+    assert fake_api.state()["total_requests"] == 0
+    for i in ids:
+        redis.command("DEL", f"billing-worker:lock:invoice:{i}")
+    wait_for(lambda: pending(db) == 0, 15, interval=0.2, message=w.log_tail)
+    assert w.stop() == 0
+    assert fake_api.state()["total_requests"] == 3

@@ -2,10 +2,11 @@
  * Unit tests for worker/loop.c's bookkeeping: flights and their slots, the
  * flush and its backoff, claim sizing, worker-level refusals.  The loop is
  * linked against small fakes of the modules it drives (the store, the lock
- * manager, the API client, telemetry, secrets), defined below: a scripted
- * backlog of invoices that the fake lock manager hands out, an API that
- * answers every call at the next turn, a store that records completions
- * and can refuse them.  Real outcome, config, log and metrics modules.
+ * manager, the Redis connection, the fleet's rate budget, the claim step,
+ * the API client, telemetry, secrets), defined
+ * below: a scripted backlog of invoices that the fake claim step hands
+ * out, an API that answers every call at the next turn, a store that
+ * records completions and can refuse them.  Real outcome, config, log and metrics modules.
  */
 
 #include <setjmp.h>
@@ -25,6 +26,7 @@
 #include "common/log.h"
 #include "locks/lock.h"
 #include "store/store.h"
+#include "worker/claim.h"
 #include "worker/loop.h"
 #include "worker/secret.h"
 #include "worker/telemetry.h"
@@ -173,42 +175,40 @@ void store_listener_free(store_listener *sl) { (void)sl; }
 int store_listener_connect(store_listener *sl) { (void)sl; return -1; }
 void store_listener_close(store_listener *sl) { (void)sl; }
 int store_listener_fd(const store_listener *sl) { (void)sl; return -1; }
-int store_listener_drain(store_listener *sl) { (void)sl; return 0; }
+bool store_listener_active(const store_listener *sl) { (void)sl; return false; }
+short store_listener_events(const store_listener *sl) { (void)sl; return 0; }
+int64_t store_listener_deadline(const store_listener *sl) { (void)sl; return INT64_MAX; }
+
+int
+store_listener_drive(store_listener *sl, short revents, int64_t now, bool *listening)
+{
+	(void)sl;
+	(void)revents;
+	(void)now;
+	*listening = false;
+	return -1;
+}
 const char *store_listener_errmsg(const store_listener *sl) { (void)sl; return ""; }
 
-/* ---- the lock manager ---- */
+/* ---- the lock manager and the claim step ---- */
 
 struct lockmgr {
 	int unused;
 };
 static struct lockmgr the_locks;
 
-void
-lock_redis_options(const struct bw_config *cfg, const char *password, struct redis_options *out)
-{
-	(void)cfg;
-	(void)password;
-	memset(out, 0, sizeof(*out));
-}
-
 int
-lock_new(const struct lock_options *o, store *st, lockmgr **ret)
+lock_new(const struct lock_options *o, redis_conn *conn, lockmgr **ret)
 {
 	(void)o;
-	(void)st;
+	(void)conn;
 	*ret = &the_locks;
 	return 0;
 }
 
 void lock_free(lockmgr *lm) { (void)lm; }
-void lock_set_ttl(lockmgr *lm, int ttl_ms) { (void)lm; (void)ttl_ms; }
-void lock_set_park_delay(lockmgr *lm, int ms) { (void)lm; (void)ms; }
-void lock_set_rate(lockmgr *lm, int r) { (void)lm; (void)r; }
-int64_t lock_wait_ms(const lockmgr *lm) { (void)lm; return 0; }
 bool lock_redis_down(const lockmgr *lm) { (void)lm; return false; }
-void lock_pause(lockmgr *lm, int ms) { (void)lm; (void)ms; }
 void lock_start(lockmgr *lm) { (void)lm; }
-const char *lock_errmsg(const lockmgr *lm) { (void)lm; return "fake lock error"; }
 void lock_release(lockmgr *lm, struct item *const *items, size_t n)
 {
 	(void)lm;
@@ -216,21 +216,88 @@ void lock_release(lockmgr *lm, struct item *const *items, size_t n)
 	(void)n;
 }
 
+/* The Redis connection and the fleet's budget: never asked, no limit. */
+struct redis_conn {
+	int unused;
+};
+static struct redis_conn the_redis;
+
 int
-lock_renew(lockmgr *lm, struct item *const *items, size_t n)
+redis_conn_new(const struct redis_options *o, redis_conn **ret)
 {
+	(void)o;
+	*ret = &the_redis;
+	return 0;
+}
+
+void redis_conn_free(redis_conn *rc) { (void)rc; }
+
+struct fleet {
+	int unused;
+};
+static struct fleet the_fleet;
+
+int
+fleet_new(redis_conn *conn, const char *member, fleet **ret)
+{
+	(void)conn;
+	(void)member;
+	*ret = &the_fleet;
+	return 0;
+}
+
+void fleet_free(fleet *f) { (void)f; }
+void fleet_set_rate(fleet *f, int r) { (void)f; (void)r; }
+void fleet_pause(fleet *f, int ms) { (void)f; (void)ms; }
+
+/* The claim step as a whole: the scripted backlog, oldest first. */
+struct claimer {
+	int unused;
+};
+static struct claimer the_claims;
+
+void
+claim_redis_options(const struct bw_config *cfg, const char *password, struct redis_options *out)
+{
+	(void)cfg;
+	(void)password;
+	memset(out, 0, sizeof(*out));
+}
+
+enum lock_policy claim_lock_policy(enum lock_mode m) { (void)m; return LOCK_POLICY_REDIS; }
+
+int
+claim_new(const struct claim_options *o, store *st, lockmgr *lm, fleet *fl, claimer **ret)
+{
+	(void)o;
+	(void)st;
 	(void)lm;
+	(void)fl;
+	*ret = &the_claims;
+	return 0;
+}
+
+void claim_free(claimer *c) { (void)c; }
+void claim_set_ttl(claimer *c, int ttl_ms) { (void)c; (void)ttl_ms; }
+void claim_set_park_delay(claimer *c, int ms) { (void)c; (void)ms; }
+int64_t claim_wait_ms(const claimer *c) { (void)c; return 0; }
+const char *claim_errmsg(const claimer *c) { (void)c; return "fake claim error"; }
+
+int
+claim_renew(claimer *c, struct item *const *items, size_t n)
+{
+	(void)c;
 	(void)items;
 	(void)n;
 	return 0;
 }
 
 int
-lock_claim(lockmgr *lm, size_t limit, struct item *items, size_t *ret_n, bool *more)
+claim_take(claimer *c, size_t limit, struct item *items, size_t *ret_n, bool *more)
 {
 	size_t n = 0;
 
-	(void)lm;
+	(void)c;
 	if (w.busy_items + limit > (size_t)w.concurrency)
 		w.claim_over_limit++;
 	while (n < limit && w.ndue > 0) {
