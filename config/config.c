@@ -83,11 +83,13 @@ struct opt {
 
 /* Enum fields are written through an int *; make sure that is what they are. */
 _Static_assert(sizeof(enum lock_mode) == sizeof(int), "enum lock_mode is not int-sized");
+_Static_assert(sizeof(enum db_pooling) == sizeof(int), "enum db_pooling is not int-sized");
 _Static_assert(sizeof(enum log_level) == sizeof(int), "enum log_level is not int-sized");
 _Static_assert(sizeof(enum log_format) == sizeof(int), "enum log_format is not int-sized");
 
 /* Indexed by the enum values in config.h: keep the order. */
 static const char *const lock_mode_names[] = { "redis", "skip-locked", "auto", NULL };
+static const char *const db_pooling_names[] = { "session", "transaction", NULL };
 static const char *const log_level_names[] = { "debug", "info", "warn", "error", NULL };
 static const char *const log_format_names[] = { "text", "json", NULL };
 
@@ -114,6 +116,13 @@ static const struct opt opts[] = {
 	STR_OPT("database.conninfo", NULL, check_nonempty, RESTART, database.conninfo),
 	INT_OPT("database.query_timeout_ms", 100, 3600000, 30000, RESTART,
 	    database.query_timeout_ms),
+	/*
+	 * Both need a restart: the store's way of sending statements and the
+	 * LISTEN connection are set up once, at start.
+	 */
+	ENUM_OPT("database.pooling", db_pooling_names, DB_POOLING_SESSION, RESTART,
+	    database.pooling),
+	STR_OPT("database.listen_conninfo", "", NULL, RESTART, database.listen_conninfo),
 
 	STR_OPT("redis.host", "127.0.0.1", NULL, RESTART, redis.host),
 	INT_OPT("redis.port", 1, 65535, 6379, RESTART, redis.port),

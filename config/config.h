@@ -16,6 +16,12 @@ enum lock_mode {
 	LOCK_MODE_AUTO,
 };
 
+/* What database.conninfo leads to: the server, or a pooler's pool_mode. */
+enum db_pooling {
+	DB_POOLING_SESSION,     /* a session of our own: prepared statements, SET */
+	DB_POOLING_TRANSACTION, /* a transaction pooler: nothing outlives a transaction */
+};
+
 enum log_level {
 	LOG_LEVEL_DEBUG,
 	LOG_LEVEL_INFO,
@@ -54,6 +60,13 @@ struct bw_config {
 	struct {
 		char *conninfo;         /* required; may hold a password: never log it */
 		int query_timeout_ms;   /* longest a statement may take, server and client side */
+		enum db_pooling pooling;
+		/*
+		 * A direct connection (no transaction pooler) for LISTEN and for
+		 * migrate; "" = database.conninfo, or under transaction pooling
+		 * no LISTEN at all.  Secret like conninfo: never log it.
+		 */
+		char *listen_conninfo;
 	} database;
 	struct {
 		char *host;

@@ -35,7 +35,7 @@ conninfo_password(const char *conninfo, char **ret)
 }
 
 int
-conninfo_check(const char *conninfo, char *err, size_t errlen)
+conninfo_check(const char *key, const char *conninfo, char *err, size_t errlen)
 {
 	PQconninfoOption *opts;
 	char *msg = NULL;
@@ -46,15 +46,15 @@ conninfo_check(const char *conninfo, char *err, size_t errlen)
 		return 0;
 	}
 	if (msg == NULL) {
-		snprintf(err, errlen, "could not parse \"database.conninfo\": out of memory");
+		snprintf(err, errlen, "could not parse \"%s\": out of memory", key);
 	} else if (conninfo_may_hold_secret(conninfo)) {
-		snprintf(err, errlen, "\"database.conninfo\" is not a valid connection string "
-		    "(libpq's message is not shown: it may quote the password)");
+		snprintf(err, errlen, "\"%s\" is not a valid connection string "
+		    "(libpq's message is not shown: it may quote the password)", key);
 	} else {
 		n = strlen(msg);
 		while (n > 0 && (msg[n - 1] == '\n' || msg[n - 1] == ' '))
 			msg[--n] = '\0';
-		snprintf(err, errlen, "\"database.conninfo\" is not a valid connection string: %s",
+		snprintf(err, errlen, "\"%s\" is not a valid connection string: %s", key,
 		    msg);
 	}
 	PQfreemem(msg);

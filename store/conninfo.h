@@ -21,13 +21,14 @@ int conninfo_password(const char *conninfo, char **ret)
 	__attribute__((warn_unused_result));
 
 /*
- * Returns 0 when libpq can parse CONNINFO, else -1 with the reason in ERR
+ * Returns 0 when libpq can parse CONNINFO, the value of the configuration
+ * key KEY ("database.conninfo"), else -1 with the reason in ERR
  * (ERRLEN bytes): libpq's own message when the string cannot hold a
  * secret, a message without it when it might (see below).  Makes no
  * connection, so "check-config" and a refused start say the same thing
  * before any server is asked.
  */
-int conninfo_check(const char *conninfo, char *err, size_t errlen)
+int conninfo_check(const char *key, const char *conninfo, char *err, size_t errlen)
 	__attribute__((warn_unused_result));
 
 /*

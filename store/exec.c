@@ -1,6 +1,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <strings.h>
 
 #include "common/log.h"
 #include "store/store_int.h"
@@ -20,11 +21,25 @@ static const struct store_stmt stmt_commit = {
 	.send = STORE_SIMPLE, .text = "COMMIT", .what = "COMMIT", .want = PGRES_COMMAND_OK,
 };
 
+/*
+ * The SQL kept under NAME by store_prepare() for transaction pooling, or
+ * NULL when no statement has that name.
+ */
+static const char *
+unnamed_sql(const store *st, const char *name)
+{
+	for (size_t i = 0; i < st->n_unnamed; i++)
+		if (strcmp(st->unnamed[i].name, name) == 0)
+			return st->unnamed[i].sql;
+	return NULL;
+}
+
 /* Sends STMT and collects its answer; the caller PQclear()s it. */
 static PGresult *
 send_collect(store *st, const struct store_stmt *stmt, int nparams, const char *const *params)
 {
 	int timeout_ms = stmt->no_deadline ? -1 : store_client_deadline_ms(st);
+	const char *sql;
 
 	switch (stmt->send) {
 	case STORE_SIMPLE:
@@ -33,27 +48,31 @@ send_collect(store *st, const struct store_stmt *stmt, int nparams, const char *
 		return store_exec_params_bounded(st->conn, timeout_ms, stmt->text, nparams, params);
 	case STORE_PREPARED:
 	default:
+		/*
+		 * Behind a transaction pooler a statement prepared on one server
+		 * connection is unknown on the next ("prepared statement does not
+		 * exist") and a second prepare on the first fails ("already
+		 * exists"): the same SQL goes as the unnamed statement instead,
+		 * parsed and planned again at every call.
+		 */
+		if (st->txn_pooling) {
+			if ((sql = unnamed_sql(st, stmt->text)) == NULL)
+				return NULL;
+			return store_exec_params_bounded(st->conn, timeout_ms, sql, nparams,
+			    params);
+		}
 		return store_exec_prepared_bounded(st->conn, timeout_ms, stmt->text, nparams,
 		    params);
 	}
 }
 
-int
-store_run(store *st, const struct store_stmt *stmt, int nparams, const char *const *params,
+/* Sends STMT, checks the status it returned and records a failure. */
+static int
+run_plain(store *st, const struct store_stmt *stmt, int nparams, const char *const *params,
     PGresult **ret)
 {
-	PGresult *res;
+	PGresult *res = send_collect(st, stmt, nparams, params);
 
-	if (stmt->send == STORE_PREPARED) {
-		if (!store_connected(st)) {
-			store_errorf(st, "not connected to the database");
-			return -1;
-		}
-		/* Prepared on first use, so migrate and status work on any schema. */
-		if (!st->prepared && store_prepare_all(st) == -1)
-			return -1;
-	}
-	res = send_collect(st, stmt, nparams, params);
 	if (PQresultStatus(res) != stmt->want) {
 		store_set_error(st, stmt->what, res);
 		PQclear(res);
@@ -66,6 +85,144 @@ store_run(store *st, const struct store_stmt *stmt, int nparams, const char *con
 	return 0;
 }
 
+/* What a statement of the store's own does to the transaction it runs in. */
+enum tx_effect {
+	TX_NONE,
+	TX_OPENS,       /* BEGIN ... */
+	TX_ENDS,        /* COMMIT, ROLLBACK */
+};
+
+static enum tx_effect
+tx_effect_of(const char *sql)
+{
+	if (strncasecmp(sql, "BEGIN", 5) == 0)
+		return TX_OPENS;
+	if (strncasecmp(sql, "COMMIT", 6) == 0 || strncasecmp(sql, "ROLLBACK", 8) == 0)
+		return TX_ENDS;
+	return TX_NONE;
+}
+
+/*
+ * Rolls back what a failed statement may have left open (an aborted
+ * pipeline stops before its COMMIT), keeping the failure's own error.
+ * Only when a transaction is open: a ROLLBACK without one draws a warning.
+ */
+static void
+rollback_open(store *st, bool no_deadline)
+{
+	st->in_tx = false;
+	if (store_connected(st) && PQtransactionStatus(st->conn) != PQTRANS_IDLE)
+		store_run_cleanup(st, "ROLLBACK", no_deadline);
+}
+
+/*
+ * A statement of its own, outside any transaction of the caller's, under
+ * transaction pooling: BEGIN, the settings, the statement and COMMIT, in
+ * one round trip for a statement with parameters (a pipeline), in three
+ * for a simple query, which may hold several statements and so cannot be
+ * pipelined (the schema check at start; migrate never comes here).
+ */
+static int
+run_in_tx(store *st, const struct store_stmt *stmt, int nparams, const char *const *params,
+    PGresult **ret)
+{
+	int timeout_ms = stmt->no_deadline ? -1 : store_client_deadline_ms(st);
+	const char *sql = stmt->send == STORE_PREPARED ? unnamed_sql(st, stmt->text) : stmt->text;
+	char begin[512];
+	struct store_stmt step = *stmt;
+	PGresult *res = NULL;
+
+	if (stmt->send != STORE_SIMPLE) {
+		res = sql == NULL ? NULL : store_exec_in_tx_bounded(st->conn, timeout_ms,
+		    st->tx_settings, sql, nparams, params);
+		if (PQresultStatus(res) != stmt->want) {
+			store_set_error(st, stmt->what, res);
+			PQclear(res);
+			rollback_open(st, stmt->no_deadline);
+			return -1;
+		}
+		goto done;
+	}
+	snprintf(begin, sizeof(begin), "BEGIN; %s", st->tx_settings);
+	step.text = begin;
+	step.want = PGRES_TUPLES_OK;
+	st->in_tx = true;
+	if (run_plain(st, &step, 0, NULL, NULL) == -1 ||
+	    run_plain(st, stmt, nparams, params, &res) == -1) {
+		rollback_open(st, stmt->no_deadline);
+		return -1;
+	}
+	step.text = "COMMIT";
+	step.want = PGRES_COMMAND_OK;
+	st->in_tx = false;
+	if (run_plain(st, &step, 0, NULL, NULL) == -1) {
+		PQclear(res);
+		return -1;
+	}
+done:
+	if (ret != NULL)
+		*ret = res;
+	else
+		PQclear(res);
+	return 0;
+}
+
+/*
+ * Under transaction pooling the session settings live in each transaction
+ * (store_connect()).  A caller's BEGIN carries them in the same round
+ * trip; inside its transaction statements run as they are; a statement
+ * outside one would be a transaction of its own without them, so it is
+ * wrapped in one that has them (run_in_tx).  A failure rolls back,
+ * keeping its own error.
+ */
+static int
+run_pooled(store *st, const struct store_stmt *stmt, int nparams, const char *const *params,
+    PGresult **ret)
+{
+	enum tx_effect fx = stmt->send == STORE_SIMPLE ? tx_effect_of(stmt->text) : TX_NONE;
+	char begin[512];
+	struct store_stmt step = *stmt;
+
+	if (fx == TX_ENDS) {
+		st->in_tx = false;
+		return run_plain(st, stmt, nparams, params, ret);
+	}
+	if (fx == TX_NONE)
+		return st->in_tx ? run_plain(st, stmt, nparams, params, ret) :
+		    run_in_tx(st, stmt, nparams, params, ret);
+	if ((size_t)snprintf(begin, sizeof(begin), "%s; %s", stmt->text, st->tx_settings) >=
+	    sizeof(begin)) {
+		store_errorf(st, "%s: statement too long", stmt->what);
+		return -1;
+	}
+	step.text = begin;
+	step.want = PGRES_TUPLES_OK;
+	st->in_tx = true;
+	if (run_plain(st, &step, 0, NULL, NULL) == -1) {
+		rollback_open(st, stmt->no_deadline);
+		return -1;
+	}
+	return 0;
+}
+
+int
+store_run(store *st, const struct store_stmt *stmt, int nparams, const char *const *params,
+    PGresult **ret)
+{
+	if (stmt->send == STORE_PREPARED) {
+		if (!store_connected(st)) {
+			store_errorf(st, "not connected to the database");
+			return -1;
+		}
+		/* Prepared on first use, so migrate and status work on any schema. */
+		if (!st->prepared && store_prepare_all(st) == -1)
+			return -1;
+	}
+	if (st->txn_pooling)
+		return run_pooled(st, stmt, nparams, params, ret);
+	return run_plain(st, stmt, nparams, params, ret);
+}
+
 void
 store_run_cleanup(store *st, const char *sql, bool no_deadline)
 {
@@ -73,15 +230,43 @@ store_run_cleanup(store *st, const char *sql, bool no_deadline)
 		.send = STORE_SIMPLE, .text = sql, .no_deadline = no_deadline,
 	};
 
+	if (tx_effect_of(sql) == TX_ENDS)
+		st->in_tx = false;
 	if (store_connected(st))
 		PQclear(send_collect(st, &stmt, 0, NULL));
+}
+
+/* Keeps SQL under NAME for transaction pooling; once per name and handle. */
+static int
+keep_unnamed(store *st, const char *name, const char *sql)
+{
+	struct unnamed_stmt *u;
+
+	if (unnamed_sql(st, name) != NULL)
+		return 0;
+	if (st->n_unnamed == STORE_UNNAMED_MAX || strlen(name) >= sizeof(u->name)) {
+		store_errorf(st, "could not prepare statements: no room for \"%s\"", name);
+		return -1;
+	}
+	u = &st->unnamed[st->n_unnamed];
+	if ((u->sql = strdup(sql)) == NULL) {
+		store_errorf(st, "could not prepare statements: out of memory");
+		return -1;
+	}
+	snprintf(u->name, sizeof(u->name), "%s", name);
+	st->n_unnamed++;
+	return 0;
 }
 
 int
 store_prepare(store *st, const char *name, const char *sql)
 {
-	PGresult *res = store_prepare_bounded(st->conn, store_client_deadline_ms(st), name, sql);
+	PGresult *res;
 	int ret = 0;
+
+	if (st->txn_pooling)
+		return keep_unnamed(st, name, sql);
+	res = store_prepare_bounded(st->conn, store_client_deadline_ms(st), name, sql);
 
 	if (PQresultStatus(res) != PGRES_COMMAND_OK) {
 		store_set_error(st, "could not prepare statements", res);

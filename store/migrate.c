@@ -80,6 +80,12 @@ store_migrate(store *st)
 
 	if (!store_connected(st))
 		return -1;
+	/* The lock below is a session's: a transaction pooler would not keep it. */
+	if (st->txn_pooling) {
+		store_errorf(st, "migrations need a session of their own (a session-level "
+		    "advisory lock), which a transaction pooler does not keep: connect directly");
+		return -1;
+	}
 	if (run(st, "SELECT pg_advisory_lock(" MIGRATE_LOCK_KEY ")", PGRES_TUPLES_OK, NULL) == -1)
 		return -1;
 	if (run(st, "SET client_min_messages = warning; "

@@ -76,6 +76,8 @@ store_free(store *st)
 		free(st->password);
 	}
 	free(st->worker_id);
+	for (size_t i = 0; i < st->n_unnamed; i++)
+		free(st->unnamed[i].sql);
 	for (size_t i = 0; i < sizeof(st->arr) / sizeof(st->arr[0]); i++)
 		free(st->arr[i].data);
 	free(st->index);
@@ -92,6 +94,12 @@ void
 store_set_query_timeout(store *st, int timeout_ms)
 {
 	st->query_timeout_ms = timeout_ms;
+}
+
+void
+store_set_pooling(store *st, bool transaction)
+{
+	st->txn_pooling = transaction;
 }
 
 int
@@ -165,6 +173,7 @@ store_set_error(store *st, const char *what, const PGresult *res)
 		PQfinish(st->conn);
 		st->conn = NULL;
 		st->prepared = false;
+		st->in_tx = false;
 	}
 }
 
@@ -256,6 +265,7 @@ static int
 session_setup(store *st)
 {
 	char settings[192];
+	int lock_ms;
 
 	/*
 	 * A statement that hangs (lock waits, a stuck server) must not stall the
@@ -263,17 +273,35 @@ session_setup(store *st)
 	 * allow an API call, so they must be on disk before it is made, and a
 	 * server or role may default to off.  Only the completions opt out, per
 	 * transaction (COMPLETE_INPUT): a completion lost in a crash is replayed.
+	 *
+	 * Behind a transaction pooler a SET would stay on whichever server
+	 * connection ran it, for other clients to inherit, and be missing from
+	 * the next one we are given.  There the same values are set with
+	 * set_config(..., true) at the start of every transaction (exec.c):
+	 * they apply to that transaction only.  They cannot be folded into the
+	 * statements themselves: statement_timeout is read before a statement
+	 * starts, so one setting it inside would run without it.
 	 */
-	snprintf(settings, sizeof(settings), "SET synchronous_commit = on; "
-	    "SET statement_timeout = %d; SET lock_timeout = %d; "
-	    "SET idle_in_transaction_session_timeout = '60s'", st->query_timeout_ms,
-	    st->query_timeout_ms < 10000 ? st->query_timeout_ms : 10000);
-	if (store_run(st, &(const struct store_stmt){ .send = STORE_SIMPLE, .text = settings,
-	    .what = "could not configure the session", .want = PGRES_COMMAND_OK }, 0, NULL,
-	    NULL) == -1)
-		return -1;
-	log_info("connected to the database (host \"%s\", port \"%s\", database \"%s\")",
-	    PQhost(st->conn), PQport(st->conn), PQdb(st->conn));
+	lock_ms = st->query_timeout_ms < 10000 ? st->query_timeout_ms : 10000;
+	snprintf(st->tx_settings, sizeof(st->tx_settings), "SELECT "
+	    "set_config('synchronous_commit', 'on', true), "
+	    "set_config('statement_timeout', '%d', true), "
+	    "set_config('lock_timeout', '%d', true), "
+	    "set_config('idle_in_transaction_session_timeout', '60s', true)",
+	    st->query_timeout_ms, lock_ms);
+	if (!st->txn_pooling) {
+		snprintf(settings, sizeof(settings), "SET synchronous_commit = on; "
+		    "SET statement_timeout = %d; SET lock_timeout = %d; "
+		    "SET idle_in_transaction_session_timeout = '60s'", st->query_timeout_ms,
+		    lock_ms);
+		if (store_run(st, &(const struct store_stmt){ .send = STORE_SIMPLE,
+		    .text = settings, .what = "could not configure the session",
+		    .want = PGRES_COMMAND_OK }, 0, NULL, NULL) == -1)
+			return -1;
+	}
+	log_info("connected to the database (host \"%s\", port \"%s\", database \"%s\"%s)",
+	    PQhost(st->conn), PQport(st->conn), PQdb(st->conn), st->txn_pooling ?
+	    "; transaction pooling: unnamed statements, settings per transaction" : "");
 	return 0;
 }
 
@@ -288,6 +316,7 @@ connect_begin(store *st)
 	if (st->connecting != NULL)
 		pq_drop(st->connecting, NULL);
 	st->prepared = false;
+	st->in_tx = false;
 	if (st->conninfo_unparsable && conninfo_may_hold_secret(st->conninfo)) {
 		store_errorf(st, "could not connect to the database: \"database.conninfo\" is not "
 		    "a valid connection string (libpq's message is not shown: it may quote the "

@@ -36,6 +36,19 @@ void store_free(store *st);
 void store_set_query_timeout(store *st, int timeout_ms);
 
 /*
+ * Whether CONNINFO leads to a transaction pooler (database.pooling =
+ * "transaction", pgbouncer's pool_mode = transaction), which may serve each
+ * transaction from another server connection.  Then no statement is
+ * prepared by name (each is sent unnamed, with its SQL), and the session
+ * settings of store_connect() are set inside every transaction instead of
+ * once per session: every statement outside a transaction of the caller's
+ * becomes BEGIN with the settings, the statement, COMMIT.  Default off:
+ * prepared statements and one SET per session.  Applies from the next
+ * connect.
+ */
+void store_set_pooling(store *st, bool transaction);
+
+/*
  * Whether completions also write the attempts history (history.enabled,
  * default on).  Applies to the next completion.
  */

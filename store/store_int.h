@@ -42,6 +42,9 @@ struct id_pos {
 	size_t pos;
 };
 
+/* How many statements store_prepare_all() prepares, with room to spare. */
+#define STORE_UNNAMED_MAX 16
+
 struct store {
 	char *conninfo;
 	char *password;             /* the conninfo's, redacted from every message */
@@ -57,6 +60,24 @@ struct store {
 	struct buf arr[13];
 	char pause_note[ITEM_KIND_COUNT][600]; /* from the last due query; "" = not paused */
 	bool history;               /* completions write the attempts history */
+	/*
+	 * database.pooling = "transaction" (store_set_pooling): no named
+	 * statement and no session setting outlives a transaction, because the
+	 * pooler may serve the next one from another server connection.  The
+	 * statements store_prepare_all() would prepare are kept here by name
+	 * and sent unnamed; tx_settings replaces the session's SETs inside
+	 * every transaction (a SELECT of set_config(..., true) calls); in_tx
+	 * says a transaction is open, the caller's or one store_run() wraps
+	 * around a statement.
+	 */
+	bool txn_pooling;
+	bool in_tx;
+	char tx_settings[384];
+	struct unnamed_stmt {
+		char name[64];
+		char *sql;
+	} unnamed[STORE_UNNAMED_MAX];
+	size_t n_unnamed;
 	struct id_pos *index;       /* scratch for index_reserve() */
 	size_t index_cap;
 };
@@ -171,7 +192,9 @@ int store_run_retrying(store *st, const struct store_stmt *stmt, int nparams,
 
 /*
  * Prepares SQL as NAME with the client deadline; on failure store_errmsg()
- * is "could not prepare statements: reason".
+ * is "could not prepare statements: reason".  Under transaction pooling
+ * nothing is sent: SQL is kept under NAME, and store_run() sends it as an
+ * unnamed statement wherever NAME is asked for.
  */
 int store_prepare(store *st, const char *name, const char *sql)
 	__attribute__((warn_unused_result));
@@ -191,6 +214,16 @@ PGresult *store_exec_prepared_bounded(PGconn *conn, int timeout_ms, const char *
     int nparams, const char *const *values);
 PGresult *store_prepare_bounded(PGconn *conn, int timeout_ms, const char *name,
     const char *sql);
+
+/*
+ * BEGIN, SETTINGS (one statement without parameters), SQL with its
+ * parameters and COMMIT in one round trip (libpq's pipeline mode), with the
+ * same deadline.  Returns the first error, else SQL's result; the caller
+ * PQclear()s it.  After an error the transaction may be left open and
+ * aborted (PQtransactionStatus): the caller rolls it back.
+ */
+PGresult *store_exec_in_tx_bounded(PGconn *conn, int timeout_ms, const char *settings,
+    const char *sql, int nparams, const char *const *values);
 
 /*
  * Array literals and the id index (sqlbuf.c), for the statements that

@@ -1204,6 +1204,24 @@ listen_service(struct loop *l, short revents)
 	}
 }
 
+/*
+ * The conninfo the LISTEN connection uses, or NULL for none (once runs).
+ * A transaction pooler hands each transaction to any server connection, so
+ * a LISTEN through it hears nothing: it needs database.listen_conninfo,
+ * a direct connection, or there is none and the poll finds new items.
+ */
+static const char *
+listen_conninfo(const struct loop *l)
+{
+	const struct bw_config *cfg = l->cfg;
+
+	if (l->once)
+		return NULL;
+	if (cfg->database.listen_conninfo[0] != '\0')
+		return cfg->database.listen_conninfo;
+	return cfg->database.pooling == DB_POOLING_TRANSACTION ? NULL : cfg->database.conninfo;
+}
+
 static int
 loop_setup(struct loop *l, const char *token, const char *redis_password)
 {
@@ -1244,7 +1262,8 @@ loop_setup(struct loop *l, const char *token, const char *redis_password)
 		return -1;
 	}
 	if (store_new(cfg->database.conninfo, cfg->worker.id, &l->st) == -1 ||
-	    (!l->once && store_listener_new(cfg->database.conninfo, &l->listener) == -1) ||
+	    (listen_conninfo(l) != NULL &&
+	    store_listener_new(listen_conninfo(l), &l->listener) == -1) ||
 	    (lo.policy != LOCK_POLICY_SKIP_LOCKED && redis_conn_new(&ro, &l->redis) == -1) ||
 	    lock_new(&lo, l->redis, &l->locks) == -1 ||
 	    fleet_new(l->redis, cfg->worker.id, &l->fleet) == -1 ||
@@ -1252,7 +1271,13 @@ loop_setup(struct loop *l, const char *token, const char *redis_password)
 		log_error("out of memory");
 		return -1;
 	}
+	if (!l->once && listen_conninfo(l) == NULL)
+		log_info("database.pooling is \"transaction\" and database.listen_conninfo is "
+		    "not set: a transaction pooler cannot keep a LISTEN, so new items are "
+		    "found by polling every %d ms (worker.poll_interval_ms)",
+		    cfg->worker.poll_interval_ms);
 	store_set_query_timeout(l->st, cfg->database.query_timeout_ms);
+	store_set_pooling(l->st, cfg->database.pooling == DB_POOLING_TRANSACTION);
 	store_set_history(l->st, cfg->history.enabled);
 	fleet_set_rate(l->fleet, cfg->billing_api.max_requests_per_second);
 	if (telemetry_new(cfg, l->st, l->once, &l->tm) == -1)

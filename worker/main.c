@@ -61,15 +61,21 @@ usage(FILE *out)
 	    "Options may come before or after the command.\n");
 }
 
+/*
+ * A connected handle on CONNINFO, told whether it leads through a
+ * transaction pooler (database.pooling): every command but migrate then
+ * works through one, since none keeps anything across transactions.
+ */
 static int
-open_store(const struct bw_config *cfg, store **ret)
+open_store_on(const struct bw_config *cfg, const char *conninfo, bool txn_pooling, store **ret)
 {
 	store *st;
 
-	if (store_new(cfg->database.conninfo, cfg->worker.id, &st) == -1) {
+	if (store_new(conninfo, cfg->worker.id, &st) == -1) {
 		fprintf(stderr, "billing-worker: out of memory\n");
 		return -1;
 	}
+	store_set_pooling(st, txn_pooling);
 	if (store_connect(st) == -1) {
 		fprintf(stderr, "billing-worker: %s\n", store_errmsg(st));
 		store_free(st);
@@ -80,12 +86,42 @@ open_store(const struct bw_config *cfg, store **ret)
 }
 
 static int
+open_store(const struct bw_config *cfg, store **ret)
+{
+	return open_store_on(cfg, cfg->database.conninfo,
+	    cfg->database.pooling == DB_POOLING_TRANSACTION, ret);
+}
+
+/*
+ * Migrations hold a session-level advisory lock from the first statement
+ * to the last, so that hosts migrating at once take turns.  A transaction
+ * pooler would run the lock, the DDL and the unlock on different server
+ * connections: the lock would serialize nothing and stay behind on one of
+ * them.  So under transaction pooling migrate uses database.listen_conninfo,
+ * which must reach PostgreSQL directly, or refuses and says what to do.
+ */
+static int
 cmd_migrate(const struct bw_config *cfg)
 {
+	const char *conninfo = cfg->database.conninfo;
 	store *st;
 	int status = EXIT_ERROR;
 
-	if (open_store(cfg, &st) == -1)
+	if (cfg->database.pooling == DB_POOLING_TRANSACTION) {
+		if (cfg->database.listen_conninfo[0] == '\0') {
+			fprintf(stderr, "billing-worker: migrate refused: database.pooling is "
+			    "\"transaction\", and migrate needs a session of its own (it holds an "
+			    "advisory lock across its statements, which a transaction pooler does "
+			    "not keep): set database.listen_conninfo to a connection string that "
+			    "reaches PostgreSQL directly, or run migrate with a configuration whose "
+			    "database.conninfo does\n");
+			return EXIT_CONFIG;
+		}
+		conninfo = cfg->database.listen_conninfo;
+		fprintf(stderr, "billing-worker: database.pooling is \"transaction\": migrating "
+		    "through database.listen_conninfo, a direct connection\n");
+	}
+	if (open_store_on(cfg, conninfo, false, &st) == -1)
 		return EXIT_ERROR;
 	if (store_migrate(st) == 0)
 		status = EXIT_OK;

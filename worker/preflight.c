@@ -20,28 +20,35 @@
 #include "worker/secret.h"
 
 /*
- * A password written into database.conninfo makes the configuration file
- * itself a secret file, under the same rule.  (Better: ~/.pgpass, which
- * libpq itself refuses when others can read it.)
+ * A password written into database.conninfo or database.listen_conninfo
+ * makes the configuration file itself a secret file, under the same rule.
+ * (Better: ~/.pgpass, which libpq itself refuses when others can read it.)
  */
 static int
 check_config_secret(const struct bw_config *cfg)
 {
-	char *password = NULL;
+	const char *const keys[] = { "database.conninfo", "database.listen_conninfo" };
+	const char *const values[] = { cfg->database.conninfo, cfg->database.listen_conninfo };
+	char what[96];
 	int fd, ret = -1;
 
-	if (conninfo_password(cfg->database.conninfo, &password) == -1 || password == NULL)
-		return 0;
-	explicit_bzero(password, strlen(password));
-	free(password);
-	if ((fd = open(cfg->path, O_RDONLY | O_CLOEXEC)) == -1) {
-		log_error("could not open \"%s\": %s", cfg->path, strerror(errno));
-		return -1;
+	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
+		char *password = NULL;
+
+		if (conninfo_password(values[i], &password) == -1 || password == NULL)
+			continue;
+		explicit_bzero(password, strlen(password));
+		free(password);
+		if ((fd = open(cfg->path, O_RDONLY | O_CLOEXEC)) == -1) {
+			log_error("could not open \"%s\": %s", cfg->path, strerror(errno));
+			return -1;
+		}
+		snprintf(what, sizeof(what), "configuration file with a password in %s", keys[i]);
+		ret = secret_check_mode(what, cfg->path, fd, cfg->worker.allow_readable_secrets);
+		close(fd);
+		return ret;
 	}
-	ret = secret_check_mode("configuration file with a password in database.conninfo",
-	    cfg->path, fd, cfg->worker.allow_readable_secrets);
-	close(fd);
-	return ret;
+	return 0;
 }
 
 int
@@ -53,7 +60,12 @@ preflight_database(const struct bw_config *cfg)
 	 * libpq would refuse this string at every connect attempt, and the
 	 * worker would wait for a database forever instead of saying so.
 	 */
-	if (conninfo_check(cfg->database.conninfo, err, sizeof(err)) == -1) {
+	if (conninfo_check("database.conninfo", cfg->database.conninfo, err, sizeof(err)) == -1) {
+		log_error("%s", err);
+		return -1;
+	}
+	if (cfg->database.listen_conninfo[0] != '\0' && conninfo_check("database.listen_conninfo",
+	    cfg->database.listen_conninfo, err, sizeof(err)) == -1) {
 		log_error("%s", err);
 		return -1;
 	}

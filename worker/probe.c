@@ -47,6 +47,7 @@ probe_database(const struct bw_config *cfg)
 		return -1;
 	}
 	store_set_query_timeout(st, cfg->database.query_timeout_ms);
+	store_set_pooling(st, cfg->database.pooling == DB_POOLING_TRANSACTION);
 	if (store_connect(st) == -1) {
 		one_line(store_errmsg(st), msg, sizeof(msg));
 		printf("database: no answer: %s\n", msg);

@@ -4,6 +4,7 @@ Private servers for the whole session (started by conftest.py):
 
     PgCluster    a throw-away PostgreSQL cluster on a free 127.0.0.1 port
     PgStandby    a hot standby of a PgCluster (pg_basebackup -R), for failover tests
+    PgBouncer    a private pgbouncer in front of a PgCluster, session or transaction pooling
     RedisServer  a throw-away redis-server on a free 127.0.0.1 port
     SentinelSet  a master, a replica and three sentinels (quorum 2), for
                  Redis failover tests
@@ -358,6 +359,126 @@ def multi_host_conninfo(clusters, dbname, user=PgCluster.superuser, **extra):
         **extra,
     }
     return " ".join(f"{k}={v}" for k, v in params.items())
+
+
+class PgBouncer:
+    """A private pgbouncer (/usr/sbin/pgbouncer) in front of CLUSTER, on a free 127.0.0.1 port.
+
+    pool_mode is "session" or "transaction"; every database of the cluster
+    is served (`* = host port`), with default_pool_size server connections
+    per database and user, so a handful of workers really share them.
+    auth_type trust with an auth_file naming the cluster's superuser and
+    the worker role.  As root it runs as `postgres` (it refuses root, as
+    PostgreSQL does).  conninfo(dbname) is what a worker config points at;
+    connect(dbname) a psycopg2 connection through it.  stop() ends it
+    (SIGINT, its safe shutdown) and cleanup() removes its directory.
+    """
+
+    host = LOCALHOST
+    binary = "/usr/sbin/pgbouncer"
+
+    def __init__(self, cluster, pool_mode, default_pool_size=5):
+        if not os.path.exists(self.binary):
+            raise RuntimeError(f"{self.binary} is missing (apt-get install pgbouncer)")
+        self.cluster = cluster
+        self.pool_mode = pool_mode
+        self.default_pool_size = default_pool_size
+        self.as_postgres = os.geteuid() == 0
+        self.dir = Path(tempfile.mkdtemp(prefix=f"bw-pgbouncer-{pool_mode}-"))
+        self.logfile = self.dir / "pgbouncer.log"
+        self.pidfile = self.dir / "pgbouncer.pid"
+        self.port = None
+        self.proc = None
+        if self.as_postgres:
+            pw = pwd.getpwnam("postgres")
+            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+
+    def _write(self, name, text):
+        path = self.dir / name
+        path.write_text(text)
+        if self.as_postgres:
+            pw = pwd.getpwnam("postgres")
+            os.chown(path, pw.pw_uid, pw.pw_gid)
+        return path
+
+    def start(self):
+        if self.proc is not None and self.proc.poll() is None:
+            return self
+        self.port = free_port()
+        self._write("userlist.txt", f'"{PgCluster.superuser}" ""\n"billing_worker" ""\n')
+        ini = self._write("pgbouncer.ini", "\n".join([
+            "[databases]",
+            f"* = host={self.cluster.host} port={self.cluster.port}",
+            "[pgbouncer]",
+            f"listen_addr = {self.host}",
+            f"listen_port = {self.port}",
+            "unix_socket_dir =",
+            "auth_type = trust",
+            f"auth_file = {self.dir / 'userlist.txt'}",
+            f"pool_mode = {self.pool_mode}",
+            f"default_pool_size = {self.default_pool_size}",
+            "max_client_conn = 200",
+            f"admin_users = {PgCluster.superuser}",
+            f"logfile = {self.logfile}",
+            f"pidfile = {self.pidfile}",
+            "ignore_startup_parameters = extra_float_digits",
+            "",
+        ]))
+        cmd = [self.binary, str(ini)]
+        if self.as_postgres:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        # In the foreground, in a session of its own: stop() signals it by pid.
+        self.proc = subprocess.Popen(cmd, cwd=self.dir, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+
+        def listening():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"pgbouncer exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.5):
+                    return True
+            except OSError:
+                return False
+        wait_for(listening, 15, message=self.log)
+        return self
+
+    def conninfo(self, dbname, user=None):
+        return (f"host={self.host} port={self.port} dbname={dbname} "
+                f"user={user or PgCluster.superuser}")
+
+    def connect(self, dbname, autocommit=True):
+        conn = psycopg2.connect(host=self.host, port=self.port, dbname=dbname,
+                                user=PgCluster.superuser, connect_timeout=10)
+        conn.autocommit = autocommit
+        return conn
+
+    def log(self):
+        try:
+            return self.logfile.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self):
+        """Ends pgbouncer and waits for it; its pid is the pidfile's (runuser forks)."""
+        try:
+            pid = int(self.pidfile.read_text().strip())
+            os.kill(pid, signal.SIGTERM)
+        except (OSError, ValueError):
+            pass
+        if self.proc is not None:
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+    def cleanup(self):
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class Database:

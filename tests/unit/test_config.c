@@ -137,6 +137,12 @@ static struct load_case cases[] = {
 	{ "enum is case-sensitive",
 	  DB API "locks = { mode = \"Redis\"; };\n", 1,
 	  { "not \"Redis\"\n" } },
+	{ "bad pooling mode",
+	  API "database = {\n\tconninfo = \"host=pgbouncer\";\n\tpooling = \"statement\";\n};\n", 1,
+	  { NAME ":4: \"database.pooling\" must be one of session, transaction, not \"statement\"\n" } },
+	{ "transaction pooling with a direct LISTEN connection",
+	  API "database = { conninfo = \"host=pgbouncer\"; pooling = \"transaction\"; "
+	  "listen_conninfo = \"host=db1\"; };\n", 0, { NULL } },
 	{ "bad log level",
 	  DB API "log = { level = \"verbose\"; };\n", 1,
 	  { NAME ":3: \"log.level\" must be one of debug, info, warn, error, not \"verbose\"\n" } },
@@ -740,7 +746,7 @@ key_text(const char *key, const char *value, char *buf, size_t len)
  */
 static const char *const candidates[] = {
 	"1", "2", "50", "101", "5000", "20000", "true", "false",
-	"\"debug\"", "\"json\"", "\"skip-locked\"", "\"x\"",
+	"\"debug\"", "\"json\"", "\"skip-locked\"", "\"transaction\"", "\"x\"",
 	"\"https://other.example.com\"", "\"127.0.0.1:9187\"", "\"billing-worker:t:\"",
 	"[ \"127.0.0.1:26379\" ]",
 };

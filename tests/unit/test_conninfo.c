@@ -120,7 +120,7 @@ test_check(void **state)
 	for (size_t i = 0; i < sizeof(rows) / sizeof(rows[0]); i++) {
 		char err[512] = "untouched";
 
-		assert_int_equal(conninfo_check(rows[i].conninfo, err, sizeof(err)), rows[i].ret);
+		assert_int_equal(conninfo_check("database.conninfo", rows[i].conninfo, err, sizeof(err)), rows[i].ret);
 		if (rows[i].want == NULL)
 			assert_string_equal(err, "untouched");
 		else
