@@ -374,9 +374,7 @@ pq_submit(pq *c, struct pq_job *job, int timeout_ms, int64_t now)
 	for (int i = 0; i < job->nstmts; i++) {
 		const struct pq_stmt *s = &job->stmts[i];
 
-		if (s->prepare)
-			r = PQsendPrepare(c->conn, s->name, s->sql, 0, NULL);
-		else if (s->name != NULL)
+		if (s->name != NULL)
 			r = PQsendQueryPrepared(c->conn, s->name, s->nparams, s->params, NULL, NULL,
 			    0);
 		else

@@ -25,18 +25,13 @@
 
 #include <libpq-fe.h>
 
-#define PQ_JOB_STMTS_MAX 16
+#define PQ_JOB_STMTS_MAX 4
 
 typedef struct pq pq;
 
 struct pq_stmt {
 	const char *name;               /* a prepared statement, or NULL */
-	/*
-	 * With name NULL: sent as an unnamed statement (one statement).  With
-	 * prepare: NAME is prepared from it (PQsendPrepare), no parameters.
-	 */
-	const char *sql;
-	bool prepare;
+	const char *sql;                /* with name NULL: sent unnamed (one statement) */
 	int nparams;
 	const char *const *params;      /* copied into libpq's buffer at pq_submit */
 };

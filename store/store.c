@@ -233,11 +233,14 @@ static const char *const conn_keys[] = { "connect_timeout", "keepalives", "keepa
     "application_name", "dbname", NULL };
 #define CONNECT_TIMEOUT_S "5"
 
+/* The values for conn_keys: our defaults, then the operator's conninfo. */
+#define CONN_VALUES(conninfo, application_name) { CONNECT_TIMEOUT_S, "1", "10", "5", "3", \
+	"20000", (application_name), (conninfo), NULL }
+
 PGconn *
 store_open_conn(const char *conninfo, const char *application_name)
 {
-	const char *vals[] = { CONNECT_TIMEOUT_S, "1", "10", "5", "3", "20000",
-	    application_name, conninfo, NULL };
+	const char *vals[] = CONN_VALUES(conninfo, application_name);
 	PGconn *conn = PQconnectdbParams(conn_keys, vals, 1);
 
 	if (conn != NULL)
@@ -248,8 +251,7 @@ store_open_conn(const char *conninfo, const char *application_name)
 int
 store_start_conn(pq *c, const char *conninfo, const char *application_name)
 {
-	const char *vals[] = { CONNECT_TIMEOUT_S, "1", "10", "5", "3", "20000",
-	    application_name, conninfo, NULL };
+	const char *vals[] = CONN_VALUES(conninfo, application_name);
 
 	if (pq_connect_start(c, conn_keys, vals, atoi(CONNECT_TIMEOUT_S) * 1000) == -1)
 		return -1;

@@ -1,6 +1,7 @@
 """Operations: metrics, systemd notifications, status --json, JSON logs,
 credentials, and reloads under load, against the real servers."""
 
+import contextlib
 import json
 import os
 import re
@@ -525,8 +526,24 @@ def busy_worker_on_a_freezable_server(tmp_path, db, redis, fake_api, latency_ms,
     return w, port
 
 
-def postmaster_pid(pg):
-    return int((pg.datadir / "postmaster.pid").read_text().split()[0])
+@contextlib.contextmanager
+def postmaster_frozen_after_ending(pg, db, application_name):
+    """Freezes the postmaster (SIGSTOP: new sessions are accepted by the
+    kernel and never answered), ends this database's sessions of
+    APPLICATION_NAME, and yields a cursor on a session opened before, which
+    keeps working; the postmaster runs again on the way out."""
+    admin = db.connect()
+    postmaster = int((pg.datadir / "postmaster.pid").read_text().split()[0])
+    os.kill(postmaster, signal.SIGSTOP)
+    try:
+        with admin.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE application_name = %s AND datname = current_database()",
+                        (application_name,))
+            yield cur
+    finally:
+        os.kill(postmaster, signal.SIGCONT)
+        admin.close()
 
 
 def test_a_listen_reconnect_to_a_frozen_server_does_not_stall_the_loop(tmp_path, pg, db, redis,
@@ -538,22 +555,12 @@ def test_a_listen_reconnect_to_a_frozen_server_does_not_stall_the_loop(tmp_path,
     meanwhile.  A blocking connect stalled the whole loop for
     connect_timeout, every call in flight waiting with it."""
     w, port = busy_worker_on_a_freezable_server(tmp_path, db, redis, fake_api, 50, 1500)
-    admin = db.connect()
-    postmaster = postmaster_pid(pg)
-    os.kill(postmaster, signal.SIGSTOP)
-    try:
-        with admin.cursor() as cur:
-            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                        "WHERE application_name = 'billing-worker listen' "
-                        "AND datname = current_database()")
-            cur.execute("SELECT count(*) FROM invoices WHERE status = 'paid'")
-            paid0 = cur.fetchone()[0]
-            time.sleep(4.5)
-            cur.execute("SELECT count(*) FROM invoices WHERE status = 'paid'")
-            paid1 = cur.fetchone()[0]
-    finally:
-        os.kill(postmaster, signal.SIGCONT)
-        admin.close()
+    with postmaster_frozen_after_ending(pg, db, "billing-worker listen") as cur:
+        cur.execute("SELECT count(*) FROM invoices WHERE status = 'paid'")
+        paid0 = cur.fetchone()[0]
+        time.sleep(4.5)
+        cur.execute("SELECT count(*) FROM invoices WHERE status = 'paid'")
+        paid1 = cur.fetchone()[0]
     m = wait_for(lambda: scrape(port), 10, ignore=(OSError,))
     print(f"paid during the 4.5 s freeze: {paid1 - paid0}; longest loop stall "
           f"{m['billing_worker_loop_stall_max_seconds'] * 1000:.0f} ms")
@@ -575,18 +582,8 @@ def test_a_reconnect_to_a_frozen_server_does_not_stall_the_loop(tmp_path, pg, db
     during which no answer was read and no slot refilled."""
     w, port = busy_worker_on_a_freezable_server(tmp_path, db, redis, fake_api, 300, 400, **{
         "billing_api.timeout_ms": 2000})
-    admin = db.connect()
-    postmaster = postmaster_pid(pg)
-    os.kill(postmaster, signal.SIGSTOP)
-    try:
-        with admin.cursor() as cur:
-            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                        "WHERE application_name = 'billing-worker' "
-                        "AND datname = current_database()")
+    with postmaster_frozen_after_ending(pg, db, "billing-worker"):
         time.sleep(4.5)
-    finally:
-        os.kill(postmaster, signal.SIGCONT)
-        admin.close()
     m = wait_for(lambda: scrape(port), 10, ignore=(OSError,))
     wait_for(lambda: count(db, "pending") == 0, 60, message=w.log, ignore=(Exception,))
     ambiguous = db.scalar("SELECT count(*) FROM attempts WHERE class = 'ambiguous'")
