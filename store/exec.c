@@ -3,6 +3,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include "common/clock.h"
 #include "common/log.h"
 #include "store/store_int.h"
 
@@ -13,6 +14,8 @@
 
 /* Deadlocks and serialization failures: how often a transaction is redone. */
 #define TX_RETRIES 5
+/* A statement without a client deadline (migrate's DDL): a day. */
+#define NO_DEADLINE_MS (24 * 3600 * 1000)
 
 static const struct store_stmt stmt_begin = {
 	.send = STORE_SIMPLE, .text = "BEGIN", .what = "BEGIN", .want = PGRES_COMMAND_OK,
@@ -34,6 +37,47 @@ unnamed_sql(const store *st, const char *name)
 	return NULL;
 }
 
+/*
+ * The daemon's connection (store/pq.c, in pipeline mode): NSTMTS
+ * statements as one job, waited for within their deadline.  Returns the
+ * first failed statement's result, else statement KEEP's; NULL when the
+ * connection was lost (store_set_error() then reads why from the engine).
+ */
+static PGresult *
+job_collect(store *st, const struct pq_stmt *stmts, int nstmts, int keep, int timeout_ms)
+{
+	struct pq_job job = { .nstmts = nstmts };
+	PGresult *res = NULL;
+
+	memcpy(job.stmts, stmts, (size_t)nstmts * sizeof(*stmts));
+	if (pq_submit(st->engine, &job, timeout_ms < 0 ? NO_DEADLINE_MS : timeout_ms,
+	    clock_ms()) == -1)
+		return NULL;
+	pq_wait(st->engine, &job);
+	for (int i = 0; i < nstmts && res == NULL; i++)
+		if (job.res[i] != NULL && PQresultStatus(job.res[i]) == PGRES_FATAL_ERROR)
+			res = job.res[i], job.res[i] = NULL;
+	if (res == NULL && job.ok)
+		res = job.res[keep], job.res[keep] = NULL;
+	pq_job_clear(&job);
+	return res;
+}
+
+/* STMT as one statement of a job on the daemon's connection. */
+static int
+job_stmt(const store *st, const struct store_stmt *stmt, int nparams,
+    const char *const *params, struct pq_stmt *out)
+{
+	*out = (struct pq_stmt){ .nparams = nparams, .params = params };
+	if (stmt->send != STORE_PREPARED)
+		out->sql = stmt->text;
+	else if (st->txn_pooling)
+		out->sql = unnamed_sql(st, stmt->text);
+	else
+		out->name = stmt->text;
+	return out->sql != NULL || out->name != NULL ? 0 : -1;
+}
+
 /* Sends STMT and collects its answer; the caller PQclear()s it. */
 static PGresult *
 send_collect(store *st, const struct store_stmt *stmt, int nparams, const char *const *params)
@@ -41,6 +85,13 @@ send_collect(store *st, const struct store_stmt *stmt, int nparams, const char *
 	int timeout_ms = stmt->no_deadline ? -1 : store_client_deadline_ms(st);
 	const char *sql;
 
+	if (st->conn == NULL) {
+		struct pq_stmt one;
+
+		if (st->engine == NULL || job_stmt(st, stmt, nparams, params, &one) == -1)
+			return NULL;
+		return job_collect(st, &one, 1, 0, timeout_ms);
+	}
 	switch (stmt->send) {
 	case STORE_SIMPLE:
 		return store_exec_bounded(st->conn, timeout_ms, stmt->text);
@@ -111,7 +162,7 @@ static void
 rollback_open(store *st, bool no_deadline)
 {
 	st->in_tx = false;
-	if (store_connected(st) && PQtransactionStatus(st->conn) != PQTRANS_IDLE)
+	if (store_connected(st) && PQtransactionStatus(store_conn(st)) != PQTRANS_IDLE)
 		store_run_cleanup(st, "ROLLBACK", no_deadline);
 }
 
@@ -132,6 +183,23 @@ run_in_tx(store *st, const struct store_stmt *stmt, int nparams, const char *con
 	struct store_stmt step = *stmt;
 	PGresult *res = NULL;
 
+	if (st->conn == NULL) {
+		/* The daemon's connection: every statement is one, even a simple query. */
+		const struct pq_stmt tx[] = {
+			{ .sql = "BEGIN" }, { .sql = st->tx_settings },
+			{ .sql = sql, .nparams = nparams, .params = params }, { .sql = "COMMIT" },
+		};
+
+		res = sql == NULL || st->engine == NULL ? NULL :
+		    job_collect(st, tx, 4, 2, timeout_ms);
+		if (PQresultStatus(res) != stmt->want) {
+			store_set_error(st, stmt->what, res);
+			PQclear(res);
+			rollback_open(st, stmt->no_deadline);
+			return -1;
+		}
+		goto done;
+	}
 	if (stmt->send != STORE_SIMPLE) {
 		res = sql == NULL ? NULL : store_exec_in_tx_bounded(st->conn, timeout_ms,
 		    st->tx_settings, sql, nparams, params);
@@ -190,6 +258,22 @@ run_pooled(store *st, const struct store_stmt *stmt, int nparams, const char *co
 	if (fx == TX_NONE)
 		return st->in_tx ? run_plain(st, stmt, nparams, params, ret) :
 		    run_in_tx(st, stmt, nparams, params, ret);
+	if (st->conn == NULL) {
+		/* The daemon's connection: the BEGIN and the settings, two statements of one job. */
+		const struct pq_stmt open[] = { { .sql = stmt->text }, { .sql = st->tx_settings } };
+		PGresult *res = st->engine == NULL ? NULL : job_collect(st, open, 2, 1,
+		    stmt->no_deadline ? -1 : store_client_deadline_ms(st));
+
+		st->in_tx = true;
+		if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+			store_set_error(st, stmt->what, res);
+			PQclear(res);
+			rollback_open(st, stmt->no_deadline);
+			return -1;
+		}
+		PQclear(res);
+		return 0;
+	}
 	if ((size_t)snprintf(begin, sizeof(begin), "%s; %s", stmt->text, st->tx_settings) >=
 	    sizeof(begin)) {
 		store_errorf(st, "%s: statement too long", stmt->what);
@@ -266,7 +350,14 @@ store_prepare(store *st, const char *name, const char *sql)
 
 	if (st->txn_pooling)
 		return keep_unnamed(st, name, sql);
-	res = store_prepare_bounded(st->conn, store_client_deadline_ms(st), name, sql);
+	if (st->conn == NULL) {
+		const struct pq_stmt prep = { .prepare = true, .name = name, .sql = sql };
+
+		res = st->engine == NULL ? NULL :
+		    job_collect(st, &prep, 1, 0, store_client_deadline_ms(st));
+	} else {
+		res = store_prepare_bounded(st->conn, store_client_deadline_ms(st), name, sql);
+	}
 
 	if (PQresultStatus(res) != PGRES_COMMAND_OK) {
 		store_set_error(st, "could not prepare statements", res);

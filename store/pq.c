@@ -374,7 +374,9 @@ pq_submit(pq *c, struct pq_job *job, int timeout_ms, int64_t now)
 	for (int i = 0; i < job->nstmts; i++) {
 		const struct pq_stmt *s = &job->stmts[i];
 
-		if (s->name != NULL)
+		if (s->prepare)
+			r = PQsendPrepare(c->conn, s->name, s->sql, 0, NULL);
+		else if (s->name != NULL)
 			r = PQsendQueryPrepared(c->conn, s->name, s->nparams, s->params, NULL, NULL,
 			    0);
 		else
@@ -409,6 +411,30 @@ failed:
 		pq_drop(c, why);
 	}
 	return -1;
+}
+
+void
+pq_wait(pq *c, struct pq_job *job)
+{
+	while (job->state == PQ_JOB_QUEUED) {
+		int64_t now = clock_ms(), deadline = pq_deadline(c);
+		struct pollfd pfd = { .fd = pq_fd(c), .events = pq_events(c) };
+		int timeout = deadline == INT64_MAX ? -1 : deadline <= now ? 0 :
+		    deadline - now > INT32_MAX ? INT32_MAX : (int)(deadline - now);
+		int r = poll(&pfd, 1, timeout);
+
+		if (r == -1 && errno != EINTR) {
+			pq_drop(c, "could not wait for the database");
+			break;
+		}
+		pq_drive(c, r > 0 ? pfd.revents : 0, clock_ms());
+	}
+}
+
+bool
+pq_busy(const pq *c)
+{
+	return c->head != NULL;
 }
 
 void

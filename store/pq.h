@@ -25,13 +25,14 @@
 
 #include <libpq-fe.h>
 
-#define PQ_JOB_STMTS_MAX 4
+#define PQ_JOB_STMTS_MAX 6
 
 typedef struct pq pq;
 
 struct pq_stmt {
 	const char *name;               /* a prepared statement, or NULL */
 	const char *sql;                /* with name NULL: sent unnamed (one statement) */
+	bool prepare;                   /* prepares SQL as NAME instead (no parameters) */
 	int nparams;
 	const char *const *params;      /* copied into libpq's buffer at pq_submit */
 };
@@ -110,6 +111,17 @@ void pq_drive(pq *c, short revents, int64_t now_ms);
  */
 int pq_submit(pq *c, struct pq_job *job, int timeout_ms, int64_t now_ms)
     __attribute__((warn_unused_result));
+
+/*
+ * Waits for JOB (submitted on C) to be DONE, polling C's socket alone:
+ * for the store's rare statements that a caller needs answered before it
+ * goes on.  Bounded by the jobs' deadlines, so never longer than the
+ * jobs queued before it and its own timeout.
+ */
+void pq_wait(pq *c, struct pq_job *job);
+
+/* True when jobs are in flight on C. */
+bool pq_busy(const pq *c);
 
 /* Frees JOB's results; it may be reused. */
 void pq_job_clear(struct pq_job *job);

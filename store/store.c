@@ -1,5 +1,6 @@
 #include "store/store.h"
 
+#include <poll.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -7,6 +8,7 @@
 
 #include <libpq-fe.h>
 
+#include "common/clock.h"
 #include "common/log.h"
 #include "store/conninfo.h"
 #include "store/store_int.h"
@@ -65,7 +67,7 @@ store_free(store *st)
 		return;
 	if (st->conn != NULL)
 		PQfinish(st->conn);
-	pq_free(st->connecting);
+	pq_free(st->engine);
 	if (st->conninfo != NULL) {
 		/* The conninfo may hold a password. */
 		explicit_bzero(st->conninfo, strlen(st->conninfo));
@@ -111,7 +113,24 @@ store_client_deadline_ms(const store *st)
 bool
 store_connected(const store *st)
 {
-	return st->conn != NULL && PQstatus(st->conn) == CONNECTION_OK;
+	if (st->conn != NULL)
+		return PQstatus(st->conn) == CONNECTION_OK;
+	return st->engine != NULL && pq_state(st->engine) == PQ_READY;
+}
+
+/* The live connection, whichever way it runs, or NULL. */
+static PGconn *
+live_conn(const store *st)
+{
+	if (st->conn != NULL)
+		return st->conn;
+	return store_connected(st) ? pq_raw_conn(st->engine) : NULL;
+}
+
+void
+store_set_pipeline(store *st, bool on)
+{
+	st->pipeline = on;
 }
 
 void
@@ -121,7 +140,7 @@ store_target(const store *st, char *buf, size_t len)
 		snprintf(buf, len, "%s", "");
 	else
 		snprintf(buf, len, "host \"%s\", port \"%s\", database \"%s\"",
-		    PQhost(st->conn), PQport(st->conn), PQdb(st->conn));
+		    PQhost(live_conn(st)), PQport(live_conn(st)), PQdb(live_conn(st)));
 }
 
 const char *
@@ -145,7 +164,7 @@ store_retries(const store *st)
 PGconn *
 store_conn(store *st)
 {
-	return st->conn;
+	return live_conn(st);
 }
 
 void
@@ -153,8 +172,12 @@ store_set_error(store *st, const char *what, const PGresult *res)
 {
 	const char *msg = res != NULL ? PQresultErrorMessage(res) : "";
 
-	if (msg == NULL || msg[0] == '\0')
-		msg = st->conn != NULL ? PQerrorMessage(st->conn) : "not connected";
+	if ((msg == NULL || msg[0] == '\0') && st->conn != NULL)
+		msg = PQerrorMessage(st->conn);
+	else if ((msg == NULL || msg[0] == '\0') && st->engine != NULL && pq_errmsg(st->engine)[0])
+		msg = pq_errmsg(st->engine);
+	else if (msg == NULL || msg[0] == '\0')
+		msg = "not connected";
 	store_errorf(st, "%s: %s", what, msg);
 	if (res != NULL && PQresultErrorField(res, PG_DIAG_SQLSTATE) != NULL)
 		snprintf(st->sqlstate, sizeof(st->sqlstate), "%s",
@@ -166,12 +189,15 @@ store_set_error(store *st, const char *what, const PGresult *res)
 	 * target_session_attrs=read-write in a multi-host conninfo) looks for
 	 * the writable host, with the loop's reconnect backoff.
 	 */
-	if (strcmp(st->sqlstate, "25006") == 0 && st->conn != NULL) {
+	if (strcmp(st->sqlstate, "25006") == 0 && store_connected(st)) {
 		store_errorf(st, "%s: %s (the server is read-only: dropping the connection to "
 		    "look for the writable one)", what, msg);
 		snprintf(st->sqlstate, sizeof(st->sqlstate), "25006");
-		PQfinish(st->conn);
+		if (st->conn != NULL)
+			PQfinish(st->conn);
 		st->conn = NULL;
+		if (st->engine != NULL)
+			pq_drop(st->engine, "the server is read-only");
 		st->prepared = false;
 		st->in_tx = false;
 	}
@@ -266,7 +292,7 @@ store_start_conn(pq *c, const char *conninfo, const char *application_name)
 static int
 session_setup(store *st)
 {
-	char settings[192];
+	char settings[384];
 	int lock_ms;
 
 	/*
@@ -292,17 +318,20 @@ session_setup(store *st)
 	    "set_config('idle_in_transaction_session_timeout', '60s', true)",
 	    st->query_timeout_ms, lock_ms);
 	if (!st->txn_pooling) {
-		snprintf(settings, sizeof(settings), "SET synchronous_commit = on; "
-		    "SET statement_timeout = %d; SET lock_timeout = %d; "
-		    "SET idle_in_transaction_session_timeout = '60s'", st->query_timeout_ms,
-		    lock_ms);
+		/* One statement, so it can go as one job of a pipeline too. */
+		snprintf(settings, sizeof(settings), "SELECT "
+		    "set_config('synchronous_commit', 'on', false), "
+		    "set_config('statement_timeout', '%d', false), "
+		    "set_config('lock_timeout', '%d', false), "
+		    "set_config('idle_in_transaction_session_timeout', '60s', false)",
+		    st->query_timeout_ms, lock_ms);
 		if (store_run(st, &(const struct store_stmt){ .send = STORE_SIMPLE,
 		    .text = settings, .what = "could not configure the session",
-		    .want = PGRES_COMMAND_OK }, 0, NULL, NULL) == -1)
+		    .want = PGRES_TUPLES_OK }, 0, NULL, NULL) == -1)
 			return -1;
 	}
 	log_info("connected to the database (host \"%s\", port \"%s\", database \"%s\"%s)",
-	    PQhost(st->conn), PQport(st->conn), PQdb(st->conn), st->txn_pooling ?
+	    PQhost(live_conn(st)), PQport(live_conn(st)), PQdb(live_conn(st)), st->txn_pooling ?
 	    "; transaction pooling: unnamed statements, settings per transaction" : "");
 	return 0;
 }
@@ -315,8 +344,8 @@ connect_begin(store *st)
 		PQfinish(st->conn);
 		st->conn = NULL;
 	}
-	if (st->connecting != NULL)
-		pq_drop(st->connecting, NULL);
+	if (st->engine != NULL)
+		pq_drop(st->engine, NULL);
 	st->prepared = false;
 	st->in_tx = false;
 	if (st->conninfo_unparsable && conninfo_may_hold_secret(st->conninfo)) {
@@ -328,9 +357,30 @@ connect_begin(store *st)
 	return 0;
 }
 
+/* store_connect() of the daemon: the pipeline connection, waited for. */
+static int
+connect_waiting(store *st)
+{
+	int r;
+
+	if (store_connect_start(st) == -1)
+		return -1;
+	while ((r = store_connect_drive(st, 0, clock_ms())) == 0) {
+		struct pollfd pfd = { .fd = pq_fd(st->engine), .events = pq_events(st->engine) };
+		int64_t wait = pq_deadline(st->engine) - clock_ms();
+
+		if (poll(&pfd, 1, wait < 0 ? 0 : wait > 1000 ? 1000 : (int)wait) > 0 &&
+		    (r = store_connect_drive(st, pfd.revents, clock_ms())) != 0)
+			break;
+	}
+	return r == 1 ? 0 : -1;
+}
+
 int
 store_connect(store *st)
 {
+	if (st->pipeline)
+		return connect_waiting(st);
 	if (connect_begin(st) == -1)
 		return -1;
 	st->conn = store_open_conn(st->conninfo, "billing-worker");
@@ -350,13 +400,13 @@ store_connect_start(store *st)
 {
 	if (connect_begin(st) == -1)
 		return -1;
-	if (st->connecting == NULL && pq_new(&st->connecting) == -1) {
+	if (st->engine == NULL && pq_new(&st->engine) == -1) {
 		store_errorf(st, "could not connect to the database: out of memory");
 		return -1;
 	}
-	if (store_start_conn(st->connecting, st->conninfo, "billing-worker") == -1) {
+	if (store_start_conn(st->engine, st->conninfo, "billing-worker") == -1) {
 		store_errorf(st, "could not connect to the database: %s",
-		    pq_errmsg(st->connecting));
+		    pq_errmsg(st->engine));
 		return -1;
 	}
 	return 0;
@@ -365,48 +415,46 @@ store_connect_start(store *st)
 bool
 store_connecting(const store *st)
 {
-	return st->connecting != NULL && pq_state(st->connecting) == PQ_CONNECTING;
+	return st->engine != NULL && pq_state(st->engine) == PQ_CONNECTING;
 }
 
 int
 store_connect_fd(const store *st)
 {
-	return store_connecting(st) ? pq_fd(st->connecting) : -1;
+	return store_connecting(st) ? pq_fd(st->engine) : -1;
 }
 
 short
 store_connect_events(const store *st)
 {
-	return store_connecting(st) ? pq_events(st->connecting) : 0;
+	return store_connecting(st) ? pq_events(st->engine) : 0;
 }
 
 int64_t
 store_connect_deadline(const store *st)
 {
-	return store_connecting(st) ? pq_deadline(st->connecting) : INT64_MAX;
+	return store_connecting(st) ? pq_deadline(st->engine) : INT64_MAX;
 }
 
 int
 store_connect_drive(store *st, short revents, int64_t now)
 {
-	if (st->connecting == NULL)
+	if (st->engine == NULL)
 		return -1;
-	pq_drive(st->connecting, revents, now);
-	switch (pq_state(st->connecting)) {
+	pq_drive(st->engine, revents, now);
+	switch (pq_state(st->engine)) {
 	case PQ_CONNECTING:
 		return 0;
 	case PQ_DOWN:
 		store_errorf(st, "could not connect to the database: %s",
-		    pq_errmsg(st->connecting));
+		    pq_errmsg(st->engine));
 		return -1;
 	case PQ_READY:
 		break;
 	}
-	/* Up: from here the store's statements run on it as on any connection. */
-	if ((st->conn = pq_detach(st->connecting)) == NULL) {
-		store_errorf(st, "could not connect to the database: %s",
-		    pq_errmsg(st->connecting));
-		return -1;
-	}
+	/*
+	 * Up: it stays in pipeline mode, and the store's statements run on it
+	 * as jobs, the loop's asynchronously, the rare ones waited for.
+	 */
 	return session_setup(st) == 0 ? 1 : -1;
 }

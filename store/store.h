@@ -90,6 +90,14 @@ short store_connect_events(const store *st);
 int64_t store_connect_deadline(const store *st);
 int store_connect_drive(store *st, short revents, int64_t now)
 	__attribute__((warn_unused_result));
+/*
+ * The daemon's way (default off, for the commands): the connection stays
+ * in libpq's pipeline and non-blocking mode once up, and every statement
+ * is a job on it (store/pq.c): the loop's own statements asynchronous,
+ * the rare ones waited for within their deadline.  store_connect() then
+ * opens it that way too, waiting.  Set before the first connect.
+ */
+void store_set_pipeline(store *st, bool on);
 const char *store_errmsg(const store *st);
 /*
  * Writes what a connected handle is connected to into BUF: host, port and

@@ -51,7 +51,13 @@ struct store {
 	bool conninfo_unparsable;   /* libpq's parse error may quote it: withheld */
 	char *worker_id;
 	PGconn *conn;
-	pq *connecting;          /* a connect the loop drives (store_connect_start) */
+	/*
+	 * The daemon's connection (store_connect_start, or store_connect after
+	 * store_set_pipeline): libpq in pipeline and non-blocking mode, driven by
+	 * the loop; conn is then NULL.  The commands' connections are conn.
+	 */
+	pq *engine;
+	bool pipeline;
 	bool prepared;
 	int query_timeout_ms;   /* statement_timeout; the client waits 1 s more */
 	char sqlstate[6];       /* of the last failed statement; "" for none */

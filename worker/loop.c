@@ -1278,6 +1278,7 @@ loop_setup(struct loop *l, const char *token, const char *redis_password)
 		    cfg->worker.poll_interval_ms);
 	store_set_query_timeout(l->st, cfg->database.query_timeout_ms);
 	store_set_pooling(l->st, cfg->database.pooling == DB_POOLING_TRANSACTION);
+	store_set_pipeline(l->st, true);
 	store_set_history(l->st, cfg->history.enabled);
 	fleet_set_rate(l->fleet, cfg->billing_api.max_requests_per_second);
 	if (telemetry_new(cfg, l->st, l->once, &l->tm) == -1)

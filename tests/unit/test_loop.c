@@ -95,6 +95,7 @@ void store_free(store *st) { (void)st; }
 void store_set_query_timeout(store *st, int ms) { (void)st; (void)ms; }
 void store_set_history(store *st, bool on) { (void)st; (void)on; }
 void store_set_pooling(store *st, bool transaction) { (void)st; (void)transaction; }
+void store_set_pipeline(store *st, bool on) { (void)st; (void)on; }
 int store_prune_history(store *st, int d, int l, int *n) { (void)st; (void)d; (void)l; *n = 0; return 0; }
 int store_connect(store *st) { (void)st; return 0; }
 int store_connect_start(store *st) { (void)st; return -1; }
