@@ -85,45 +85,54 @@ static const char sql_complete_redemption[] =
     "WHERE h.kind = 'hold' AND upd.status = 'failed' ON CONFLICT DO NOTHING) "
     "SELECT id FROM upd";
 
-static const char *const complete_names[ITEM_KIND_COUNT] = {
-	"complete_invoice", "complete_redemption",
-};
-
-int
-store_prepare_complete(store *st, enum item_kind kind)
-{
-	return store_prepare(st, complete_names[kind], kind == ITEM_INVOICE ?
-	    sql_complete_invoice : sql_complete_redemption);
-}
-
 static const char *const state_names[] = { "done", "failed", "retry" };
 
-/* Records the completions of one kind; marks accepted[] for those applied. */
-static int
-complete_kind(store *st, enum item_kind kind, const struct completion *c,
-    size_t n, bool *accepted)
-{
-	const struct store_stmt stmt = {
-		.send = STORE_PREPARED, .text = complete_names[kind], .what = "complete",
-		.want = PGRES_TUPLES_OK,
-	};
-	struct buf *a = st->arr;
-	struct id_pos *ix;
+/*
+ * One kind's share of a batch: its 15 parameters, built in its own
+ * buffers, and the sorted index that maps the ids it returns back to the
+ * batch.  The loop's batch in flight keeps one per kind until its answer.
+ */
+struct kind_params {
+	struct buf arr[13];
 	const char *params[15];
-	PGresult *res = NULL;
-	size_t count = 0;
+	struct id_pos *ix;
+	size_t ix_cap, count;
+};
 
+static const struct store_stmt complete_stmts[ITEM_KIND_COUNT] = {
+	{ .send = STORE_PREPARED, .text = "complete_invoice", .what = "complete",
+	  .want = PGRES_TUPLES_OK },
+	{ .send = STORE_PREPARED, .text = "complete_redemption", .what = "complete",
+	  .want = PGRES_TUPLES_OK },
+};
+
+static void
+kind_params_free(struct kind_params *kp)
+{
+	for (int i = 0; i < 13; i++)
+		free(kp->arr[i].data);
+	free(kp->ix);
+}
+
+/* Builds KP from the completions of KIND among C; KP->count says how many. */
+static int
+build_kind(store *st, struct kind_params *kp, enum item_kind kind, const struct completion *c,
+    size_t n)
+{
+	struct buf *a = kp->arr;
+
+	kp->count = 0;
 	for (int i = 0; i < 13; i++)
 		if (arr_open(&a[i]) == -1)
 			goto oom;
-	if ((ix = index_reserve(st, n)) == NULL)
+	if (index_grow(&kp->ix, &kp->ix_cap, n) == NULL)
 		goto oom;
 	for (size_t i = 0; i < n; i++) {
 		if (c[i].kind != kind)
 			continue;
-		ix[count].id = c[i].id;
-		ix[count].pos = i;
-		count++;
+		kp->ix[kp->count].id = c[i].id;
+		kp->ix[kp->count].pos = i;
+		kp->count++;
 		if (arr_add_int(&a[0], c[i].id) == -1 ||
 		    arr_add_int(&a[1], c[i].fence) == -1 ||
 		    arr_add_raw(&a[2], state_names[c[i].state]) == -1 ||
@@ -140,29 +149,61 @@ complete_kind(store *st, enum item_kind kind, const struct completion *c,
 		    arr_add_text(&a[12], c[i].history_class) == -1)
 			goto oom;
 	}
-	if (count == 0)
-		return 0;
 	for (int i = 0; i < 13; i++) {
 		if (arr_close(&a[i]) == -1)
 			goto oom;
-		params[i] = a[i].data;
+		kp->params[i] = a[i].data;
 	}
-	params[13] = st->worker_id;
-	params[14] = st->history ? "t" : "f";
-	if (store_run(st, &stmt, 15, params, &res) == -1)
-		return -1;
-	qsort(ix, count, sizeof(*ix), id_pos_cmp);
-	for (int r = 0; r < PQntuples(res); r++) {
-		ssize_t pos = index_find(ix, count, strtoll(PQgetvalue(res, r, 0), NULL, 10));
-
-		if (pos >= 0)
-			accepted[pos] = true;
-	}
-	PQclear(res);
+	kp->params[13] = st->worker_id;
+	kp->params[14] = st->history ? "t" : "f";
+	qsort(kp->ix, kp->count, sizeof(*kp->ix), id_pos_cmp);
 	return 0;
 oom:
 	store_errorf(st, "out of memory");
 	return -1;
+}
+
+/* Marks accepted[] for the rows of RES, the answer to KP's statement. */
+static void
+take_kind(const struct kind_params *kp, const PGresult *res, bool *accepted)
+{
+	for (int r = 0; r < PQntuples(res); r++) {
+		ssize_t pos = index_find(kp->ix, kp->count, strtoll(PQgetvalue(res, r, 0), NULL,
+		    10));
+
+		if (pos >= 0)
+			accepted[pos] = true;
+	}
+}
+
+/* Records the completions of one kind; marks accepted[] for those applied. */
+static int
+complete_kind(store *st, enum item_kind kind, const struct completion *c,
+    size_t n, bool *accepted)
+{
+	struct kind_params kp = { 0 };
+	PGresult *res = NULL;
+	int ret = -1;
+
+	if (build_kind(st, &kp, kind, c, n) == -1)
+		goto out;
+	if (kp.count > 0) {
+		if (store_run(st, &complete_stmts[kind], 15, kp.params, &res) == -1)
+			goto out;
+		take_kind(&kp, res, accepted);
+		PQclear(res);
+	}
+	ret = 0;
+out:
+	kind_params_free(&kp);
+	return ret;
+}
+
+int
+store_prepare_complete(store *st, enum item_kind kind)
+{
+	return store_prepare(st, complete_stmts[kind].text, kind == ITEM_INVOICE ?
+	    sql_complete_invoice : sql_complete_redemption);
 }
 
 /* A batch of completions, as the body of store_retrying(). */
@@ -208,4 +249,86 @@ store_complete(store *st, const struct completion *c, size_t n, bool *accepted)
 		return 0;
 	memset(accepted, 0, n * sizeof(*accepted));
 	return -1;
+}
+
+/*
+ * The loop's batch in flight: both kinds' statements in one job, so one
+ * transaction as in store_complete(), their parameters kept for a retry.
+ */
+struct complete_batch {
+	struct store_op op;
+	struct kind_params kinds[ITEM_KIND_COUNT];
+	int stmt_of[ITEM_KIND_COUNT];   /* the op's statement of each kind, -1 for none */
+	size_t n;
+};
+
+int
+store_complete_send(store *st, const struct completion *c, size_t n)
+{
+	struct complete_batch *b = st->complete;
+	const struct store_stmt *stmts[ITEM_KIND_COUNT];
+	const char *const *params[ITEM_KIND_COUNT];
+	int nparams[ITEM_KIND_COUNT], m = 0;
+
+	if (b == NULL && (b = st->complete = calloc(1, sizeof(*b))) == NULL) {
+		store_errorf(st, "out of memory");
+		return -1;
+	}
+	for (int k = 0; k < ITEM_KIND_COUNT; k++) {
+		b->stmt_of[k] = -1;
+		if (build_kind(st, &b->kinds[k], k, c, n) == -1)
+			return -1;
+		if (b->kinds[k].count == 0)
+			continue;
+		b->stmt_of[k] = m;
+		stmts[m] = &complete_stmts[k];
+		nparams[m] = 15;
+		params[m++] = b->kinds[k].params;
+	}
+	b->n = n;
+	snprintf(b->op.subject, sizeof(b->op.subject), "completion of %zu items", n);
+	if (m == 0) {
+		store_errorf(st, "complete: nothing to record");
+		return -1;
+	}
+	return store_op_send(st, &b->op, stmts, m, nparams, params);
+}
+
+bool
+store_complete_pending(const store *st)
+{
+	return st->complete != NULL && store_op_active(&st->complete->op);
+}
+
+int
+store_complete_take(store *st, bool *accepted)
+{
+	struct complete_batch *b = st->complete;
+	int r;
+
+	if (b == NULL)
+		return -1;
+	if ((r = store_op_poll(st, &b->op)) != 1) {
+		if (r == -1)
+			memset(accepted, 0, b->n * sizeof(*accepted));
+		return r;
+	}
+	memset(accepted, 0, b->n * sizeof(*accepted));
+	for (int k = 0; k < ITEM_KIND_COUNT; k++)
+		if (b->stmt_of[k] >= 0)
+			take_kind(&b->kinds[k], store_op_result(&b->op, b->stmt_of[k]), accepted);
+	store_op_clear(&b->op);
+	return 1;
+}
+
+void
+store_complete_free(store *st)
+{
+	if (st->complete == NULL)
+		return;
+	store_op_clear(&st->complete->op);
+	for (int k = 0; k < ITEM_KIND_COUNT; k++)
+		kind_params_free(&st->complete->kinds[k]);
+	free(st->complete);
+	st->complete = NULL;
 }

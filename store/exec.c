@@ -454,3 +454,106 @@ store_run_retrying(store *st, const struct store_stmt *stmt, int nparams,
 	va_end(ap);
 	return r;
 }
+
+/*
+ * The loop's asynchronous statements.  An op is one job: the caller's
+ * statements (one implicit transaction: they commit or fail together),
+ * inside BEGIN, the settings and COMMIT under transaction pooling.
+ */
+int
+store_op_send(store *st, struct store_op *op, const struct store_stmt *const *stmts,
+    int n, const int *nparams, const char *const *const *params)
+{
+	int j = 0;
+
+	if (op->active) {
+		store_errorf(st, "%s: already in flight", stmts[0]->what);
+		return -1;
+	}
+	if (st->conn != NULL || st->engine == NULL || !store_connected(st)) {
+		store_errorf(st, "%s: not connected to the database", stmts[0]->what);
+		return -1;
+	}
+	if (n + 3 > PQ_JOB_STMTS_MAX) {
+		store_errorf(st, "%s: too many statements for one job", stmts[0]->what);
+		return -1;
+	}
+	if (!st->prepared && store_prepare_all(st) == -1)
+		return -1;
+	memset(&op->job, 0, sizeof(op->job));
+	if (st->txn_pooling) {
+		op->job.stmts[j++] = (struct pq_stmt){ .sql = "BEGIN" };
+		op->job.stmts[j++] = (struct pq_stmt){ .sql = st->tx_settings };
+	}
+	op->first = j;
+	for (int i = 0; i < n; i++)
+		if (job_stmt(st, stmts[i], nparams[i], params[i], &op->job.stmts[j++]) == -1) {
+			store_errorf(st, "%s: statement not prepared", stmts[i]->what);
+			return -1;
+		}
+	if (st->txn_pooling)
+		op->job.stmts[j++] = (struct pq_stmt){ .sql = "COMMIT" };
+	op->job.nstmts = j;
+	op->what = stmts[0]->what;
+	op->retries = 0;
+	if (pq_submit(st->engine, &op->job, store_client_deadline_ms(st), clock_ms()) == -1) {
+		store_set_error(st, op->what, NULL);
+		return -1;
+	}
+	op->active = true;
+	return 0;
+}
+
+bool
+store_op_active(const struct store_op *op)
+{
+	return op->active;
+}
+
+int
+store_op_poll(store *st, struct store_op *op)
+{
+	PGresult *err = NULL;
+
+	if (!op->active)
+		return -1;
+	if (op->job.state == PQ_JOB_QUEUED)
+		return 0;
+	op->active = false;
+	if (op->job.ok)
+		return 1;
+	for (int i = 0; i < op->job.nstmts && err == NULL; i++)
+		if (op->job.res[i] != NULL && PQresultStatus(op->job.res[i]) == PGRES_FATAL_ERROR)
+			err = op->job.res[i];
+	st->sqlstate[0] = '\0';
+	store_set_error(st, op->what, err);
+	pq_job_clear(&op->job);
+	/* An explicit transaction that failed stays open, aborted, until a ROLLBACK. */
+	if (st->txn_pooling && store_connected(st))
+		store_run_cleanup(st, "ROLLBACK", false);
+	/* As store_retrying(): every failure counted and logged, five attempts in all. */
+	if (!failed_retryable(st))
+		return -1;
+	st->retries++;
+	log_info("%s hit a deadlock or serialization failure, retrying",
+	    op->subject[0] != '\0' ? op->subject : op->what);
+	if (++op->retries < TX_RETRIES && store_connected(st) &&
+	    pq_submit(st->engine, &op->job, store_client_deadline_ms(st), clock_ms()) == 0) {
+		op->active = true;
+		return 0;
+	}
+	return -1;
+}
+
+PGresult *
+store_op_result(const struct store_op *op, int i)
+{
+	return op->job.res[op->first + i];
+}
+
+void
+store_op_clear(struct store_op *op)
+{
+	pq_job_clear(&op->job);
+	op->active = false;
+}

@@ -127,22 +127,29 @@ index_find(const struct id_pos *ix, size_t n, int64_t id)
 	return hit != NULL ? (ssize_t)hit->pos : -1;
 }
 
+/* Makes room for N entries in the index *IX of capacity *CAP; NULL when out of memory. */
+struct id_pos *
+index_grow(struct id_pos **ix, size_t *cap, size_t n)
+{
+	struct id_pos *p;
+	size_t c = *cap ? *cap : 64;
+
+	if (n <= *cap)
+		return *ix;
+	while (c < n)
+		c *= 2;
+	if ((p = realloc(*ix, c * sizeof(*p))) == NULL)
+		return NULL;
+	*ix = p;
+	*cap = c;
+	return p;
+}
+
 /* Makes room for N index entries in ST's scratch; NULL when out of memory. */
 struct id_pos *
 index_reserve(store *st, size_t n)
 {
-	struct id_pos *p;
-	size_t cap = st->index_cap ? st->index_cap : 64;
-
-	if (n <= st->index_cap)
-		return st->index;
-	while (cap < n)
-		cap *= 2;
-	if ((p = realloc(st->index, cap * sizeof(*p))) == NULL)
-		return NULL;
-	st->index = p;
-	st->index_cap = cap;
-	return p;
+	return index_grow(&st->index, &st->index_cap, n);
 }
 
 /* Sorted index over the ids of ITEMS. */

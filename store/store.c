@@ -83,6 +83,7 @@ store_free(store *st)
 	for (size_t i = 0; i < sizeof(st->arr) / sizeof(st->arr[0]); i++)
 		free(st->arr[i].data);
 	free(st->index);
+	store_complete_free(st);
 	free(st);
 }
 
@@ -457,4 +458,29 @@ store_connect_drive(store *st, short revents, int64_t now)
 	 * as jobs, the loop's asynchronously, the rare ones waited for.
 	 */
 	return session_setup(st) == 0 ? 1 : -1;
+}
+
+int
+store_fd(const store *st)
+{
+	return st->conn == NULL && st->engine != NULL ? pq_fd(st->engine) : -1;
+}
+
+short
+store_events(const store *st)
+{
+	return st->conn == NULL && st->engine != NULL ? pq_events(st->engine) : 0;
+}
+
+int64_t
+store_deadline(const store *st)
+{
+	return st->conn == NULL && st->engine != NULL ? pq_deadline(st->engine) : INT64_MAX;
+}
+
+void
+store_drive(store *st, short revents, int64_t now)
+{
+	if (st->conn == NULL && st->engine != NULL && pq_state(st->engine) == PQ_READY)
+		pq_drive(st->engine, revents, now);
 }

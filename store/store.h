@@ -199,6 +199,31 @@ int store_complete(store *st, const struct completion *c, size_t n,
     bool *accepted) __attribute__((warn_unused_result));
 
 /*
+ * store_complete() for the loop, asynchronous (store_set_pipeline): sends
+ * the batch (its parameters are copied), and store_complete_take() takes
+ * the answer once the connection has it: 0 while it has not, 1 with
+ * accepted[i] as store_complete() fills it, -1 when nothing was recorded
+ * (store_errmsg(), store_connected() and store_failed_on_data() say why).
+ * One batch in flight at a time (store_complete_pending()).
+ */
+int store_complete_send(store *st, const struct completion *c, size_t n)
+	__attribute__((warn_unused_result));
+bool store_complete_pending(const store *st);
+int store_complete_take(store *st, bool *accepted) __attribute__((warn_unused_result));
+
+/*
+ * The daemon's connection on the loop's poll (store_set_pipeline): poll
+ * store_fd() for store_events(), then call store_drive() with what came
+ * back (0 when nothing), which sends, reads answers and enforces
+ * deadlines (store_deadline(): when it must run even if nothing came).
+ * While connecting, the connect is driven by store_connect_drive() instead.
+ */
+int store_fd(const store *st);
+short store_events(const store *st);
+int64_t store_deadline(const store *st);
+void store_drive(store *st, short revents, int64_t now);
+
+/*
  * True when the last failure came from the data (SQLSTATE classes 22, 23
  * and P0: a value out of range, a constraint, a trigger's exception), so
  * the same statement on the same rows fails again whatever the connection.

@@ -86,6 +86,7 @@ struct store {
 	size_t n_unnamed;
 	struct id_pos *index;       /* scratch for index_reserve() */
 	size_t index_cap;
+	struct complete_batch *complete;    /* the loop's completion in flight (complete.c) */
 };
 
 /* The live connection, or NULL; owned by the store. */
@@ -197,6 +198,38 @@ int store_run_retrying(store *st, const struct store_stmt *stmt, int nparams,
 	__attribute__((format(printf, 6, 7), warn_unused_result));
 
 /*
+ * The loop's asynchronous statements (store_set_pipeline only).  An op
+ * owned by a file of the store carries one job of N of its statements,
+ * each with NPARAMS[i] parameters PARAMS[i] (which must stay put until
+ * the op is done: a retry sends them again): they run as one
+ * transaction, and several ops may be in flight on the connection at
+ * once, answered in order.
+ *
+ * store_op_send(): -1 when it could not be sent (not connected, already
+ * in flight), with store_errmsg() set.  store_op_poll(): 0 while the
+ * answer is not in; 1 when every statement succeeded, their results in
+ * store_op_result() until store_op_clear(); -1 when one failed, with the
+ * error recorded as store_run() records it.  A deadlock or serialization
+ * failure is sent again, a bounded number of times, and reads as 0.
+ */
+struct store_op {
+	struct pq_job job;
+	bool active;                /* sent, its answer not yet taken */
+	int first;                  /* the job's index of the first statement of ours */
+	int retries;
+	const char *what;
+	char subject[64];           /* names it in the retry's log line; "" for WHAT */
+};
+
+int store_op_send(store *st, struct store_op *op, const struct store_stmt *const *stmts,
+    int n, const int *nparams, const char *const *const *params)
+	__attribute__((warn_unused_result));
+bool store_op_active(const struct store_op *op);
+int store_op_poll(store *st, struct store_op *op) __attribute__((warn_unused_result));
+PGresult *store_op_result(const struct store_op *op, int i);
+void store_op_clear(struct store_op *op);
+
+/*
  * Prepares SQL as NAME with the client deadline; on failure store_errmsg()
  * is "could not prepare statements: reason".  Under transaction pooling
  * nothing is sent: SQL is kept under NAME, and store_run() sends it as an
@@ -252,6 +285,10 @@ int id_pos_cmp(const void *a, const void *b);
 ssize_t index_find(const struct id_pos *ix, size_t n, int64_t id);
 /* Makes room for N entries in ST's scratch index; NULL when out of memory. */
 struct id_pos *index_reserve(store *st, size_t n);
+struct id_pos *index_grow(struct id_pos **ix, size_t *cap, size_t n);
+
+/* Frees the loop's completion batch (complete.c). */
+void store_complete_free(store *st);
 /* ST's scratch index over the ids of ITEMS, sorted; NULL when out of memory. */
 struct id_pos *index_items(store *st, struct item *const *items, size_t n);
 

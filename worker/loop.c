@@ -68,6 +68,7 @@ enum flight_state {
 	FLIGHT_FREE,
 	FLIGHT_CALLING,         /* API call in flight */
 	FLIGHT_DONE,            /* outcome queued, waiting to be recorded */
+	FLIGHT_RECORDING,       /* outcome sent to the database, its answer not yet in */
 };
 
 /* One claimed item, from its claim until its completion is recorded. */
@@ -110,7 +111,8 @@ struct loop {
 
 	struct item *claimed;   /* claim scratch, capacity batch */
 	size_t claimed_cap;
-	struct completion *batch;   /* flush scratch */
+	struct completion *batch;   /* the outcomes sent, or being sent */
+	size_t nbatch;              /* how many, while their answer is not in */
 	bool *accepted;
 	int *batch_flight;
 	struct item **itemp;
@@ -561,19 +563,29 @@ flush_failed(struct loop *l, size_t n, int64_t now)
 	l->next_flush_ms = now + backoff_take(&l->flush_backoff);
 }
 
-/* True when queued outcomes can be tried now: the loop must not sleep. */
+/*
+ * True when queued outcomes can be sent now: the loop must not sleep.  A
+ * batch already in flight is answered first.
+ */
 static bool
 flush_due(const struct loop *l, int64_t now)
 {
-	return now >= l->next_flush_ms && store_connected(l->st);
+	return now >= l->next_flush_ms && store_connected(l->st) &&
+	    !store_complete_pending(l->st);
 }
 
+/*
+ * Sends every queued outcome as one batch, without waiting: the loop
+ * reads API answers while it commits.  Their flights stay taken, as
+ * RECORDING, until flush_answer() has the database's answer.
+ */
 static void
-flush(struct loop *l)
+flush_send(struct loop *l, int64_t now)
 {
-	int64_t now = clock_ms();
 	size_t n = 0;
 
+	if (!flush_due(l, now))
+		return;
 	for (int i = 0; i < l->nflights; i++) {
 		if (l->flights[i].state != FLIGHT_DONE)
 			continue;
@@ -584,9 +596,41 @@ flush(struct loop *l)
 		l->batch_flight[n] = i;
 		n++;
 	}
-	if (n == 0 || now < l->next_flush_ms || !store_connected(l->st))
+	if (n == 0)
 		return;
-	if (store_complete(l->st, l->batch, n, l->accepted) == -1) {
+	l->nbatch = n;
+	if (store_complete_send(l->st, l->batch, n) == -1) {
+		flush_failed(l, n, now);
+		return;
+	}
+	for (size_t j = 0; j < n; j++)
+		l->flights[l->batch_flight[j]].state = FLIGHT_RECORDING;
+}
+
+/*
+ * The batch in flight could not be recorded: its outcomes are queued
+ * again, as they were before it was sent.
+ */
+static void
+flush_requeue(struct loop *l, size_t n)
+{
+	for (size_t j = 0; j < n; j++)
+		l->flights[l->batch_flight[j]].state = FLIGHT_DONE;
+}
+
+/* Takes the answer to the batch in flight, when it is in. */
+static void
+flush_answer(struct loop *l)
+{
+	int64_t now = clock_ms();
+	size_t n = l->nbatch;
+	int r;
+
+	if (!store_complete_pending(l->st) || (r = store_complete_take(l->st, l->accepted)) == 0)
+		return;
+	l->nbatch = 0;
+	flush_requeue(l, n);
+	if (r == -1) {
 		size_t left;
 
 		if (!store_connected(l->st) || !store_failed_on_data(l->st)) {
@@ -623,6 +667,36 @@ flush(struct loop *l)
 	lock_release(l->locks, l->itemp, n);
 	for (size_t j = 0; j < n; j++)
 		release_flight(l, l->batch_flight[j]);
+}
+
+static void
+flush(struct loop *l)
+{
+	flush_answer(l);
+	flush_send(l, clock_ms());
+}
+
+/*
+ * The flush of a loop that ends: sends what is queued and waits for the
+ * answer, within the statement's deadline, the one wait outside the
+ * loop's poll, made once nothing else is left to do.
+ */
+static void
+flush_waiting(struct loop *l)
+{
+	flush(l);
+	while (store_complete_pending(l->st)) {
+		struct pollfd pfd = { .fd = store_fd(l->st), .events = store_events(l->st) };
+		int64_t wait = store_deadline(l->st) - clock_ms();
+
+		if (!store_connected(l->st))
+			break;
+		if (poll(&pfd, 1, wait < 0 ? 0 : wait > 1000 ? 1000 : (int)wait) == -1 &&
+		    errno != EINTR)
+			break;
+		store_drive(l->st, pfd.revents, clock_ms());
+		flush_answer(l);
+	}
 }
 
 /* How the history names the answer to a call (attempts.class). */
@@ -1040,8 +1114,9 @@ renew(struct loop *l)
 {
 	size_t n = 0;
 
+	/* Not those being recorded: their rows may be finished already. */
 	for (int i = 0; i < l->nflights; i++)
-		if (l->flights[i].state != FLIGHT_FREE)
+		if (l->flights[i].state != FLIGHT_FREE && l->flights[i].state != FLIGHT_RECORDING)
 			l->itemp[n++] = &l->flights[i].item;
 	if (n > 0 && store_connected(l->st) && claim_renew(l->claims, l->itemp, n) == -1)
 		note_db_failure(l, "could not renew leases");
@@ -1507,7 +1582,7 @@ stopped(struct loop *l, int64_t now)
 	if (now < l->stop_deadline_ms)
 		return false;
 	abandon_calls(l);
-	flush(l);
+	flush_waiting(l);
 	if (l->busy > 0)
 		log_warnx("%d outcome%s could not be recorded before exit; their leases run out "
 		    "and the calls are repeated under the same keys", l->busy,
@@ -1544,9 +1619,14 @@ wait_budget_ms(const struct loop *l, int64_t now)
 		wait = l->next_renew_ms - now;
 	if (l->db_down_since_ms != 0 && !store_connecting(l->st) && l->next_db_try_ms - now < wait)
 		wait = l->next_db_try_ms - now;
-	/* A connect in progress, and the LISTEN connection's, have deadlines of their own. */
+	/*
+	 * A connect in progress, the statements in flight and the LISTEN
+	 * connection have deadlines of their own.
+	 */
 	if (store_connecting(l->st) && store_connect_deadline(l->st) - now < wait)
 		wait = store_connect_deadline(l->st) - now;
+	if (!store_connecting(l->st) && store_deadline(l->st) - now < wait)
+		wait = store_deadline(l->st) - now;
 	if (l->listener != NULL && store_listener_active(l->listener) &&
 	    store_listener_deadline(l->listener) - now < wait)
 		wait = store_listener_deadline(l->listener) - now;
@@ -1579,8 +1659,8 @@ wait_for_events(struct loop *l, int64_t now, int wait_ms)
 	wake[1].fd = l->listener != NULL ? store_listener_fd(l->listener) : -1;
 	wake[1].events = l->listener != NULL ? store_listener_events(l->listener) : 0;
 	wake[1].revents = 0;
-	wake[2].fd = store_connect_fd(l->st);
-	wake[2].events = store_connect_events(l->st);
+	wake[2].fd = store_connecting(l->st) ? store_connect_fd(l->st) : store_fd(l->st);
+	wake[2].events = store_connecting(l->st) ? store_connect_events(l->st) : store_events(l->st);
 	wake[2].revents = 0;
 	nwake = 3 + telemetry_wait_fds(l->tm, now, &wake[3], &wait_ms);
 	/*
@@ -1595,7 +1675,10 @@ wait_for_events(struct loop *l, int64_t now, int wait_ms)
 	l->turn_start_s = stall_clock_s();
 	if (wake[0].revents & POLLIN)
 		drain_wake_pipe();
-	db_reconnect(l, wake[2].fd >= 0 ? wake[2].revents : 0);
+	if (store_connecting(l->st))
+		db_reconnect(l, wake[2].fd >= 0 ? wake[2].revents : 0);
+	else
+		store_drive(l->st, wake[2].fd >= 0 ? wake[2].revents : 0, clock_ms());
 	listen_service(l, wake[1].fd >= 0 ? wake[1].revents : 0);
 	telemetry_after_wait(l->tm);
 }
