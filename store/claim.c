@@ -125,6 +125,13 @@ enum stmt {
 
 static const char *const stmt_names[STMT_COUNT] = { "claim_skip", "claim_ids", "renew" };
 
+static const struct store_stmt due_stmt = {
+	.send = STORE_PREPARED, .text = "due", .what = "due", .want = PGRES_TUPLES_OK,
+};
+
+static void take_due(store *st, const PGresult *res, size_t limit, enum item_kind *kinds,
+    int64_t *ids, size_t *ret_n);
+
 #define STMT_NAME_LEN 64
 
 int
@@ -166,15 +173,23 @@ store_due(store *st, size_t limit, enum item_kind *kinds, int64_t *ids, size_t *
 {
 	char lim[32];
 	const char *params[1] = { lim };
-	static const struct store_stmt due = {
-		.send = STORE_PREPARED, .text = "due", .what = "due", .want = PGRES_TUPLES_OK,
-	};
 	PGresult *res = NULL;
-	size_t n;
 
 	snprintf(lim, sizeof(lim), "%zu", limit);
-	if (store_run(st, &due, 1, params, &res) == -1)
+	if (store_run(st, &due_stmt, 1, params, &res) == -1)
 		return -1;
+	take_due(st, res, limit, kinds, ids, ret_n);
+	PQclear(res);
+	return 0;
+}
+
+/* The due query's answer RES: the pauses noted, up to LIMIT items listed. */
+static void
+take_due(store *st, const PGresult *res, size_t limit, enum item_kind *kinds, int64_t *ids,
+    size_t *ret_n)
+{
+	size_t n;
+
 	for (int k = 0; k < ITEM_KIND_COUNT; k++)
 		st->pause_note[k][0] = '\0';
 	n = 0;
@@ -192,8 +207,6 @@ store_due(store *st, size_t limit, enum item_kind *kinds, int64_t *ids, size_t *
 		ids[n++] = strtoll(PQgetvalue(res, r, 1), NULL, 10);
 	}
 	*ret_n = n;
-	PQclear(res);
-	return 0;
 }
 
 /*
@@ -219,42 +232,42 @@ value_or_null(const PGresult *res, int row, int col)
 	return PQgetisnull(res, row, col) ? NULL : PQgetvalue(res, row, col);
 }
 
-int
-store_claim(store *st, enum item_kind kind, const int64_t *ids, size_t nids,
-    size_t limit, int lease_ms, struct item *items, size_t *ret_n)
+/*
+ * A claim's parameters, built in ARR (ids given) or LIM and LEASE (owned
+ * by the caller, who keeps them until the statement is answered).
+ */
+static int
+claim_params(store *st, const int64_t *ids, size_t nids, size_t limit, int lease_ms,
+    struct buf *arr, char lim[32], char lease[32], const char *params[3])
 {
-	char lease[32], lim[32], name[STMT_NAME_LEN];
-	const char *params[3];
-	struct store_stmt stmt;
-	PGresult *res = NULL;
-	struct buf *arr = &st->arr[0];
-	int n, ret = -1;
-
-	snprintf(lease, sizeof(lease), "%d", lease_ms);
-	snprintf(lim, sizeof(lim), "%zu", limit);
+	snprintf(lease, 32, "%d", lease_ms);
+	snprintf(lim, 32, "%zu", limit);
 	params[0] = st->worker_id;
 	params[1] = lease;
-	if (ids != NULL) {
-		if (nids == 0) {
-			*ret_n = 0;
-			return 0;
-		}
-		if (arr_open(arr) == -1)
+	params[2] = lim;
+	if (ids == NULL)
+		return 0;
+	if (arr_open(arr) == -1)
+		goto oom;
+	for (size_t i = 0; i < nids; i++)
+		if (arr_add_int(arr, ids[i]) == -1)
 			goto oom;
-		for (size_t i = 0; i < nids; i++)
-			if (arr_add_int(arr, ids[i]) == -1)
-				goto oom;
-		if (arr_close(arr) == -1)
-			goto oom;
-		params[2] = arr->data;
-	} else {
-		params[2] = lim;
-	}
-	stmt = stmt_of(ids != NULL ? STMT_CLAIM_IDS : STMT_CLAIM_SKIP, kind, name);
-	if (store_run_retrying(st, &stmt, 3, params, &res, "claim of %ss",
-	    item_kind_name(kind)) == -1)
-		goto out;
-	n = PQntuples(res);
+	if (arr_close(arr) == -1)
+		goto oom;
+	params[2] = arr->data;
+	return 0;
+oom:
+	store_errorf(st, "out of memory");
+	return -1;
+}
+
+/* The claimed rows of RES, up to LIMIT, as KIND's items. */
+static int
+take_claimed(store *st, enum item_kind kind, const PGresult *res, size_t limit,
+    struct item *items, size_t *ret_n)
+{
+	int n = PQntuples(res);
+
 	if ((size_t)n > limit)
 		n = (int)limit;
 	for (int i = 0; i < n; i++) {
@@ -279,17 +292,160 @@ store_claim(store *st, enum item_kind kind, const int64_t *ids, size_t nids,
 			/* Out of memory: give back what was filled; leases run out. */
 			for (int j = 0; j <= i; j++)
 				item_clear(&items[j]);
-			goto oom;
+			store_errorf(st, "out of memory");
+			*ret_n = 0;
+			return -1;
 		}
 	}
 	*ret_n = (size_t)n;
-	ret = 0;
-	goto out;
-oom:
-	store_errorf(st, "out of memory");
-out:
+	return 0;
+}
+
+int
+store_claim(store *st, enum item_kind kind, const int64_t *ids, size_t nids,
+    size_t limit, int lease_ms, struct item *items, size_t *ret_n)
+{
+	char lease[32], lim[32], name[STMT_NAME_LEN];
+	const char *params[3];
+	struct store_stmt stmt;
+	PGresult *res = NULL;
+	int ret;
+
+	*ret_n = 0;
+	if (ids != NULL && nids == 0)
+		return 0;
+	if (claim_params(st, ids, nids, limit, lease_ms, &st->arr[0], lim, lease, params) == -1)
+		return -1;
+	stmt = stmt_of(ids != NULL ? STMT_CLAIM_IDS : STMT_CLAIM_SKIP, kind, name);
+	if (store_run_retrying(st, &stmt, 3, params, &res, "claim of %ss",
+	    item_kind_name(kind)) == -1)
+		return -1;
+	ret = take_claimed(st, kind, res, limit, items, ret_n);
 	PQclear(res);
 	return ret;
+}
+
+/*
+ * The loop's asynchronous due query and claims (store_set_pipeline): one
+ * op each, the claims one per kind, their parameters kept until answered.
+ */
+struct due_op {
+	struct store_op op;
+	char lim[32];
+	const char *params[1];
+	size_t limit;
+};
+
+struct claim_op {
+	struct store_op op;
+	struct buf arr;
+	char lease[32], lim[32], name[STMT_NAME_LEN];
+	struct store_stmt stmt;
+	const char *params[3];
+	size_t limit;
+};
+
+int
+store_due_send(store *st, size_t limit)
+{
+	const struct store_stmt *stmts[1] = { &due_stmt };
+	const char *const *params[1];
+	int nparams[1] = { 1 };
+	struct due_op *d = st->due;
+
+	if (d == NULL && (d = st->due = calloc(1, sizeof(*d))) == NULL) {
+		store_errorf(st, "out of memory");
+		return -1;
+	}
+	snprintf(d->lim, sizeof(d->lim), "%zu", limit);
+	d->params[0] = d->lim;
+	d->limit = limit;
+	params[0] = d->params;
+	return store_op_send(st, &d->op, stmts, 1, nparams, params);
+}
+
+bool
+store_due_pending(const store *st)
+{
+	return st->due != NULL && store_op_active(&st->due->op);
+}
+
+int
+store_due_take(store *st, enum item_kind *kinds, int64_t *ids, size_t *ret_n)
+{
+	int r;
+
+	*ret_n = 0;
+	if (st->due == NULL)
+		return -1;
+	if ((r = store_op_poll(st, &st->due->op)) != 1)
+		return r;
+	take_due(st, store_op_result(&st->due->op, 0), st->due->limit, kinds, ids, ret_n);
+	store_op_clear(&st->due->op);
+	return 1;
+}
+
+int
+store_claim_send(store *st, enum item_kind kind, const int64_t *ids, size_t nids,
+    size_t limit, int lease_ms)
+{
+	const struct store_stmt *stmts[1];
+	const char *const *params[1];
+	int nparams[1] = { 3 };
+	struct claim_op *c = st->claim[kind];
+
+	if (c == NULL && (c = st->claim[kind] = calloc(1, sizeof(*c))) == NULL) {
+		store_errorf(st, "out of memory");
+		return -1;
+	}
+	if (claim_params(st, ids, nids, limit, lease_ms, &c->arr, c->lim, c->lease,
+	    c->params) == -1)
+		return -1;
+	c->stmt = stmt_of(ids != NULL ? STMT_CLAIM_IDS : STMT_CLAIM_SKIP, kind, c->name);
+	c->limit = limit;
+	stmts[0] = &c->stmt;
+	params[0] = c->params;
+	snprintf(c->op.subject, sizeof(c->op.subject), "claim of %ss", item_kind_name(kind));
+	return store_op_send(st, &c->op, stmts, 1, nparams, params);
+}
+
+bool
+store_claim_pending(const store *st, enum item_kind kind)
+{
+	return st->claim[kind] != NULL && store_op_active(&st->claim[kind]->op);
+}
+
+int
+store_claim_take(store *st, enum item_kind kind, struct item *items, size_t *ret_n)
+{
+	struct claim_op *c = st->claim[kind];
+	int r;
+
+	*ret_n = 0;
+	if (c == NULL)
+		return -1;
+	if ((r = store_op_poll(st, &c->op)) != 1)
+		return r;
+	r = take_claimed(st, kind, store_op_result(&c->op, 0), c->limit, items, ret_n);
+	store_op_clear(&c->op);
+	return r == 0 ? 1 : -1;
+}
+
+void
+store_claims_free(store *st)
+{
+	if (st->due != NULL)
+		store_op_clear(&st->due->op);
+	free(st->due);
+	st->due = NULL;
+	for (int k = 0; k < ITEM_KIND_COUNT; k++) {
+		if (st->claim[k] == NULL)
+			continue;
+		store_op_clear(&st->claim[k]->op);
+		free(st->claim[k]->arr.data);
+		free(st->claim[k]);
+		st->claim[k] = NULL;
+	}
 }
 
 int

@@ -185,13 +185,18 @@ run_in_tx(store *st, const struct store_stmt *stmt, int nparams, const char *con
 
 	if (st->conn == NULL) {
 		/* The daemon's connection: every statement is one, even a simple query. */
+		/*
+		 * The job's own implicit transaction, up to its sync, holds the
+		 * settings: no BEGIN, so a failure leaves nothing open behind
+		 * it for the jobs queued after it to trip on.
+		 */
 		const struct pq_stmt tx[] = {
-			{ .sql = "BEGIN" }, { .sql = st->tx_settings },
-			{ .sql = sql, .nparams = nparams, .params = params }, { .sql = "COMMIT" },
+			{ .sql = st->tx_settings },
+			{ .sql = sql, .nparams = nparams, .params = params },
 		};
 
 		res = sql == NULL || st->engine == NULL ? NULL :
-		    job_collect(st, tx, 4, 2, timeout_ms);
+		    job_collect(st, tx, 2, 1, timeout_ms);
 		if (PQresultStatus(res) != stmt->want) {
 			store_set_error(st, stmt->what, res);
 			PQclear(res);
@@ -457,8 +462,10 @@ store_run_retrying(store *st, const struct store_stmt *stmt, int nparams,
 
 /*
  * The loop's asynchronous statements.  An op is one job: the caller's
- * statements (one implicit transaction: they commit or fail together),
- * inside BEGIN, the settings and COMMIT under transaction pooling.
+ * statements, one implicit transaction up to the job's sync (they commit
+ * or fail together, and a pooler keeps the server connection until the
+ * sync), after the settings under transaction pooling.  No explicit BEGIN:
+ * a failed one would stay open, aborted, and fail the jobs queued behind.
  */
 int
 store_op_send(store *st, struct store_op *op, const struct store_stmt *const *stmts,
@@ -474,25 +481,21 @@ store_op_send(store *st, struct store_op *op, const struct store_stmt *const *st
 		store_errorf(st, "%s: not connected to the database", stmts[0]->what);
 		return -1;
 	}
-	if (n + 3 > PQ_JOB_STMTS_MAX) {
+	if (n + 1 > PQ_JOB_STMTS_MAX) {
 		store_errorf(st, "%s: too many statements for one job", stmts[0]->what);
 		return -1;
 	}
 	if (!st->prepared && store_prepare_all(st) == -1)
 		return -1;
 	memset(&op->job, 0, sizeof(op->job));
-	if (st->txn_pooling) {
-		op->job.stmts[j++] = (struct pq_stmt){ .sql = "BEGIN" };
+	if (st->txn_pooling)
 		op->job.stmts[j++] = (struct pq_stmt){ .sql = st->tx_settings };
-	}
 	op->first = j;
 	for (int i = 0; i < n; i++)
 		if (job_stmt(st, stmts[i], nparams[i], params[i], &op->job.stmts[j++]) == -1) {
 			store_errorf(st, "%s: statement not prepared", stmts[i]->what);
 			return -1;
 		}
-	if (st->txn_pooling)
-		op->job.stmts[j++] = (struct pq_stmt){ .sql = "COMMIT" };
 	op->job.nstmts = j;
 	op->what = stmts[0]->what;
 	op->retries = 0;
@@ -528,9 +531,6 @@ store_op_poll(store *st, struct store_op *op)
 	st->sqlstate[0] = '\0';
 	store_set_error(st, op->what, err);
 	pq_job_clear(&op->job);
-	/* An explicit transaction that failed stays open, aborted, until a ROLLBACK. */
-	if (st->txn_pooling && store_connected(st))
-		store_run_cleanup(st, "ROLLBACK", false);
 	/* As store_retrying(): every failure counted and logged, five attempts in all. */
 	if (!failed_retryable(st))
 		return -1;

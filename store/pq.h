@@ -25,7 +25,7 @@
 
 #include <libpq-fe.h>
 
-#define PQ_JOB_STMTS_MAX 6
+#define PQ_JOB_STMTS_MAX 4
 
 typedef struct pq pq;
 

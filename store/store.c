@@ -84,6 +84,7 @@ store_free(store *st)
 		free(st->arr[i].data);
 	free(st->index);
 	store_complete_free(st);
+	store_claims_free(st);
 	free(st);
 }
 

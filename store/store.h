@@ -199,6 +199,24 @@ int store_complete(store *st, const struct completion *c, size_t n,
     bool *accepted) __attribute__((warn_unused_result));
 
 /*
+ * store_due() and store_claim() for the loop, asynchronous
+ * (store_set_pipeline): sent now (the arguments are copied), answered at
+ * a later turn.  The takes return 0 while the answer is not in, 1 with
+ * the results as the blocking calls give them, -1 on failure
+ * (store_errmsg(), store_connected(), store_failed_on_data()).  One due
+ * query and one claim per kind in flight at a time (the _pending calls).
+ */
+int store_due_send(store *st, size_t limit) __attribute__((warn_unused_result));
+bool store_due_pending(const store *st);
+int store_due_take(store *st, enum item_kind *kinds, int64_t *ids, size_t *ret_n)
+	__attribute__((warn_unused_result));
+int store_claim_send(store *st, enum item_kind kind, const int64_t *ids, size_t nids,
+    size_t limit, int lease_ms) __attribute__((warn_unused_result));
+bool store_claim_pending(const store *st, enum item_kind kind);
+int store_claim_take(store *st, enum item_kind kind, struct item *items, size_t *ret_n)
+	__attribute__((warn_unused_result));
+
+/*
  * store_complete() for the loop, asynchronous (store_set_pipeline): sends
  * the batch (its parameters are copied), and store_complete_take() takes
  * the answer once the connection has it: 0 while it has not, 1 with

@@ -87,6 +87,8 @@ struct store {
 	struct id_pos *index;       /* scratch for index_reserve() */
 	size_t index_cap;
 	struct complete_batch *complete;    /* the loop's completion in flight (complete.c) */
+	struct due_op *due;                 /* the loop's due query (claim.c) */
+	struct claim_op *claim[ITEM_KIND_COUNT];    /* its claims, one per kind */
 };
 
 /* The live connection, or NULL; owned by the store. */
@@ -289,6 +291,8 @@ struct id_pos *index_grow(struct id_pos **ix, size_t *cap, size_t n);
 
 /* Frees the loop's completion batch (complete.c). */
 void store_complete_free(store *st);
+/* Frees the loop's due query and claims (claim.c). */
+void store_claims_free(store *st);
 /* ST's scratch index over the ids of ITEMS, sorted; NULL when out of memory. */
 struct id_pos *index_items(store *st, struct item *const *items, size_t n);
 

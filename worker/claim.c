@@ -22,6 +22,13 @@
 _Static_assert(CONFIG_REDIS_KEY_PREFIX_MAX <= LOCK_KEY_PREFIX_MAX,
     "the lock manager must take every key prefix the configuration accepts");
 
+/* What the claim step waits for between turns. */
+enum claim_phase {
+	CLAIM_IDLE,
+	CLAIM_DUE,              /* the due query is in flight */
+	CLAIM_CLAIMING,         /* the claims are, one per kind */
+};
+
 /* An id and where it sits among the locked candidates. */
 struct id_pos {
 	int64_t id;
@@ -45,9 +52,27 @@ struct claimer {
 	bool *flags;
 	char (*tokens)[ITEM_TOKEN_MAX];
 	const char **tokp;
-	struct item **subset;
 	struct id_pos *index;
 	size_t cap;
+	struct item **subset;           /* claim_renew's, apart: a claim may be in flight */
+	size_t subset_cap;
+
+	/* The claim in flight (claim_start to claim_poll), between turns. */
+	enum claim_phase phase;
+	enum lock_way way;
+	size_t limit, window, ndue;
+	size_t nlocked, contended;      /* redis mode */
+	bool more;
+	struct kind_claim {
+		bool sent;              /* its claim went to the database */
+		bool taken;             /* and its answer came back */
+		int result;             /* 0: claimed, -1: failed */
+		bool data_failure;      /* failed on a row's data (claim_each) */
+		char msg[512];          /* why it failed */
+		size_t start, end;      /* redis mode: its locked candidates */
+		size_t offset, want;    /* where its items go, how many at most */
+		size_t n;               /* how many it claimed */
+	} kc[ITEM_KIND_COUNT];
 };
 
 void
@@ -103,7 +128,6 @@ grow(claimer *c, size_t n)
 	GROW(flags);
 	GROW(tokens);
 	GROW(tokp);
-	GROW(subset);
 	GROW(index);
 #undef GROW
 	c->cap = cap;
@@ -236,12 +260,12 @@ struct claim_failures {
 	char msg[ITEM_KIND_COUNT][512];
 };
 
-/* Remembers the store's error as the reason KIND could not be claimed. */
+/* Remembers MSG as the reason KIND could not be claimed. */
 static void
-note_kind_failure(claimer *c, struct claim_failures *f, enum item_kind kind)
+note_kind_failure(struct claim_failures *f, enum item_kind kind, const char *msg)
 {
 	f->any = true;
-	snprintf(f->msg[kind], sizeof(f->msg[kind]), "%s", store_errmsg(c->st));
+	snprintf(f->msg[kind], sizeof(f->msg[kind]), "%s", msg);
 }
 
 /*
@@ -321,45 +345,98 @@ claim_each(claimer *c, enum item_kind kind, size_t from, size_t to, bool tokens,
 	return ret;
 }
 
-/* Claims, with FOR UPDATE SKIP LOCKED, as many of each kind as were due. */
-static int
-claim_skip_locked(claimer *c, size_t ndue, size_t limit, struct item *items,
-    size_t *ret_n)
+/*
+ * Sends KIND's claim, as kc[KIND] describes it: of IDS (NIDS of them) in
+ * redis mode, of the oldest due with SKIP LOCKED when IDS is NULL.  A
+ * claim that cannot even be sent is that kind's failure.
+ */
+static void
+send_kind(claimer *c, enum item_kind kind, const int64_t *ids, size_t nids)
 {
-	size_t due[ITEM_KIND_COUNT] = { 0, 0 }, got = 0, n;
-	struct claim_failures failures = { 0 };
-	size_t granted;
+	struct kind_claim *k = &c->kc[kind];
+
+	k->sent = true;
+	if (store_claim_send(c->st, kind, ids, nids, k->want, c->ttl_ms) == 0)
+		return;
+	k->taken = true;
+	k->result = -1;
+	k->data_failure = false;
+	snprintf(k->msg, sizeof(k->msg), "%s", store_errmsg(c->st));
+}
+
+/*
+ * Skip-locked mode: as many of each kind as were due, up to the grant.
+ * Both kinds' claims go at once; each has its own share of ITEMS.
+ * Returns 0 when there is nothing to claim, 1 when claims were sent.
+ */
+static int
+skip_locked_send(claimer *c)
+{
+	size_t due[ITEM_KIND_COUNT] = { 0, 0 }, offset = 0, granted, limit = c->limit;
+	int sent = 0;
 
 	/* Not shared, the grant cannot fail. */
-	if (fleet_grant(c->fleet, false, ndue < limit ? ndue : limit, ndue, &granted) == -1)
+	if (fleet_grant(c->fleet, false, c->ndue < limit ? c->ndue : limit, c->ndue,
+	    &granted) == -1)
 		granted = 0;
 	if (granted < limit)
 		limit = granted;
 	if (limit == 0) {
 		c->wait_ms = fleet_wait_ms(c->fleet);
-		*ret_n = 0;
 		return 0;
 	}
-	for (size_t i = 0; i < ndue; i++)
+	c->way = LOCK_WAY_SKIP_LOCKED;
+	for (size_t i = 0; i < c->ndue; i++)
 		due[c->kinds[i]]++;
-	for (int k = 0; k < ITEM_KIND_COUNT && got < limit; k++) {
-		size_t want = due[k] < limit - got ? due[k] : limit - got;
+	for (int k = 0; k < ITEM_KIND_COUNT && offset < limit; k++) {
+		size_t want = due[k] < limit - offset ? due[k] : limit - offset;
 
 		if (want == 0)
 			continue;
-		if (store_claim(c->st, k, NULL, 0, want, c->ttl_ms, items + got, &n) == 0) {
-			got += n;
+		c->kc[k].offset = offset;
+		c->kc[k].want = want;
+		send_kind(c, k, NULL, 0);
+		offset += want;
+		sent = 1;
+	}
+	return sent;
+}
+
+/* Moves KIND's N items from its share of ITEMS down to *GOT, and counts them. */
+static void
+gather(const struct kind_claim *k, struct item *items, size_t n, size_t *got)
+{
+	if (n > 0 && k->offset != *got)
+		memmove(items + *got, items + k->offset, n * sizeof(*items));
+	*got += n;
+}
+
+/* The answers of skip-locked mode's claims: ITEMS compacted, failures noted. */
+static int
+skip_locked_end(claimer *c, struct item *items, size_t *ret_n)
+{
+	struct claim_failures failures = { 0 };
+	size_t got = 0, n;
+
+	for (int k = 0; k < ITEM_KIND_COUNT; k++) {
+		struct kind_claim *kc = &c->kc[k];
+
+		if (!kc->sent)
+			continue;
+		if (kc->result == 0) {
+			gather(kc, items, kc->n, &got);
 			continue;
 		}
 		/* The rows this claim took are among the oldest due ones store_due listed. */
-		if (store_connected(c->st) && store_failed_on_data(c->st)) {
-			int r = claim_each(c, k, 0, ndue, false, want, items + got, &n);
+		if (kc->data_failure) {
+			int r = claim_each(c, k, 0, c->ndue, false, kc->want, items + got, &n);
 
 			got += n;
 			if (r == 0)
 				continue;
+			snprintf(kc->msg, sizeof(kc->msg), "%s", store_errmsg(c->st));
 		}
-		note_kind_failure(c, &failures, k);
+		note_kind_failure(&failures, k, kc->msg);
 	}
 	metrics_lock(METRICS_LOCK_ACQUIRED, got);
 	*ret_n = got;
@@ -417,12 +494,28 @@ grant_and_lock_at_once(claimer *c, size_t ndue, size_t want, size_t *granted)
 	return 0;
 }
 
+/* Redis failed under the claim: skip-locked in auto mode, else the claim fails. */
 static int
-claim_redis(claimer *c, size_t ndue, size_t limit, struct item *items, size_t *ret_n)
+redis_failed(claimer *c)
 {
-	size_t got = 0, nlocked = 0, nback = 0, locked = 0, contended = 0, granted;
+	c->wait_ms = 0;
+	if (c->policy == LOCK_POLICY_AUTO)
+		return skip_locked_send(c);
+	snprintf(c->errmsg, sizeof(c->errmsg), "%s", lock_errmsg(c->lm));
+	return -1;
+}
+
+/*
+ * The Redis half of a claim in redis mode, then the claims sent.  Returns
+ * -1 when it failed (claim_errmsg()), 0 when there is nothing to claim,
+ * 1 when the claims are on their way (or, with nothing locked, when the
+ * end needs no answer).
+ */
+static int
+redis_send(claimer *c)
+{
+	size_t ndue = c->ndue, limit = c->limit, locked = 0, granted;
 	size_t want = ndue < limit ? ndue : limit;
-	struct claim_failures failures = { 0 };
 
 	/*
 	 * Flags and token pointers are swapped along with their candidates:
@@ -434,94 +527,99 @@ claim_redis(claimer *c, size_t ndue, size_t limit, struct item *items, size_t *r
 	}
 	shuffle_candidates(c, ndue);
 	if (!fleet_limited(c->fleet) && c->redis != NULL) {
-		if (grant_and_lock_at_once(c, ndue, want, &granted) == -1) {
-			c->wait_ms = 0;
-			if (c->policy == LOCK_POLICY_AUTO)
-				return claim_skip_locked(c, ndue, limit, items, ret_n);
-			snprintf(c->errmsg, sizeof(c->errmsg), "%s", lock_errmsg(c->lm));
-			return -1;
-		}
+		if (grant_and_lock_at_once(c, ndue, want, &granted) == -1)
+			return redis_failed(c);
 		c->wait_ms = fleet_wait_ms(c->fleet);
 	} else {
 		if (fleet_grant(c->fleet, true, want, ndue, &granted) == -1) {
 			lock_redis_failed(c->lm);
-			if (c->policy == LOCK_POLICY_AUTO)
-				return claim_skip_locked(c, ndue, limit, items, ret_n);
-			snprintf(c->errmsg, sizeof(c->errmsg), "%s", lock_errmsg(c->lm));
-			return -1;
+			return redis_failed(c);
 		}
 		c->wait_ms = fleet_wait_ms(c->fleet);
-		if (granted == 0) {
-			/* The budget is spent or a 429 pause holds: no lock is worth taking. */
-			*ret_n = 0;
-			return 0;
-		}
+		if (granted == 0)
+			return 0;   /* the budget is spent or a 429 pause holds: no lock is worth taking */
 		if (lock_acquire(c->lm, c->kinds, c->ids, ndue, granted, c->tokens,
 		    c->flags) == -1) {
 			fleet_give_back(c->fleet, granted);
-			c->wait_ms = 0;
-			if (c->policy == LOCK_POLICY_AUTO)
-				return claim_skip_locked(c, ndue, limit, items, ret_n);
-			snprintf(c->errmsg, sizeof(c->errmsg), "%s", lock_errmsg(c->lm));
-			return -1;
+			return redis_failed(c);
 		}
 	}
 	for (size_t i = 0; i < ndue; i++) {
 		c->tokp[i] = c->tokens[i];
 		locked += c->flags[i];
 	}
-	if (granted == 0) {
-		/* A 429 pause holds: whatever was locked went back. */
-		*ret_n = 0;
-		return 0;
-	}
+	if (granted == 0)
+		return 0;           /* a 429 pause holds: whatever was locked went back */
 	if (locked < granted) {
 		fleet_give_back(c->fleet, granted - locked);
 		c->wait_ms = fleet_wait_ms(c->fleet);
 	}
 	/* Every candidate was tried only when we got fewer than we wanted, unthrottled. */
-	if (locked < limit && c->wait_ms == 0)
-		contended = ndue - locked;
+	c->contended = locked < limit && c->wait_ms == 0 ? ndue - locked : 0;
+	c->nlocked = 0;
 	for (int k = 0; k < ITEM_KIND_COUNT; k++) {
-		size_t start = nlocked, n = 0;
-		int r;
+		struct kind_claim *kc = &c->kc[k];
 
-		/* This kind's locked candidates, moved to [start, nlocked). */
-		for (size_t i = start; i < ndue; i++)
+		/* This kind's locked candidates, moved to [start, end). */
+		kc->start = c->nlocked;
+		for (size_t i = kc->start; i < ndue; i++)
 			if (c->flags[i] && c->kinds[i] == (enum item_kind)k)
-				swap_candidates(c, i, nlocked++);
-		if (nlocked == start)
+				swap_candidates(c, i, c->nlocked++);
+		kc->end = c->nlocked;
+		if (kc->end == kc->start)
 			continue;
-		r = store_claim(c->st, k, c->ids + start, nlocked - start, limit - got,
-		    c->ttl_ms, items + got, &n);
 		/*
-		 * From here flags[] in [start, nlocked) means "claimed": whatever
-		 * fails below, every lock left unclaimed is given back after the loop.
+		 * From here flags[] in [start, end) means "claimed": whatever
+		 * fails, every lock left unclaimed is given back at the end.
+		 * Locked <= granted <= limit: each kind's share of ITEMS is as
+		 * many as it locked.
 		 */
-		for (size_t i = start; i < nlocked; i++)
+		for (size_t i = kc->start; i < kc->end; i++)
 			c->flags[i] = false;
-		if (r == -1) {
-			if (store_connected(c->st) && store_failed_on_data(c->st)) {
-				r = claim_each(c, k, start, nlocked, true, limit - got, items + got, &n);
+		kc->offset = kc->start;
+		kc->want = kc->end - kc->start;
+		send_kind(c, k, c->ids + kc->start, kc->want);
+	}
+	return 1;
+}
+
+/* The answers of redis mode's claims: tokens handed out, unclaimed locks given back. */
+static int
+redis_end(claimer *c, struct item *items, size_t *ret_n)
+{
+	struct claim_failures failures = { 0 };
+	size_t got = 0, nback = 0, n;
+
+	for (int k = 0; k < ITEM_KIND_COUNT; k++) {
+		struct kind_claim *kc = &c->kc[k];
+
+		if (!kc->sent)
+			continue;
+		if (kc->result == -1) {
+			if (kc->data_failure) {
+				int r = claim_each(c, k, kc->start, kc->end, true, kc->want,
+				    items + got, &n);
+
 				got += n;
 				if (r == 0)
 					continue;
+				snprintf(kc->msg, sizeof(kc->msg), "%s", store_errmsg(c->st));
 			}
-			note_kind_failure(c, &failures, k);
+			note_kind_failure(&failures, k, kc->msg);
 			continue;
 		}
-		index_ids(c, start, nlocked - start);
-		for (size_t j = got; j < got + n; j++) {
-			ssize_t i = find_id(c, nlocked - start, items[j].id);
+		index_ids(c, kc->start, kc->end - kc->start);
+		for (size_t j = kc->offset; j < kc->offset + kc->n; j++) {
+			ssize_t i = find_id(c, kc->end - kc->start, items[j].id);
 
 			if (i < 0)
 				continue;   /* cannot happen: we only claim ids we locked */
 			snprintf(items[j].token, sizeof(items[j].token), "%s", c->tokp[i]);
 			c->flags[i] = true;
 		}
-		got += n;
+		gather(kc, items, kc->n, &got);
 	}
-	for (size_t i = 0; i < nlocked; i++) {
+	for (size_t i = 0; i < c->nlocked; i++) {
 		if (c->flags[i])
 			continue;
 		c->ids[nback] = c->ids[i];
@@ -537,30 +635,29 @@ claim_redis(claimer *c, size_t ndue, size_t limit, struct item *items, size_t *r
 	 * we locked but the database had already given to someone else.  The
 	 * candidates left unlocked by the rate budget or our own limit are not.
 	 */
-	metrics_lock(METRICS_LOCK_CONTENDED, contended + nback);
+	metrics_lock(METRICS_LOCK_CONTENDED, c->contended + nback);
 	metrics_lock(METRICS_LOCK_ACQUIRED, got);
 	*ret_n = got;
 	return claim_end(c, &failures, got);
 }
 
 int
-claim_take(claimer *c, size_t limit, struct item *items, size_t *ret_n, bool *more)
+claim_start(claimer *c, size_t limit)
 {
-	size_t ndue = 0, window;
-	enum lock_way way;
-	int ret;
-
-	*ret_n = 0;
-	*more = false;
 	c->errmsg[0] = '\0';
 	c->wait_ms = 0;
+	if (c->phase != CLAIM_IDLE) {
+		snprintf(c->errmsg, sizeof(c->errmsg), "a claim is in flight already");
+		return -1;
+	}
 	if (limit == 0)
 		return 0;
-	window = c->policy == LOCK_POLICY_SKIP_LOCKED ? limit : limit * CANDIDATE_FACTOR;
-	if (window > CANDIDATE_MAX)
-		window = limit > CANDIDATE_MAX ? limit : CANDIDATE_MAX;
+	c->limit = limit;
+	c->window = c->policy == LOCK_POLICY_SKIP_LOCKED ? limit : limit * CANDIDATE_FACTOR;
+	if (c->window > CANDIDATE_MAX)
+		c->window = limit > CANDIDATE_MAX ? limit : CANDIDATE_MAX;
 	/* Twice the window: a grant short of the locks lists their give-back past it. */
-	if (grow(c, window * 2) == -1) {
+	if (grow(c, c->window * 2) == -1) {
 		snprintf(c->errmsg, sizeof(c->errmsg), "out of memory");
 		return -1;
 	}
@@ -568,26 +665,100 @@ claim_take(claimer *c, size_t limit, struct item *items, size_t *ret_n, bool *mo
 	 * Asked at every poll, not only when items are due, so an idle
 	 * auto-mode worker also returns to Redis once it is back.
 	 */
-	way = lock_now(c->lm);
-	if (store_due(c->st, window, c->kinds, c->ids, &ndue) == -1) {
-		snprintf(c->errmsg, sizeof(c->errmsg), "%s", store_errmsg(c->st));
-		return -1;
-	}
-	*more = ndue == window;
-	if (ndue == 0)
-		return 0;
-	switch (way) {
-	case LOCK_WAY_REDIS:
-		ret = claim_redis(c, ndue, limit, items, ret_n);
-		break;
-	case LOCK_WAY_SKIP_LOCKED:
-		ret = claim_skip_locked(c, ndue, limit, items, ret_n);
-		break;
-	case LOCK_WAY_NONE:
-	default:
+	c->way = lock_now(c->lm);
+	if (c->way == LOCK_WAY_NONE) {
 		snprintf(c->errmsg, sizeof(c->errmsg), "%s", lock_errmsg(c->lm));
 		return -1;
 	}
+	if (store_due_send(c->st, c->window) == -1) {
+		snprintf(c->errmsg, sizeof(c->errmsg), "%s", store_errmsg(c->st));
+		return -1;
+	}
+	c->phase = CLAIM_DUE;
+	return 0;
+}
+
+bool
+claim_busy(const claimer *c)
+{
+	return c->phase != CLAIM_IDLE;
+}
+
+/* The due query answered: on to the locks and the claims. */
+static int
+due_answered(claimer *c)
+{
+	int r;
+
+	c->more = c->ndue == c->window;
+	if (c->ndue == 0)
+		return 0;
+	memset(c->kc, 0, sizeof(c->kc));
+	r = c->way == LOCK_WAY_REDIS ? redis_send(c) : skip_locked_send(c);
+	if (r == 1)
+		c->phase = CLAIM_CLAIMING;
+	return r;
+}
+
+/* Takes each kind's answer once it is in; true when every one is. */
+static bool
+claims_answered(claimer *c, struct item *items)
+{
+	bool all = true;
+
+	for (int k = 0; k < ITEM_KIND_COUNT; k++) {
+		struct kind_claim *kc = &c->kc[k];
+		int r;
+
+		if (!kc->sent || kc->taken)
+			continue;
+		if ((r = store_claim_take(c->st, k, items + kc->offset, &kc->n)) == 0) {
+			all = false;
+			continue;
+		}
+		kc->taken = true;
+		kc->result = r == 1 ? 0 : -1;
+		if (r == -1) {
+			kc->data_failure = store_connected(c->st) && store_failed_on_data(c->st);
+			snprintf(kc->msg, sizeof(kc->msg), "%s", store_errmsg(c->st));
+		}
+	}
+	return all;
+}
+
+int
+claim_poll(claimer *c, struct item *items, size_t *ret_n, bool *more)
+{
+	int r = -1;
+
+	*ret_n = 0;
+	*more = false;
+	switch (c->phase) {
+	case CLAIM_IDLE:
+		return 1;
+	case CLAIM_DUE:
+		if ((r = store_due_take(c->st, c->kinds, c->ids, &c->ndue)) == 0)
+			return 0;
+		if (r == -1) {
+			snprintf(c->errmsg, sizeof(c->errmsg), "%s", store_errmsg(c->st));
+			c->phase = CLAIM_IDLE;
+			return -1;
+		}
+		c->phase = CLAIM_IDLE;
+		if ((r = due_answered(c)) <= 0) {
+			*more = c->more;
+			return r == 0 ? 1 : -1;
+		}
+		/* FALLTHROUGH */
+	case CLAIM_CLAIMING:
+		if (!claims_answered(c, items))
+			return 0;
+		c->phase = CLAIM_IDLE;
+		r = c->way == LOCK_WAY_REDIS ? redis_end(c, items, ret_n) :
+		    skip_locked_end(c, items, ret_n);
+		break;
+	}
+	*more = c->more;
 	/*
 	 * A full claim with candidates left over: the rest are due now and wait
 	 * only for room, not for the next poll.  In redis mode the window is
@@ -596,9 +767,9 @@ claim_take(claimer *c, size_t limit, struct item *items, size_t *ret_n, bool *mo
 	 * elsewhere got nothing, so this never makes it spin; its backoff is
 	 * claim_wait_ms().
 	 */
-	if (ret == 0 && *ret_n == limit && ndue > *ret_n)
+	if (r == 0 && *ret_n == c->limit && c->ndue > *ret_n)
 		*more = true;
-	return ret;
+	return r == 0 ? 1 : -1;
 }
 
 int
@@ -607,9 +778,15 @@ claim_renew(claimer *c, struct item *const *items, size_t n)
 	int ret = 0;
 
 	c->errmsg[0] = '\0';
-	if (grow(c, n) == -1) {
-		snprintf(c->errmsg, sizeof(c->errmsg), "out of memory");
-		return -1;
+	if (n > c->subset_cap) {
+		struct item **p = realloc(c->subset, n * sizeof(*p));
+
+		if (p == NULL) {
+			snprintf(c->errmsg, sizeof(c->errmsg), "out of memory");
+			return -1;
+		}
+		c->subset = p;
+		c->subset_cap = n;
 	}
 	for (int k = 0; k < ITEM_KIND_COUNT; k++) {
 		size_t m = 0;

@@ -66,21 +66,29 @@ void claim_set_ttl(claimer *c, int ttl_ms);
 void claim_set_park_delay(claimer *c, int delay_ms);
 
 /*
- * Claims up to LIMIT due items, of either kind, oldest first, into ITEMS
- * (capacity LIMIT), which the caller then owns.  *MORE tells whether more
- * items may be due right now (LIMIT claimed and more were due, or the due
- * query filled its window).  Each kind is claimed on its own: one kind's
- * failure is logged and does not stop the other.  A row the database
- * refuses to claim on its data is found by claiming the candidates one by
- * one, and parked (store_park_unclaimed) so it holds back nothing.  Returns
- * -1 when nothing could be claimed because something failed (the database
- * or, in redis mode, Redis); claim_errmsg() says why.
+ * Claims up to LIMIT due items, of either kind, oldest first, without
+ * waiting for the database: claim_start() sends the due query (in redis
+ * mode the locks are taken when it answers), and claim_poll(), called at
+ * every turn while claim_busy(), takes the answers and sends the next
+ * statements.  It returns 0 while they are not in, and 1 once the claim
+ * is done: *RET_N items in ITEMS (capacity LIMIT, passed at every poll,
+ * so the caller may move its buffer in between), which the caller then
+ * owns; *MORE tells whether more items may be due right now (LIMIT
+ * claimed and more were due, or the due query filled its window).  Each
+ * kind is claimed on its own, both at once: one kind's failure is logged
+ * and does not stop the other.  A row the database refuses to claim on
+ * its data is found by claiming the candidates one by one, and parked
+ * (store_park_unclaimed) so it holds back nothing.  Both return -1 when
+ * nothing could be claimed because something failed (the database or, in
+ * redis mode, Redis); claim_errmsg() says why.  One claim at a time.
  */
-int claim_take(claimer *c, size_t limit, struct item *items, size_t *ret_n, bool *more)
+int claim_start(claimer *c, size_t limit) __attribute__((warn_unused_result));
+bool claim_busy(const claimer *c);
+int claim_poll(claimer *c, struct item *items, size_t *ret_n, bool *more)
 	__attribute__((warn_unused_result));
 
 /*
- * After claim_take(): how long until more calls may start (the rate budget
+ * After a claim: how long until more calls may start (the rate budget
  * is spent or a 429 pause is in force, or every candidate was held
  * elsewhere), 0 when the next claim may come as the loop sees fit.
  */

@@ -889,35 +889,53 @@ reserve_then_launch(struct loop *l, size_t n)
 	}
 }
 
+/* A claim failed: said once per outage, and tried again at the next poll. */
+static void
+claim_failed(struct loop *l)
+{
+	if (!store_connected(l->st))
+		note_db_failure(l, "could not claim items");
+	else if (!lock_redis_down(l->locks))
+		log_warnx("could not claim items: %s", claim_errmsg(l->claims));
+	/* A Redis outage is logged once, by the lock manager, not every poll. */
+	if (l->claim_failing_since_ms == 0)
+		l->claim_failing_since_ms = clock_ms();
+}
+
 /*
- * Claims up to a batch of due items of both kinds in one go.  Returns 1
- * when more may be due now, 0 when not, -1 when the claim failed.
+ * Starts claiming up to a batch of due items of both kinds, as many as
+ * there is room for; the claim step answers at a later turn.  Returns 0,
+ * or -1 when the claim could not start.
  */
 static int
-claim(struct loop *l)
+claim_begin(struct loop *l)
 {
 	int room = l->refused.on ? 1 : l->cfg->worker.concurrency - l->busy;
-	size_t want, n, nred = 0;
-	bool more;
+	size_t want;
 
 	if (room <= 0)
 		return 0;
 	want = (size_t)room < (size_t)l->cfg->worker.batch_size ?
 	    (size_t)room : (size_t)l->cfg->worker.batch_size;
-	if (claim_take(l->claims, want, l->claimed, &n, &more) == -1) {
-		if (!store_connected(l->st))
-			note_db_failure(l, "could not claim items");
-		else if (!lock_redis_down(l->locks))
-			log_warnx("could not claim items: %s", claim_errmsg(l->claims));
-		/* A Redis outage is logged once, by the lock manager, not every poll. */
-		if (l->claim_failing_since_ms == 0)
-			l->claim_failing_since_ms = clock_ms();
+	if (claim_start(l->claims, want) == -1) {
+		claim_failed(l);
 		return -1;
 	}
+	return 0;
+}
+
+/*
+ * The claim is in: invoices go straight to their calls; redemptions first
+ * reserve funds.  Returns 1 when more may be due now, else 0.
+ */
+static int
+claimed(struct loop *l, size_t n, bool more)
+{
+	size_t nred = 0;
+
 	l->claim_failing_since_ms = 0;
 	l->db_proven = true;
 	metrics_set_last_poll(time(NULL));
-	/* Invoices go straight to their calls; redemptions first reserve funds. */
 	for (size_t i = 0; i < n; i++) {
 		if (l->claimed[i].kind == ITEM_INVOICE) {
 			launch(l, &l->claimed[i], NULL, NULL);
@@ -1512,23 +1530,17 @@ maintain(struct loop *l, int64_t now)
 }
 
 /*
- * Claims what is due when there is room, and sets when to look again.
- * Returns true when a once run has nothing left to do.
+ * After a claim (R: 1 when more may be due, 0 when not, -1 when it
+ * failed): when to look again.  Returns true when a once run has nothing
+ * left to do.
  */
 static bool
-take_work(struct loop *l, int64_t now)
+claim_after(struct loop *l, int64_t now, int r)
 {
-	bool probing = l->refused.on;
-	int64_t hold;
-	int r;
+	int64_t hold = claim_wait_ms(l->claims);
 
-	if (l->stopping || now < l->next_poll_ms || l->busy >= l->cfg->worker.concurrency ||
-	    !may_claim(l, now) || !store_connected(l->st))
-		return false;
-	r = claim(l);
-	hold = claim_wait_ms(l->claims);
 	note_pauses(l);
-	if (probing && l->busy > 0)
+	if (l->refused.on && l->busy > 0)
 		probe_sent(l, now);
 	if (hold > 0)
 		l->next_poll_ms = now + hold;       /* rate budget spent or a 429 pause */
@@ -1542,6 +1554,38 @@ take_work(struct loop *l, int64_t now)
 		log_info("nothing due; once run finished");
 		return true;
 	}
+	return false;
+}
+
+/*
+ * Claims what is due when there is room: takes the answer of the claim in
+ * flight, or starts one.  Returns true when a once run has nothing left
+ * to do.
+ */
+static bool
+take_work(struct loop *l, int64_t now)
+{
+	size_t n;
+	bool more;
+	int r;
+
+	if (claim_busy(l->claims)) {
+		if ((r = claim_poll(l->claims, l->claimed, &n, &more)) == 0)
+			return false;
+		if (r == -1)
+			claim_failed(l);
+		else
+			r = claimed(l, n, more);
+		return claim_after(l, clock_ms(), r);
+	}
+	if (l->stopping || now < l->next_poll_ms || l->busy >= l->cfg->worker.concurrency ||
+	    !may_claim(l, now) || !store_connected(l->st))
+		return false;
+	if (claim_begin(l) == -1)
+		return claim_after(l, now, -1);
+	/* Nothing to wait for (no room after all): as after an empty claim. */
+	if (!claim_busy(l->claims))
+		return claim_after(l, now, 0);
 	return false;
 }
 
@@ -1577,7 +1621,7 @@ stopped(struct loop *l, int64_t now)
 {
 	if (!l->stopping)
 		return false;
-	if (l->busy == 0)
+	if (l->busy == 0 && !claim_busy(l->claims))
 		return true;
 	if (now < l->stop_deadline_ms)
 		return false;
@@ -1596,7 +1640,8 @@ wait_budget_ms(const struct loop *l, int64_t now)
 {
 	int64_t wait = WAIT_MAX_MS;
 
-	if (!l->stopping && l->busy < l->cfg->worker.concurrency &&
+	/* A claim in flight: its answer wakes us, not the clock. */
+	if (!l->stopping && l->busy < l->cfg->worker.concurrency && !claim_busy(l->claims) &&
 	    (!l->refused.on || l->busy == 0)) {
 		/* Refused with calls in flight: their answers wake us, not the clock. */
 		int64_t at = l->next_poll_ms;

@@ -34,6 +34,13 @@
 #define BACKLOG_MAX 256
 #define CALLS_MAX 1024
 
+/* The claim and the completion batch in flight (the asynchronous fakes below). */
+static size_t claim_limit;
+static bool claim_pending, claim_looked;
+static const struct completion *sent_batch;
+static size_t sent_n;
+static bool sent_pending, sent_looked;
+
 /* The scripted world the fakes share; reset by world_reset(). */
 static struct {
 	int64_t due[BACKLOG_MAX];       /* ids still due, oldest first */
@@ -63,6 +70,7 @@ static void
 world_reset(void)
 {
 	memset(&w, 0, sizeof(w));
+	claim_pending = sent_pending = false;
 	w.answer_status = 200;
 }
 
@@ -153,9 +161,6 @@ store_complete(store *st, const struct completion *c, size_t n, bool *accepted)
  * The asynchronous batch: sent now, answered at the first look after a
  * later turn's wait, as a real connection answers after the loop polled.
  */
-static const struct completion *sent_batch;
-static size_t sent_n;
-static bool sent_pending, sent_looked;
 
 int
 store_complete_send(store *st, const struct completion *c, size_t n)
@@ -337,14 +342,40 @@ claim_renew(claimer *c, struct item *const *items, size_t n)
 	return 0;
 }
 
-int
-claim_take(claimer *c, size_t limit, struct item *items, size_t *ret_n, bool *more)
-{
-	size_t n = 0;
+/*
+ * The claim: started at one turn, answered at the poll of a later one, as
+ * the database answers after the loop's wait.
+ */
 
+int
+claim_start(claimer *c, size_t limit)
+{
 	(void)c;
+	if (claim_pending)
+		w.claim_over_limit++;   /* one claim at a time */
 	if (w.busy_items + limit > (size_t)w.concurrency)
 		w.claim_over_limit++;
+	claim_limit = limit;
+	claim_pending = true;
+	claim_looked = false;
+	return 0;
+}
+
+bool claim_busy(const claimer *c) { (void)c; return claim_pending; }
+
+int
+claim_poll(claimer *c, struct item *items, size_t *ret_n, bool *more)
+{
+	size_t n = 0, limit = claim_limit;
+
+	(void)c;
+	*ret_n = 0;
+	*more = false;
+	if (!claim_looked) {
+		claim_looked = true;
+		return 0;
+	}
+	claim_pending = false;
 	while (n < limit && w.ndue > 0) {
 		struct item *it = &items[n++];
 
@@ -361,7 +392,7 @@ claim_take(claimer *c, size_t limit, struct item *items, size_t *ret_n, bool *mo
 		w.busy_max = w.busy_items;
 	*ret_n = n;
 	*more = w.ndue > 0;
-	return 0;
+	return 1;
 }
 
 /* ---- the API client: every call is answered at the next wait ---- */
