@@ -497,3 +497,155 @@ oom:
 	store_errorf(st, "out of memory");
 	return -1;
 }
+
+/*
+ * The loop's renewal of one kind, asynchronous: the ids and fences sent
+ * are kept, so the answer can say which were not renewed even if their
+ * items have finished (and their slots been reused) meanwhile.
+ */
+struct renew_op {
+	struct store_op op;
+	struct buf ids, fences;
+	char lease[32], name[STMT_NAME_LEN];
+	struct store_stmt stmt;
+	const char *params[3];
+	int64_t *sent_ids, *sent_fences, *lost_ids, *lost_fences;
+	bool *renewed;
+	size_t nsent, nlost, cap;
+	struct id_pos *ix;
+	size_t ix_cap;
+};
+
+static int
+renew_grow(struct renew_op *r, size_t n)
+{
+	void *p;
+
+	if (n <= r->cap)
+		return 0;
+#define RENEW_GROW(field) \
+	do { \
+		if ((p = realloc(r->field, n * sizeof(*r->field))) == NULL) \
+			return -1; \
+		r->field = p; \
+	} while (0)
+	RENEW_GROW(sent_ids);
+	RENEW_GROW(sent_fences);
+	RENEW_GROW(lost_ids);
+	RENEW_GROW(lost_fences);
+	RENEW_GROW(renewed);
+#undef RENEW_GROW
+	r->cap = n;
+	return 0;
+}
+
+int
+store_renew_send(store *st, enum item_kind kind, struct item *const *items, size_t n,
+    int lease_ms)
+{
+	const struct store_stmt *stmts[1];
+	const char *const *params[1];
+	int nparams[1] = { 3 };
+	struct renew_op *r = st->renew[kind];
+
+	if (r == NULL && (r = st->renew[kind] = calloc(1, sizeof(*r))) == NULL)
+		goto oom;
+	if (renew_grow(r, n) == -1 || arr_open(&r->ids) == -1 || arr_open(&r->fences) == -1)
+		goto oom;
+	for (size_t i = 0; i < n; i++) {
+		r->sent_ids[i] = items[i]->id;
+		r->sent_fences[i] = items[i]->fence;
+		if (arr_add_int(&r->ids, items[i]->id) == -1 ||
+		    arr_add_int(&r->fences, items[i]->fence) == -1)
+			goto oom;
+	}
+	if (arr_close(&r->ids) == -1 || arr_close(&r->fences) == -1)
+		goto oom;
+	r->nsent = n;
+	snprintf(r->lease, sizeof(r->lease), "%d", lease_ms);
+	r->params[0] = r->ids.data;
+	r->params[1] = r->fences.data;
+	r->params[2] = r->lease;
+	r->stmt = stmt_of(STMT_RENEW, kind, r->name);
+	stmts[0] = &r->stmt;
+	params[0] = r->params;
+	return store_op_send(st, &r->op, stmts, 1, nparams, params);
+oom:
+	store_errorf(st, "out of memory");
+	return -1;
+}
+
+bool
+store_renew_pending(const store *st, enum item_kind kind)
+{
+	return st->renew[kind] != NULL && store_op_active(&st->renew[kind]->op);
+}
+
+int
+store_renew_take(store *st, enum item_kind kind, const int64_t **lost_ids,
+    const int64_t **lost_fences, size_t *ret_nlost)
+{
+	struct renew_op *r = st->renew[kind];
+	const PGresult *res;
+	int ret;
+
+	*ret_nlost = 0;
+	if (r == NULL)
+		return -1;
+	if ((ret = store_op_poll(st, &r->op)) != 1)
+		return ret;
+	if (index_grow(&r->ix, &r->ix_cap, r->nsent) == NULL) {
+		store_op_clear(&r->op);
+		store_errorf(st, "out of memory");
+		return -1;
+	}
+	for (size_t i = 0; i < r->nsent; i++) {
+		r->ix[i].id = r->sent_ids[i];
+		r->ix[i].pos = i;
+		r->renewed[i] = false;
+	}
+	qsort(r->ix, r->nsent, sizeof(*r->ix), id_pos_cmp);
+	/* Renewed rows come back; everything else is no longer ours. */
+	res = store_op_result(&r->op, 0);
+	for (int row = 0; row < PQntuples(res); row++) {
+		ssize_t pos = index_find(r->ix, r->nsent, strtoll(PQgetvalue(res, row, 0), NULL,
+		    10));
+
+		if (pos >= 0)
+			r->renewed[pos] = true;
+	}
+	store_op_clear(&r->op);
+	r->nlost = 0;
+	for (size_t i = 0; i < r->nsent; i++) {
+		if (r->renewed[i])
+			continue;
+		r->lost_ids[r->nlost] = r->sent_ids[i];
+		r->lost_fences[r->nlost++] = r->sent_fences[i];
+	}
+	*lost_ids = r->lost_ids;
+	*lost_fences = r->lost_fences;
+	*ret_nlost = r->nlost;
+	return 1;
+}
+
+void
+store_renewals_free(store *st)
+{
+	for (int k = 0; k < ITEM_KIND_COUNT; k++) {
+		struct renew_op *r = st->renew[k];
+
+		if (r == NULL)
+			continue;
+		store_op_clear(&r->op);
+		free(r->ids.data);
+		free(r->fences.data);
+		free(r->sent_ids);
+		free(r->sent_fences);
+		free(r->lost_ids);
+		free(r->lost_fences);
+		free(r->renewed);
+		free(r->ix);
+		free(r);
+		st->renew[k] = NULL;
+	}
+}

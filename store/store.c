@@ -85,6 +85,9 @@ store_free(store *st)
 	free(st->index);
 	store_complete_free(st);
 	store_claims_free(st);
+	store_renewals_free(st);
+	store_workers_free(st);
+	store_reserve_free(st);
 	free(st);
 }
 
@@ -482,6 +485,13 @@ store_deadline(const store *st)
 void
 store_drive(store *st, short revents, int64_t now)
 {
-	if (st->conn == NULL && st->engine != NULL && pq_state(st->engine) == PQ_READY)
-		pq_drive(st->engine, revents, now);
+	if (st->conn != NULL || st->engine == NULL || pq_state(st->engine) != PQ_READY)
+		return;
+	pq_drive(st->engine, revents, now);
+	/* Lost under the statements in flight: why, for whoever reports it. */
+	if (pq_state(st->engine) != PQ_READY) {
+		store_errorf(st, "%s", pq_errmsg(st->engine));
+		st->prepared = false;
+		st->in_tx = false;
+	}
 }

@@ -217,6 +217,18 @@ int store_claim_take(store *st, enum item_kind kind, struct item *items, size_t 
 	__attribute__((warn_unused_result));
 
 /*
+ * store_renew() for the loop, asynchronous, one per kind in flight: the
+ * take returns 1 with the ids and fences (*RET_NLOST of them, valid until
+ * the next send) of the items sent whose lease is no longer theirs.  The
+ * items themselves may be gone by then: the caller matches them.
+ */
+int store_renew_send(store *st, enum item_kind kind, struct item *const *items, size_t n,
+    int lease_ms) __attribute__((warn_unused_result));
+bool store_renew_pending(const store *st, enum item_kind kind);
+int store_renew_take(store *st, enum item_kind kind, const int64_t **lost_ids,
+    const int64_t **lost_fences, size_t *ret_nlost) __attribute__((warn_unused_result));
+
+/*
  * store_complete() for the loop, asynchronous (store_set_pipeline): sends
  * the batch (its parameters are copied), and store_complete_take() takes
  * the answer once the connection has it: 0 while it has not, 1 with
@@ -235,6 +247,9 @@ int store_complete_take(store *st, bool *accepted) __attribute__((warn_unused_re
  * back (0 when nothing), which sends, reads answers and enforces
  * deadlines (store_deadline(): when it must run even if nothing came).
  * While connecting, the connect is driven by store_connect_drive() instead.
+ * When the connection is lost (a missed deadline, the server gone),
+ * store_connected() turns false and store_errmsg() says why; every
+ * statement in flight fails.
  */
 int store_fd(const store *st);
 short store_events(const store *st);
@@ -297,6 +312,17 @@ enum reserve_result {
  */
 int store_reserve(store *st, struct item *const *items, size_t n,
     enum reserve_result *results) __attribute__((warn_unused_result));
+
+/*
+ * store_reserve() for the loop, asynchronous, one in flight: the take
+ * returns 0 while the answer is not in, 1 with results[i] for the i-th
+ * item sent, -1 on failure (nothing was reserved).
+ */
+int store_reserve_send(store *st, struct item *const *items, size_t n)
+	__attribute__((warn_unused_result));
+bool store_reserve_pending(const store *st);
+int store_reserve_take(store *st, enum reserve_result *results)
+	__attribute__((warn_unused_result));
 
 /*
  * Checks, from the database alone, every invariant of the contract that
@@ -362,6 +388,10 @@ struct worker_info {
  * it.  REFUSED says why the API refuses it (a worker-level answer, with the
  * base URL, never the token), or NULL when it does not; the first refusal
  * keeps its start time.  `status` lists the rows.
+ */
+/*
+ * In the daemon (store_set_pipeline) the write is sent and its answer read
+ * at the next call, which returns -1 when that one failed.
  */
 int store_worker_seen(store *st, const struct worker_info *wi, const char *refused)
 	__attribute__((warn_unused_result));

@@ -89,6 +89,9 @@ struct store {
 	struct complete_batch *complete;    /* the loop's completion in flight (complete.c) */
 	struct due_op *due;                 /* the loop's due query (claim.c) */
 	struct claim_op *claim[ITEM_KIND_COUNT];    /* its claims, one per kind */
+	struct renew_op *renew[ITEM_KIND_COUNT];    /* its lease renewals, one per kind */
+	struct seen_op *seen;               /* the heartbeat in flight (workers.c) */
+	struct reserve_op *reserve;         /* the loop's reservation (reserve.c) */
 };
 
 /* The live connection, or NULL; owned by the store. */
@@ -293,6 +296,12 @@ struct id_pos *index_grow(struct id_pos **ix, size_t *cap, size_t n);
 void store_complete_free(store *st);
 /* Frees the loop's due query and claims (claim.c). */
 void store_claims_free(store *st);
+/* Frees the loop's renewals (claim.c). */
+void store_renewals_free(store *st);
+/* Frees the heartbeat's (workers.c). */
+void store_workers_free(store *st);
+/* Frees the loop's reservation (reserve.c). */
+void store_reserve_free(store *st);
 /* ST's scratch index over the ids of ITEMS, sorted; NULL when out of memory. */
 struct id_pos *index_items(store *st, struct item *const *items, size_t n);
 

@@ -773,7 +773,7 @@ claim_poll(claimer *c, struct item *items, size_t *ret_n, bool *more)
 }
 
 int
-claim_renew(claimer *c, struct item *const *items, size_t n)
+claim_renew_start(claimer *c, struct item *const *items, size_t n)
 {
 	int ret = 0;
 
@@ -791,25 +791,71 @@ claim_renew(claimer *c, struct item *const *items, size_t n)
 	for (int k = 0; k < ITEM_KIND_COUNT; k++) {
 		size_t m = 0;
 
+		if (store_renew_pending(c->st, k))
+			continue;       /* the last one is not answered yet */
 		for (size_t i = 0; i < n; i++)
 			if (items[i]->kind == (enum item_kind)k && !items[i]->lock_lost)
 				c->subset[m++] = items[i];
 		if (m == 0)
 			continue;
-		if (store_renew(c->st, k, c->subset, m, c->ttl_ms) == -1) {
+		if (store_renew_send(c->st, k, c->subset, m, c->ttl_ms) == -1) {
+			snprintf(c->errmsg, sizeof(c->errmsg), "%s", store_errmsg(c->st));
+			ret = -1;
+		}
+	}
+	lock_renew(c->lm, items, n);
+	return ret;
+}
+
+bool
+claim_renewing(const claimer *c)
+{
+	for (int k = 0; k < ITEM_KIND_COUNT; k++)
+		if (store_renew_pending(c->st, k))
+			return true;
+	return false;
+}
+
+/* The item of ITEMS that is KIND's ID under FENCE, or NULL: it finished meanwhile. */
+static struct item *
+item_of(struct item *const *items, size_t n, enum item_kind kind, int64_t id, int64_t fence)
+{
+	for (size_t i = 0; i < n; i++)
+		if (items[i]->kind == kind && items[i]->id == id && items[i]->fence == fence)
+			return items[i];
+	return NULL;
+}
+
+int
+claim_renew_poll(claimer *c, struct item *const *items, size_t n)
+{
+	const int64_t *ids, *fences;
+	size_t nlost;
+	int ret = 0;
+
+	for (int k = 0; k < ITEM_KIND_COUNT; k++) {
+		int r;
+
+		if (!store_renew_pending(c->st, k))
+			continue;
+		if ((r = store_renew_take(c->st, k, &ids, &fences, &nlost)) == 0)
+			continue;
+		if (r == -1) {
 			snprintf(c->errmsg, sizeof(c->errmsg), "%s", store_errmsg(c->st));
 			ret = -1;
 			continue;
 		}
-		for (size_t i = 0; i < m; i++) {
-			if (!c->subset[i]->lock_lost)
+		for (size_t i = 0; i < nlost; i++) {
+			struct item *it = item_of(items, n, k, ids[i], fences[i]);
+
+			if (it == NULL || it->lock_lost)
 				continue;
+			it->lock_lost = true;
 			metrics_lock(METRICS_LOCK_LOST_LEASE, 1);
 			log_warnx("%s %" PRId64 ": lease lost to another worker; its result "
 			    "will not be recorded unless the fenced completion accepts it",
-			    item_kind_name(k), c->subset[i]->id);
+			    item_kind_name(k), ids[i]);
 		}
 	}
-	lock_renew(c->lm, items, n);
 	return ret;
 }

@@ -95,13 +95,22 @@ int claim_poll(claimer *c, struct item *items, size_t *ret_n, bool *more)
 int64_t claim_wait_ms(const claimer *c);
 
 /*
- * Extends the claims of ITEMS (any mix of kinds): the database lease of
- * each, and the Redis lock of each that has one.  An item whose lease went
- * to another worker gets lock_lost set and is logged; a lost Redis lock
- * alone is logged and no longer renewed (the lease still fences it).
- * Returns -1 when a kind's renewal failed (claim_errmsg()).
+ * Extends the claims of ITEMS (any mix of kinds), without waiting: the
+ * Redis lock of each that has one now, the database lease of each by a
+ * statement per kind whose answer claim_renew_poll() takes at a later
+ * turn (a kind whose last renewal is still unanswered is skipped).  A lost
+ * Redis lock alone is logged and no longer renewed (the lease still
+ * fences it).  -1 when a kind's renewal could not be sent (claim_errmsg()).
  */
-int claim_renew(claimer *c, struct item *const *items, size_t n);
+int claim_renew_start(claimer *c, struct item *const *items, size_t n);
+bool claim_renewing(const claimer *c);
+/*
+ * Takes the answers of the renewals in flight: each of ITEMS (those in
+ * flight now; an item finished meanwhile is simply not among them) whose
+ * lease went to another worker gets lock_lost set and is logged.  -1 when
+ * a renewal failed (claim_errmsg()).
+ */
+int claim_renew_poll(claimer *c, struct item *const *items, size_t n);
 
 const char *claim_errmsg(const claimer *c);
 

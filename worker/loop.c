@@ -66,6 +66,8 @@
 
 enum flight_state {
 	FLIGHT_FREE,
+	FLIGHT_TO_RESERVE,      /* a redemption whose funds are to be reserved before its call */
+	FLIGHT_RESERVING,       /* its reservation sent, the answer not yet in */
 	FLIGHT_CALLING,         /* API call in flight */
 	FLIGHT_DONE,            /* outcome queued, waiting to be recorded */
 	FLIGHT_RECORDING,       /* outcome sent to the database, its answer not yet in */
@@ -117,6 +119,8 @@ struct loop {
 	int *batch_flight;
 	struct item **itemp;
 	enum reserve_result *reserved;
+	int *reserve_slot;          /* the flights of the reservation in flight */
+	size_t nreserve;
 
 	int64_t next_poll_ms;
 	int64_t next_renew_ms;
@@ -252,6 +256,7 @@ reserve(struct loop *l, int concurrency, int batch)
 		GROW(batch_flight, concurrency);
 		GROW(itemp, concurrency);
 		GROW(reserved, concurrency);
+		GROW(reserve_slot, concurrency);
 	}
 	need = (size_t)batch;
 	if (need > l->claimed_cap) {
@@ -475,6 +480,21 @@ db_reconnect(struct loop *l, short revents)
 	default:
 		break;
 	}
+}
+
+/*
+ * The statements in flight: sent, answers read, deadlines kept (REVENTS:
+ * what the poll saw on the connection).  A connection lost under them is
+ * an outage, said once, and the reconnect follows.
+ */
+static void
+db_drive(struct loop *l, short revents)
+{
+	bool up = store_connected(l->st);
+
+	store_drive(l->st, revents, clock_ms());
+	if (up && !store_connected(l->st))
+		note_db_failure(l, "lost the database connection");
 }
 
 /*
@@ -725,19 +745,12 @@ stamp_history(struct flight *f, long http_status, const char *cls)
 	f->done.history_class = cls;
 }
 
-/*
- * Takes a freshly claimed item into a flight: starts its call, or queues
- * its refusal (REFUSE: failed with that reason, no call) or its deferral
- * (DEFER: pending again shortly, no call, e.g. its hold could not be
- * written because the database failed).  Returns its flight, or NULL
- * when no slot was free.
- */
+/* Takes IT into a free flight; NULL when none is free. */
 static struct flight *
-launch(struct loop *l, struct item *it, const char *refuse, const char *defer)
+take_flight(struct loop *l, struct item *it)
 {
 	int slot = free_flight(l);
 	struct flight *f;
-	const char *reason;
 
 	if (slot == -1) {
 		/* Cannot happen: claims never exceed free flights.  The lease runs out. */
@@ -753,10 +766,24 @@ launch(struct loop *l, struct item *it, const char *refuse, const char *defer)
 	f->started_unix_ms = clock_wall_ms();
 	f->busy = false;
 	l->busy++;
+	return f;
+}
+
+/*
+ * Starts F's call, or queues its refusal (REFUSE: failed with that
+ * reason, no call) or its deferral (DEFER: pending again shortly, no
+ * call, e.g. its hold could not be written because the database failed).
+ */
+static void
+start_flight(struct loop *l, struct flight *f, const char *refuse, const char *defer)
+{
+	int slot = (int)(f - l->flights);
+	const char *reason;
+
 	if (refuse != NULL) {
 		outcome_refused(&f->item, refuse, &f->done);
 		f->state = FLIGHT_DONE;
-		return f;
+		return;
 	}
 	if (defer != NULL) {
 		outcome_abandoned(&f->item, defer, &f->done);
@@ -764,7 +791,7 @@ launch(struct loop *l, struct item *it, const char *refuse, const char *defer)
 		f->done.ambiguous = f->item.ambiguous;
 		f->done.delay_ms = l->cfg->worker.poll_interval_ms;
 		f->state = FLIGHT_DONE;
-		return f;
+		return;
 	}
 	if (item_validate(&f->item, &reason) == -1) {
 		if (f->item.ambiguous) {
@@ -786,11 +813,11 @@ launch(struct loop *l, struct item *it, const char *refuse, const char *defer)
 			outcome_refused(&f->item, reason, &f->done);
 		}
 		f->state = FLIGHT_DONE;
-		return f;
+		return;
 	}
 	if (outcome_before_call(&f->item, &l->policy, &f->done)) {
 		f->state = FLIGHT_DONE;     /* logged with its outcome */
-		return f;
+		return;
 	}
 	if (api_start(l->api, &f->item, slot) == -1) {
 		/* Never sent: try again soon, nothing ambiguous about it. */
@@ -801,13 +828,22 @@ launch(struct loop *l, struct item *it, const char *refuse, const char *defer)
 		f->done.calls = 0;
 		stamp_history(f, 0, NULL);
 		f->state = FLIGHT_DONE;
-		return f;
+		return;
 	}
 	l->n_calls++;
 	f->state = FLIGHT_CALLING;
 	log_debug("%s %" PRId64 ": calling the billing API (attempt %d, fence %" PRId64 ")",
 	    item_kind_name(f->item.kind), f->item.id, f->item.attempts + 1, f->item.fence);
-	return f;
+}
+
+/* A freshly claimed item into a flight, started: see start_flight(). */
+static void
+launch(struct loop *l, struct item *it, const char *refuse, const char *defer)
+{
+	struct flight *f = take_flight(l, it);
+
+	if (f != NULL)
+		start_flight(l, f, refuse, defer);
 }
 
 /*
@@ -818,75 +854,126 @@ launch(struct loop *l, struct item *it, const char *refuse, const char *defer)
  * one that had a hold was never sent to be reserved.
  */
 static void
-defer_busy(struct loop *l, struct item *it)
+defer_busy(struct loop *l, struct flight *f)
 {
-	int64_t id = it->id, subsidy = it->subsidy_id;
-	struct flight *f;
-
-	f = launch(l, it, NULL, "funds not reserved yet: the subsidy's row or the "
+	start_flight(l, f, NULL, "funds not reserved yet: the subsidy's row or the "
 	    "redemption's is locked by another transaction");
-	if (f == NULL)
-		return;
 	f->busy = true;
 	f->done.delay_ms = BUSY_DEFER_MS + (int64_t)(jitter_next(&l->rng) % BUSY_JITTER_MS);
 	log_debug("redemption %" PRId64 ": subsidy %" PRId64 " or the redemption's row is "
-	    "locked by another transaction; tried again in %" PRId64 " ms, no call made", id,
-	    subsidy, f->done.delay_ms);
+	    "locked by another transaction; tried again in %" PRId64 " ms, no call made",
+	    f->item.id, f->item.subsidy_id, f->done.delay_ms);
+}
+
+#define RESERVE_FAILED "funds could not be reserved: database error"
+
+/*
+ * Sends the reservation of every redemption waiting for one, unless one
+ * is in flight: its answer comes at a later turn (reservations_answered).
+ */
+static void
+reservations_send(struct loop *l)
+{
+	size_t m = 0;
+
+	if (store_reserve_pending(l->st))
+		return;
+	for (int i = 0; i < l->nflights; i++) {
+		if (l->flights[i].state != FLIGHT_TO_RESERVE)
+			continue;
+		l->reserve_slot[m] = i;
+		l->itemp[m++] = &l->flights[i].item;
+	}
+	if (m == 0)
+		return;
+	if (store_reserve_send(l->st, l->itemp, m) == -1) {
+		note_db_failure(l, "could not reserve funds");
+		for (size_t j = 0; j < m; j++)
+			start_flight(l, &l->flights[l->reserve_slot[j]], NULL, RESERVE_FAILED);
+		return;
+	}
+	l->nreserve = m;
+	for (size_t j = 0; j < m; j++)
+		l->flights[l->reserve_slot[j]].state = FLIGHT_RESERVING;
+}
+
+/*
+ * The reservation's answer: a hold goes on to its call; a claim found
+ * stale is dropped without a word to the database; one whose rows another
+ * transaction holds is put back for a moment, so no lock anyone keeps can
+ * stall the loop; too little money is a refusal.
+ */
+static void
+reservations_answered(struct loop *l)
+{
+	int r;
+
+	if (!store_reserve_pending(l->st) || (r = store_reserve_take(l->st, l->reserved)) == 0)
+		return;
+	if (r == -1)
+		note_db_failure(l, "could not reserve funds");
+	for (size_t j = 0; j < l->nreserve; j++) {
+		struct flight *f = &l->flights[l->reserve_slot[j]];
+
+		if (r == -1) {
+			start_flight(l, f, NULL, RESERVE_FAILED);
+			continue;
+		}
+		switch (l->reserved[j]) {
+		case RESERVE_HELD:
+			f->item.held = true;
+			start_flight(l, f, NULL, NULL);
+			break;
+		case RESERVE_LOST:
+			log_warnx("redemption %" PRId64 ": claim lost before its funds were "
+			    "reserved; left to its new holder", f->item.id);
+			l->itemp[0] = &f->item;
+			lock_release(l->locks, l->itemp, 1);
+			release_flight(l, l->reserve_slot[j]);
+			break;
+		case RESERVE_BUSY:
+			defer_busy(l, f);
+			break;
+		case RESERVE_INSUFFICIENT:
+		default:
+			start_flight(l, f, "insufficient funds", NULL);
+			break;
+		}
+	}
+	l->nreserve = 0;
+}
+
+/* Reservations: the answer in, the next batch out. */
+static void
+reservations(struct loop *l)
+{
+	reservations_answered(l);
+	reservations_send(l);
 }
 
 /*
  * Redemptions: set the money aside before calling the API (the escrow
  * step).  Items already holding funds from an earlier attempt go straight
- * on; bad rows are refused before any hold; a claim found stale is dropped
- * without a word to the database; one whose rows another transaction
- * holds is put back for a moment, so no lock anyone keeps can stall the
- * loop.
+ * on, and bad rows are refused before any hold; the others wait in their
+ * flights for their reservation.
  */
 static void
 reserve_then_launch(struct loop *l, size_t n)
 {
-	size_t m = 0;
 	const char *reason;
-	bool failed = false;
 
 	for (size_t i = 0; i < n; i++) {
 		struct item *it = &l->claimed[i];
+		struct flight *f;
 
-		if (!it->held && item_validate(it, &reason) == 0)
-			l->itemp[m++] = it;
-	}
-	if (m > 0 && store_reserve(l->st, l->itemp, m, l->reserved) == -1) {
-		note_db_failure(l, "could not reserve funds");
-		failed = true;
-	}
-	for (size_t j = 0; j < m; j++) {
-		struct item *it = l->itemp[j];
-
-		if (failed)
-			continue;
-		if (l->reserved[j] == RESERVE_HELD) {
-			it->held = true;
-		} else if (l->reserved[j] == RESERVE_LOST) {
-			log_warnx("redemption %" PRId64 ": claim lost before its funds were "
-			    "reserved; left to its new holder", it->id);
-			lock_release(l->locks, &l->itemp[j], 1);
-			item_clear(it);
-		} else if (l->reserved[j] == RESERVE_BUSY) {
-			defer_busy(l, it);      /* taken into a flight: skipped below */
-		}
-	}
-	for (size_t i = 0; i < n; i++) {
-		struct item *it = &l->claimed[i];
-
-		if (it->id == 0)
-			continue;           /* dropped or deferred above */
-		if (it->held || item_validate(it, &reason) == -1)
+		if (it->held || item_validate(it, &reason) == -1) {
 			launch(l, it, NULL, NULL);
-		else if (failed)
-			launch(l, it, NULL, "funds could not be reserved: database error");
-		else
-			launch(l, it, "insufficient funds", NULL);
+			continue;
+		}
+		if ((f = take_flight(l, it)) != NULL)
+			f->state = FLIGHT_TO_RESERVE;
 	}
+	reservations_send(l);
 }
 
 /* A claim failed: said once per outage, and tried again at the next poll. */
@@ -1127,8 +1214,9 @@ prune_history(struct loop *l, int64_t now)
 	l->next_prune_ms = now + (n == PRUNE_BATCH ? 1000 : PRUNE_EVERY_MS);
 }
 
-static void
-renew(struct loop *l)
+/* The items in flight whose leases are kept, into itemp; how many. */
+static size_t
+leased_items(struct loop *l)
 {
 	size_t n = 0;
 
@@ -1136,7 +1224,25 @@ renew(struct loop *l)
 	for (int i = 0; i < l->nflights; i++)
 		if (l->flights[i].state != FLIGHT_FREE && l->flights[i].state != FLIGHT_RECORDING)
 			l->itemp[n++] = &l->flights[i].item;
-	if (n > 0 && store_connected(l->st) && claim_renew(l->claims, l->itemp, n) == -1)
+	return n;
+}
+
+/* Sends the renewal of every lease in flight; its answer comes at a later turn. */
+static void
+renew(struct loop *l)
+{
+	size_t n = leased_items(l);
+
+	if (n > 0 && store_connected(l->st) && claim_renew_start(l->claims, l->itemp, n) == -1)
+		note_db_failure(l, "could not renew leases");
+}
+
+/* Takes the renewals' answers, once in: the items whose lease was lost are marked. */
+static void
+renewed(struct loop *l)
+{
+	if (claim_renewing(l->claims) &&
+	    claim_renew_poll(l->claims, l->itemp, leased_items(l)) == -1)
 		note_db_failure(l, "could not renew leases");
 }
 
@@ -1400,6 +1506,7 @@ loop_teardown(struct loop *l)
 	free(l->batch_flight);
 	free(l->itemp);
 	free(l->reserved);
+	free(l->reserve_slot);
 	api_client_free(l->api);
 	telemetry_free(l->tm);
 	claim_free(l->claims);
@@ -1520,6 +1627,7 @@ take_signals(struct loop *l, int64_t now)
 static void
 maintain(struct loop *l, int64_t now)
 {
+	renewed(l);
 	if (now >= l->next_renew_ms) {
 		renew(l);
 		l->next_renew_ms = now + l->cfg->locks.renew_interval_ms;
@@ -1723,7 +1831,7 @@ wait_for_events(struct loop *l, int64_t now, int wait_ms)
 	if (store_connecting(l->st))
 		db_reconnect(l, wake[2].fd >= 0 ? wake[2].revents : 0);
 	else
-		store_drive(l->st, wake[2].fd >= 0 ? wake[2].revents : 0, clock_ms());
+		db_drive(l, wake[2].fd >= 0 ? wake[2].revents : 0);
 	listen_service(l, wake[1].fd >= 0 ? wake[1].revents : 0);
 	telemetry_after_wait(l->tm);
 }
@@ -1741,6 +1849,7 @@ turn(struct loop *l, int *status)
 	db_reconnect(l, 0);
 	collect(l);
 	flush(l);
+	reservations(l);
 	telemetry_tick(l->tm, now, l->busy, l->cfg->worker.concurrency, store_connected(l->st));
 	maintain(l, now);
 	if (take_work(l, now) || keep_patience(l, now, status) || stopped(l, now))

@@ -40,6 +40,8 @@ static bool claim_pending, claim_looked;
 static const struct completion *sent_batch;
 static size_t sent_n;
 static bool sent_pending, sent_looked;
+static size_t reserve_n;
+static bool reserve_pending;
 
 /* The scripted world the fakes share; reset by world_reset(). */
 static struct {
@@ -71,6 +73,7 @@ world_reset(void)
 {
 	memset(&w, 0, sizeof(w));
 	claim_pending = sent_pending = false;
+	reserve_pending = false;
 	w.answer_status = 200;
 }
 
@@ -206,14 +209,27 @@ store_park(store *st, const struct completion *c, int64_t delay_ms, const char *
 	return 0;
 }
 
+/* Reservations: every one holds, answered at the next look. */
 int
-store_reserve(store *st, struct item *const *items, size_t n, enum reserve_result *results)
+store_reserve_send(store *st, struct item *const *items, size_t n)
 {
 	(void)st;
 	(void)items;
-	for (size_t i = 0; i < n; i++)
-		results[i] = RESERVE_HELD;
+	reserve_n = n;
+	reserve_pending = true;
 	return 0;
+}
+
+bool store_reserve_pending(const store *st) { (void)st; return reserve_pending; }
+
+int
+store_reserve_take(store *st, enum reserve_result *results)
+{
+	(void)st;
+	reserve_pending = false;
+	for (size_t i = 0; i < reserve_n; i++)
+		results[i] = RESERVE_HELD;
+	return 1;
 }
 
 struct store_listener {
@@ -334,7 +350,18 @@ int64_t claim_wait_ms(const claimer *c) { (void)c; return 0; }
 const char *claim_errmsg(const claimer *c) { (void)c; return "fake claim error"; }
 
 int
-claim_renew(claimer *c, struct item *const *items, size_t n)
+claim_renew_start(claimer *c, struct item *const *items, size_t n)
+{
+	(void)c;
+	(void)items;
+	(void)n;
+	return 0;
+}
+
+bool claim_renewing(const claimer *c) { (void)c; return false; }
+
+int
+claim_renew_poll(claimer *c, struct item *const *items, size_t n)
 {
 	(void)c;
 	(void)items;
