@@ -780,6 +780,8 @@ start_flight(struct loop *l, struct flight *f, const char *refuse, const char *d
 	int slot = (int)(f - l->flights);
 	const char *reason;
 
+	/* For the history: a redemption's call starts after its reservation. */
+	f->started_unix_ms = clock_wall_ms();
 	if (refuse != NULL) {
 		outcome_refused(&f->item, refuse, &f->done);
 		f->state = FLIGHT_DONE;
