@@ -29,6 +29,12 @@ def scrape(port):
     return series
 
 
+def slow_turns(m):
+    """Turns of the loop that spent more than 50 ms outside its wait, so far."""
+    return (m["billing_worker_loop_stall_seconds_count"] -
+            m['billing_worker_loop_stall_seconds_bucket{le="0.05"}'])
+
+
 def paid(db):
     return db.scalar("SELECT count(*) FROM invoices WHERE status = 'paid'")
 
@@ -50,6 +56,7 @@ def test_a_redis_reconnect_to_a_frozen_server_does_not_stall_the_loop(tmp_path, 
         wait_for(lambda: "connected to redis" in w.log(), 15, message=w.log)
         insert_invoices(db, 1500)
         wait_for(lambda: paid(db) >= 16, 30, message=w.log)
+        m0 = scrape(port)
 
         # Cut the worker's connection, then freeze the server before the
         # reconnect (at least 100 ms of backoff away) reaches it.
@@ -69,12 +76,17 @@ def test_a_redis_reconnect_to_a_frozen_server_does_not_stall_the_loop(tmp_path, 
         during = [t for t in fake_api.arrivals() if t0 <= t <= t1]
         gap = max(b - a for a, b in zip(during, during[1:])) if len(during) > 1 else t1 - t0
         stall = m["billing_worker_loop_stall_max_seconds"]
+        slow = slow_turns(m) - slow_turns(m0)
         print(f"paid during the 3.5 s freeze: {paid1 - paid0}; longest gap between calls "
-              f"{gap * 1000:.0f} ms; longest loop stall {stall * 1000:.0f} ms")
+              f"{gap * 1000:.0f} ms; longest loop stall {stall * 1000:.0f} ms; turns over "
+              f"50 ms during the freeze: {slow:.0f}")
         assert "redis unreachable: " in w.log() and "claiming with FOR UPDATE SKIP LOCKED" \
             in w.log(), w.log()
         assert gap < 0.25, w.log()
-        assert stall < 0.05, w.log()
+        # Every turn while Redis is frozen stays under 50 ms (the longest
+        # since start, printed above, may include a slow statement before,
+        # under a sanitizer).
+        assert slow == 0, w.log()
         assert paid1 - paid0 >= 100, w.log()
 
         wait_for(lambda: "redis reachable again: back to redis locks" in w.log(), 20,
