@@ -3,17 +3,27 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 /*
  * One connection to Redis, shared by the modules that keep state there
  * (the lock manager's locks, the fleet's rate budget): connect with
  * timeouts, AUTH, SELECT, the fleet's key prefix, Lua scripts run by
  * EVALSHA and loaded again when the server forgot them.  The loop creates
- * it and hands it to each user, which never frees it; so it could become
- * an asynchronous context on the loop's poll set without its users
- * changing.  Every command is bounded by the command timeout: a dead
- * server costs a timeout, then the connection is dropped and
- * redis_conn_connected() says so until the next redis_conn_connect().
+ * it and hands it to each user, which never frees it.
+ *
+ * Underneath is one hiredis asynchronous context that never blocks its
+ * caller, driven as store/pq.c drives PostgreSQL: the owner polls
+ * redis_conn_fd() for redis_conn_events() and calls redis_conn_drive()
+ * with what came back, and at the latest by redis_conn_deadline().  A
+ * connect is a sequence of steps (the sentinels, the TCP or unix connect,
+ * AUTH, SELECT, ROLE, each script's SCRIPT LOAD), each with its own
+ * deadline; script calls go in jobs (struct redis_job).  Every command is
+ * bounded by the command timeout: a dead server costs a timeout, then the
+ * connection is dropped and redis_conn_connected() says so until the next
+ * connect.  The blocking calls below (redis_conn_connect, _eval, _eval_many,
+ * _ping) are the same engine with a private poll() on its one socket, for
+ * callers that may wait (start-up, the command line).
  */
 typedef struct redis_conn redis_conn;
 
@@ -92,6 +102,40 @@ struct redis_eval {
 
 #define REDIS_EVAL_MAX 4
 
+enum redis_job_state {
+	REDIS_JOB_IDLE,                 /* never submitted */
+	REDIS_JOB_QUEUED,               /* sent, answers pending */
+	REDIS_JOB_DONE,                 /* every answer in, or the connection failed */
+};
+
+/*
+ * Up to REDIS_EVAL_MAX script calls sent in one round trip, in order.
+ * Owned by the caller, who fills evals/nevals and submits it; the job, and
+ * the keys, args and outs its evals point to, must stay put until it is
+ * DONE.  Then ok tells whether every call succeeded (the outs of those
+ * that did are filled all the same); lost that the connection failed
+ * under it; the first failure is in redis_conn_errmsg().
+ */
+struct redis_job {
+	struct redis_eval evals[REDIS_EVAL_MAX];
+	size_t nevals;
+
+	enum redis_job_state state;
+	bool ok;
+	bool lost;
+
+	/* the engine's */
+	int64_t submitted_ms;
+	int64_t deadline_ms;
+	size_t pending;                 /* calls whose answers are still to come */
+	struct redis_job_call {
+		struct redis_job *job;
+		size_t k;
+		bool retried;           /* NOSCRIPT: loaded and sent again once */
+	} calls[REDIS_EVAL_MAX];
+	struct redis_job *next;
+};
+
 /*
  * Runs N (at most REDIS_EVAL_MAX) script calls in one round trip, in order
  * (pipelined: every command is sent before any reply is read), and fills
@@ -121,5 +165,41 @@ int redis_conn_eval(redis_conn *rc, int id, const char *const *keys, size_t nkey
  * "check-config --connect".
  */
 int redis_conn_ping(redis_conn *rc, char *buf, size_t len) __attribute__((warn_unused_result));
+
+/*
+ * Starts (re)connecting: any old connection is closed first and its jobs
+ * fail.  The steps are those of redis_conn_connect(), each bounded (a TCP
+ * connect by the connect timeout, each command by the command timeout).
+ * -1 when it could not even start (the reason in redis_conn_errmsg());
+ * else 0 and redis_conn_connecting() is true until the connect ended,
+ * connected or failed, in a later redis_conn_drive().
+ */
+int redis_conn_connect_start(redis_conn *rc, int64_t now_ms) __attribute__((warn_unused_result));
+bool redis_conn_connecting(const redis_conn *rc);
+
+/* The socket to poll, -1 when there is none. */
+int redis_conn_fd(const redis_conn *rc);
+/* What to poll it for (POLLIN, POLLOUT or both); 0 when there is no socket. */
+short redis_conn_events(const redis_conn *rc);
+/* When redis_conn_drive() must run even if nothing arrives; INT64_MAX when never. */
+int64_t redis_conn_deadline(const redis_conn *rc);
+
+/*
+ * Does what REVENTS (0 when the socket was not ready) and the clock
+ * allow: reads and writes, advances a connect, completes jobs, enforces
+ * every deadline (a missed one drops the connection; redis_conn_errmsg()
+ * names the command and the server).  Never blocks.
+ */
+void redis_conn_drive(redis_conn *rc, short revents, int64_t now_ms);
+
+/*
+ * Sends JOB's calls (EVALSHA each) and queues it; the connection must be
+ * up.  -1 when they could not be sent (JOB is then DONE, not ok, and lost
+ * unless it was JOB itself that was wrong), else 0 and JOB is DONE after
+ * a later redis_conn_drive(), or at once when the connection failed.
+ */
+int redis_conn_submit(redis_conn *rc, struct redis_job *job, int64_t now_ms)
+	__attribute__((warn_unused_result));
+bool redis_conn_job_done(const struct redis_job *job);
 
 #endif

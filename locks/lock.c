@@ -125,7 +125,8 @@ lock_set_ttl(lockmgr *lm, int ttl_ms)
 bool
 lock_redis_down(const lockmgr *lm)
 {
-	return lm->redis_down;
+	/* A connect under way counts: claims wait for it without a warning each. */
+	return lm->redis_down || (lm->redis != NULL && !redis_conn_connected(lm->conn));
 }
 
 const char *
@@ -179,45 +180,77 @@ mark_redis_down(lockmgr *lm)
 	    RECONNECT_MAX_MS : lm->reconnect_delay_ms * 2;
 }
 
+/* Redis answered a connect: the return is logged once, the backoff starts over. */
+static void
+note_redis_connected(lockmgr *lm)
+{
+	if (lm->redis_down) {
+		metrics_reconnect(METRICS_PEER_REDIS);
+		log_info("redis reachable again%s", lm->policy == LOCK_POLICY_AUTO ?
+		    ": back to redis locks" : "");
+	}
+	lm->redis_down = false;
+	lm->reconnect_delay_ms = RECONNECT_MIN_MS;
+	metrics_set_redis_up(true);
+}
+
 /*
- * True when Redis can be used now.  Reconnects are spaced out with backoff
- * so a dead Redis costs one connect attempt per few seconds, not one per
- * poll.  State changes are logged once each way; billing_worker_redis_up
- * follows the connection at every look.
+ * True when Redis can be used now; billing_worker_redis_up follows the
+ * connection at every look.  It never connects: the loop does, without
+ * blocking (lock_redis_may_connect and the notes below), except at start
+ * (lock_start), before there is anything to stall.
  */
 static bool
 redis_usable(lockmgr *lm)
 {
-	int64_t now;
-
 	if (lm->redis == NULL)
 		return false;
 	metrics_set_redis_up(redis_conn_connected(lm->conn));
-	if (redis_conn_connected(lm->conn))
-		return true;
-	now = clock_ms();
-	if (now < lm->next_reconnect_ms)
-		return false;
-	if (redis_conn_connect(lm->conn) == 0) {
-		if (lm->redis_down) {
-			metrics_reconnect(METRICS_PEER_REDIS);
-			log_info("redis reachable again%s", lm->policy == LOCK_POLICY_AUTO ?
-			    ": back to redis locks" : "");
-		}
-		lm->redis_down = false;
-		lm->reconnect_delay_ms = RECONNECT_MIN_MS;
-		metrics_set_redis_up(true);
-		return true;
-	}
-	mark_redis_down(lm);
-	return false;
+	return redis_conn_connected(lm->conn);
+}
+
+bool
+lock_redis_may_connect(const lockmgr *lm, int64_t now_ms)
+{
+	return lm->redis != NULL && !redis_conn_connected(lm->conn) &&
+	    now_ms >= lm->next_reconnect_ms;
+}
+
+int64_t
+lock_redis_retry_at(const lockmgr *lm)
+{
+	if (lm->redis == NULL || redis_conn_connected(lm->conn))
+		return INT64_MAX;
+	return lm->next_reconnect_ms;
 }
 
 void
+lock_redis_connected(lockmgr *lm)
+{
+	if (lm->redis != NULL)
+		note_redis_connected(lm);
+}
+
+void
+lock_redis_connect_failed(lockmgr *lm)
+{
+	if (lm->redis != NULL)
+		mark_redis_down(lm);
+}
+
+/*
+ * The first connect waits for its answer: the loop has not started, no
+ * call is in flight, and a wrong address shows in the log at once.
+ */
+void
 lock_start(lockmgr *lm)
 {
-	if (lm->policy != LOCK_POLICY_SKIP_LOCKED)
-		(void)redis_usable(lm);
+	if (lm->redis == NULL || redis_usable(lm))
+		return;
+	if (redis_conn_connect(lm->conn) == 0)
+		note_redis_connected(lm);
+	else
+		mark_redis_down(lm);
 }
 
 enum lock_way

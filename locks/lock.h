@@ -68,15 +68,29 @@ void lock_set_ttl(lockmgr *lm, int ttl_ms);
 void lock_start(lockmgr *lm);
 
 /*
- * Which way to take items now.  A lost Redis is reconnected here, spaced
- * out with backoff, so a dead Redis costs one connect attempt per few
- * seconds, not one per poll; the outage and the return are each logged
- * once.  Connected, this costs nothing.
+ * Which way to take items now, under the policy and whether Redis is
+ * connected.  Never connects (the loop does: below).  Costs nothing.
  */
 enum lock_way lock_now(lockmgr *lm);
 
-/* True while Redis is unreachable (the outage is logged once, here). */
+/*
+ * True while Redis cannot be used: unreachable (the outage is logged
+ * once) or its reconnect still under way.
+ */
 bool lock_redis_down(const lockmgr *lm);
+
+/*
+ * For the loop, which reconnects Redis without blocking
+ * (redis_conn_connect_start, then redis_conn_drive from its poll): whether
+ * a connect may start now (not connected, and the backoff allows: a dead
+ * Redis costs one attempt per few seconds, not one per poll); when the
+ * next may (INT64_MAX when none is needed); and the end of each attempt,
+ * which logs the outage and the return once each and keeps the metrics.
+ */
+bool lock_redis_may_connect(const lockmgr *lm, int64_t now_ms);
+int64_t lock_redis_retry_at(const lockmgr *lm);
+void lock_redis_connected(lockmgr *lm);
+void lock_redis_connect_failed(lockmgr *lm);
 
 /*
  * Another user of the connection found Redis failing: logs the outage

@@ -498,6 +498,59 @@ db_drive(struct loop *l, short revents)
 }
 
 /*
+ * Redis' reconnect, which never blocks either: when the lock manager says
+ * Redis is down and its backoff allows, starts a connect (sentinels,
+ * connect, AUTH, SELECT, scripts: each a step with its own deadline) and
+ * advances it with what the poll saw on its socket (REVENTS, 0 when
+ * nothing).  A redis-server that is frozen costs its timeouts here, while
+ * the calls in flight are read as usual.
+ */
+static void
+redis_reconnect(struct loop *l, short revents)
+{
+	int64_t now = clock_ms();
+
+	if (l->redis == NULL)
+		return;
+	if (!redis_conn_connecting(l->redis)) {
+		if (!lock_redis_may_connect(l->locks, now))
+			return;
+		if (redis_conn_connect_start(l->redis, now) == -1) {
+			lock_redis_connect_failed(l->locks);
+			return;
+		}
+		revents = 0;
+	}
+	redis_conn_drive(l->redis, revents, now);
+	if (redis_conn_connected(l->redis))
+		lock_redis_connected(l->locks);
+	else if (!redis_conn_connecting(l->redis))
+		lock_redis_connect_failed(l->locks);
+}
+
+/* What the poll waits for on Redis' socket: only while a connect is under way. */
+static int
+redis_wait_fd(const struct loop *l, short *events)
+{
+	*events = 0;
+	if (l->redis == NULL || !redis_conn_connecting(l->redis))
+		return -1;
+	*events = redis_conn_events(l->redis);
+	return redis_conn_fd(l->redis);
+}
+
+/* The latest the loop may sleep for Redis: a connect's deadline, or the next attempt. */
+static int64_t
+redis_wake_at(const struct loop *l)
+{
+	if (l->redis == NULL)
+		return INT64_MAX;
+	if (redis_conn_connecting(l->redis))
+		return redis_conn_deadline(l->redis);
+	return lock_redis_retry_at(l->locks);
+}
+
+/*
  * The batch's completion failed on the data: some row refuses it.  Records
  * the outcomes one at a time so that row cannot hold the others back, and
  * parks each row that refuses its own (pending, with the reason, retried
@@ -1785,6 +1838,8 @@ wait_budget_ms(const struct loop *l, int64_t now)
 	if (l->listener != NULL && store_listener_active(l->listener) &&
 	    store_listener_deadline(l->listener) - now < wait)
 		wait = store_listener_deadline(l->listener) - now;
+	if (redis_wake_at(l) - now < wait)
+		wait = redis_wake_at(l) - now;
 	for (int i = 0; i < l->nflights; i++) {
 		if (l->flights[i].state != FLIGHT_DONE)
 			continue;
@@ -1805,7 +1860,7 @@ wait_budget_ms(const struct loop *l, int64_t now)
 static void
 wait_for_events(struct loop *l, int64_t now, int wait_ms)
 {
-	struct api_waitfd wake[5];
+	struct api_waitfd wake[6];
 	unsigned nwake;
 
 	wake[0].fd = wake_pipe[0];
@@ -1817,7 +1872,9 @@ wait_for_events(struct loop *l, int64_t now, int wait_ms)
 	wake[2].fd = store_connecting(l->st) ? store_connect_fd(l->st) : store_fd(l->st);
 	wake[2].events = store_connecting(l->st) ? store_connect_events(l->st) : store_events(l->st);
 	wake[2].revents = 0;
-	nwake = 3 + telemetry_wait_fds(l->tm, now, &wake[3], &wait_ms);
+	wake[3].fd = redis_wait_fd(l, &wake[3].events);
+	wake[3].revents = 0;
+	nwake = 4 + telemetry_wait_fds(l->tm, now, &wake[4], &wait_ms);
 	/*
 	 * The stall is each turn's time outside api_wait, the loop's only
 	 * deliberate sleep: every statement and Redis command runs in it, and
@@ -1834,6 +1891,7 @@ wait_for_events(struct loop *l, int64_t now, int wait_ms)
 		db_reconnect(l, wake[2].fd >= 0 ? wake[2].revents : 0);
 	else
 		db_drive(l, wake[2].fd >= 0 ? wake[2].revents : 0);
+	redis_reconnect(l, wake[3].fd >= 0 ? wake[3].revents : 0);
 	listen_service(l, wake[1].fd >= 0 ? wake[1].revents : 0);
 	telemetry_after_wait(l->tm);
 }
@@ -1849,6 +1907,7 @@ turn(struct loop *l, int *status)
 
 	take_signals(l, now);
 	db_reconnect(l, 0);
+	redis_reconnect(l, 0);
 	collect(l);
 	flush(l);
 	reservations(l);

@@ -275,6 +275,10 @@ lock_new(const struct lock_options *o, redis_conn *conn, lockmgr **ret)
 void lock_free(lockmgr *lm) { (void)lm; }
 bool lock_redis_down(const lockmgr *lm) { (void)lm; return false; }
 void lock_start(lockmgr *lm) { (void)lm; }
+bool lock_redis_may_connect(const lockmgr *lm, int64_t now_ms) { (void)lm; (void)now_ms; return false; }
+int64_t lock_redis_retry_at(const lockmgr *lm) { (void)lm; return INT64_MAX; }
+void lock_redis_connected(lockmgr *lm) { (void)lm; }
+void lock_redis_connect_failed(lockmgr *lm) { (void)lm; }
 void lock_release(lockmgr *lm, struct item *const *items, size_t n)
 {
 	(void)lm;
@@ -297,6 +301,19 @@ redis_conn_new(const struct redis_options *o, redis_conn **ret)
 }
 
 void redis_conn_free(redis_conn *rc) { (void)rc; }
+/* Always up: the loop never reconnects it. */
+bool redis_conn_connected(const redis_conn *rc) { (void)rc; return true; }
+bool redis_conn_connecting(const redis_conn *rc) { (void)rc; return false; }
+int redis_conn_connect_start(redis_conn *rc, int64_t now_ms) { (void)rc; (void)now_ms; return -1; }
+int redis_conn_fd(const redis_conn *rc) { (void)rc; return -1; }
+short redis_conn_events(const redis_conn *rc) { (void)rc; return 0; }
+int64_t redis_conn_deadline(const redis_conn *rc) { (void)rc; return INT64_MAX; }
+void redis_conn_drive(redis_conn *rc, short revents, int64_t now_ms)
+{
+	(void)rc;
+	(void)revents;
+	(void)now_ms;
+}
 
 struct fleet {
 	int unused;
