@@ -34,6 +34,14 @@ struct lockmgr {
 	bool *flags;
 	struct item **subset;
 	size_t cap;
+	/*
+	 * The acquire's own: its call may be in flight on the connection
+	 * while releases and renewals run, and must find its keys as it left
+	 * them (a NOSCRIPT reply sends it again).
+	 */
+	char (*akeys)[LOCK_KEY_MAX];
+	const char **akeyp, **atokp;
+	size_t acap;
 };
 
 static void note_redis_failure(lockmgr *lm);
@@ -111,6 +119,9 @@ lock_free(lockmgr *lm)
 	free(lm->keys);
 	free(lm->keyp);
 	free(lm->tokp);
+	free(lm->akeys);
+	free(lm->akeyp);
+	free(lm->atokp);
 	free(lm->flags);
 	free(lm->subset);
 	free(lm);
@@ -289,6 +300,30 @@ lock_redis_failed(lockmgr *lm)
 	snprintf(lm->errmsg, sizeof(lm->errmsg), "redis: %s", redis_conn_errmsg(lm->conn));
 }
 
+/* Room for N keys in the acquire's scratch. */
+static int
+grow_acquire(lockmgr *lm, size_t n)
+{
+	size_t cap = lm->acap ? lm->acap : 64;
+	void *p;
+
+	if (n <= lm->acap)
+		return 0;
+	while (cap < n)
+		cap *= 2;
+	if ((p = realloc(lm->akeys, cap * sizeof(*lm->akeys))) == NULL)
+		return -1;
+	lm->akeys = p;
+	if ((p = realloc(lm->akeyp, cap * sizeof(*lm->akeyp))) == NULL)
+		return -1;
+	lm->akeyp = p;
+	if ((p = realloc(lm->atokp, cap * sizeof(*lm->atokp))) == NULL)
+		return -1;
+	lm->atokp = p;
+	lm->acap = cap;
+	return 0;
+}
+
 int
 lock_acquire_call(lockmgr *lm, const enum item_kind *kinds, const int64_t *ids, size_t n,
     size_t max, char (*tokens)[ITEM_TOKEN_MAX], bool *got, struct redis_eval *ev)
@@ -298,18 +333,19 @@ lock_acquire_call(lockmgr *lm, const enum item_kind *kinds, const int64_t *ids, 
 		snprintf(lm->errmsg, sizeof(lm->errmsg), "redis: not used in skip-locked mode");
 		return -1;
 	}
-	if (grow(lm, n) == -1) {
+	if (grow_acquire(lm, n) == -1) {
 		snprintf(lm->errmsg, sizeof(lm->errmsg), "out of memory");
 		return -1;
 	}
 	for (size_t i = 0; i < n; i++) {
-		lock_key(lm, lm->keys[i], sizeof(lm->keys[i]), kinds[i], ids[i]);
+		lock_key(lm, lm->akeys[i], sizeof(lm->akeys[i]), kinds[i], ids[i]);
 		make_token(lm, tokens[i], sizeof(tokens[i]));
-		lm->keyp[i] = lm->keys[i];
-		lm->tokp[i] = tokens[i];
+		lm->akeyp[i] = lm->akeys[i];
+		lm->atokp[i] = tokens[i];
 		got[i] = false;
 	}
-	if (redis_lock_acquire_call(lm->redis, lm->keyp, lm->tokp, n, lm->ttl_ms, max, ev) == -1) {
+	if (redis_lock_acquire_call(lm->redis, lm->akeyp, lm->atokp, n, lm->ttl_ms, max,
+	    ev) == -1) {
 		snprintf(lm->errmsg, sizeof(lm->errmsg), "out of memory");
 		return -1;
 	}

@@ -38,10 +38,15 @@ static const char script_release[] =
 struct redis_lock {
 	redis_conn *conn;
 	int acquire, renew, release;    /* script ids on conn */
-	/* buffers reused across calls */
-	const char **args;
-	long long *out;
-	size_t cap;
+	/*
+	 * Buffers reused across calls: one set for renewals and releases, one
+	 * for the acquire, whose call may be in flight while they run.
+	 */
+	struct lock_buf {
+		const char **args;
+		long long *out;
+		size_t cap;
+	} common, acq;
 	char ttl[24], most[24];         /* the acquire call's own arguments */
 };
 
@@ -68,8 +73,10 @@ redis_lock_free(redis_lock *rl)
 {
 	if (rl == NULL)
 		return;
-	free(rl->args);
-	free(rl->out);
+	free(rl->common.args);
+	free(rl->common.out);
+	free(rl->acq.args);
+	free(rl->acq.out);
 	free(rl);
 }
 
@@ -78,39 +85,39 @@ redis_lock_free(redis_lock *rl)
  * arguments), and sets flags[i] from the reply's 0/1 for keys[i].
  */
 static int
-prepare(redis_lock *rl, int script, const char *const *keys, const char *const *tokens,
+prepare(struct lock_buf *b, int script, const char *const *keys, const char *const *tokens,
     size_t n, const char *const *extra, size_t nextra, struct redis_eval *ev)
 {
 	size_t need = n + nextra;
 
-	if (need > rl->cap || rl->args == NULL) {
+	if (need > b->cap || b->args == NULL) {
 		size_t cap = need < 64 ? 64 : need;
-		const char **a = realloc(rl->args, cap * sizeof(*a));
+		const char **a = realloc(b->args, cap * sizeof(*a));
 		long long *o;
 
 		if (a == NULL)
 			return -1;
-		rl->args = a;
-		if ((o = realloc(rl->out, cap * sizeof(*o))) == NULL)
+		b->args = a;
+		if ((o = realloc(b->out, cap * sizeof(*o))) == NULL)
 			return -1;
-		rl->out = o;
-		rl->cap = cap;
+		b->out = o;
+		b->cap = cap;
 	}
 	for (size_t i = 0; i < n; i++)
-		rl->args[i] = tokens[i];
+		b->args[i] = tokens[i];
 	for (size_t i = 0; i < nextra; i++)
-		rl->args[n + i] = extra[i];
-	*ev = (struct redis_eval){ .id = script, .keys = keys, .nkeys = n, .args = rl->args,
-	    .nargs = need, .out = rl->out, .nout = n };
+		b->args[n + i] = extra[i];
+	*ev = (struct redis_eval){ .id = script, .keys = keys, .nkeys = n, .args = b->args,
+	    .nargs = need, .out = b->out, .nout = n };
 	return 0;
 }
 
 /* The reply's 0/1 for keys[i] into flags[i]. */
 static void
-finish(const redis_lock *rl, size_t n, bool *flags)
+finish(const struct lock_buf *b, size_t n, bool *flags)
 {
 	for (size_t i = 0; i < n; i++)
-		flags[i] = rl->out[i] == 1;
+		flags[i] = b->out[i] == 1;
 }
 
 static int
@@ -119,10 +126,10 @@ run(redis_lock *rl, int script, const char *const *keys, const char *const *toke
 {
 	struct redis_eval ev;
 
-	if (prepare(rl, script, keys, tokens, n, extra, nextra, &ev) == -1 ||
+	if (prepare(&rl->common, script, keys, tokens, n, extra, nextra, &ev) == -1 ||
 	    redis_conn_eval_many(rl->conn, &ev, 1) == -1)
 		return -1;
-	finish(rl, n, flags);
+	finish(&rl->common, n, flags);
 	return 0;
 }
 
@@ -134,13 +141,13 @@ redis_lock_acquire_call(redis_lock *rl, const char *const *keys, const char *con
 
 	snprintf(rl->ttl, sizeof(rl->ttl), "%d", ttl_ms);
 	snprintf(rl->most, sizeof(rl->most), "%zu", max);
-	return prepare(rl, rl->acquire, keys, tokens, n, extra, 2, ev);
+	return prepare(&rl->acq, rl->acquire, keys, tokens, n, extra, 2, ev);
 }
 
 void
 redis_lock_acquire_done(const redis_lock *rl, size_t n, bool *got)
 {
-	finish(rl, n, got);
+	finish(&rl->acq, n, got);
 }
 
 int
@@ -152,7 +159,7 @@ redis_lock_acquire(redis_lock *rl, const char *const *keys, const char *const *t
 	if (redis_lock_acquire_call(rl, keys, tokens, n, ttl_ms, max, &ev) == -1 ||
 	    redis_conn_eval_many(rl->conn, &ev, 1) == -1)
 		return -1;
-	finish(rl, n, got);
+	finish(&rl->acq, n, got);
 	return 0;
 }
 

@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/clock.h"
 #include "common/jitter.h"
 #include "common/log.h"
 #include "common/metrics.h"
@@ -26,6 +27,7 @@ _Static_assert(CONFIG_REDIS_KEY_PREFIX_MAX <= LOCK_KEY_PREFIX_MAX,
 enum claim_phase {
 	CLAIM_IDLE,
 	CLAIM_DUE,              /* the due query is in flight */
+	CLAIM_LOCKING,          /* redis mode: the grant and the locks are */
 	CLAIM_CLAIMING,         /* the claims are, one per kind */
 };
 
@@ -62,6 +64,7 @@ struct claimer {
 	enum lock_way way;
 	size_t limit, window, ndue;
 	size_t nlocked, contended;      /* redis mode */
+	struct redis_job lock_job;      /* the grant and the locks, in one round trip */
 	bool more;
 	struct kind_claim {
 		bool sent;              /* its claim went to the database */
@@ -453,47 +456,6 @@ skip_locked_end(claimer *c, struct item *items, size_t *ret_n)
  * skip-locked worker).  Redis failing in either step falls back to
  * skip-locked in auto mode, with this process's share of the budget.
  */
-/*
- * Without a rate limit the grant only honours a 429 pause and keeps the
- * registry, so it grants everything nearly always: it goes with the locks
- * in one round trip, the locks capped at what we want, and whatever was
- * locked beyond the grant (a pause was in force) is given back at once.
- * Returns 0 with *GRANTED and the flags set, or -1 when the round trip
- * failed (counted as a Redis failure).
- */
-static int
-grant_and_lock_at_once(claimer *c, size_t ndue, size_t want, size_t *granted)
-{
-	struct redis_eval ev[2];
-	size_t locked = 0, nback = 0;
-
-	fleet_grant_call(c->fleet, want, ndue, &ev[0]);
-	if (lock_acquire_call(c->lm, c->kinds, c->ids, ndue, want, c->tokens, c->flags,
-	    &ev[1]) == -1)
-		return -1;
-	if (redis_conn_eval_many(c->redis, ev, 2) == -1) {
-		/* Locks it may have taken expire: they only ever saved work. */
-		lock_acquire_failed(c->lm);
-		return -1;
-	}
-	fleet_grant_done(c->fleet, granted);
-	lock_acquire_done(c->lm, ndue, c->flags);
-	for (size_t i = 0; i < ndue; i++) {
-		if (!c->flags[i])
-			continue;
-		if (++locked <= *granted)
-			continue;
-		c->flags[i] = false;
-		c->ids[ndue + nback] = c->ids[i];
-		c->kinds[ndue + nback] = c->kinds[i];
-		c->tokp[ndue + nback] = c->tokens[i];
-		nback++;
-	}
-	/* Past the candidates, so the give-back leaves them in place. */
-	lock_give_back(c->lm, c->kinds + ndue, c->ids + ndue, c->tokp + ndue, nback);
-	return 0;
-}
-
 /* Redis failed under the claim: skip-locked in auto mode, else the claim fails. */
 static int
 redis_failed(claimer *c)
@@ -506,44 +468,85 @@ redis_failed(claimer *c)
 }
 
 /*
- * The Redis half of a claim in redis mode, then the claims sent.  Returns
- * -1 when it failed (claim_errmsg()), 0 when there is nothing to claim,
- * 1 when the claims are on their way (or, with nothing locked, when the
- * end needs no answer).
+ * Redis mode, before the locks: flags and token pointers are swapped along
+ * with their candidates, so they must hold a value; the tokens come with
+ * the locks.  The candidates are shuffled.
  */
-static int
-redis_send(claimer *c)
+static void
+redis_prepare(claimer *c)
 {
-	size_t ndue = c->ndue, limit = c->limit, locked = 0, granted;
-	size_t want = ndue < limit ? ndue : limit;
-
-	/*
-	 * Flags and token pointers are swapped along with their candidates:
-	 * they must hold a value.  The tokens come with the locks.
-	 */
-	for (size_t i = 0; i < ndue; i++) {
+	for (size_t i = 0; i < c->ndue; i++) {
 		c->flags[i] = false;
 		c->tokp[i] = NULL;
 	}
-	shuffle_candidates(c, ndue);
-	if (!fleet_limited(c->fleet) && c->redis != NULL) {
-		if (grant_and_lock_at_once(c, ndue, want, &granted) == -1)
-			return redis_failed(c);
-		c->wait_ms = fleet_wait_ms(c->fleet);
-	} else {
-		if (fleet_grant(c->fleet, true, want, ndue, &granted) == -1) {
-			lock_redis_failed(c->lm);
-			return redis_failed(c);
-		}
-		c->wait_ms = fleet_wait_ms(c->fleet);
-		if (granted == 0)
-			return 0;   /* the budget is spent or a 429 pause holds: no lock is worth taking */
-		if (lock_acquire(c->lm, c->kinds, c->ids, ndue, granted, c->tokens,
-		    c->flags) == -1) {
-			fleet_give_back(c->fleet, granted);
-			return redis_failed(c);
-		}
+	shuffle_candidates(c, c->ndue);
+}
+
+/*
+ * The grant and the locks answered in one round trip (lock_job): whatever
+ * was locked beyond the grant (a pause was in force) is given back at
+ * once.  Returns *GRANTED.
+ */
+static size_t
+grant_and_locks_answered(claimer *c)
+{
+	size_t ndue = c->ndue, granted = 0, locked = 0, nback = 0;
+
+	fleet_grant_done(c->fleet, &granted);
+	lock_acquire_done(c->lm, ndue, c->flags);
+	for (size_t i = 0; i < ndue; i++) {
+		if (!c->flags[i])
+			continue;
+		if (++locked <= granted)
+			continue;
+		c->flags[i] = false;
+		c->ids[ndue + nback] = c->ids[i];
+		c->kinds[ndue + nback] = c->kinds[i];
+		c->tokp[ndue + nback] = c->tokens[i];
+		nback++;
 	}
+	/* Past the candidates, so the give-back leaves them in place. */
+	lock_give_back(c->lm, c->kinds + ndue, c->ids + ndue, c->tokp + ndue, nback);
+	return granted;
+}
+
+/*
+ * Without a rate limit the grant only honours a 429 pause and keeps the
+ * registry, so it grants everything nearly always: it goes with the locks
+ * in one round trip, sent here and answered at a later turn, the locks
+ * capped at what we want.  -1 when it could not be sent.
+ */
+static int
+grant_and_locks_send(claimer *c)
+{
+	size_t want = c->ndue < c->limit ? c->ndue : c->limit;
+	struct redis_job *job = &c->lock_job;
+
+	memset(job, 0, sizeof(*job));
+	fleet_grant_call(c->fleet, want, c->ndue, &job->evals[0]);
+	if (lock_acquire_call(c->lm, c->kinds, c->ids, c->ndue, want, c->tokens, c->flags,
+	    &job->evals[1]) == -1)
+		return -1;
+	job->nevals = 2;
+	if (redis_conn_submit(c->redis, job, clock_ms()) == -1) {
+		lock_acquire_failed(c->lm);
+		return -1;
+	}
+	return 0;
+}
+
+/*
+ * Redis mode once the locks are in (GRANTED calls granted): the grant's
+ * unused part back to the budget, and the claims sent, one per kind, of
+ * the candidates locked.  Returns 0 when there is nothing to claim, 1
+ * when the claims are on their way (or, with nothing locked, when the end
+ * needs no answer).
+ */
+static int
+redis_locked(claimer *c, size_t granted)
+{
+	size_t ndue = c->ndue, limit = c->limit, locked = 0;
+
 	for (size_t i = 0; i < ndue; i++) {
 		c->tokp[i] = c->tokens[i];
 		locked += c->flags[i];
@@ -581,6 +584,30 @@ redis_send(claimer *c)
 		send_kind(c, k, c->ids + kc->start, kc->want);
 	}
 	return 1;
+}
+
+/*
+ * Redis mode under a rate limit: the grant first (what it grants bounds
+ * the locks), then the locks, each a round trip waited for.  Returns as
+ * redis_locked(), or -1 when it failed (claim_errmsg()).
+ */
+static int
+redis_limited(claimer *c)
+{
+	size_t want = c->ndue < c->limit ? c->ndue : c->limit, granted;
+
+	if (fleet_grant(c->fleet, true, want, c->ndue, &granted) == -1) {
+		lock_redis_failed(c->lm);
+		return redis_failed(c);
+	}
+	c->wait_ms = fleet_wait_ms(c->fleet);
+	if (granted == 0)
+		return 0;   /* the budget is spent or a 429 pause holds: no lock is worth taking */
+	if (lock_acquire(c->lm, c->kinds, c->ids, c->ndue, granted, c->tokens, c->flags) == -1) {
+		fleet_give_back(c->fleet, granted);
+		return redis_failed(c);
+	}
+	return redis_locked(c, granted);
 }
 
 /* The answers of redis mode's claims: tokens handed out, unclaimed locks given back. */
@@ -694,7 +721,19 @@ due_answered(claimer *c)
 	if (c->ndue == 0)
 		return 0;
 	memset(c->kc, 0, sizeof(c->kc));
-	r = c->way == LOCK_WAY_REDIS ? redis_send(c) : skip_locked_send(c);
+	if (c->way != LOCK_WAY_REDIS) {
+		r = skip_locked_send(c);
+	} else {
+		redis_prepare(c);
+		if (fleet_limited(c->fleet) || c->redis == NULL) {
+			r = redis_limited(c);
+		} else if (grant_and_locks_send(c) == 0) {
+			c->phase = CLAIM_LOCKING;
+			return 1;
+		} else {
+			r = redis_failed(c);
+		}
+	}
 	if (r == 1)
 		c->phase = CLAIM_CLAIMING;
 	return r;
@@ -749,8 +788,31 @@ claim_poll(claimer *c, struct item *items, size_t *ret_n, bool *more)
 			*more = c->more;
 			return r == 0 ? 1 : -1;
 		}
+		if (c->phase == CLAIM_CLAIMING)
+			goto claiming;
+		return 0;
+	case CLAIM_LOCKING:
+		if (!redis_conn_job_done(&c->lock_job))
+			return 0;
+		c->phase = CLAIM_IDLE;
+		if (!c->lock_job.ok) {
+			/* Locks it may have taken expire: they only ever saved work. */
+			lock_acquire_failed(c->lm);
+			r = redis_failed(c);
+		} else {
+			size_t granted = grant_and_locks_answered(c);
+
+			c->wait_ms = fleet_wait_ms(c->fleet);
+			r = redis_locked(c, granted);
+		}
+		if (r <= 0) {
+			*more = c->more;
+			return r == 0 ? 1 : -1;
+		}
+		c->phase = CLAIM_CLAIMING;
 		/* FALLTHROUGH */
 	case CLAIM_CLAIMING:
+	claiming:
 		if (!claims_answered(c, items))
 			return 0;
 		c->phase = CLAIM_IDLE;

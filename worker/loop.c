@@ -498,20 +498,26 @@ db_drive(struct loop *l, short revents)
 }
 
 /*
- * Redis' reconnect, which never blocks either: when the lock manager says
- * Redis is down and its backoff allows, starts a connect (sentinels,
- * connect, AUTH, SELECT, scripts: each a step with its own deadline) and
- * advances it with what the poll saw on its socket (REVENTS, 0 when
- * nothing).  A redis-server that is frozen costs its timeouts here, while
- * the calls in flight are read as usual.
+ * Redis on the loop's poll, which never blocks either (REVENTS: what the
+ * poll saw on its socket, 0 when nothing).  Connected, the commands in
+ * flight are sent and answered.  Down, when the lock manager says its
+ * backoff allows, a connect starts (sentinels, connect, AUTH, SELECT,
+ * scripts: each a step with its own deadline) and advances here.  A
+ * redis-server that is frozen costs its timeouts, while the calls in
+ * flight are read as usual.
  */
 static void
-redis_reconnect(struct loop *l, short revents)
+redis_service(struct loop *l, short revents)
 {
 	int64_t now = clock_ms();
 
 	if (l->redis == NULL)
 		return;
+	if (redis_conn_connected(l->redis)) {
+		/* Up: the commands in flight (the claim's locks) sent and answered. */
+		redis_conn_drive(l->redis, revents, now);
+		return;
+	}
 	if (!redis_conn_connecting(l->redis)) {
 		if (!lock_redis_may_connect(l->locks, now))
 			return;
@@ -528,12 +534,12 @@ redis_reconnect(struct loop *l, short revents)
 		lock_redis_connect_failed(l->locks);
 }
 
-/* What the poll waits for on Redis' socket: only while a connect is under way. */
+/* What the poll waits for on Redis' socket, connecting or connected. */
 static int
 redis_wait_fd(const struct loop *l, short *events)
 {
 	*events = 0;
-	if (l->redis == NULL || !redis_conn_connecting(l->redis))
+	if (l->redis == NULL || redis_conn_fd(l->redis) < 0)
 		return -1;
 	*events = redis_conn_events(l->redis);
 	return redis_conn_fd(l->redis);
@@ -545,7 +551,7 @@ redis_wake_at(const struct loop *l)
 {
 	if (l->redis == NULL)
 		return INT64_MAX;
-	if (redis_conn_connecting(l->redis))
+	if (redis_conn_connecting(l->redis) || redis_conn_connected(l->redis))
 		return redis_conn_deadline(l->redis);
 	return lock_redis_retry_at(l->locks);
 }
@@ -1891,7 +1897,7 @@ wait_for_events(struct loop *l, int64_t now, int wait_ms)
 		db_reconnect(l, wake[2].fd >= 0 ? wake[2].revents : 0);
 	else
 		db_drive(l, wake[2].fd >= 0 ? wake[2].revents : 0);
-	redis_reconnect(l, wake[3].fd >= 0 ? wake[3].revents : 0);
+	redis_service(l, wake[3].fd >= 0 ? wake[3].revents : 0);
 	listen_service(l, wake[1].fd >= 0 ? wake[1].revents : 0);
 	telemetry_after_wait(l->tm);
 }
@@ -1907,7 +1913,7 @@ turn(struct loop *l, int *status)
 
 	take_signals(l, now);
 	db_reconnect(l, 0);
-	redis_reconnect(l, 0);
+	redis_service(l, 0);
 	collect(l);
 	flush(l);
 	reservations(l);
