@@ -1044,6 +1044,12 @@ redis_conn_job_done(const struct redis_job *job)
 	return job->state == REDIS_JOB_DONE;
 }
 
+bool
+redis_conn_busy(const redis_conn *rc)
+{
+	return rc->jobs != NULL;
+}
+
 int
 redis_conn_submit(redis_conn *rc, struct redis_job *job, int64_t now)
 {

@@ -201,5 +201,7 @@ void redis_conn_drive(redis_conn *rc, short revents, int64_t now_ms);
 int redis_conn_submit(redis_conn *rc, struct redis_job *job, int64_t now_ms)
 	__attribute__((warn_unused_result));
 bool redis_conn_job_done(const struct redis_job *job);
+/* True while jobs are in flight on RC. */
+bool redis_conn_busy(const redis_conn *rc);
 
 #endif

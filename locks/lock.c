@@ -42,6 +42,14 @@ struct lockmgr {
 	char (*akeys)[LOCK_KEY_MAX];
 	const char **akeyp, **atokp;
 	size_t acap;
+	/*
+	 * The renewal in flight: which items it names, so its answer finds
+	 * them among those still in flight then.
+	 */
+	enum item_kind *rkinds;
+	int64_t *rids;
+	char (*rtokens)[ITEM_TOKEN_MAX];
+	size_t nrenewal, rcap;
 };
 
 static void note_redis_failure(lockmgr *lm);
@@ -122,6 +130,9 @@ lock_free(lockmgr *lm)
 	free(lm->akeys);
 	free(lm->akeyp);
 	free(lm->atokp);
+	free(lm->rkinds);
+	free(lm->rids);
+	free(lm->rtokens);
 	free(lm->flags);
 	free(lm->subset);
 	free(lm);
@@ -300,6 +311,27 @@ lock_redis_failed(lockmgr *lm)
 	snprintf(lm->errmsg, sizeof(lm->errmsg), "redis: %s", redis_conn_errmsg(lm->conn));
 }
 
+/* Room for N items in the renewal's record (flags, its answer, is grow()'s). */
+static int
+grow_renewal(lockmgr *lm, size_t n)
+{
+	void *p;
+
+	if (n <= lm->rcap)
+		return 0;
+	if ((p = realloc(lm->rkinds, n * sizeof(*lm->rkinds))) == NULL)
+		return -1;
+	lm->rkinds = p;
+	if ((p = realloc(lm->rids, n * sizeof(*lm->rids))) == NULL)
+		return -1;
+	lm->rids = p;
+	if ((p = realloc(lm->rtokens, n * sizeof(*lm->rtokens))) == NULL)
+		return -1;
+	lm->rtokens = p;
+	lm->rcap = n;
+	return 0;
+}
+
 /* Room for N keys in the acquire's scratch. */
 static int
 grow_acquire(lockmgr *lm, size_t n)
@@ -381,6 +413,29 @@ lock_acquire(lockmgr *lm, const enum item_kind *kinds, const int64_t *ids, size_
 	return 0;
 }
 
+/*
+ * Sends the release of the N keys in keyp with TOKENS, without waiting;
+ * the releases answered since the last one are reaped first, and a
+ * failure among them is noted as a failed lock command would be.
+ */
+static void
+release_send(lockmgr *lm, const char *const *tokens, size_t n)
+{
+	int r;
+
+	if (!redis_conn_connected(lm->conn))
+		return;
+	if (redis_lock_reap(lm->redis) == -1)
+		note_redis_failure(lm);
+	if (!redis_conn_connected(lm->conn))
+		return;
+	if ((r = redis_lock_release_send(lm->redis, lm->keyp, tokens, n, clock_ms())) == -1)
+		note_redis_failure(lm);
+	else if (r == 1)
+		log_debug("redis: %zu locks not released (releases still in flight); they expire "
+		    "in %d ms", n, lm->ttl_ms);
+}
+
 void
 lock_give_back(lockmgr *lm, const enum item_kind *kinds, const int64_t *ids,
     const char *const *tokens, size_t n)
@@ -391,10 +446,7 @@ lock_give_back(lockmgr *lm, const enum item_kind *kinds, const int64_t *ids,
 		lock_key(lm, lm->keys[i], sizeof(lm->keys[i]), kinds[i], ids[i]);
 		lm->keyp[i] = lm->keys[i];
 	}
-	if (!redis_conn_connected(lm->conn))
-		return;
-	if (redis_lock_release(lm->redis, lm->keyp, tokens, n) == -1)
-		note_redis_failure(lm);
+	release_send(lm, tokens, n);
 }
 
 void
@@ -402,7 +454,8 @@ lock_renew(lockmgr *lm, struct item *const *items, size_t n)
 {
 	size_t m = 0;
 
-	if (lm->redis == NULL || grow(lm, n) == -1)
+	if (lm->redis == NULL || redis_lock_renew_pending(lm->redis) || grow(lm, n) == -1 ||
+	    grow_renewal(lm, n) == -1)
 		return;
 	for (size_t i = 0; i < n; i++) {
 		if (items[i]->token[0] == '\0' || items[i]->lock_lost)
@@ -410,23 +463,47 @@ lock_renew(lockmgr *lm, struct item *const *items, size_t n)
 		lock_key(lm, lm->keys[m], sizeof(lm->keys[m]), items[i]->kind, items[i]->id);
 		lm->keyp[m] = lm->keys[m];
 		lm->tokp[m] = items[i]->token;
-		lm->subset[m] = items[i];
+		lm->rkinds[m] = items[i]->kind;
+		lm->rids[m] = items[i]->id;
+		snprintf(lm->rtokens[m], sizeof(lm->rtokens[m]), "%s", items[i]->token);
 		m++;
 	}
 	if (m == 0 || !redis_usable(lm))
 		return;
-	if (redis_lock_renew(lm->redis, lm->keyp, lm->tokp, m, lm->ttl_ms, lm->flags) == -1) {
+	lm->nrenewal = m;
+	if (redis_lock_renew_send(lm->redis, lm->keyp, lm->tokp, m, lm->ttl_ms, clock_ms()) == -1)
+		note_redis_failure(lm);
+}
+
+bool
+lock_renewing(const lockmgr *lm)
+{
+	return lm->redis != NULL && redis_lock_renew_pending(lm->redis);
+}
+
+void
+lock_renew_poll(lockmgr *lm, struct item *const *items, size_t n)
+{
+	int r;
+
+	if (!lock_renewing(lm) || (r = redis_lock_renew_take(lm->redis, lm->flags)) == 0)
+		return;
+	if (r == -1) {
 		note_redis_failure(lm);
 		return;
 	}
-	for (size_t i = 0; i < m; i++) {
+	for (size_t i = 0; i < lm->nrenewal; i++) {
 		if (lm->flags[i])
 			continue;
 		metrics_lock(METRICS_LOCK_LOST_REDIS, 1);
 		log_warnx("%s %" PRId64 ": redis lock lost (expired or taken over); "
 		    "no longer renewed, the database lease still fences its completion",
-		    item_kind_name(lm->subset[i]->kind), lm->subset[i]->id);
-		lm->subset[i]->token[0] = '\0';
+		    item_kind_name(lm->rkinds[i]), lm->rids[i]);
+		/* Its item, if still in flight under that lock, renews it no more. */
+		for (size_t j = 0; j < n; j++)
+			if (items[j]->kind == lm->rkinds[i] && items[j]->id == lm->rids[i] &&
+			    strcmp(items[j]->token, lm->rtokens[i]) == 0)
+				items[j]->token[0] = '\0';
 	}
 }
 
@@ -445,8 +522,6 @@ lock_release(lockmgr *lm, struct item *const *items, size_t n)
 		lm->tokp[m] = items[i]->token;
 		m++;
 	}
-	if (m == 0 || !redis_conn_connected(lm->conn))
-		return;
-	if (redis_lock_release(lm->redis, lm->keyp, lm->tokp, m) == -1)
-		note_redis_failure(lm);
+	if (m > 0)
+		release_send(lm, lm->tokp, m);
 }

@@ -125,19 +125,26 @@ void lock_acquire_failed(lockmgr *lm);
 
 /*
  * Gives back the locks of the N candidates (KINDS[i], IDS[i]) that hold
- * TOKENS[i], best effort (they expire anyway).
+ * TOKENS[i], best effort (they expire anyway), without waiting: the
+ * release is sent and its answer read in a later drive of the connection.
  */
 void lock_give_back(lockmgr *lm, const enum item_kind *kinds, const int64_t *ids,
     const char *const *tokens, size_t n);
 
 /*
  * Extends the Redis lock of each of ITEMS that has one (a token) and has
- * not lost its claim.  A lock found gone is logged, counted and no longer
- * renewed (its token is cleared): the caller's lease still fences it.
+ * not lost its claim, without waiting: one renewal in flight at a time
+ * (lock_renewing(); a renewal asked for meanwhile is skipped).
+ * lock_renew_poll() takes its answer at a later turn: a lock found gone
+ * is logged, counted and no longer renewed (the token of its item, among
+ * ITEMS, those in flight then, is cleared): the caller's lease still
+ * fences it.
  */
 void lock_renew(lockmgr *lm, struct item *const *items, size_t n);
+bool lock_renewing(const lockmgr *lm);
+void lock_renew_poll(lockmgr *lm, struct item *const *items, size_t n);
 
-/* Gives back the Redis locks of ITEMS, best effort (they expire anyway). */
+/* Gives back the Redis locks of ITEMS, best effort (they expire anyway), without waiting. */
 void lock_release(lockmgr *lm, struct item *const *items, size_t n);
 
 const char *lock_errmsg(const lockmgr *lm);

@@ -35,6 +35,24 @@ static const char script_release[] =
     "    redis.call('DEL', KEYS[i]) r[i] = 1 else r[i] = 0 end "
     "end return r";
 
+/*
+ * A script call sent without waiting: its keys and arguments are copied
+ * here and kept until it is answered (a NOSCRIPT answer sends it again).
+ */
+struct sent_call {
+	struct redis_job job;
+	bool busy;
+	char *text;                     /* every key and argument, NUL after each */
+	size_t text_cap;
+	const char **ptrs;              /* the keys, then the arguments */
+	long long *out;
+	size_t cap;                     /* of ptrs and of out */
+	size_t n;                       /* keys */
+};
+
+/* Releases in flight at once; more wait for their ttl. */
+#define RELEASES_IN_FLIGHT 16
+
 struct redis_lock {
 	redis_conn *conn;
 	int acquire, renew, release;    /* script ids on conn */
@@ -48,6 +66,9 @@ struct redis_lock {
 		size_t cap;
 	} common, acq;
 	char ttl[24], most[24];         /* the acquire call's own arguments */
+	struct sent_call releases[RELEASES_IN_FLIGHT];
+	struct sent_call renewal;
+	char renew_ttl[24];
 };
 
 int
@@ -68,6 +89,14 @@ redis_lock_new(redis_conn *conn, redis_lock **ret)
 	return 0;
 }
 
+static void
+sent_free(struct sent_call *sc)
+{
+	free(sc->text);
+	free(sc->ptrs);
+	free(sc->out);
+}
+
 void
 redis_lock_free(redis_lock *rl)
 {
@@ -77,6 +106,9 @@ redis_lock_free(redis_lock *rl)
 	free(rl->common.out);
 	free(rl->acq.args);
 	free(rl->acq.out);
+	for (int i = 0; i < RELEASES_IN_FLIGHT; i++)
+		sent_free(&rl->releases[i]);
+	sent_free(&rl->renewal);
 	free(rl);
 }
 
@@ -190,4 +222,122 @@ redis_lock_release(redis_lock *rl, const char *const *keys, const char *const *t
 	ret = run(rl, rl->release, keys, tokens, n, NULL, 0, done);
 	free(done);
 	return ret;
+}
+
+/*
+ * Copies SCRIPT's call with the N KEYS, their TOKENS and EXTRA (NEXTRA
+ * arguments) into SC and sends it.
+ */
+static int
+sent_send(redis_lock *rl, struct sent_call *sc, int script, const char *const *keys,
+    const char *const *tokens, size_t n, const char *const *extra, size_t nextra,
+    int64_t now)
+{
+	size_t nptrs = 2 * n + nextra, len = 0, at = 0;
+	void *p;
+
+	for (size_t i = 0; i < nptrs; i++) {
+		const char *v = i < n ? keys[i] : i < 2 * n ? tokens[i - n] : extra[i - 2 * n];
+
+		len += strlen(v) + 1;
+	}
+	if (len > sc->text_cap) {
+		if ((p = realloc(sc->text, len)) == NULL)
+			return -1;
+		sc->text = p;
+		sc->text_cap = len;
+	}
+	if (nptrs > sc->cap) {
+		if ((p = realloc(sc->ptrs, nptrs * sizeof(*sc->ptrs))) == NULL)
+			return -1;
+		sc->ptrs = p;
+		if ((p = realloc(sc->out, nptrs * sizeof(*sc->out))) == NULL)
+			return -1;
+		sc->out = p;
+		sc->cap = nptrs;
+	}
+	for (size_t i = 0; i < nptrs; i++) {
+		const char *v = i < n ? keys[i] : i < 2 * n ? tokens[i - n] : extra[i - 2 * n];
+		size_t l = strlen(v) + 1;
+
+		memcpy(sc->text + at, v, l);
+		sc->ptrs[i] = sc->text + at;
+		at += l;
+	}
+	memset(&sc->job, 0, sizeof(sc->job));
+	sc->job.evals[0] = (struct redis_eval){ .id = script, .keys = sc->ptrs, .nkeys = n,
+	    .args = sc->ptrs + n, .nargs = n + nextra, .out = sc->out, .nout = n };
+	sc->job.nevals = 1;
+	sc->n = n;
+	sc->busy = true;
+	if (redis_conn_submit(rl->conn, &sc->job, now) == -1) {
+		sc->busy = false;
+		return -1;
+	}
+	return 0;
+}
+
+int
+redis_lock_reap(redis_lock *rl)
+{
+	int ret = 0;
+
+	for (int i = 0; i < RELEASES_IN_FLIGHT; i++) {
+		struct sent_call *sc = &rl->releases[i];
+
+		if (!sc->busy || !redis_conn_job_done(&sc->job))
+			continue;
+		sc->busy = false;
+		if (!sc->job.ok)
+			ret = -1;
+	}
+	return ret;
+}
+
+int
+redis_lock_release_send(redis_lock *rl, const char *const *keys, const char *const *tokens,
+    size_t n, int64_t now)
+{
+	if (n == 0)
+		return 0;
+	for (int i = 0; i < RELEASES_IN_FLIGHT; i++)
+		if (!rl->releases[i].busy)
+			return sent_send(rl, &rl->releases[i], rl->release, keys, tokens, n, NULL, 0,
+			    now);
+	return 1;
+}
+
+int
+redis_lock_renew_send(redis_lock *rl, const char *const *keys, const char *const *tokens,
+    size_t n, int ttl_ms, int64_t now)
+{
+	const char *extra[1] = { rl->renew_ttl };
+
+	if (rl->renewal.busy)
+		return 1;
+	snprintf(rl->renew_ttl, sizeof(rl->renew_ttl), "%d", ttl_ms);
+	return sent_send(rl, &rl->renewal, rl->renew, keys, tokens, n, extra, 1, now);
+}
+
+bool
+redis_lock_renew_pending(const redis_lock *rl)
+{
+	return rl->renewal.busy;
+}
+
+int
+redis_lock_renew_take(redis_lock *rl, bool *held)
+{
+	struct sent_call *sc = &rl->renewal;
+
+	if (!sc->busy)
+		return -1;
+	if (!redis_conn_job_done(&sc->job))
+		return 0;
+	sc->busy = false;
+	if (!sc->job.ok)
+		return -1;
+	for (size_t i = 0; i < sc->n; i++)
+		held[i] = sc->out[i] == 1;
+	return 1;
 }

@@ -3,6 +3,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "common/redis.h"
 
@@ -50,5 +51,29 @@ int redis_lock_renew(redis_lock *rl, const char *const *keys,
 /* Deletes each key that still holds its token; others are left alone. */
 int redis_lock_release(redis_lock *rl, const char *const *keys,
     const char *const *tokens, size_t n);
+
+/*
+ * The same without waiting, on the connection's poll: the keys and tokens
+ * are copied and the call sent; its answer comes in a later drive of the
+ * connection.  A few releases may be in flight: send returns 1, sending
+ * nothing, when that many are (the locks then expire by their ttl, which
+ * costs only a little of other workers' time), 0 when sent, -1 when the
+ * connection failed.  redis_lock_reap() frees the answered ones and
+ * returns -1 when one of them failed (redis_conn_errmsg() says why).
+ */
+int redis_lock_release_send(redis_lock *rl, const char *const *keys,
+    const char *const *tokens, size_t n, int64_t now_ms);
+int redis_lock_reap(redis_lock *rl);
+
+/*
+ * redis_lock_renew() without waiting, one in flight at a time
+ * (redis_lock_renew_pending()): the take returns 0 while the answer is
+ * not in, 1 with held[i] for the i-th key sent (capacity N as sent), -1
+ * when it failed.
+ */
+int redis_lock_renew_send(redis_lock *rl, const char *const *keys,
+    const char *const *tokens, size_t n, int ttl_ms, int64_t now_ms);
+bool redis_lock_renew_pending(const redis_lock *rl);
+int redis_lock_renew_take(redis_lock *rl, bool *held);
 
 #endif

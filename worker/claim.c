@@ -872,6 +872,8 @@ claim_renew_start(claimer *c, struct item *const *items, size_t n)
 bool
 claim_renewing(const claimer *c)
 {
+	if (lock_renewing(c->lm))
+		return true;
 	for (int k = 0; k < ITEM_KIND_COUNT; k++)
 		if (store_renew_pending(c->st, k))
 			return true;
@@ -894,6 +896,8 @@ claim_renew_poll(claimer *c, struct item *const *items, size_t n)
 	const int64_t *ids, *fences;
 	size_t nlost;
 	int ret = 0;
+
+	lock_renew_poll(c->lm, items, n);
 
 	for (int k = 0; k < ITEM_KIND_COUNT; k++) {
 		int r;

@@ -1570,10 +1570,15 @@ loop_teardown(struct loop *l)
 	free(l->reserve_slot);
 	api_client_free(l->api);
 	telemetry_free(l->tm);
+	/*
+	 * The connection first: a job still in flight on it (the claim's
+	 * locks, a lock release) belongs to the modules freed after, and the
+	 * connection marks them failed as it closes.
+	 */
+	redis_conn_free(l->redis);
 	claim_free(l->claims);
 	fleet_free(l->fleet);
 	lock_free(l->locks);
-	redis_conn_free(l->redis);
 	store_listener_free(l->listener);
 	store_free(l->st);
 }
@@ -1925,6 +1930,25 @@ turn(struct loop *l, int *status)
 	return false;
 }
 
+/*
+ * At exit: the Redis commands still in flight (lock releases) answered,
+ * within their deadline, so no lock is left to expire behind a clean stop.
+ */
+static void
+redis_drain(struct loop *l)
+{
+	while (l->redis != NULL && redis_conn_connected(l->redis) && redis_conn_busy(l->redis)) {
+		struct pollfd pfd = { .fd = redis_conn_fd(l->redis),
+		    .events = redis_conn_events(l->redis) };
+		int64_t wait = redis_conn_deadline(l->redis) - clock_ms();
+
+		if (poll(&pfd, 1, wait < 0 ? 0 : wait > 1000 ? 1000 : (int)wait) == -1 &&
+		    errno != EINTR)
+			break;
+		redis_conn_drive(l->redis, pfd.revents, clock_ms());
+	}
+}
+
 /* At exit: the Redis locks still held go back, the registry row goes, one summary line. */
 static void
 finish(struct loop *l)
@@ -1936,6 +1960,7 @@ finish(struct loop *l)
 		if (l->flights[i].state != FLIGHT_FREE)
 			l->itemp[n++] = &l->flights[i].item;
 	lock_release(l->locks, l->itemp, n);
+	redis_drain(l);
 	if (store_connected(l->st) && store_worker_gone(l->st, l->cfg->worker.id) == -1)
 		log_warnx("%s", store_errmsg(l->st));
 	log_info("stopped: %" PRIu64 " done, %" PRIu64 " failed, %" PRIu64 " to retry, %" PRIu64

@@ -306,6 +306,7 @@ bool redis_conn_connected(const redis_conn *rc) { (void)rc; return true; }
 bool redis_conn_connecting(const redis_conn *rc) { (void)rc; return false; }
 int redis_conn_connect_start(redis_conn *rc, int64_t now_ms) { (void)rc; (void)now_ms; return -1; }
 int redis_conn_fd(const redis_conn *rc) { (void)rc; return -1; }
+bool redis_conn_busy(const redis_conn *rc) { (void)rc; return false; }
 short redis_conn_events(const redis_conn *rc) { (void)rc; return 0; }
 int64_t redis_conn_deadline(const redis_conn *rc) { (void)rc; return INT64_MAX; }
 void redis_conn_drive(redis_conn *rc, short revents, int64_t now_ms)
