@@ -121,6 +121,7 @@ struct loop {
 	enum reserve_result *reserved;
 	int *reserve_slot;          /* the flights of the reservation in flight */
 	size_t nreserve;
+	size_t nto_reserve;         /* flights waiting to be sent for reservation */
 
 	int64_t next_poll_ms;
 	int64_t next_renew_ms;
@@ -937,8 +938,9 @@ reservations_send(struct loop *l)
 {
 	size_t m = 0;
 
-	if (store_reserve_pending(l->st))
+	if (l->nto_reserve == 0 || store_reserve_pending(l->st))
 		return;
+	l->nto_reserve = 0;
 	for (int i = 0; i < l->nflights; i++) {
 		if (l->flights[i].state != FLIGHT_TO_RESERVE)
 			continue;
@@ -1031,8 +1033,10 @@ reserve_then_launch(struct loop *l, size_t n)
 			launch(l, it, NULL, NULL);
 			continue;
 		}
-		if ((f = take_flight(l, it)) != NULL)
+		if ((f = take_flight(l, it)) != NULL) {
 			f->state = FLIGHT_TO_RESERVE;
+			l->nto_reserve++;
+		}
 	}
 	reservations_send(l);
 }
