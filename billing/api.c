@@ -355,10 +355,22 @@ api_wait(api_client *api, struct api_waitfd *extra, unsigned nextra, int timeout
 		w[i].events = extra[i].events;
 		w[i].revents = 0;
 	}
+	unsigned extra_ready = 0;
+
 	if (curl_multi_poll(api->multi, w, n, timeout_ms, &numfds) != CURLM_OK)
 		return -1;
-	for (unsigned i = 0; i < n; i++)
+	for (unsigned i = 0; i < n; i++) {
 		extra[i].revents = w[i].revents;
+		extra_ready += w[i].revents != 0;
+	}
+	/*
+	 * Woken only by the caller's descriptors (a database or Redis answer):
+	 * none of the transfers' sockets has anything, so no transfer can
+	 * move, and a perform would only walk every handle.  A timer of
+	 * libcurl's that fell due meanwhile makes the next poll return at once.
+	 */
+	if (numfds > 0 && (unsigned)numfds == extra_ready)
+		return 0;
 	curl_multi_perform(api->multi, &running);
 	return 0;
 }
