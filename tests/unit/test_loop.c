@@ -39,7 +39,8 @@ static size_t claim_limit;
 static bool claim_pending, claim_looked;
 static const struct completion *sent_batch;
 static size_t sent_n;
-static bool sent_pending, sent_looked;
+static bool sent_pending;
+static int sent_looked;
 static size_t reserve_n;
 static bool reserve_pending;
 
@@ -59,6 +60,7 @@ static struct {
 	size_t busy_items;              /* claimed, not yet recorded or parked */
 	size_t busy_max;
 	size_t claim_over_limit;        /* claims that asked beyond free room */
+	int batch_looks;                /* looks before a batch is answered (default 1) */
 
 	size_t recorded_done, recorded_retry, parked, complete_calls, api_started, zero_waits;
 	size_t aborted;
@@ -169,10 +171,13 @@ int
 store_complete_send(store *st, const struct completion *c, size_t n)
 {
 	(void)st;
+	/* One batch in flight at a time: a second would overwrite the first. */
+	if (sent_pending)
+		fail_msg("a completion batch sent while another is in flight");
 	sent_batch = c;
 	sent_n = n;
 	sent_pending = true;
-	sent_looked = false;
+	sent_looked = 0;
 	return 0;
 }
 
@@ -181,8 +186,8 @@ bool store_complete_pending(const store *st) { (void)st; return sent_pending; }
 int
 store_complete_take(store *st, bool *accepted)
 {
-	if (!sent_looked) {
-		sent_looked = true;
+	if (sent_looked < (w.batch_looks > 0 ? w.batch_looks : 1)) {
+		sent_looked++;
 		return 0;
 	}
 	sent_pending = false;
@@ -191,8 +196,8 @@ store_complete_take(store *st, bool *accepted)
 
 int store_fd(const store *st) { (void)st; return -1; }
 short store_events(const store *st) { (void)st; return 0; }
-/* An answer in flight is there at the next look: due now. */
-int64_t store_deadline(const store *st) { (void)st; return sent_pending ? clock_ms() : INT64_MAX; }
+/* An answer in flight (a batch, a claim) comes at a later look: due now. */
+int64_t store_deadline(const store *st) { (void)st; return sent_pending || claim_pending ? clock_ms() : INT64_MAX; }
 void store_drive(store *st, short r, int64_t now) { (void)st; (void)r; (void)now; }
 
 int
@@ -748,6 +753,29 @@ test_outcomes_are_recorded_in_batches(void **state)
 }
 
 /*
+ * Claims of 2 into 16 slots, and a database slower than the loop (a batch
+ * answered six turns after it was sent): outcomes come in while a batch is
+ * being recorded.  They wait for the next batch: one batch in flight at a
+ * time, every outcome recorded once, and no claim beyond the free room.
+ */
+static void
+test_one_batch_in_flight_at_a_time(void **state)
+{
+	struct bw_config cfg;
+
+	(void)state;
+	world_reset();
+	w.batch_looks = 6;
+	load_config(&cfg, 16, 2, "");
+	backlog(1, 64);
+	assert_int_equal(loop_run(&cfg, "token", NULL, true), 0);
+	assert_int_equal(w.recorded_done, 64);
+	assert_int_equal(w.claim_over_limit, 0);
+	assert_true(w.complete_calls < 32);     /* outcomes did gather meanwhile */
+	config_free(&cfg);
+}
+
+/*
  * SIGTERM with calls in flight: no new item is taken, the calls in flight
  * are answered and recorded, and the run ends cleanly with nothing left
  * claimed.
@@ -813,6 +841,7 @@ main(void)
 		cmocka_unit_test(test_refused_flush_backs_off),
 		cmocka_unit_test(test_refused_worker_probes_one_at_a_time),
 		cmocka_unit_test(test_outcomes_are_recorded_in_batches),
+		cmocka_unit_test(test_one_batch_in_flight_at_a_time),
 		cmocka_unit_test(test_stop_records_the_calls_in_flight),
 		cmocka_unit_test(test_stop_abandons_calls_at_the_deadline),
 	};
