@@ -56,15 +56,12 @@ struct sent_call {
 struct redis_lock {
 	redis_conn *conn;
 	int acquire, renew, release;    /* script ids on conn */
-	/*
-	 * Buffers reused across calls: one set for renewals and releases, one
-	 * for the acquire, whose call may be in flight while they run.
-	 */
+	/* The acquire's buffers, reused across calls (releases and renewals copy theirs). */
 	struct lock_buf {
 		const char **args;
 		long long *out;
 		size_t cap;
-	} common, acq;
+	} acq;
 	char ttl[24], most[24];         /* the acquire call's own arguments */
 	struct sent_call releases[RELEASES_IN_FLIGHT];
 	struct sent_call renewal;
@@ -102,8 +99,6 @@ redis_lock_free(redis_lock *rl)
 {
 	if (rl == NULL)
 		return;
-	free(rl->common.args);
-	free(rl->common.out);
 	free(rl->acq.args);
 	free(rl->acq.out);
 	for (int i = 0; i < RELEASES_IN_FLIGHT; i++)
@@ -152,19 +147,6 @@ finish(const struct lock_buf *b, size_t n, bool *flags)
 		flags[i] = b->out[i] == 1;
 }
 
-static int
-run(redis_lock *rl, int script, const char *const *keys, const char *const *tokens,
-    size_t n, const char *const *extra, size_t nextra, bool *flags)
-{
-	struct redis_eval ev;
-
-	if (prepare(&rl->common, script, keys, tokens, n, extra, nextra, &ev) == -1 ||
-	    redis_conn_eval_many(rl->conn, &ev, 1) == -1)
-		return -1;
-	finish(&rl->common, n, flags);
-	return 0;
-}
-
 int
 redis_lock_acquire_call(redis_lock *rl, const char *const *keys, const char *const *tokens,
     size_t n, int ttl_ms, size_t max, struct redis_eval *ev)
@@ -180,48 +162,6 @@ void
 redis_lock_acquire_done(const redis_lock *rl, size_t n, bool *got)
 {
 	finish(&rl->acq, n, got);
-}
-
-int
-redis_lock_acquire(redis_lock *rl, const char *const *keys, const char *const *tokens,
-    size_t n, int ttl_ms, size_t max, bool *got)
-{
-	struct redis_eval ev;
-
-	if (redis_lock_acquire_call(rl, keys, tokens, n, ttl_ms, max, &ev) == -1 ||
-	    redis_conn_eval_many(rl->conn, &ev, 1) == -1)
-		return -1;
-	finish(&rl->acq, n, got);
-	return 0;
-}
-
-int
-redis_lock_renew(redis_lock *rl, const char *const *keys, const char *const *tokens,
-    size_t n, int ttl_ms, bool *held)
-{
-	char ttl[24];
-	const char *extra[1] = { ttl };
-
-	if (n == 0)
-		return 0;
-	snprintf(ttl, sizeof(ttl), "%d", ttl_ms);
-	return run(rl, rl->renew, keys, tokens, n, extra, 1, held);
-}
-
-int
-redis_lock_release(redis_lock *rl, const char *const *keys, const char *const *tokens,
-    size_t n)
-{
-	bool *done;
-	int ret;
-
-	if (n == 0)
-		return 0;
-	if ((done = calloc(n, sizeof(*done))) == NULL)
-		return -1;
-	ret = run(rl, rl->release, keys, tokens, n, NULL, 0, done);
-	free(done);
-	return ret;
 }
 
 /*

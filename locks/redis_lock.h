@@ -26,15 +26,9 @@ void redis_lock_free(redis_lock *rl);
 
 /*
  * Sets got[i] when keys[i] was free and now holds tokens[i] for TTL_MS,
- * trying the keys in order and locking no more than MAX of them.
- */
-int redis_lock_acquire(redis_lock *rl, const char *const *keys,
-    const char *const *tokens, size_t n, int ttl_ms, size_t max, bool *got)
-	__attribute__((warn_unused_result));
-
-/*
- * The same in two steps, for a caller that sends it in one round trip
- * with another script call (redis_conn_eval_many): the call into EV, whose
+ * trying the keys in order and locking no more than MAX of them, in two
+ * steps, for a caller that sends it as it sees fit, alone or in one round
+ * trip with another script call (a job, redis_conn_eval_many): the call into EV, whose
  * buffers are RL's (and KEYS and TOKENS the caller's) until it ran; then
  * its answer into GOT.
  */
@@ -43,17 +37,9 @@ int redis_lock_acquire_call(redis_lock *rl, const char *const *keys,
 	__attribute__((warn_unused_result));
 void redis_lock_acquire_done(const redis_lock *rl, size_t n, bool *got);
 
-/* Sets held[i] when keys[i] still held tokens[i] and now expires in TTL_MS. */
-int redis_lock_renew(redis_lock *rl, const char *const *keys,
-    const char *const *tokens, size_t n, int ttl_ms, bool *held)
-	__attribute__((warn_unused_result));
-
-/* Deletes each key that still holds its token; others are left alone. */
-int redis_lock_release(redis_lock *rl, const char *const *keys,
-    const char *const *tokens, size_t n);
-
 /*
- * The same without waiting, on the connection's poll: the keys and tokens
+ * Deletes each key that still holds its token, others left alone, without
+ * waiting, on the connection's poll: the keys and tokens
  * are copied and the call sent; its answer comes in a later drive of the
  * connection.  A few releases may be in flight: send returns 1, sending
  * nothing, when that many are (the locks then expire by their ttl, which
@@ -66,7 +52,8 @@ int redis_lock_release_send(redis_lock *rl, const char *const *keys,
 int redis_lock_reap(redis_lock *rl);
 
 /*
- * redis_lock_renew() without waiting, one in flight at a time
+ * Sets held[i] when keys[i] still held tokens[i] and now expires in
+ * TTL_MS, without waiting, one in flight at a time
  * (redis_lock_renew_pending()): the take returns 0 while the answer is
  * not in, 1 with held[i] for the i-th key sent (capacity N as sent), -1
  * when it failed.

@@ -425,13 +425,7 @@ class Bench:
         """The worker's /metrics as {series: value}. A loop stalled on a
         frozen peer answers late: the timeout is generous on purpose."""
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60) as r:
-            text = r.read().decode()
-        out = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                out[name] = float(value)
-        return out
+            return harness.parse_metrics(r.read().decode())
 
     def recorded_between(self, t0, t1, held=None):
         """Items whose outcome was recorded in [t0, t1) (unix seconds), by the

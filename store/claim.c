@@ -168,21 +168,6 @@ stmt_of(enum stmt s, enum item_kind kind, char name[STMT_NAME_LEN])
 	    .what = stmt_names[s], .want = PGRES_TUPLES_OK };
 }
 
-int
-store_due(store *st, size_t limit, enum item_kind *kinds, int64_t *ids, size_t *ret_n)
-{
-	char lim[32];
-	const char *params[1] = { lim };
-	PGresult *res = NULL;
-
-	snprintf(lim, sizeof(lim), "%zu", limit);
-	if (store_run(st, &due_stmt, 1, params, &res) == -1)
-		return -1;
-	take_due(st, res, limit, kinds, ids, ret_n);
-	PQclear(res);
-	return 0;
-}
-
 /* The due query's answer RES: the pauses noted, up to LIMIT items listed. */
 static void
 take_due(store *st, const PGresult *res, size_t limit, enum item_kind *kinds, int64_t *ids,
@@ -448,55 +433,6 @@ store_claims_free(store *st)
 	}
 }
 
-int
-store_renew(store *st, enum item_kind kind, struct item *const *items, size_t n,
-    int lease_ms)
-{
-	struct buf *ids = &st->arr[0], *fences = &st->arr[1];
-	struct id_pos *ix;
-	char lease[32], name[STMT_NAME_LEN];
-	const char *params[3];
-	struct store_stmt stmt;
-	PGresult *res = NULL;
-	int rows;
-
-	if (n == 0)
-		return 0;
-	if (arr_open(ids) == -1 || arr_open(fences) == -1)
-		goto oom;
-	for (size_t i = 0; i < n; i++)
-		if (arr_add_int(ids, items[i]->id) == -1 ||
-		    arr_add_int(fences, items[i]->fence) == -1)
-			goto oom;
-	if (arr_close(ids) == -1 || arr_close(fences) == -1)
-		goto oom;
-	snprintf(lease, sizeof(lease), "%d", lease_ms);
-	params[0] = ids->data;
-	params[1] = fences->data;
-	params[2] = lease;
-	stmt = stmt_of(STMT_RENEW, kind, name);
-	if (store_run(st, &stmt, 3, params, &res) == -1)
-		return -1;
-	/* Renewed rows come back; everything else is no longer ours. */
-	if ((ix = index_items(st, items, n)) == NULL) {
-		PQclear(res);
-		goto oom;
-	}
-	rows = PQntuples(res);
-	for (size_t i = 0; i < n; i++)
-		items[i]->lock_lost = true;
-	for (int r = 0; r < rows; r++) {
-		ssize_t pos = index_find(ix, n, strtoll(PQgetvalue(res, r, 0), NULL, 10));
-
-		if (pos >= 0)
-			items[pos]->lock_lost = false;
-	}
-	PQclear(res);
-	return 0;
-oom:
-	store_errorf(st, "out of memory");
-	return -1;
-}
 
 /*
  * The loop's renewal of one kind, asynchronous: the ids and fences sent

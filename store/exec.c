@@ -183,31 +183,25 @@ run_in_tx(store *st, const struct store_stmt *stmt, int nparams, const char *con
 	struct store_stmt step = *stmt;
 	PGresult *res = NULL;
 
-	if (st->conn == NULL) {
-		/* The daemon's connection: every statement is one, even a simple query. */
+	if (st->conn == NULL || stmt->send != STORE_SIMPLE) {
 		/*
-		 * The job's own implicit transaction, up to its sync, holds the
-		 * settings: no BEGIN, so a failure leaves nothing open behind
-		 * it for the jobs queued after it to trip on.
+		 * The daemon's connection: every statement is one, even a simple
+		 * query, and the job's own implicit transaction, up to its sync,
+		 * holds the settings: no BEGIN, so a failure leaves nothing open
+		 * behind it for the jobs queued after it to trip on.
 		 */
 		const struct pq_stmt tx[] = {
 			{ .sql = st->tx_settings },
 			{ .sql = sql, .nparams = nparams, .params = params },
 		};
 
-		res = sql == NULL || st->engine == NULL ? NULL :
-		    job_collect(st, tx, 2, 1, timeout_ms);
-		if (PQresultStatus(res) != stmt->want) {
-			store_set_error(st, stmt->what, res);
-			PQclear(res);
-			rollback_open(st, stmt->no_deadline);
-			return -1;
-		}
-		goto done;
-	}
-	if (stmt->send != STORE_SIMPLE) {
-		res = sql == NULL ? NULL : store_exec_in_tx_bounded(st->conn, timeout_ms,
-		    st->tx_settings, sql, nparams, params);
+		if (sql == NULL)
+			res = NULL;
+		else if (st->conn == NULL)
+			res = st->engine == NULL ? NULL : job_collect(st, tx, 2, 1, timeout_ms);
+		else
+			res = store_exec_in_tx_bounded(st->conn, timeout_ms, st->tx_settings, sql,
+			    nparams, params);
 		if (PQresultStatus(res) != stmt->want) {
 			store_set_error(st, stmt->what, res);
 			PQclear(res);

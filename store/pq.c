@@ -448,24 +448,3 @@ pq_job_clear(struct pq_job *job)
 	job->ok = false;
 	job->lost = false;
 }
-
-PGconn *
-pq_detach(pq *c)
-{
-	PGconn *conn = c->conn;
-
-	if (c->state != PQ_READY || c->head != NULL) {
-		set_err(c, "the connection is busy", NULL);
-		return NULL;
-	}
-	if (PQexitPipelineMode(conn) == 0 || PQsetnonblocking(conn, 0) == -1) {
-		set_err(c, "could not hand the connection over", PQerrorMessage(conn));
-		pq_drop(c, NULL);
-		return NULL;
-	}
-	c->conn = NULL;
-	c->state = PQ_DOWN;
-	c->want_write = false;
-	c->host_sock = -1;
-	return conn;
-}

@@ -133,12 +133,6 @@ void pq_job_clear(struct pq_job *job);
  */
 PGconn *pq_raw_conn(const pq *c);
 
-/*
- * Hands a PQ_READY connection with nothing in flight over to the caller,
- * out of pipeline mode and blocking again, for libpq's ordinary calls;
- * C is PQ_DOWN after.  NULL (with pq_errmsg() set) when it cannot.
- */
-PGconn *pq_detach(pq *c);
 
 /* Why the last connect or submit failed, or the connection was lost. */
 const char *pq_errmsg(const pq *c);

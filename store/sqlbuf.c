@@ -144,26 +144,3 @@ index_grow(struct id_pos **ix, size_t *cap, size_t n)
 	*cap = c;
 	return p;
 }
-
-/* Makes room for N index entries in ST's scratch; NULL when out of memory. */
-struct id_pos *
-index_reserve(store *st, size_t n)
-{
-	return index_grow(&st->index, &st->index_cap, n);
-}
-
-/* Sorted index over the ids of ITEMS. */
-struct id_pos *
-index_items(store *st, struct item *const *items, size_t n)
-{
-	struct id_pos *ix = index_reserve(st, n);
-
-	if (ix == NULL)
-		return NULL;
-	for (size_t i = 0; i < n; i++) {
-		ix[i].id = items[i]->id;
-		ix[i].pos = i;
-	}
-	qsort(ix, n, sizeof(*ix), id_pos_cmp);
-	return ix;
-}

@@ -82,7 +82,6 @@ store_free(store *st)
 		free(st->unnamed[i].sql);
 	for (size_t i = 0; i < sizeof(st->arr) / sizeof(st->arr[0]); i++)
 		free(st->arr[i].data);
-	free(st->index);
 	store_complete_free(st);
 	store_claims_free(st);
 	store_renewals_free(st);

@@ -113,14 +113,13 @@ uint64_t store_retries(const store *st);
  * them in Redis and then claims them with store_claim(); in skip-locked
  * mode it tells which kinds are worth a claim at all.
  */
-int store_due(store *st, size_t limit, enum item_kind *kinds, int64_t *ids,
-    size_t *ret_n) __attribute__((warn_unused_result));
+/* (The loop sends it and takes its answer: store_due_send(), below.) */
 
 /*
  * Whether KIND was paused fleet-wide (billing-worker pause) at the last
- * store_due(): "" when not, else the reason, who paused it and since when.
+ * due query: "" when not, else the reason, who paused it and since when.
  * The due query reads the pauses itself, so this costs nothing.  The
- * string lives until the next store_due().
+ * string lives until the next due query.
  */
 const char *store_pause_note(const store *st, enum item_kind kind);
 
@@ -184,8 +183,7 @@ int store_claim(store *st, enum item_kind kind, const int64_t *ids, size_t nids,
  * claim still owns (same fence, still pending).  Items no longer owned get
  * lock_lost set.
  */
-int store_renew(store *st, enum item_kind kind, struct item *const *items,
-    size_t n, int lease_ms) __attribute__((warn_unused_result));
+/* (The loop sends it and takes its answer: store_renew_send(), below.) */
 
 
 /*
@@ -199,10 +197,10 @@ int store_complete(store *st, const struct completion *c, size_t n,
     bool *accepted) __attribute__((warn_unused_result));
 
 /*
- * store_due() and store_claim() for the loop, asynchronous
+ * The due query above and store_claim() for the loop, asynchronous
  * (store_set_pipeline): sent now (the arguments are copied), answered at
  * a later turn.  The takes return 0 while the answer is not in, 1 with
- * the results as the blocking calls give them, -1 on failure
+ * the results as described above, -1 on failure
  * (store_errmsg(), store_connected(), store_failed_on_data()).  One due
  * query and one claim per kind in flight at a time (the _pending calls).
  */
@@ -217,7 +215,7 @@ int store_claim_take(store *st, enum item_kind kind, struct item *items, size_t 
 	__attribute__((warn_unused_result));
 
 /*
- * store_renew() for the loop, asynchronous, one per kind in flight: the
+ * The renewal above for the loop, asynchronous, one per kind in flight: the
  * take returns 1 with the ids and fences (*RET_NLOST of them, valid until
  * the next send) of the items sent whose lease is no longer theirs.  The
  * items themselves may be gone by then: the caller matches them.
@@ -310,11 +308,10 @@ enum reserve_result {
  * whose row or subsidy row another transaction holds is RESERVE_BUSY
  * (schema version 8).  results[i] answers for items[i].
  */
-int store_reserve(store *st, struct item *const *items, size_t n,
-    enum reserve_result *results) __attribute__((warn_unused_result));
+/* (The loop sends it and takes its answer: store_reserve_send(), below.) */
 
 /*
- * store_reserve() for the loop, asynchronous, one in flight: the take
+ * The reservation above for the loop, asynchronous, one in flight: the take
  * returns 0 while the answer is not in, 1 with results[i] for the i-th
  * item sent, -1 on failure (nothing was reserved).
  */

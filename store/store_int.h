@@ -84,8 +84,6 @@ struct store {
 		char *sql;
 	} unnamed[STORE_UNNAMED_MAX];
 	size_t n_unnamed;
-	struct id_pos *index;       /* scratch for index_reserve() */
-	size_t index_cap;
 	struct complete_batch *complete;    /* the loop's completion in flight (complete.c) */
 	struct due_op *due;                 /* the loop's due query (claim.c) */
 	struct claim_op *claim[ITEM_KIND_COUNT];    /* its claims, one per kind */
@@ -288,8 +286,7 @@ int arr_close(struct buf *b) __attribute__((warn_unused_result));
 int id_pos_cmp(const void *a, const void *b);
 /* Position of ID in the sorted index IX of N entries, or -1. */
 ssize_t index_find(const struct id_pos *ix, size_t n, int64_t id);
-/* Makes room for N entries in ST's scratch index; NULL when out of memory. */
-struct id_pos *index_reserve(store *st, size_t n);
+/* Makes room for N entries in the index *IX of capacity *CAP; NULL when out of memory. */
 struct id_pos *index_grow(struct id_pos **ix, size_t *cap, size_t n);
 
 /* Frees the loop's completion batch (complete.c). */
@@ -302,7 +299,5 @@ void store_renewals_free(store *st);
 void store_workers_free(store *st);
 /* Frees the loop's reservation (reserve.c). */
 void store_reserve_free(store *st);
-/* ST's scratch index over the ids of ITEMS, sorted; NULL when out of memory. */
-struct id_pos *index_items(store *st, struct item *const *items, size_t n);
 
 #endif

@@ -66,6 +66,17 @@ LOCALHOST = "127.0.0.1"
 # Small utilities
 # --------------------------------------------------------------------------
 
+def parse_metrics(text):
+    """A Prometheus text exposition as {series: value}, series as written
+    ('name{labels}')."""
+    series = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            series[name] = float(value)
+    return series
+
+
 def free_port(host=LOCALHOST):
     """A TCP port nothing listens on right now (the kernel's pick)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -17,7 +17,7 @@ import urllib.request
 
 import pytest
 
-from harness import (migrate, LOCALHOST, Worker, free_port, insert_invoices, make_config, run_cli,
+from harness import (migrate, parse_metrics, LOCALHOST, Worker, free_port, insert_invoices, make_config, run_cli,
                      wait_for)
 
 
@@ -30,14 +30,7 @@ def scrape(port):
     with urllib.request.urlopen(f"http://{LOCALHOST}:{port}/metrics", timeout=5) as resp:
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-        text = resp.read().decode()
-    series = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name, _, value = line.rpartition(" ")
-        series[name] = float(value)
-    return series
+        return parse_metrics(resp.read().decode())
 
 
 def finished(m, outcome):

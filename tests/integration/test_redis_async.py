@@ -14,19 +14,13 @@ import signal
 import time
 import urllib.request
 
-from harness import (LOCALHOST, RedisClient, RedisServer, Worker, free_port, insert_invoices,
+from harness import (LOCALHOST, RedisClient, parse_metrics, RedisServer, Worker, free_port, insert_invoices,
                      make_config, migrate, wait_for)
 
 
 def scrape(port):
     with urllib.request.urlopen(f"http://{LOCALHOST}:{port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    series = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            series[name] = float(value)
-    return series
+        return parse_metrics(resp.read().decode())
 
 
 def slow_turns(m):
