@@ -1,13 +1,18 @@
 #include "billing/api.h"
 
 #include <errno.h>
+#include <poll.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
+#include <unistd.h>
 
 #include <curl/curl.h>
 #include <jansson.h>
 
+#include "common/clock.h"
 #include "common/log.h"
 
 /* An answer larger than this is cut off and treated as ambiguous. */
@@ -39,6 +44,16 @@ struct api_client {
 	struct call **calls;        /* every call ever allocated */
 	struct call **idle;         /* those not in flight */
 	int ncalls, nidle, cap, in_flight;
+	/*
+	 * The sockets libcurl asks to be watched (its socket callback), in an
+	 * epoll set: a turn costs the kernel and libcurl only the sockets
+	 * that are ready, not a scan of every connection.  The caller's few
+	 * descriptors are polled beside the epoll descriptor.
+	 */
+	int epfd;
+	struct pollfd *pollset;     /* scratch: the caller's descriptors, then epfd */
+	int pollset_cap;
+	int64_t timer_at_ms;        /* libcurl's next timeout on clock_ms(); -1: none */
 };
 
 static int curl_ready;
@@ -78,6 +93,51 @@ on_header(char *data, size_t size, size_t nmemb, void *userp)
 	return n;
 }
 
+/*
+ * libcurl's socket callback: which of its sockets to watch, for what.  The
+ * events a socket is registered with ride in libcurl's per-socket pointer
+ * (SOCK_WATCHED set once it is in the set), so an unchanged request costs
+ * no system call.
+ */
+#define SOCK_WATCHED 0x10000
+
+static int
+on_socket(CURL *easy, curl_socket_t s, int what, void *userp, void *socketp)
+{
+	api_client *api = userp;
+	intptr_t had = (intptr_t)socketp;
+	struct epoll_event ev;
+
+	(void)easy;
+	if (what == CURL_POLL_REMOVE) {
+		/* Already closed, it left the set by itself: ENOENT/EBADF are fine. */
+		if (had != 0)
+			epoll_ctl(api->epfd, EPOLL_CTL_DEL, s, NULL);
+		return 0;
+	}
+	memset(&ev, 0, sizeof(ev));
+	ev.events = ((what & CURL_POLL_IN) ? EPOLLIN : 0) | ((what & CURL_POLL_OUT) ? EPOLLOUT : 0);
+	ev.data.fd = s;
+	if (had == (intptr_t)(ev.events | SOCK_WATCHED))
+		return 0;
+	if (epoll_ctl(api->epfd, had != 0 ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, s, &ev) == -1 &&
+	    (had == 0 || errno != ENOENT || epoll_ctl(api->epfd, EPOLL_CTL_ADD, s, &ev) == -1))
+		return -1;          /* libcurl fails the transfer */
+	curl_multi_assign(api->multi, s, (void *)(intptr_t)(ev.events | SOCK_WATCHED));
+	return 0;
+}
+
+/* libcurl's timer callback: when it next wants to be called without I/O. */
+static int
+on_timer(CURLM *multi, long timeout_ms, void *userp)
+{
+	api_client *api = userp;
+
+	(void)multi;
+	api->timer_at_ms = timeout_ms < 0 ? -1 : clock_ms() + timeout_ms;
+	return 0;
+}
+
 static char *
 join(const char *a, const char *b)
 {
@@ -111,6 +171,7 @@ api_client_new(const struct api_options *o, api_client **ret, char *err, size_t 
 		base[--n] = '\0';
 	if ((api = calloc(1, sizeof(*api))) == NULL)
 		goto oom;
+	api->epfd = -1;
 	api->https = strncmp(base, "https://", 8) == 0;
 	if (o->ca_file != NULL && o->ca_file[0] != '\0') {
 		FILE *f = fopen(o->ca_file, "re");
@@ -129,9 +190,19 @@ api_client_new(const struct api_options *o, api_client **ret, char *err, size_t 
 	api->url_redemptions = join(base, "/v1/redemptions");
 	api->auth_header = join("Authorization: Bearer ", o->token);
 	api->multi = curl_multi_init();
+	api->timer_at_ms = -1;
 	if (api->url_charges == NULL || api->url_redemptions == NULL ||
 	    api->auth_header == NULL || api->multi == NULL)
 		goto oom;
+	if ((api->epfd = epoll_create1(EPOLL_CLOEXEC)) == -1) {
+		snprintf(err, errlen, "could not create an epoll descriptor: %s", strerror(errno));
+		api_client_free(api);
+		return -1;
+	}
+	curl_multi_setopt(api->multi, CURLMOPT_SOCKETFUNCTION, on_socket);
+	curl_multi_setopt(api->multi, CURLMOPT_SOCKETDATA, api);
+	curl_multi_setopt(api->multi, CURLMOPT_TIMERFUNCTION, on_timer);
+	curl_multi_setopt(api->multi, CURLMOPT_TIMERDATA, api);
 	api_client_set_limits(api, o->timeout_ms, o->connect_timeout_ms, o->max_connections);
 	*ret = api;
 	return 0;
@@ -188,6 +259,9 @@ api_client_free(api_client *api)
 	free(api->idle);
 	if (api->multi != NULL)
 		curl_multi_cleanup(api->multi);
+	if (api->epfd != -1)
+		close(api->epfd);
+	free(api->pollset);
 	free(api->url_charges);
 	free(api->url_redemptions);
 	free(api->ca_file);
@@ -343,35 +417,85 @@ fail:
 	return -1;
 }
 
+/* epoll's answer for one of libcurl's sockets, in libcurl's terms. */
+static int
+select_mask(uint32_t events)
+{
+	return ((events & (EPOLLIN | EPOLLHUP | EPOLLRDHUP)) ? CURL_CSELECT_IN : 0) |
+	    ((events & EPOLLOUT) ? CURL_CSELECT_OUT : 0) |
+	    ((events & EPOLLERR) ? CURL_CSELECT_ERR : 0);
+}
+
+/* Room in the scratch poll set for N descriptors. */
+static int
+pollset_fit(api_client *api, int n)
+{
+	struct pollfd *p;
+	int cap;
+
+	if (n <= api->pollset_cap)
+		return 0;
+	cap = n < 32 ? 64 : n * 2;
+	if ((p = realloc(api->pollset, (size_t)cap * sizeof(*p))) == NULL)
+		return -1;
+	api->pollset = p;
+	api->pollset_cap = cap;
+	return 0;
+}
+
+#define EVENTS_PER_WAIT 64
+
 int
 api_wait(api_client *api, struct api_waitfd *extra, unsigned nextra, int timeout_ms)
 {
-	struct curl_waitfd w[8];
-	int numfds = 0, running;
-	unsigned n = nextra < 8 ? nextra : 8;
+	struct epoll_event ev[EVENTS_PER_WAIT];
+	int n = (int)nextra + 1, running = api->in_flight, ready;
 
-	for (unsigned i = 0; i < n; i++) {
-		w[i].fd = extra[i].fd;
-		w[i].events = extra[i].events;
-		w[i].revents = 0;
-	}
-	unsigned extra_ready = 0;
-
-	if (curl_multi_poll(api->multi, w, n, timeout_ms, &numfds) != CURLM_OK)
-		return -1;
-	for (unsigned i = 0; i < n; i++) {
-		extra[i].revents = w[i].revents;
-		extra_ready += w[i].revents != 0;
-	}
 	/*
-	 * Woken only by the caller's descriptors (a database or Redis answer):
-	 * none of the transfers' sockets has anything, so no transfer can
-	 * move, and a perform would only walk every handle.  A timer of
-	 * libcurl's that fell due meanwhile makes the next poll return at once.
+	 * A timer already due (calls started this turn set one of 0 ms) is
+	 * served before the poll, so their requests go out now and the poll
+	 * waits for their answers instead of returning at once for them.  A
+	 * call that ended in it (a refused connect) is collected at once.
 	 */
-	if (numfds > 0 && (unsigned)numfds == extra_ready)
-		return 0;
-	curl_multi_perform(api->multi, &running);
+	if (api->timer_at_ms >= 0 && clock_ms() >= api->timer_at_ms) {
+		api->timer_at_ms = -1;          /* a new timer set in the action stays */
+		curl_multi_socket_action(api->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+		if (running < api->in_flight)
+			timeout_ms = 0;
+	}
+	if (pollset_fit(api, n) == -1)
+		return -1;
+	for (unsigned i = 0; i < nextra; i++) {
+		api->pollset[i].fd = extra[i].fd;       /* -1: ignored by poll */
+		api->pollset[i].events = extra[i].events;
+		api->pollset[i].revents = 0;
+	}
+	api->pollset[nextra].fd = api->epfd;
+	api->pollset[nextra].events = POLLIN;
+	api->pollset[nextra].revents = 0;
+	if (api->timer_at_ms >= 0) {
+		int64_t due = api->timer_at_ms - clock_ms();
+
+		if (due < 0)
+			due = 0;
+		if (timeout_ms < 0 || due < timeout_ms)
+			timeout_ms = (int)due;
+	}
+	if (poll(api->pollset, (nfds_t)n, timeout_ms) < 0)
+		return errno == EINTR ? 0 : -1;
+	for (unsigned i = 0; i < nextra; i++)
+		extra[i].revents = api->pollset[i].revents;
+	/* Only the transfers on a ready socket move; more than 64 wait a turn. */
+	if (api->pollset[nextra].revents != 0) {
+		ready = epoll_wait(api->epfd, ev, EVENTS_PER_WAIT, 0);
+		for (int i = 0; i < ready; i++)
+			curl_multi_socket_action(api->multi, ev[i].data.fd,
+			    select_mask(ev[i].events), &running);
+	}
+	if (api->timer_at_ms >= 0 && clock_ms() >= api->timer_at_ms) {
+		api->timer_at_ms = -1;
+		curl_multi_socket_action(api->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+	}
 	return 0;
 }
 
