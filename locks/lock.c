@@ -6,6 +6,7 @@
 #include <string.h>
 #include <sys/random.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "common/clock.h"
 #include "common/log.h"
@@ -21,6 +22,12 @@ struct lockmgr {
 	enum lock_policy policy;
 	int ttl_ms;
 	char worker_id[ITEM_TOKEN_MAX - 34];
+	/*
+	 * Tokens are worker id, 64 random bits drawn once per process and a
+	 * count of acquire calls, so no acquisition anywhere repeats one and
+	 * a claim of many items costs no system call per item.
+	 */
+	uint64_t token_nonce, token_serial;
 	char key_prefix[LOCK_KEY_PREFIX_MAX + 1];
 	redis_conn *conn;               /* borrowed; NULL in skip-locked policy */
 	redis_lock *redis;
@@ -106,6 +113,15 @@ lock_new(const struct lock_options *o, redis_conn *conn, lockmgr **ret)
 	lm->reconnect_delay_ms = RECONNECT_MIN_MS;
 	snprintf(lm->worker_id, sizeof(lm->worker_id), "%s", o->worker_id);
 	snprintf(lm->key_prefix, sizeof(lm->key_prefix), "%s", prefix);
+	if (getrandom(&lm->token_nonce, sizeof(lm->token_nonce), 0) !=
+	    (ssize_t)sizeof(lm->token_nonce)) {
+		/* Cannot happen after boot; fall back to something still unique enough. */
+		struct timespec ts;
+
+		clock_gettime(CLOCK_REALTIME, &ts);
+		lm->token_nonce = ((uint64_t)ts.tv_sec << 32) ^ (uint64_t)ts.tv_nsec ^
+		    ((uint64_t)getpid() << 48);
+	}
 	metrics_set_lock_mode(lock_policy_name(lm->policy));
 	if (lm->policy != LOCK_POLICY_SKIP_LOCKED) {
 		lm->conn = conn;
@@ -157,30 +173,63 @@ lock_errmsg(const lockmgr *lm)
 	return lm->errmsg;
 }
 
-/* The fleet's prefix keeps fleets sharing one Redis off each other's locks. */
+/*
+ * PREFIX "lock:" KIND ":" ID.  The fleet's prefix keeps fleets sharing one
+ * Redis off each other's locks.  Built by hand, not by snprintf: a claim
+ * builds one per candidate.  LOCK_KEY_MAX holds the longest: a prefix of
+ * LOCK_KEY_PREFIX_MAX, "lock:redemption:" and 20 digits.
+ */
 static void
 lock_key(const lockmgr *lm, char *buf, size_t len, enum item_kind kind, int64_t id)
 {
-	snprintf(buf, len, "%slock:%s:%" PRId64, lm->key_prefix, item_kind_name(kind), id);
+	const char *name = item_kind_name(kind);
+	size_t lp = strlen(lm->key_prefix), ln = strlen(name), n = 0;
+	char digits[24];
+	int nd = 0;
+	uint64_t v = id < 0 ? (uint64_t)0 - (uint64_t)id : (uint64_t)id;
+
+	if (lp + ln + 5 + 2 + 21 > len) {   /* cannot happen with LOCK_KEY_MAX */
+		snprintf(buf, len, "%slock:%s:%" PRId64, lm->key_prefix, name, id);
+		return;
+	}
+	do {
+		digits[nd++] = (char)('0' + v % 10);
+		v /= 10;
+	} while (v != 0);
+	memcpy(buf, lm->key_prefix, lp);
+	n = lp;
+	memcpy(buf + n, "lock:", 5);
+	n += 5;
+	memcpy(buf + n, name, ln);
+	n += ln;
+	buf[n++] = ':';
+	if (id < 0)
+		buf[n++] = '-';
+	while (nd > 0)
+		buf[n++] = digits[--nd];
+	buf[n] = '\0';
 }
 
-/* A token no other claim anywhere will ever hold: worker id + 128 random bits. */
+/*
+ * A token no other claim anywhere will ever hold: worker id, the process'
+ * nonce and the serial of this acquire call.  Every key of one call shares
+ * it: each key's lock is still told apart by its key, and the next call,
+ * for any key, holds another token.
+ */
 static void
-make_token(const lockmgr *lm, char *buf, size_t len)
+make_token(lockmgr *lm, char *buf, size_t len)
 {
-	unsigned char r[16];
-	char hex[33];
+	static const char hex[] = "0123456789abcdef";
+	char tail[34];
+	uint64_t serial = ++lm->token_serial;
 
-	if (getrandom(r, sizeof(r), 0) != (ssize_t)sizeof(r)) {
-		/* Cannot happen after boot; fall back to something still unique enough. */
-		struct timespec ts;
-
-		clock_gettime(CLOCK_REALTIME, &ts);
-		memcpy(r, &ts, sizeof(ts) < sizeof(r) ? sizeof(ts) : sizeof(r));
+	for (int i = 0; i < 16; i++) {
+		tail[i] = hex[(lm->token_nonce >> (60 - 4 * i)) & 0xf];
+		tail[17 + i] = hex[(serial >> (60 - 4 * i)) & 0xf];
 	}
-	for (int i = 0; i < 16; i++)
-		snprintf(hex + 2 * i, 3, "%02x", r[i]);
-	snprintf(buf, len, "%s:%s", lm->worker_id, hex);
+	tail[16] = '-';
+	tail[33] = '\0';
+	snprintf(buf, len, "%s:%s", lm->worker_id, tail);
 }
 
 /*
@@ -369,9 +418,16 @@ lock_acquire_call(lockmgr *lm, const enum item_kind *kinds, const int64_t *ids, 
 		snprintf(lm->errmsg, sizeof(lm->errmsg), "out of memory");
 		return -1;
 	}
+	size_t toklen = 0;
+
+	if (n > 0) {
+		make_token(lm, tokens[0], sizeof(tokens[0]));
+		toklen = strlen(tokens[0]) + 1;
+	}
 	for (size_t i = 0; i < n; i++) {
 		lock_key(lm, lm->akeys[i], sizeof(lm->akeys[i]), kinds[i], ids[i]);
-		make_token(lm, tokens[i], sizeof(tokens[i]));
+		if (i > 0)
+			memcpy(tokens[i], tokens[0], toklen);
 		lm->akeyp[i] = lm->akeys[i];
 		lm->atokp[i] = tokens[i];
 		got[i] = false;
