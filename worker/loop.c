@@ -110,6 +110,13 @@ struct loop {
 	int *free_slots;        /* stack of FREE flights */
 	int nfree;
 	int busy;               /* flights not FREE */
+	/*
+	 * Of those, the ones whose call is over (DONE, RECORDING): they wait
+	 * for the database, not for the API, so they do not count against
+	 * worker.concurrency.  Flights are twice the concurrency, so a batch
+	 * being recorded never keeps calls from starting.
+	 */
+	int settling;
 
 	struct item *claimed;   /* claim scratch, capacity batch */
 	size_t claimed_cap;
@@ -228,36 +235,36 @@ policy_from(struct retry_policy *p, const struct bw_config *cfg)
 	p->key_ttl_ms = (int64_t)cfg->billing_api.idempotency_key_ttl_s * 1000;
 }
 
-/* Makes room for CONCURRENCY flights and a batch of BATCH claims. */
+/* Makes room for FLIGHTS flights and a batch of BATCH claims. */
 static int
-reserve(struct loop *l, int concurrency, int batch)
+reserve(struct loop *l, int flights, int batch)
 {
 	void *p;
 	size_t need;
 
-	if (concurrency > l->nflights) {
+	if (flights > l->nflights) {
 #define GROW(field, n) \
 		do { \
 			if ((p = realloc(l->field, (size_t)(n) * sizeof(*l->field))) == NULL) \
 				return -1; \
 			l->field = p; \
 		} while (0)
-		GROW(free_slots, concurrency);
-		if ((p = realloc(l->flights, (size_t)concurrency * sizeof(*l->flights))) == NULL)
+		GROW(free_slots, flights);
+		if ((p = realloc(l->flights, (size_t)flights * sizeof(*l->flights))) == NULL)
 			return -1;
 		l->flights = p;
 		memset(l->flights + l->nflights, 0,
-		    (size_t)(concurrency - l->nflights) * sizeof(*l->flights));
+		    (size_t)(flights - l->nflights) * sizeof(*l->flights));
 		/* New slots go under the old free ones: lowest index on top. */
-		for (int i = concurrency - 1; i >= l->nflights; i--)
+		for (int i = flights - 1; i >= l->nflights; i--)
 			l->free_slots[l->nfree++] = i;
-		l->nflights = concurrency;
-		GROW(batch, concurrency);
-		GROW(accepted, concurrency);
-		GROW(batch_flight, concurrency);
-		GROW(itemp, concurrency);
-		GROW(reserved, concurrency);
-		GROW(reserve_slot, concurrency);
+		l->nflights = flights;
+		GROW(batch, flights);
+		GROW(accepted, flights);
+		GROW(batch_flight, flights);
+		GROW(itemp, flights);
+		GROW(reserved, flights);
+		GROW(reserve_slot, flights);
 	}
 	need = (size_t)batch;
 	if (need > l->claimed_cap) {
@@ -266,6 +273,37 @@ reserve(struct loop *l, int concurrency, int batch)
 	}
 #undef GROW
 	return 0;
+}
+
+/* Every change of a flight's state, so settling always agrees with the flights. */
+static void
+set_state(struct loop *l, struct flight *f, enum flight_state to)
+{
+	bool was = f->state == FLIGHT_DONE || f->state == FLIGHT_RECORDING;
+	bool is = to == FLIGHT_DONE || to == FLIGHT_RECORDING;
+
+	l->settling += (int)is - (int)was;
+	f->state = to;
+}
+
+/*
+ * Calls in flight or about to be (claimed, reserving): what concurrency
+ * bounds.  While outcomes cannot be recorded, those waiting count too: no
+ * more calls are made than before whose outcomes only memory holds.
+ */
+static int
+calls_held(const struct loop *l)
+{
+	return l->flush_failing_since_ms != 0 ? l->busy : l->busy - l->settling;
+}
+
+/* Room for a claim: calls under concurrency, and a free flight for each. */
+static int
+claim_room(const struct loop *l)
+{
+	int room = l->cfg->worker.concurrency - calls_held(l);
+
+	return room < l->nfree ? room : l->nfree;
 }
 
 /* A free flight in O(1): free ones are kept on a stack. */
@@ -284,7 +322,7 @@ static void
 release_flight(struct loop *l, int slot)
 {
 	item_clear(&l->flights[slot].item);
-	l->flights[slot].state = FLIGHT_FREE;
+	set_state(l, &l->flights[slot], FLIGHT_FREE);
 	l->free_slots[l->nfree++] = slot;
 	l->busy--;
 }
@@ -684,7 +722,7 @@ flush_send(struct loop *l, int64_t now)
 		return;
 	}
 	for (size_t j = 0; j < n; j++)
-		l->flights[l->batch_flight[j]].state = FLIGHT_RECORDING;
+		set_state(l, &l->flights[l->batch_flight[j]], FLIGHT_RECORDING);
 }
 
 /*
@@ -695,7 +733,7 @@ static void
 flush_requeue(struct loop *l, size_t n)
 {
 	for (size_t j = 0; j < n; j++)
-		l->flights[l->batch_flight[j]].state = FLIGHT_DONE;
+		set_state(l, &l->flights[l->batch_flight[j]], FLIGHT_DONE);
 }
 
 /* Takes the answer to the batch in flight, when it is in. */
@@ -844,7 +882,7 @@ start_flight(struct loop *l, struct flight *f, const char *refuse, const char *d
 	f->started_unix_ms = clock_wall_ms();
 	if (refuse != NULL) {
 		outcome_refused(&f->item, refuse, &f->done);
-		f->state = FLIGHT_DONE;
+		set_state(l, f, FLIGHT_DONE);
 		return;
 	}
 	if (defer != NULL) {
@@ -852,7 +890,7 @@ start_flight(struct loop *l, struct flight *f, const char *refuse, const char *d
 		f->done.calls = 0;
 		f->done.ambiguous = f->item.ambiguous;
 		f->done.delay_ms = l->cfg->worker.poll_interval_ms;
-		f->state = FLIGHT_DONE;
+		set_state(l, f, FLIGHT_DONE);
 		return;
 	}
 	if (item_validate(&f->item, &reason) == -1) {
@@ -874,11 +912,11 @@ start_flight(struct loop *l, struct flight *f, const char *refuse, const char *d
 		} else {
 			outcome_refused(&f->item, reason, &f->done);
 		}
-		f->state = FLIGHT_DONE;
+		set_state(l, f, FLIGHT_DONE);
 		return;
 	}
 	if (outcome_before_call(&f->item, &l->policy, &f->done)) {
-		f->state = FLIGHT_DONE;     /* logged with its outcome */
+		set_state(l, f, FLIGHT_DONE);     /* logged with its outcome */
 		return;
 	}
 	if (api_start(l->api, &f->item, slot) == -1) {
@@ -889,11 +927,11 @@ start_flight(struct loop *l, struct flight *f, const char *refuse, const char *d
 		outcome_after_call(&f->item, &v, &l->policy, jitter_next(&l->rng), &f->done);
 		f->done.calls = 0;
 		stamp_history(f, 0, NULL);
-		f->state = FLIGHT_DONE;
+		set_state(l, f, FLIGHT_DONE);
 		return;
 	}
 	l->n_calls++;
-	f->state = FLIGHT_CALLING;
+	set_state(l, f, FLIGHT_CALLING);
 	log_debug("%s %" PRId64 ": calling the billing API (attempt %d, fence %" PRId64 ")",
 	    item_kind_name(f->item.kind), f->item.id, f->item.attempts + 1, f->item.fence);
 }
@@ -957,7 +995,7 @@ reservations_send(struct loop *l)
 	}
 	l->nreserve = m;
 	for (size_t j = 0; j < m; j++)
-		l->flights[l->reserve_slot[j]].state = FLIGHT_RESERVING;
+		set_state(l, &l->flights[l->reserve_slot[j]], FLIGHT_RESERVING);
 }
 
 /*
@@ -1034,7 +1072,7 @@ reserve_then_launch(struct loop *l, size_t n)
 			continue;
 		}
 		if ((f = take_flight(l, it)) != NULL) {
-			f->state = FLIGHT_TO_RESERVE;
+			set_state(l, f, FLIGHT_TO_RESERVE);
 			l->nto_reserve++;
 		}
 	}
@@ -1062,7 +1100,7 @@ claim_failed(struct loop *l)
 static int
 claim_begin(struct loop *l)
 {
-	int room = l->refused.on ? 1 : l->cfg->worker.concurrency - l->busy;
+	int room = l->refused.on ? 1 : claim_room(l);
 	size_t want;
 
 	if (room <= 0)
@@ -1250,7 +1288,7 @@ collect(struct loop *l)
 			    "used with a different body; the row changed after an attempt, "
 			    "which is a bug in a producer: %s", item_kind_name(f->item.kind),
 			    f->item.id, v.error);
-		f->state = FLIGHT_DONE;
+		set_state(l, f, FLIGHT_DONE);
 	}
 }
 
@@ -1368,7 +1406,7 @@ reload(struct loop *l)
 	if (config_restart_needed(l->cfg, fresh, &names) > 0)
 		log_warnx("reload: changes to %s need a restart; running values kept", names);
 	free(names);
-	if (reserve(l, fresh->worker.concurrency, fresh->worker.batch_size) == -1) {
+	if (reserve(l, 2 * fresh->worker.concurrency, fresh->worker.batch_size) == -1) {
 		log_warnx("reload: out of memory; keeping the running configuration");
 		config_free(fresh);
 		free(fresh);
@@ -1414,7 +1452,7 @@ abandon_calls(struct loop *l)
 		api_abort(l->api, i);
 		outcome_abandoned(&f->item, "call abandoned at shutdown", &f->done);
 		stamp_history(f, 0, "abandoned");
-		f->state = FLIGHT_DONE;
+		set_state(l, f, FLIGHT_DONE);
 		log_warnx("%s %" PRId64 ": call abandoned at the shutdown deadline; "
 		    "due again at once under the same key", item_kind_name(f->item.kind), f->item.id);
 	}
@@ -1521,7 +1559,7 @@ loop_setup(struct loop *l, const char *token, const char *redis_password)
 	backoff_init(&l->listen_backoff, DB_RETRY_MIN_MS, DB_RETRY_MAX_MS);
 	backoff_init(&l->flush_backoff, FLUSH_RETRY_MIN_MS, FLUSH_RETRY_MAX_MS);
 	backoff_init(&l->refused.probe_backoff, PROBE_MIN_MS, PROBE_MAX_MS);
-	if (reserve(l, cfg->worker.concurrency, cfg->worker.batch_size) == -1) {
+	if (reserve(l, 2 * cfg->worker.concurrency, cfg->worker.batch_size) == -1) {
 		log_error("out of memory");
 		return -1;
 	}
@@ -1756,7 +1794,7 @@ take_work(struct loop *l, int64_t now)
 			r = claimed(l, n, more);
 		return claim_after(l, clock_ms(), r);
 	}
-	if (l->stopping || now < l->next_poll_ms || l->busy >= l->cfg->worker.concurrency ||
+	if (l->stopping || now < l->next_poll_ms || claim_room(l) <= 0 ||
 	    !may_claim(l, now) || !store_connected(l->st))
 		return false;
 	if (claim_begin(l) == -1)
@@ -1819,7 +1857,7 @@ wait_budget_ms(const struct loop *l, int64_t now)
 	int64_t wait = WAIT_MAX_MS;
 
 	/* A claim in flight: its answer wakes us, not the clock. */
-	if (!l->stopping && l->busy < l->cfg->worker.concurrency && !claim_busy(l->claims) &&
+	if (!l->stopping && claim_room(l) > 0 && !claim_busy(l->claims) &&
 	    (!l->refused.on || l->busy == 0)) {
 		/* Refused with calls in flight: their answers wake us, not the clock. */
 		int64_t at = l->next_poll_ms;
@@ -1926,7 +1964,7 @@ turn(struct loop *l, int *status)
 	collect(l);
 	flush(l);
 	reservations(l);
-	telemetry_tick(l->tm, now, l->busy, l->cfg->worker.concurrency, store_connected(l->st));
+	telemetry_tick(l->tm, now, calls_held(l), l->cfg->worker.concurrency, store_connected(l->st));
 	maintain(l, now);
 	if (take_work(l, now) || keep_patience(l, now, status) || stopped(l, now))
 		return true;

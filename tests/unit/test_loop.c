@@ -33,6 +33,7 @@
 
 #define BACKLOG_MAX 256
 #define CALLS_MAX 1024
+#define ANSWERED_MAX 4096
 
 /* The claim and the completion batch in flight (the asynchronous fakes below). */
 static size_t claim_limit;
@@ -58,6 +59,10 @@ static struct {
 	size_t ncalls;
 	size_t in_flight_max;
 	size_t busy_items;              /* claimed, not yet recorded or parked */
+	size_t answered_items;          /* of those, the ones whose call is over */
+	size_t calls_while_recording;   /* most calls in flight seen while a batch was */
+	int64_t call_ids[CALLS_MAX];    /* the items of calls[] */
+	bool answered[ANSWERED_MAX];    /* by item id */
 	size_t busy_max;
 	size_t claim_over_limit;        /* claims that asked beyond free room */
 	int batch_looks;                /* looks before a batch is answered (default 1) */
@@ -69,6 +74,30 @@ static struct {
 	size_t stop_at_call;            /* SIGTERM as this call starts (0: never) */
 	int concurrency;
 } w;
+
+/*
+ * An item's call is over (answered or aborted): the loop no longer counts
+ * it against worker.concurrency, only against its flights (twice that).
+ */
+static void
+settle(int64_t id)
+{
+	assert_true(id >= 0 && id < ANSWERED_MAX);
+	if (!w.answered[id]) {
+		w.answered[id] = true;
+		w.answered_items++;
+	}
+}
+
+/* Its outcome is recorded or parked: the flight is free. */
+static void
+unsettle(int64_t id)
+{
+	if (id >= 0 && id < ANSWERED_MAX && w.answered[id]) {
+		w.answered[id] = false;
+		w.answered_items--;
+	}
+}
 
 static void
 world_reset(void)
@@ -152,6 +181,7 @@ store_complete(store *st, const struct completion *c, size_t n, bool *accepted)
 	for (size_t i = 0; i < n; i++) {
 		accepted[i] = true;
 		w.busy_items--;
+		unsettle(c[i].id);
 		if (c[i].state == COMPLETION_DONE)
 			w.recorded_done++;
 		else if (c[i].state == COMPLETION_RETRY)
@@ -210,6 +240,7 @@ store_park(store *st, const struct completion *c, int64_t delay_ms, const char *
 	(void)reason;
 	w.parked++;
 	w.busy_items--;
+	unsettle(c->id);
 	*ret_parked = true;
 	return 0;
 }
@@ -403,7 +434,9 @@ claim_start(claimer *c, size_t limit)
 	(void)c;
 	if (claim_pending)
 		w.claim_over_limit++;   /* one claim at a time */
-	if (w.busy_items + limit > (size_t)w.concurrency)
+	/* Calls held (claimed, not yet answered) within concurrency, flights within 2x. */
+	if (w.busy_items - w.answered_items + limit > (size_t)w.concurrency ||
+	    w.busy_items + limit > 2 * (size_t)w.concurrency)
 		w.claim_over_limit++;
 	claim_limit = limit;
 	claim_pending = true;
@@ -480,7 +513,10 @@ api_abort(api_client *api, int tag)
 	for (size_t i = 0; i < w.ncalls; i++) {
 		if (w.calls[i] != tag)
 			continue;
+		settle(w.call_ids[i]);
 		memmove(w.calls + i, w.calls + i + 1, (w.ncalls - i - 1) * sizeof(w.calls[0]));
+		memmove(w.call_ids + i, w.call_ids + i + 1,
+		    (w.ncalls - i - 1) * sizeof(w.call_ids[0]));
 		w.ncalls--;
 		w.aborted++;
 		return;
@@ -492,9 +528,11 @@ int
 api_start(api_client *api, const struct item *it, int tag)
 {
 	(void)api;
-	(void)it;
 	assert_true(w.ncalls < CALLS_MAX);
+	w.call_ids[w.ncalls] = it->id;
 	w.calls[w.ncalls++] = tag;
+	if (sent_pending && w.ncalls > w.calls_while_recording)
+		w.calls_while_recording = w.ncalls;
 	w.api_started++;
 	if (w.ncalls > w.in_flight_max)
 		w.in_flight_max = w.ncalls;
@@ -529,7 +567,10 @@ api_next_result(api_client *api, int *tag, struct api_verdict *v, double *latenc
 	if (w.ncalls == 0 || w.hold_answers)
 		return 0;
 	*tag = w.calls[0];
-	memmove(w.calls, w.calls + 1, --w.ncalls * sizeof(w.calls[0]));
+	settle(w.call_ids[0]);
+	memmove(w.calls, w.calls + 1, (w.ncalls - 1) * sizeof(w.calls[0]));
+	memmove(w.call_ids, w.call_ids + 1, (w.ncalls - 1) * sizeof(w.call_ids[0]));
+	w.ncalls--;
 	memset(v, 0, sizeof(*v));
 	v->retry_after_s = -1;
 	*latency_ms = 1;
@@ -681,8 +722,8 @@ test_claims_fit_the_free_room(void **state)
 	assert_int_equal(loop_run(&cfg, "token", NULL, true), 0);
 	assert_int_equal(w.recorded_done, 50);
 	assert_int_equal(w.claim_over_limit, 0);
-	assert_true(w.busy_max <= 4);
-	assert_true(w.in_flight_max <= 3 + 1);
+	assert_true(w.busy_max <= 2 * 4);
+	assert_true(w.in_flight_max <= 4);
 	config_free(&cfg);
 }
 
@@ -776,6 +817,33 @@ test_one_batch_in_flight_at_a_time(void **state)
 }
 
 /*
+ * Outcomes waiting for the database hold no call slot: with concurrency 4,
+ * claims of 4 and a database slower than the loop, calls still fill all 4
+ * slots while a batch is being recorded (when the flights being recorded
+ * counted against concurrency, none started then), and no claim ever held more
+ * than 4 calls or 8 flights.
+ */
+static void
+test_recording_holds_no_call_slot(void **state)
+{
+	struct bw_config cfg;
+
+	(void)state;
+	world_reset();
+	w.batch_looks = 6;
+	load_config(&cfg, 4, 4, "");
+	backlog(1, 64);
+	assert_int_equal(loop_run(&cfg, "token", NULL, true), 0);
+	assert_int_equal(w.recorded_done, 64);
+	assert_int_equal(w.claim_over_limit, 0);
+	assert_int_equal(w.calls_while_recording, 4);
+	assert_true(w.busy_max > 4);
+	assert_true(w.busy_max <= 8);
+	assert_int_equal(w.busy_items, 0);
+	config_free(&cfg);
+}
+
+/*
  * SIGTERM with calls in flight: no new item is taken, the calls in flight
  * are answered and recorded, and the run ends cleanly with nothing left
  * claimed.
@@ -842,6 +910,7 @@ main(void)
 		cmocka_unit_test(test_refused_worker_probes_one_at_a_time),
 		cmocka_unit_test(test_outcomes_are_recorded_in_batches),
 		cmocka_unit_test(test_one_batch_in_flight_at_a_time),
+		cmocka_unit_test(test_recording_holds_no_call_slot),
 		cmocka_unit_test(test_stop_records_the_calls_in_flight),
 		cmocka_unit_test(test_stop_abandons_calls_at_the_deadline),
 	};
