@@ -66,6 +66,7 @@
 
 enum flight_state {
 	FLIGHT_FREE,
+	FLIGHT_READY,           /* claimed ahead, waiting for a call slot */
 	FLIGHT_TO_RESERVE,      /* a redemption whose funds are to be reserved before its call */
 	FLIGHT_RESERVING,       /* its reservation sent, the answer not yet in */
 	FLIGHT_CALLING,         /* API call in flight */
@@ -113,10 +114,20 @@ struct loop {
 	/*
 	 * Of those, the ones whose call is over (DONE, RECORDING): they wait
 	 * for the database, not for the API, so they do not count against
-	 * worker.concurrency.  Flights are twice the concurrency, so a batch
-	 * being recorded never keeps calls from starting.
+	 * worker.concurrency.  Flights are three times the concurrency (the
+	 * calls, the run-ahead, the outcomes being recorded), so a batch being
+	 * recorded never keeps calls from starting.
 	 */
 	int settling;
+	/*
+	 * Claims run ahead of the calls by up to ahead_of_calls() items, so a
+	 * slot that frees is refilled at once instead of after the next
+	 * claim's round trips: those wait as READY, oldest first, in ready_q.
+	 */
+	int ready;
+	int *ready_q;           /* ring of flight slots, capacity nflights */
+	int ready_head;
+	int64_t calls_paused_until_ms;  /* after our own 429: no READY item starts before */
 
 	struct item *claimed;   /* claim scratch, capacity batch */
 	size_t claimed_cap;
@@ -235,6 +246,22 @@ policy_from(struct retry_policy *p, const struct bw_config *cfg)
 	p->key_ttl_ms = (int64_t)cfg->billing_api.idempotency_key_ttl_s * 1000;
 }
 
+/* The READY ring to CAP slots, its order kept (it only grows). */
+static int
+ready_q_grow(struct loop *l, int cap)
+{
+	int *q = malloc((size_t)cap * sizeof(*q));
+
+	if (q == NULL)
+		return -1;
+	for (int i = 0; i < l->ready; i++)
+		q[i] = l->ready_q[(l->ready_head + i) % l->nflights];
+	free(l->ready_q);
+	l->ready_q = q;
+	l->ready_head = 0;
+	return 0;
+}
+
 /* Makes room for FLIGHTS flights and a batch of BATCH claims. */
 static int
 reserve(struct loop *l, int flights, int batch)
@@ -250,6 +277,8 @@ reserve(struct loop *l, int flights, int batch)
 			l->field = p; \
 		} while (0)
 		GROW(free_slots, flights);
+		if (ready_q_grow(l, flights) == -1)
+			return -1;
 		if ((p = realloc(l->flights, (size_t)flights * sizeof(*l->flights))) == NULL)
 			return -1;
 		l->flights = p;
@@ -275,7 +304,7 @@ reserve(struct loop *l, int flights, int batch)
 	return 0;
 }
 
-/* Every change of a flight's state, so settling always agrees with the flights. */
+/* Every change of a flight's state, so the counts always agree with the flights. */
 static void
 set_state(struct loop *l, struct flight *f, enum flight_state to)
 {
@@ -283,25 +312,47 @@ set_state(struct loop *l, struct flight *f, enum flight_state to)
 	bool is = to == FLIGHT_DONE || to == FLIGHT_RECORDING;
 
 	l->settling += (int)is - (int)was;
+	l->ready += (int)(to == FLIGHT_READY) - (int)(f->state == FLIGHT_READY);
 	f->state = to;
 }
 
+/* Calls in flight or about to be (reserving): what worker.concurrency bounds. */
+static int
+calls_active(const struct loop *l)
+{
+	return l->busy - l->settling - l->ready;
+}
+
 /*
- * Calls in flight or about to be (claimed, reserving): what concurrency
- * bounds.  While outcomes cannot be recorded, those waiting count too: no
+ * How far claims may run ahead of the calls: half the concurrency, at most
+ * a batch.  None while outcomes cannot be recorded: then no more is taken
+ * than calls can be made, and the outcomes waiting count as calls, so no
  * more calls are made than before whose outcomes only memory holds.
  */
+static int
+ahead_of_calls(const struct loop *l)
+{
+	int half = l->cfg->worker.concurrency / 2;
+
+	if (l->flush_failing_since_ms != 0)
+		return 0;
+	if (half < 1)
+		half = 1;
+	return half < l->cfg->worker.batch_size ? half : l->cfg->worker.batch_size;
+}
+
+/* What a claim's room is measured against: the calls, the items ahead of them. */
 static int
 calls_held(const struct loop *l)
 {
 	return l->flush_failing_since_ms != 0 ? l->busy : l->busy - l->settling;
 }
 
-/* Room for a claim: calls under concurrency, and a free flight for each. */
+/* Room for a claim: within concurrency plus the run-ahead, and a free flight for each. */
 static int
 claim_room(const struct loop *l)
 {
-	int room = l->cfg->worker.concurrency - calls_held(l);
+	int room = l->cfg->worker.concurrency + ahead_of_calls(l) - calls_held(l);
 
 	return room < l->nfree ? room : l->nfree;
 }
@@ -936,13 +987,79 @@ start_flight(struct loop *l, struct flight *f, const char *refuse, const char *d
 	    item_kind_name(f->item.kind), f->item.id, f->item.attempts + 1, f->item.fence);
 }
 
-/* A freshly claimed item into a flight, started: see start_flight(). */
+/*
+ * Whether a call may start now: within worker.concurrency, one at a time
+ * while the API refuses this worker, none during our own 429's pause.
+ */
+static bool
+slot_free(const struct loop *l, int64_t now)
+{
+	if (now < l->calls_paused_until_ms)
+		return false;
+	return l->refused.on ? calls_active(l) == 0 : calls_active(l) < l->cfg->worker.concurrency;
+}
+
+/* F, claimed ahead, waits for a call slot behind those already waiting. */
+static void
+wait_for_slot(struct loop *l, struct flight *f)
+{
+	l->ready_q[(l->ready_head + l->ready) % l->nflights] = (int)(f - l->flights);
+	set_state(l, f, FLIGHT_READY);
+}
+
+/*
+ * A claimed item on its way: a redemption that needs funds set aside waits
+ * for its reservation; everything else starts (or is refused) now.
+ */
+static void
+begin(struct loop *l, struct flight *f)
+{
+	const char *reason;
+
+	if (f->item.kind == ITEM_REDEMPTION && !f->item.held &&
+	    item_validate(&f->item, &reason) == 0) {
+		set_state(l, f, FLIGHT_TO_RESERVE);
+		l->nto_reserve++;
+		return;
+	}
+	start_flight(l, f, NULL, NULL);
+}
+
+/*
+ * The items claimed ahead, oldest first, into the slots that freed.  They
+ * are claimed: as any claimed item, they get their call even when the
+ * worker is stopping (within its shutdown deadline, see abandon_calls()).
+ */
+static void
+start_ready(struct loop *l, int64_t now)
+{
+	while (l->ready > 0 && slot_free(l, now)) {
+		struct flight *f = &l->flights[l->ready_q[l->ready_head]];
+
+		l->ready_head = (l->ready_head + 1) % l->nflights;
+		begin(l, f);
+	}
+}
+
+/*
+ * A freshly claimed item into a flight: begun when a call slot is free,
+ * else waiting for one (claims run ahead of the calls); refusals and
+ * deferrals at once.  See start_flight().
+ */
 static void
 launch(struct loop *l, struct item *it, const char *refuse, const char *defer)
 {
+	/* Asked before the flight is taken, which counts it as a call. */
+	bool wait = l->ready > 0 || !slot_free(l, clock_ms());
 	struct flight *f = take_flight(l, it);
 
-	if (f != NULL)
+	if (f == NULL)
+		return;
+	if (refuse == NULL && defer == NULL && wait)
+		wait_for_slot(l, f);
+	else if (refuse == NULL && defer == NULL)
+		begin(l, f);
+	else
 		start_flight(l, f, refuse, defer);
 }
 
@@ -1056,26 +1173,13 @@ reservations(struct loop *l)
  * Redemptions: set the money aside before calling the API (the escrow
  * step).  Items already holding funds from an earlier attempt go straight
  * on, and bad rows are refused before any hold; the others wait in their
- * flights for their reservation.
+ * flights for their reservation (claimed ahead, for a call slot first).
  */
 static void
 reserve_then_launch(struct loop *l, size_t n)
 {
-	const char *reason;
-
-	for (size_t i = 0; i < n; i++) {
-		struct item *it = &l->claimed[i];
-		struct flight *f;
-
-		if (it->held || item_validate(it, &reason) == -1) {
-			launch(l, it, NULL, NULL);
-			continue;
-		}
-		if ((f = take_flight(l, it)) != NULL) {
-			set_state(l, f, FLIGHT_TO_RESERVE);
-			l->nto_reserve++;
-		}
-	}
+	for (size_t i = 0; i < n; i++)
+		launch(l, &l->claimed[i], NULL, NULL);
 	reservations_send(l);
 }
 
@@ -1280,6 +1384,7 @@ collect(struct loop *l)
 			int pause_ms = v.retry_after_s > 0 ? v.retry_after_s * 1000 : 1000;
 
 			fleet_pause(l->fleet, pause_ms);
+			l->calls_paused_until_ms = clock_ms() + pause_ms;
 			log_info("billing API answered 429: no worker starts a call for %d ms",
 			    pause_ms);
 		}
@@ -1406,7 +1511,7 @@ reload(struct loop *l)
 	if (config_restart_needed(l->cfg, fresh, &names) > 0)
 		log_warnx("reload: changes to %s need a restart; running values kept", names);
 	free(names);
-	if (reserve(l, 2 * fresh->worker.concurrency, fresh->worker.batch_size) == -1) {
+	if (reserve(l, 3 * fresh->worker.concurrency, fresh->worker.batch_size) == -1) {
 		log_warnx("reload: out of memory; keeping the running configuration");
 		config_free(fresh);
 		free(fresh);
@@ -1440,10 +1545,21 @@ reload(struct loop *l)
 	free(changed);
 }
 
-/* At the shutdown deadline: stop the calls still running; they may have charged. */
+/*
+ * At the shutdown deadline: stop the calls still running; they may have
+ * charged.  Items claimed ahead and never called go back to pending as
+ * they are, due again at once.
+ */
 static void
 abandon_calls(struct loop *l)
 {
+	while (l->ready > 0) {
+		struct flight *f = &l->flights[l->ready_q[l->ready_head]];
+
+		l->ready_head = (l->ready_head + 1) % l->nflights;
+		start_flight(l, f, NULL, "not called before the shutdown deadline");
+		f->done.delay_ms = 0;
+	}
 	for (int i = 0; i < l->nflights; i++) {
 		struct flight *f = &l->flights[i];
 
@@ -1559,7 +1675,7 @@ loop_setup(struct loop *l, const char *token, const char *redis_password)
 	backoff_init(&l->listen_backoff, DB_RETRY_MIN_MS, DB_RETRY_MAX_MS);
 	backoff_init(&l->flush_backoff, FLUSH_RETRY_MIN_MS, FLUSH_RETRY_MAX_MS);
 	backoff_init(&l->refused.probe_backoff, PROBE_MIN_MS, PROBE_MAX_MS);
-	if (reserve(l, 2 * cfg->worker.concurrency, cfg->worker.batch_size) == -1) {
+	if (reserve(l, 3 * cfg->worker.concurrency, cfg->worker.batch_size) == -1) {
 		log_error("out of memory");
 		return -1;
 	}
@@ -1603,6 +1719,7 @@ loop_teardown(struct loop *l)
 		item_clear(&l->flights[i].item);
 	free(l->flights);
 	free(l->free_slots);
+	free(l->ready_q);
 	free(l->claimed);
 	free(l->batch);
 	free(l->accepted);
@@ -1893,6 +2010,9 @@ wait_budget_ms(const struct loop *l, int64_t now)
 		wait = store_listener_deadline(l->listener) - now;
 	if (redis_wake_at(l) - now < wait)
 		wait = redis_wake_at(l) - now;
+	/* Items claimed ahead, held back by our 429's pause: at its end. */
+	if (l->ready > 0 && l->calls_paused_until_ms - now < wait)
+		wait = l->calls_paused_until_ms - now;
 	for (int i = 0; i < l->nflights; i++) {
 		if (l->flights[i].state != FLIGHT_DONE)
 			continue;
@@ -1962,9 +2082,10 @@ turn(struct loop *l, int *status)
 	db_reconnect(l, 0);
 	redis_service(l, 0);
 	collect(l);
+	start_ready(l, now);
 	flush(l);
 	reservations(l);
-	telemetry_tick(l->tm, now, calls_held(l), l->cfg->worker.concurrency, store_connected(l->st));
+	telemetry_tick(l->tm, now, calls_active(l), l->cfg->worker.concurrency, store_connected(l->st));
 	maintain(l, now);
 	if (take_work(l, now) || keep_patience(l, now, status) || stopped(l, now))
 		return true;

@@ -73,6 +73,11 @@ static struct {
 	bool hold_answers;              /* the API answers nothing until it is cleared */
 	size_t stop_at_call;            /* SIGTERM as this call starts (0: never) */
 	int concurrency;
+	int ahead;                      /* how far claims may run ahead of the calls */
+	size_t calls_over_limit;        /* calls started beyond concurrency */
+	size_t claims_ahead;            /* claims for more than the free call slots */
+	size_t answers_per_wait;        /* the API answers at most this many a wait (0: all) */
+	size_t answered_this_wait;
 } w;
 
 /*
@@ -434,10 +439,15 @@ claim_start(claimer *c, size_t limit)
 	(void)c;
 	if (claim_pending)
 		w.claim_over_limit++;   /* one claim at a time */
-	/* Calls held (claimed, not yet answered) within concurrency, flights within 2x. */
-	if (w.busy_items - w.answered_items + limit > (size_t)w.concurrency ||
-	    w.busy_items + limit > 2 * (size_t)w.concurrency)
+	/*
+	 * Items claimed and not yet answered within concurrency plus the
+	 * run-ahead (half of it, at most a batch); flights within three times it.
+	 */
+	if (w.busy_items - w.answered_items + limit > (size_t)(w.concurrency + w.ahead) ||
+	    w.busy_items + limit > 3 * (size_t)w.concurrency)
 		w.claim_over_limit++;
+	if (w.busy_items - w.answered_items + limit > (size_t)w.concurrency)
+		w.claims_ahead++;
 	claim_limit = limit;
 	claim_pending = true;
 	claim_looked = false;
@@ -531,6 +541,8 @@ api_start(api_client *api, const struct item *it, int tag)
 	assert_true(w.ncalls < CALLS_MAX);
 	w.call_ids[w.ncalls] = it->id;
 	w.calls[w.ncalls++] = tag;
+	if (w.ncalls > (size_t)w.concurrency)
+		w.calls_over_limit++;
 	if (sent_pending && w.ncalls > w.calls_while_recording)
 		w.calls_while_recording = w.ncalls;
 	w.api_started++;
@@ -552,6 +564,7 @@ api_wait(api_client *api, struct api_waitfd *extra, unsigned nextra, int timeout
 	(void)api;
 	(void)extra;
 	(void)nextra;
+	w.answered_this_wait = 0;
 	if ((w.ncalls == 0 || w.hold_answers) && timeout_ms == 0)
 		w.zero_waits++;
 	if ((w.ncalls == 0 || w.hold_answers) && timeout_ms > 0)
@@ -565,6 +578,8 @@ api_next_result(api_client *api, int *tag, struct api_verdict *v, double *latenc
 {
 	(void)api;
 	if (w.ncalls == 0 || w.hold_answers)
+		return 0;
+	if (w.answers_per_wait != 0 && w.answered_this_wait++ >= w.answers_per_wait)
 		return 0;
 	*tag = w.calls[0];
 	settle(w.call_ids[0]);
@@ -674,6 +689,9 @@ load_config(struct bw_config *cfg, int concurrency, int batch, const char *extra
 		fail_msg("config: %s", errors ? errors : "?");
 	free(errors);
 	w.concurrency = concurrency;
+	w.ahead = concurrency / 2 > 0 ? concurrency / 2 : 1;
+	if (w.ahead > batch)
+		w.ahead = batch;
 	log_init("unit", LOG_LEVEL_ERROR);
 }
 
@@ -817,28 +835,32 @@ test_one_batch_in_flight_at_a_time(void **state)
 }
 
 /*
- * Outcomes waiting for the database hold no call slot: with concurrency 4,
- * claims of 4 and a database slower than the loop, calls still fill all 4
- * slots while a batch is being recorded (when the flights being recorded
- * counted against concurrency, none started then), and no claim ever held more
- * than 4 calls or 8 flights.
+ * Calls never wait for the database.  With concurrency 4, claims of 4 and a
+ * database slower than the loop: outcomes being recorded hold no call
+ * slot, so calls fill all 4 slots while a batch is being recorded (when
+ * they counted against concurrency, none started then); and claims run
+ * ahead of the calls by up to 2, so claims ask for more than the free
+ * call slots at times (before, never).  Never more than 4 calls, nor a
+ * claim beyond its room.
  */
 static void
-test_recording_holds_no_call_slot(void **state)
+test_calls_never_wait_for_the_database(void **state)
 {
 	struct bw_config cfg;
 
 	(void)state;
 	world_reset();
 	w.batch_looks = 6;
+	w.answers_per_wait = 1;     /* calls take a few turns, so they pile up to 4 */
 	load_config(&cfg, 4, 4, "");
 	backlog(1, 64);
 	assert_int_equal(loop_run(&cfg, "token", NULL, true), 0);
 	assert_int_equal(w.recorded_done, 64);
 	assert_int_equal(w.claim_over_limit, 0);
+	assert_int_equal(w.calls_over_limit, 0);
 	assert_int_equal(w.calls_while_recording, 4);
-	assert_true(w.busy_max > 4);
-	assert_true(w.busy_max <= 8);
+	assert_true(w.claims_ahead > 0);
+	assert_true(w.busy_max <= 3 * 4);
 	assert_int_equal(w.busy_items, 0);
 	config_free(&cfg);
 }
@@ -910,7 +932,7 @@ main(void)
 		cmocka_unit_test(test_refused_worker_probes_one_at_a_time),
 		cmocka_unit_test(test_outcomes_are_recorded_in_batches),
 		cmocka_unit_test(test_one_batch_in_flight_at_a_time),
-		cmocka_unit_test(test_recording_holds_no_call_slot),
+		cmocka_unit_test(test_calls_never_wait_for_the_database),
 		cmocka_unit_test(test_stop_records_the_calls_in_flight),
 		cmocka_unit_test(test_stop_abandons_calls_at_the_deadline),
 	};
