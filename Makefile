@@ -7,6 +7,8 @@
 #   make unit            unit tests only
 #   make integration     integration tests only (PYTEST_ARGS="-k name" to pick)
 #   make bench           throughput, latency and cost figures (BENCH_ARGS="--quick")
+#   make bench PEER=graphile-worker   the same, with that peer queue run beside us,
+#                        alternating, and the ratio measured in the run
 #   make install         daemon (sbin), systemd units, config, man pages under DESTDIR/PREFIX
 #   make lint-man        check the man pages with mandoc -T lint (part of make test)
 #   make lint-rules      check the Prometheus alerting rules and run their tests with
@@ -273,9 +275,12 @@ demo: deps
 	sh scripts/demo.sh
 
 # Throughput, latency and cost, all measured in one run (see BENCHMARKS.md).
+# PEER=graphile-worker runs that queue beside us in the same run (npm installs
+# it outside the project, in BW_PEER_DIR) and prints the ratio measured.
+PEER     ?=
 bench: all
 	sh scripts/install-deps.sh nginx-light
-	$(PYTHON) scripts/bench.py $(BENCH_ARGS)
+	$(PYTHON) scripts/bench.py $(BENCH_ARGS) $(if $(PEER),--peer $(PEER))
 
 
 # libFuzzer targets (clang), in their own tree: tests/fuzz/NAME.c drives one

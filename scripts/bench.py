@@ -35,6 +35,12 @@ the loop would wait for costs.  With --baseline BINARY (a build of an
 earlier main) the e2e runs alternate with it, and the 100 ms API and the
 freeze rows run it too, so every ratio is measured side by side.
 
+With --peer graphile-worker (make bench PEER=graphile-worker) the peer queue
+runs beside us in the same run, after the other rows, on the same PostgreSQL
+and nginx for the same invoices, alternating with our e2e runs at 1 and 4
+processes: scripts/bench_peer.py (it installs the peer with npm outside the
+project, in BW_PEER_DIR, default /var/tmp/billing-worker-bench-peer).
+
 Usage: make bench [BENCH_ARGS="--items 20000 --quick --only pg-freeze redis-freeze"]
 """
 
@@ -56,6 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
 import harness  # noqa: E402
+import bench_peer  # noqa: E402
 from harness import (PgCluster, RedisServer, render_config, wait_for)  # noqa: E402
 
 BINARY = ROOT / "build" / "billing-worker"
@@ -164,7 +171,7 @@ class Bench:
             raise RuntimeError(r.stderr)
         self.sql("CREATE EXTENSION pg_stat_statements")
         # The fast API only for the rows that call it: the others run without nginx.
-        if {"e2e", "idle", "baseline"} & set(self.args.only):
+        if {"e2e", "idle", "baseline"} & set(self.args.only) or self.args.peer:
             self.nginx, self.fast_url = start_nginx(self.work)
 
     def close(self):
@@ -668,6 +675,8 @@ class Bench:
                          f"during = {during / before:.0%} of before | ≥ 80 % |")
         if "baseline" in only:
             self.run_baseline(lines)
+        if a.peer:
+            bench_peer.run(self, a.peer, lines)
         print("\n".join(lines + tail))
 
     def run_baseline(self, lines):
@@ -776,12 +785,19 @@ def main():
                     help="a build of an earlier main, for the 'baseline' rows: e.g. git worktree "
                          "add /tmp/base REF && make -C /tmp/base, then "
                          "--baseline /tmp/base/build/billing-worker")
+    ap.add_argument("--peer", choices=bench_peer.PEERS, help="run this peer queue beside us, "
+                    "alternating, and print the ratio measured in this run (scripts/bench_peer.py)")
     ap.add_argument("--quick", action="store_true", help="small sizes, to check the bench itself")
     a = ap.parse_args()
     if a.quick:
         a.items, a.slow_items, a.latency_samples, a.pgbench_rows = 2000, 1024, 30, 20000
     if not BINARY.exists():
         sys.exit("build/billing-worker is missing: run make")
+    try:
+        if a.peer:
+            print(f"peer: {a.peer} {bench_peer.install(a.peer)} in {bench_peer.PEER_DIR}", flush=True)
+    except bench_peer.PeerError as e:
+        sys.exit(f"--peer {a.peer}: {e}")
     b = Bench(a)
     try:
         b.start()
