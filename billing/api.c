@@ -23,7 +23,9 @@ struct call {
 	CURL *easy;
 	int tag;
 	int active;
-	struct curl_slist *headers;
+	struct curl_slist *headers;  /* built once per token, see call_headers() */
+	struct curl_slist *key_header;  /* its last entry, rewritten for each call */
+	unsigned headers_token;     /* the token generation they were built with */
 	char key[ITEM_KEY_MAX];
 	char request[REQUEST_MAX];
 	char *body;                 /* reused across calls, grows up to BODY_CAP */
@@ -38,6 +40,7 @@ struct api_client {
 	char *url_charges;
 	char *url_redemptions;
 	char *auth_header;          /* "Authorization: Bearer ..." */
+	unsigned token_generation;  /* bumped by each new token */
 	char *ca_file;              /* NULL: the system CA store */
 	int https;
 	long timeout_ms, connect_timeout_ms;
@@ -224,6 +227,7 @@ api_client_set_token(api_client *api, const char *token)
 		free(api->auth_header);
 	}
 	api->auth_header = header;
+	api->token_generation++;
 	return 0;
 }
 
@@ -327,55 +331,56 @@ build_request(struct call *c, const struct item *it)
 	return 0;
 }
 
-int
-api_start(api_client *api, const struct item *it, int tag)
+#define KEY_HEADER "Idempotency-Key: "
+
+/*
+ * The call's request headers, built once per call slot and token: the key
+ * header is made as long as the longest key, and each call writes its key
+ * into it, so a call allocates no header.
+ */
+static int
+call_headers(api_client *api, struct call *c)
 {
-	struct call *c;
-	char keyhdr[ITEM_KEY_MAX + 32];
+	static const char *const fixed[] = {
+		"Content-Type: application/json", "Accept: application/json", "Expect:",
+	};
+	char blank[sizeof(KEY_HEADER) + ITEM_KEY_MAX];
 	struct curl_slist *h = NULL, *t;
 
-	if ((c = call_slot(api)) == NULL)
+	if (c->headers != NULL && c->headers_token == api->token_generation)
+		return 0;
+	memset(blank, 'x', sizeof(blank) - 1);
+	blank[sizeof(blank) - 1] = '\0';
+	if ((h = curl_slist_append(NULL, api->auth_header)) == NULL)
 		return -1;
-	if (c->easy == NULL && (c->easy = curl_easy_init()) == NULL)
-		goto fail;
-	if (build_request(c, it) == -1)
-		goto fail;
-	item_key(it, c->key, sizeof(c->key));
-	snprintf(keyhdr, sizeof(keyhdr), "Idempotency-Key: %s", c->key);
-	if ((t = curl_slist_append(h, api->auth_header)) == NULL)
-		goto fail;
-	h = t;
-	if ((t = curl_slist_append(h, "Content-Type: application/json")) == NULL)
+	for (size_t i = 0; i < sizeof(fixed) / sizeof(fixed[0]); i++) {
+		if ((t = curl_slist_append(h, fixed[i])) == NULL)
+			goto fail;
+		h = t;
+	}
+	if ((t = curl_slist_append(h, blank)) == NULL)
 		goto fail;
 	h = t;
-	if ((t = curl_slist_append(h, "Accept: application/json")) == NULL)
-		goto fail;
-	h = t;
-	if ((t = curl_slist_append(h, "Expect:")) == NULL)
-		goto fail;
-	h = t;
-	if ((t = curl_slist_append(h, keyhdr)) == NULL)
-		goto fail;
-	h = t;
-
 	curl_slist_free_all(c->headers);
 	c->headers = h;
-	c->tag = tag;
-	c->body_len = 0;
-	c->too_large = 0;
-	c->retry_after[0] = '\0';
-	c->errbuf[0] = '\0';
+	for (c->key_header = h; c->key_header->next != NULL; c->key_header = c->key_header->next)
+		;
+	c->headers_token = api->token_generation;
+	curl_easy_setopt(c->easy, CURLOPT_HTTPHEADER, c->headers);
+	return 0;
+fail:
+	curl_slist_free_all(h);
+	return -1;
+}
 
-	curl_easy_setopt(c->easy, CURLOPT_URL,
-	    it->kind == ITEM_INVOICE ? api->url_charges : api->url_redemptions);
+/* What every call of a handle shares, set once when the handle is made. */
+static void
+easy_setup(api_client *api, struct call *c)
+{
 	curl_easy_setopt(c->easy, CURLOPT_POST, 1L);
 	curl_easy_setopt(c->easy, CURLOPT_POSTFIELDS, c->request);
-	curl_easy_setopt(c->easy, CURLOPT_POSTFIELDSIZE, (long)strlen(c->request));
-	curl_easy_setopt(c->easy, CURLOPT_HTTPHEADER, c->headers);
 	curl_easy_setopt(c->easy, CURLOPT_USERAGENT, "billing-worker/1");
 	curl_easy_setopt(c->easy, CURLOPT_NOSIGNAL, 1L);
-	curl_easy_setopt(c->easy, CURLOPT_TIMEOUT_MS, api->timeout_ms);
-	curl_easy_setopt(c->easy, CURLOPT_CONNECTTIMEOUT_MS, api->connect_timeout_ms);
 	/*
 	 * Never follow a redirect (an answer we cannot trust to mean anything;
 	 * response.c treats it as ambiguous), and only ever speak the base
@@ -404,6 +409,36 @@ api_start(api_client *api, const struct item *it, int tag)
 	curl_easy_setopt(c->easy, CURLOPT_HEADERDATA, c);
 	curl_easy_setopt(c->easy, CURLOPT_ERRORBUFFER, c->errbuf);
 	curl_easy_setopt(c->easy, CURLOPT_PRIVATE, c);
+}
+
+int
+api_start(api_client *api, const struct item *it, int tag)
+{
+	struct call *c;
+
+	if ((c = call_slot(api)) == NULL)
+		return -1;
+	if (c->easy == NULL) {
+		if ((c->easy = curl_easy_init()) == NULL)
+			goto fail;
+		easy_setup(api, c);
+	}
+	if (build_request(c, it) == -1 || call_headers(api, c) == -1)
+		goto fail;
+	item_key(it, c->key, sizeof(c->key));
+	/* Fits: the entry was made for the longest key (call_headers). */
+	snprintf(c->key_header->data, sizeof(KEY_HEADER) + ITEM_KEY_MAX, KEY_HEADER "%s", c->key);
+	c->tag = tag;
+	c->body_len = 0;
+	c->too_large = 0;
+	c->retry_after[0] = '\0';
+	c->errbuf[0] = '\0';
+
+	curl_easy_setopt(c->easy, CURLOPT_URL,
+	    it->kind == ITEM_INVOICE ? api->url_charges : api->url_redemptions);
+	curl_easy_setopt(c->easy, CURLOPT_POSTFIELDSIZE, (long)strlen(c->request));
+	curl_easy_setopt(c->easy, CURLOPT_TIMEOUT_MS, api->timeout_ms);
+	curl_easy_setopt(c->easy, CURLOPT_CONNECTTIMEOUT_MS, api->connect_timeout_ms);
 	if (curl_multi_add_handle(api->multi, c->easy) != CURLM_OK) {
 		api->idle[api->nidle++] = c;    /* headers stay with the call, freed later */
 		return -1;
@@ -412,7 +447,6 @@ api_start(api_client *api, const struct item *it, int tag)
 	api->in_flight++;
 	return 0;
 fail:
-	curl_slist_free_all(h);
 	api->idle[api->nidle++] = c;        /* back on the stack, still inactive */
 	return -1;
 }
