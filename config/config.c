@@ -109,6 +109,7 @@ static const struct opt opts[] = {
 	INT_OPT("worker.concurrency", 1, 10000, 64, RELOAD, worker.concurrency),
 	INT_OPT("worker.batch_size", 1, 10000, 64, RELOAD, worker.batch_size),
 	INT_OPT("worker.poll_interval_ms", 10, 3600000, 1000, RELOAD, worker.poll_interval_ms),
+	INT_OPT("worker.gather_us", 0, 20000, 2000, RELOAD, worker.gather_us),
 	INT_OPT("worker.shutdown_timeout_ms", 0, 3600000, 30000, RELOAD, worker.shutdown_timeout_ms),
 	INT_OPT("worker.once_patience_ms", 1000, 3600000, 60000, RELOAD, worker.once_patience_ms),
 	BOOL_OPT("worker.allow_readable_secrets", false, RESTART, worker.allow_readable_secrets),

@@ -53,6 +53,7 @@ struct bw_config {
 		int concurrency;
 		int batch_size;
 		int poll_interval_ms;
+		int gather_us;          /* with calls in flight, a turn lasts at least this */
 		int shutdown_timeout_ms;
 		int once_patience_ms;   /* once: longest wait for a lost server or a refusing API */
 		bool allow_readable_secrets; /* accept group/world-readable secret files, with a warning */

@@ -646,7 +646,7 @@ test_restart_needed(void **state)
  * live locks would split the fleet), so it takes an edit here too.
  */
 static const char *const reloadable_keys[] = {
-	"worker.concurrency", "worker.batch_size", "worker.poll_interval_ms",
+	"worker.concurrency", "worker.batch_size", "worker.poll_interval_ms", "worker.gather_us",
 	"worker.shutdown_timeout_ms", "worker.once_patience_ms",
 	"locks.ttl_ms", "locks.renew_interval_ms",
 	"billing_api.timeout_ms", "billing_api.connect_timeout_ms",
