@@ -1,0 +1,29 @@
+-- Schema version 9: the record of audit runs, and what makes an incremental
+-- audit cheap ("billing-worker audit --since-last-clean").
+--
+-- Every audit run appends one row.  covers_to is the moment up to which its
+-- checks saw every finished item: the start of its snapshot, moved back to
+-- the start of the oldest transaction still open then (a completion sets
+-- finished_at to its transaction's now(), and one that committed after the
+-- snapshot was not seen).  The next incremental audit checks the items
+-- finished at or after the covers_to of the newest clean run.
+
+CREATE TABLE audit_runs (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    mode        text NOT NULL CHECK (mode IN ('full', 'incremental')),
+    started_at  timestamptz NOT NULL,   -- the audit's snapshot
+    checked_from timestamptz,           -- incremental: items finished at or after this
+    covers_to   timestamptz NOT NULL,
+    violations  integer NOT NULL,
+    run_by      text NOT NULL DEFAULT current_user,
+    finished_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE INDEX audit_runs_clean ON audit_runs (id) WHERE violations = 0;
+
+-- Finished items by when they finished.  Only the completion's row version
+-- has an entry (claims and retries leave finished_at NULL), so it costs one
+-- index entry per finished item; completions already update the row
+-- without HOT (status is in the partial indexes' predicates).
+CREATE INDEX invoices_finished ON invoices (finished_at) WHERE finished_at IS NOT NULL;
+CREATE INDEX redemptions_finished ON redemptions (finished_at) WHERE finished_at IS NOT NULL;
