@@ -61,7 +61,7 @@ from harness import (PgCluster, RedisServer, render_config, wait_for)  # noqa: E
 BINARY = ROOT / "build" / "billing-worker"
 PEER_BEST = 2810          # pg-boss, HTTP + UPDATE jobs/s, ../shared/BENCH-ANCHORS.md
 SCENARIOS = ("e2e", "slow", "latency", "rss", "idle", "pg-freeze", "redis-freeze", "row-lock",
-             "baseline")
+             "baseline", "size")
 
 
 class BenchCluster(PgCluster):
@@ -668,6 +668,9 @@ class Bench:
                          f"during = {during / before:.0%} of before | ≥ 80 % |")
         if "baseline" in only:
             self.run_baseline(lines)
+        if "size" in only:  # cost against table size: scripts/bench_size.py
+            import bench_size
+            bench_size.run(self, lines)
         print("\n".join(lines + tail))
 
     def run_baseline(self, lines):
@@ -777,9 +780,12 @@ def main():
                          "add /tmp/base REF && make -C /tmp/base, then "
                          "--baseline /tmp/base/build/billing-worker")
     ap.add_argument("--quick", action="store_true", help="small sizes, to check the bench itself")
+    import bench_size
+    bench_size.add_args(ap)
     a = ap.parse_args()
     if a.quick:
         a.items, a.slow_items, a.latency_samples, a.pgbench_rows = 2000, 1024, 30, 20000
+        bench_size.quick(a)
     if not BINARY.exists():
         sys.exit("build/billing-worker is missing: run make")
     b = Bench(a)
