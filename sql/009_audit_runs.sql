@@ -21,12 +21,16 @@ CREATE TABLE audit_runs (
 
 CREATE INDEX audit_runs_clean ON audit_runs (id) WHERE violations = 0;
 
+-- IF NOT EXISTS: on a large database an operator may build the four
+-- indexes below first, CONCURRENTLY, under these names (README, Upgrading),
+-- so the migration does not hold off writes while it builds them.
+
 -- Finished items by when they finished.  Only the completion's row version
 -- has an entry (claims and retries leave finished_at NULL), so it costs one
 -- index entry per finished item; completions already update the row
 -- without HOT (status is in the partial indexes' predicates).
-CREATE INDEX invoices_finished ON invoices (finished_at) WHERE finished_at IS NOT NULL;
-CREATE INDEX redemptions_finished ON redemptions (finished_at) WHERE finished_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS invoices_finished ON invoices (finished_at) WHERE finished_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS redemptions_finished ON redemptions (finished_at) WHERE finished_at IS NOT NULL;
 
 -- The oldest pending item (the backlog gauge billing_worker_oldest_pending_age_seconds,
 -- status): min(created_at) over pending rows.  Without this index it is a
@@ -34,5 +38,5 @@ CREATE INDEX redemptions_finished ON redemptions (finished_at) WHERE finished_at
 -- planner to fetch them through the due index: 1.5 s at a million pending
 -- among ten million finished, where it is the alert that matters.  Pending
 -- row versions only, so it costs one small-index entry per claim.
-CREATE INDEX invoices_pending_age ON invoices (created_at) WHERE status = 'pending';
-CREATE INDEX redemptions_pending_age ON redemptions (created_at) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS invoices_pending_age ON invoices (created_at) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS redemptions_pending_age ON redemptions (created_at) WHERE status = 'pending';
