@@ -148,14 +148,17 @@ static const struct check checks[] = {
 /*
  * The first statement of the audit's transaction, so it also takes the
  * snapshot: its moment, how far this run will cover (that moment, moved
- * back to the start of the oldest transaction then open in this database,
- * and by $1 ms for sessions of other roles, whose xact_start we may not
- * see), and where the newest clean run stopped.
+ * back to the start of the oldest client transaction then open in this
+ * database, and by $1 ms for sessions of other roles, whose xact_start we
+ * may not see; autovacuum, which can run for minutes on a large table and
+ * never finishes an item, does not count), and where the newest clean run
+ * stopped.
  */
 static const char sql_begin_run[] =
     "SELECT now(), least(now() - $1::int * interval '1 millisecond', "
     " (SELECT min(xact_start) FROM pg_stat_activity WHERE datname = current_database() "
-    "  AND pid <> pg_backend_pid() AND xact_start IS NOT NULL)), "
+    "  AND backend_type = 'client backend' AND pid <> pg_backend_pid() "
+    "  AND xact_start IS NOT NULL)), "
     " (SELECT covers_to FROM audit_runs WHERE violations = 0 ORDER BY id DESC LIMIT 1)";
 
 static const char sql_record_run[] =
