@@ -68,7 +68,7 @@ from harness import (PgCluster, RedisServer, render_config, wait_for)  # noqa: E
 BINARY = ROOT / "build" / "billing-worker"
 PEER_BEST = 2810          # pg-boss, HTTP + UPDATE jobs/s, ../shared/BENCH-ANCHORS.md
 SCENARIOS = ("e2e", "slow", "latency", "rss", "idle", "pg-freeze", "redis-freeze", "row-lock",
-             "baseline")
+             "baseline", "size")
 
 
 class BenchCluster(PgCluster):
@@ -675,6 +675,9 @@ class Bench:
                          f"during = {during / before:.0%} of before | ≥ 80 % |")
         if "baseline" in only:
             self.run_baseline(lines)
+        if "size" in only:  # cost against table size: scripts/bench_size.py
+            import bench_size
+            bench_size.run(self, lines)
         if a.peer:
             bench_peer.run(self, a.peer, lines)
         print("\n".join(lines + tail))
@@ -788,9 +791,12 @@ def main():
     ap.add_argument("--peer", choices=bench_peer.PEERS, help="run this peer queue beside us, "
                     "alternating, and print the ratio measured in this run (scripts/bench_peer.py)")
     ap.add_argument("--quick", action="store_true", help="small sizes, to check the bench itself")
+    import bench_size
+    bench_size.add_args(ap)
     a = ap.parse_args()
     if a.quick:
         a.items, a.slow_items, a.latency_samples, a.pgbench_rows = 2000, 1024, 30, 20000
+        bench_size.quick(a)
     if not BINARY.exists():
         sys.exit("build/billing-worker is missing: run make")
     try:

@@ -26,7 +26,8 @@
 --     generation among them, and one row appended to requeues saying who and
 --     why (requeues refuses UPDATE and DELETE by trigger, and the role is not
 --     granted them either);
---   * read everything `status` and `audit` report on.
+--   * read everything `status` and `audit` report on, and append the record
+--     of each audit run (audit_runs), which `audit --since-last-clean` reads.
 -- It cannot create, alter or drop anything, insert items, delete rows, or
 -- touch any other column.
 
@@ -42,7 +43,7 @@ BEGIN
 END $$;
 
 REVOKE ALL ON invoices, redemptions, subsidies, ledger_transactions, schema_version,
-    workers, fleet_pause, attempts, requeues FROM billing_worker;
+    workers, fleet_pause, attempts, requeues, audit_runs FROM billing_worker;
 
 -- run and once refuse to start on an older schema: they read its version.
 GRANT SELECT ON schema_version TO billing_worker;
@@ -79,6 +80,10 @@ GRANT UPDATE (balance_cents) ON subsidies TO billing_worker;
 -- requeue runs with the worker's configuration: it appends the record of
 -- who put an item back and why, and status reads it.
 GRANT SELECT, INSERT ON requeues TO billing_worker;
+
+-- audit records each run; the incremental audit starts where the newest
+-- clean one stopped.
+GRANT SELECT, INSERT ON audit_runs TO billing_worker;
 
 -- Functions are executable by PUBLIC unless told otherwise; only the worker
 -- reserves funds.

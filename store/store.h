@@ -321,13 +321,30 @@ bool store_reserve_pending(const store *st);
 int store_reserve_take(store *st, enum reserve_result *results)
 	__attribute__((warn_unused_result));
 
+/* What store_audit() checks; a value the caller fills. */
+struct store_audit_opts {
+	/* A pending item whose lease ran out longer ago than this is stuck. */
+	int stuck_after_s;
+	/*
+	 * Only the items finished since the newest clean run (schema version
+	 * 9), and the pending ones; without a clean run on record, everything.
+	 */
+	bool since_last_clean;
+	/*
+	 * How far before its snapshot a run's coverage ends, for completions
+	 * in sessions whose xact_start it cannot see (other roles): twice the
+	 * statement timeout bounds a completion's transaction.
+	 */
+	int unseen_margin_ms;
+};
+
 /*
  * Checks, from the database alone, every invariant of the contract that
- * can be checked there, printing one line per violation to OUT.  Sets
- * *violations to their number.  STUCK_AFTER_S: a pending item whose lease
- * ran out longer ago than this counts as stuck (no worker is taking it).
+ * can be checked there, printing one line per violation to OUT, and
+ * appends the run to audit_runs (clean or not), which the next
+ * incremental run starts from.  Sets *violations to their number.
  */
-int store_audit(store *st, FILE *out, int stuck_after_s, int *violations)
+int store_audit(store *st, FILE *out, const struct store_audit_opts *opts, int *violations)
 	__attribute__((warn_unused_result));
 
 /*

@@ -30,7 +30,8 @@ usage(FILE *out)
 {
 	fprintf(out,
 	    "usage: billing-worker [-c FILE] [run | once | check-config [--connect] | migrate |\n"
-	    "                      status [--json] [--failed] | audit | show KIND ID [--json] |\n"
+	    "                      status [--json] [--failed] | audit [--since-last-clean] |\n"
+	    "                      show KIND ID [--json] |\n"
 	    "                      pause [--kind KIND] --reason TEXT | resume [--kind KIND] |\n"
 	    "                      requeue KIND ID... --reason TEXT [--dry-run] |\n"
 	    "                      requeue KIND --failed [--since TIME] [--error PATTERN]\n"
@@ -44,6 +45,8 @@ usage(FILE *out)
 	    "  status        counts by state, oldest pending, items in flight\n"
 	    "                (--json: the same as one JSON document)\n"
 	    "  audit         check the ledger and item invariants; exit 1 on a violation\n"
+	    "                (--since-last-clean: only the items finished since the last\n"
+	    "                clean run, and the pending ones)\n"
 	    "  show          an item, its ledger rows and its history of attempts\n"
 	    "  pause         stop billing fleet-wide (KIND invoice or redemption; default both);\n"
 	    "                calls in flight finish and are recorded\n"
@@ -373,8 +376,12 @@ out:
 }
 
 static int
-cmd_audit(const struct bw_config *cfg)
+cmd_audit(const struct bw_config *cfg, bool since_last_clean)
 {
+	const struct store_audit_opts opts = {
+		.stuck_after_s = AUDIT_STUCK_AFTER_S, .since_last_clean = since_last_clean,
+		.unseen_margin_ms = 2 * cfg->database.query_timeout_ms,
+	};
 	store *st;
 	int status = EXIT_ERROR, violations = 0;
 
@@ -382,7 +389,7 @@ cmd_audit(const struct bw_config *cfg)
 		return EXIT_ERROR;
 	if (store_check_schema(st) == -1) {
 		fprintf(stderr, "billing-worker: %s\n", store_errmsg(st));
-	} else if (store_audit(st, stdout, AUDIT_STUCK_AFTER_S, &violations) == -1) {
+	} else if (store_audit(st, stdout, &opts, &violations) == -1) {
 		fprintf(stderr, "billing-worker: audit failed: %s\n", store_errmsg(st));
 	} else if (violations > 0) {
 		printf("audit: %d violation%s\n", violations, violations == 1 ? "" : "s");
@@ -474,7 +481,8 @@ command_option_first(int argc, char **argv)
 		else if (strcmp(argv[i], "--json") == 0 || strcmp(argv[i], "--connect") == 0 ||
 		    strncmp(argv[i], "--kind", 6) == 0 || strncmp(argv[i], "--reason", 8) == 0 ||
 		    strcmp(argv[i], "--failed") == 0 || strcmp(argv[i], "--dry-run") == 0 ||
-		    strncmp(argv[i], "--since", 7) == 0 || strncmp(argv[i], "--error", 7) == 0)
+		    strncmp(argv[i], "--since", 7) == 0 || strncmp(argv[i], "--error", 7) == 0 ||
+		    strcmp(argv[i], "--since-last-clean") == 0)
 			return argv[i];
 	}
 	return NULL;
@@ -504,6 +512,7 @@ main(int argc, char **argv)
 		{ "dry-run", no_argument, NULL, 'D' },
 		{ "since", required_argument, NULL, 'S' },
 		{ "error", required_argument, NULL, 'E' },
+		{ "since-last-clean", no_argument, NULL, 'L' },
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *path = DEFAULT_CONFIG, *cmd = "run";
@@ -513,6 +522,7 @@ main(int argc, char **argv)
 	const char *since = NULL, *error_pattern = NULL;
 	struct requeue_args ra;
 	bool json = false, connect = false, version = false, failed = false, dry_run = false;
+	bool since_last_clean = false;
 	int ch, nerr, status;
 
 	/*
@@ -571,6 +581,9 @@ main(int argc, char **argv)
 		case 'E':
 			error_pattern = optarg;
 			break;
+		case 'L':
+			since_last_clean = true;
+			break;
 		default:
 			usage(stderr);
 			return EXIT_USAGE;
@@ -621,6 +634,13 @@ main(int argc, char **argv)
 		fprintf(stderr, "billing-worker: option \"%s\" does not belong to \"%s\"\n",
 		    kind != NULL ? "--kind" : reason != NULL ? "--reason" : failed ? "--failed" :
 		    dry_run ? "--dry-run" : since != NULL ? "--since" : "--error", cmd);
+		free(ra.ids);
+		usage(stderr);
+		return EXIT_USAGE;
+	}
+	if (since_last_clean && strcmp(cmd, "audit") != 0) {
+		fprintf(stderr, "billing-worker: option \"--since-last-clean\" does not belong to "
+		    "\"%s\"\n", cmd);
 		free(ra.ids);
 		usage(stderr);
 		return EXIT_USAGE;
@@ -682,7 +702,7 @@ main(int argc, char **argv)
 	else if (strcmp(cmd, "status") == 0)
 		status = cmd_status(&cfg, json, failed);
 	else if (strcmp(cmd, "audit") == 0)
-		status = cmd_audit(&cfg);
+		status = cmd_audit(&cfg, since_last_clean);
 	else if (strcmp(cmd, "show") == 0)
 		status = cmd_show(&cfg, show_kind, show_id, json);
 	else if (strcmp(cmd, "pause") == 0 || strcmp(cmd, "resume") == 0)
