@@ -2016,10 +2016,17 @@ wait_budget_ms(const struct loop *l, int64_t now)
 	for (int i = 0; i < l->nflights; i++) {
 		if (l->flights[i].state != FLIGHT_DONE)
 			continue;
-		/* Queued outcomes: now if they can be tried, else at the retry. */
+		/*
+		 * Queued outcomes: now if they can be tried, else at the retry.
+		 * Behind a batch in flight, its answer wakes us (its socket, its
+		 * deadline): the retry time of a failed flush, long past, is not a
+		 * reason to wake, and taking it as one spun the loop at 0 ms waits
+		 * for as long as a batch took.
+		 */
 		if (flush_due(l, now))
 			wait = 0;
-		else if (store_connected(l->st) && l->next_flush_ms - now < wait)
+		else if (store_connected(l->st) && !store_complete_pending(l->st) &&
+		    l->next_flush_ms - now < wait)
 			wait = l->next_flush_ms - now;
 		break;
 	}
