@@ -38,8 +38,10 @@ import bench  # noqa: E402
 # The statements that find due work and those that claim it, by the start of
 # their text in pg_stat_statements (both designs: the due query over the
 # pending index and the id cursor's).
-POLL_PATTERNS = ("SELECT kind, id, note FROM%", "%/* due %")
+POLL_PATTERNS = ("SELECT kind, id, note FROM%", "WITH c AS (SELECT CASE WHEN $2::bigint > 0%")
 CLAIM_PATTERNS = ("UPDATE invoices AS t SET fence%",)
+# The completion, by primary key: what bloat costs the write path alone.
+COMPLETE_PATTERNS = ("WITH upd AS (UPDATE invoices AS t SET status%",)
 
 
 class Producer(threading.Thread):
@@ -102,12 +104,15 @@ def phase(b, prod, name, seconds, holder=None):
     n1, q1, t1 = prod.count(), backlog(b), time.monotonic()
     poll, ncall = mean_ms(b, POLL_PATTERNS)
     claim, ccall = mean_ms(b, CLAIM_PATTERNS)
+    done_ms, _ = mean_ms(b, COMPLETE_PATTERNS)
     r = {"phase": name, "seconds": t1 - t0, "done_s": ((n1 - n0) - (q1 - q0)) / (t1 - t0),
          "in_s": (n1 - n0) / (t1 - t0), "backlog": q1, "dead": dead_tuples(b),
-         "poll_ms": poll, "poll_calls": ncall, "claim_ms": claim, "claim_calls": ccall}
+         "poll_ms": poll, "poll_calls": ncall, "claim_ms": claim, "claim_calls": ccall,
+         "complete_ms": done_ms}
     print(f"  {name:8s} {r['seconds']:5.0f} s: {r['done_s']:8,.0f} completions/s (inserted "
           f"{r['in_s']:,.0f}/s), backlog {q1:,}, dead tuples {r['dead']:,}, poll "
-          f"{poll:.3f} ms ({ncall:,} calls), claim {claim:.3f} ms ({ccall:,} calls)", flush=True)
+          f"{poll:.3f} ms ({ncall:,} calls), claim {claim:.3f} ms ({ccall:,} calls), completion "
+          f"{done_ms:.3f} ms", flush=True)
     return r
 
 
@@ -185,10 +190,11 @@ def main():
         procs = []
         base, pinned = res[0], res[1]
         print("\n| phase | s | completions/s | backlog at end | dead tuples | poll mean | "
-              "claim mean |\n|---|---|---|---|---|---|---|")
+              "claim mean | completion mean |\n|---|---|---|---|---|---|---|---|")
         for r in res:
             print(f"| {r['phase']} | {r['seconds']:.0f} | {r['done_s']:,.0f} | {r['backlog']:,} | "
-                  f"{r['dead']:,} | {r['poll_ms']:.3f} ms | {r['claim_ms']:.3f} ms |")
+                  f"{r['dead']:,} | {r['poll_ms']:.3f} ms | {r['claim_ms']:.3f} ms | "
+                  f"{r['complete_ms']:.3f} ms |")
         print(f"\npinned / baseline: throughput {pinned['done_s'] / base['done_s']:.0%} (≥ 95 %), "
               f"backlog {pinned['backlog'] / max(base['backlog'], 1):.2f} × (≤ 2 ×), poll "
               f"{pinned['poll_ms'] / base['poll_ms']:.2f} × (≤ 3 ×), claim "
