@@ -139,7 +139,7 @@ def main():
     ap.add_argument("--capacity-items", type=int, default=20000)
     ap.add_argument("--fraction", type=float, default=0.7)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--lock-mode", choices=("redis", "skip_locked"), default="redis")
+    ap.add_argument("--lock-mode", choices=("redis", "skip-locked", "auto"), default="redis")
     ap.add_argument("--baseline-seconds", type=float, default=60)
     ap.add_argument("--pin-seconds", type=float, default=600)
     ap.add_argument("--after-seconds", type=float, default=60)
