@@ -9,6 +9,7 @@
 #   make bench           throughput, latency and cost figures (BENCH_ARGS="--quick")
 #   make bench PEER=graphile-worker   the same, with that peer queue run beside us,
 #                        alternating, and the ratio measured in the run
+#   make bench-bloat     the poll and claim with the xmin horizon pinned (BLOAT_ARGS=...)
 #   make install         daemon (sbin), systemd units, config, man pages under DESTDIR/PREFIX
 #   make lint-man        check the man pages with mandoc -T lint (part of make test)
 #   make lint-rules      check the Prometheus alerting rules and run their tests with
@@ -124,7 +125,7 @@ RULES_TESTS := tests/prometheus/billing-worker.rules.test.yml
 # What an operator reads before deploying, installed beside the example.
 DOCS     := README.md SECURITY.md RELIABILITY.md docs/configuration.md
 
-.PHONY: all test unit integration demo deps clean install uninstall check-deps lint-man lint-rules deb bench \
+.PHONY: all test unit integration demo deps clean install uninstall check-deps lint-man lint-rules deb bench bench-bloat \
         valgrind fuzz fuzz-build chaos chaos-ci
 
 all: $(BIN)
@@ -281,6 +282,12 @@ PEER     ?=
 bench: all
 	sh scripts/install-deps.sh nginx-light
 	$(PYTHON) scripts/bench.py $(BENCH_ARGS) $(if $(PEER),--peer $(PEER))
+
+# The poll and claim under a pinned xmin horizon (over 12 minutes; shorter
+# with BLOAT_ARGS="--pin-seconds 120"; see BENCHMARKS.md).
+bench-bloat: all
+	sh scripts/install-deps.sh nginx-light
+	$(PYTHON) scripts/bench_bloat.py $(BLOAT_ARGS)
 
 
 # libFuzzer targets (clang), in their own tree: tests/fuzz/NAME.c drives one

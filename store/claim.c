@@ -1,8 +1,10 @@
+#include <inttypes.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/clock.h"
 #include "store/store_int.h"
 
 /*
@@ -17,9 +19,36 @@ static const char *const table_of[ITEM_KIND_COUNT] = { "invoices", "redemptions"
  * constants of ours; every value is a parameter.
  */
 /*
+ * Pending rows in two disjoint sets (sql/010_due_cursor.sql): first
+ * attempts, found by id from a cursor on the primary key, and the rest
+ * (retries, deferrals, reclaims), found by time through the small
+ * *_retry partial index.  Written exactly as the index's predicate, so the
+ * planner matches it; the one is the other's negation.
+ */
+#define FIRST_ATTEMPT                                                          \
+	"status = 'pending' AND attempts = 0 AND fence <= 1 AND generation <= 1 "  \
+	"AND last_error IS NULL AND (lease_until IS NOT NULL OR next_attempt_at <= created_at)"
+#define RETRY                                                                  \
+	"status = 'pending' AND (attempts <> 0 OR fence > 1 OR generation > 1 "  \
+	"OR last_error IS NOT NULL OR (lease_until IS NULL AND next_attempt_at > created_at))"
+
+/*
  * Due items of both kinds, oldest first, in one statement: an idle worker
- * costs one query per poll, and neither kind can starve the other.  Each
- * branch is served by its partial index.
+ * costs one query per poll, and neither kind can starve the other.
+ *
+ * Why not the due index of version 1 alone: ordered by time, it keeps the
+ * dead entry each claim and completion leaves in front of the live ones,
+ * and with the xmin horizon pinned (a long transaction anywhere) every poll
+ * walked all of them: 16 times slower after 2 minutes, and the fleet fell
+ * to 38 % of the inserts (make bench-bloat, BENCHMARKS.md).
+ * First attempts are looked for from $2 (invoices) and $3 (redemptions),
+ * the worker's cursors, on the primary key: what lies below a cursor,
+ * however dead, is never walked.  A cursor of 0 is looked up: the lowest
+ * first attempt, or past the newest row.  Each kind's front comes back as
+ * a row of kind 4 + its kind: the lowest first attempt at or past the
+ * cursor, pending, in flight or not, or past the newest row; the cursor
+ * moves there (store_due_take), never past a row still in the first set.
+ * The rest come from the *_retry index, small whatever the history.
  */
 /*
  * The fleet's pauses (schema version 5) ride along: a paused kind's branch
@@ -27,23 +56,67 @@ static const char *const table_of[ITEM_KIND_COUNT] = { "invoices", "redemptions"
  * statement), and each pause comes first as a row of kind 2 + its kind,
  * with its reason, so the worker knows at no extra round trip.
  */
+/*
+ * Closed at the newest id: a generic plan sees an open range of a parameter
+ * as a third of the table and the rest of the predicate as one row, and
+ * sorts a sequential scan's result (0.2 s at 300 000 rows); a closed
+ * range of parameters it takes for a small one, and walks the primary key.
+ */
+#define FROM_CURSOR(table, col)                                                \
+	"id BETWEEN (SELECT " col " FROM c) AND (SELECT max(id) FROM " table ")"
+#define DUE_FROM(table, col, param)                                            \
+	"CASE WHEN " param "::bigint > 0 THEN " param "::bigint ELSE coalesce("  \
+	"(SELECT min(id) FROM " table " WHERE " FIRST_ATTEMPT "), "             \
+	"(SELECT max(id) + 1 FROM " table "), 1) END AS " col
+#define DUE_FRONT(kind, table, col)                                            \
+	" (SELECT " kind ", greatest((SELECT " col " FROM c), coalesce("        \
+	"(SELECT id FROM " table " WHERE " FROM_CURSOR(table, col) " AND "        \
+	FIRST_ATTEMPT " ORDER BY id LIMIT 1), (SELECT max(id) + 1 FROM " table \
+	"))), '-infinity'::timestamptz, NULL)"
+#define DUE_BRANCHES(kind, table, col, name)                                   \
+	" (SELECT " kind ", id, next_attempt_at, NULL FROM " table               \
+	"   WHERE " FROM_CURSOR(table, col) " AND " FIRST_ATTEMPT                  \
+	"   AND next_attempt_at <= now()"                                         \
+	"   AND NOT EXISTS (SELECT 1 FROM fleet_pause WHERE kind = '" name "')"  \
+	"   ORDER BY id LIMIT $1::bigint)"                                        \
+	" UNION ALL"                                                              \
+	" (SELECT " kind ", id, next_attempt_at, NULL FROM " table               \
+	"   WHERE " RETRY " AND next_attempt_at <= now()"                         \
+	"   AND NOT EXISTS (SELECT 1 FROM fleet_pause WHERE kind = '" name "')"  \
+	"   ORDER BY next_attempt_at, id LIMIT $1::bigint)"
+
 static const char sql_due[] =
+    "WITH c AS (SELECT " DUE_FROM("invoices", "inv", "$2") ", "
+    DUE_FROM("redemptions", "red", "$3") ") "
     "SELECT kind, id, note FROM ("
     " (SELECT 2 + (kind = 'redemption')::int AS kind, 0::bigint AS id,"
     "   '-infinity'::timestamptz AS next_attempt_at, format('%s (paused by %s since %s)',"
     "   reason, paused_by, to_char(since, 'YYYY-MM-DD HH24:MI:SSOF')) AS note"
     "   FROM fleet_pause)"
-    " UNION ALL"
-    " (SELECT 0, id, next_attempt_at, NULL FROM invoices"
-    "   WHERE status = 'pending' AND next_attempt_at <= now()"
-    "   AND NOT EXISTS (SELECT 1 FROM fleet_pause WHERE kind = 'invoice')"
-    "   ORDER BY next_attempt_at, id LIMIT $1::bigint)"
-    " UNION ALL"
-    " (SELECT 1, id, next_attempt_at, NULL FROM redemptions"
-    "   WHERE status = 'pending' AND next_attempt_at <= now()"
-    "   AND NOT EXISTS (SELECT 1 FROM fleet_pause WHERE kind = 'redemption')"
-    "   ORDER BY next_attempt_at, id LIMIT $1)) AS d "
-    "ORDER BY next_attempt_at, kind, id LIMIT $1::bigint + 2";
+    " UNION ALL" DUE_FRONT("4", "invoices", "inv")
+    " UNION ALL" DUE_FRONT("5", "redemptions", "red")
+    " UNION ALL" DUE_BRANCHES("0", "invoices", "inv", "invoice")
+    " UNION ALL" DUE_BRANCHES("1", "redemptions", "red", "redemption")
+    ") AS d ORDER BY next_attempt_at, kind, id LIMIT $1::bigint + 4";
+
+/*
+ * How the cursors move.  Each poll starts at the front the last one found.
+ * Identity values are not committed in id order: a producer's INSERT may
+ * commit after a higher id was seen, and the cursor already be past it.
+ * So every DUE_SWEEP_MS a poll starts instead at the lowest front seen in
+ * the last DUE_LAG_MS: a row committed up to DUE_LAG_MS - DUE_SWEEP_MS
+ * after it took its id is found by it.  Every DUE_DEEP_MS the cursor is
+ * looked up again from scratch, for the transactions longer than that.
+ * A sweep walks the ids of the last DUE_LAG_MS, once per DUE_SWEEP_MS;
+ * the lookup reads the whole table (a sequential scan), once per
+ * DUE_DEEP_MS and at the start: the one cost that grows with the history,
+ * kept rare rather than indexed, since an index of the first set would
+ * cost every INSERT and every first claim one more entry.
+ */
+#define DUE_SWEEP_MS 2000
+#define DUE_LAG_MS 10000
+#define DUE_DEEP_MS 300000
+#define DUE_SAMPLE_MS 1000
 
 /*
  * A claim's SET: bump the fence, take the lease, and hide the item until the
@@ -90,11 +163,20 @@ static const char *const claim_returning[ITEM_KIND_COUNT] = {
  * whole backlog to find a handful of ids: 10 ms per claim of 50 rows on a
  * 20 000-row backlog, against 0.3 ms now (see BENCHMARKS.md).
  */
+/*
+ * Skip-locked mode takes the retries first, then the first attempts past
+ * the cursor ($4): the retries are few, and a backlog of new work must not
+ * hold them back.  Rows locked by the second list but cut by the slice are
+ * only locked, until the statement's end.
+ */
 static const char sql_claim_skip[] =
     "UPDATE %1$s AS t " CLAIM_SET
-    "WHERE t.id = ANY (ARRAY(SELECT id FROM %1$s WHERE status = 'pending' "
+    "WHERE t.id = ANY ((ARRAY(SELECT id FROM %1$s WHERE " RETRY " "
     "AND next_attempt_at <= now() ORDER BY next_attempt_at, id LIMIT $3 "
-    "FOR UPDATE SKIP LOCKED)) " CLAIM_NOT_PAUSED "%2$s";
+    "FOR UPDATE SKIP LOCKED) || ARRAY(SELECT id FROM %1$s WHERE id BETWEEN $4::bigint AND "
+    "(SELECT max(id) FROM %1$s) AND "
+    FIRST_ATTEMPT " AND next_attempt_at <= now() ORDER BY id LIMIT $3 "
+    "FOR UPDATE SKIP LOCKED))[1:$3::int]) " CLAIM_NOT_PAUSED "%2$s";
 
 /*
  * The ids come from us, so only the primary key may serve this: the due
@@ -129,6 +211,7 @@ static const struct store_stmt due_stmt = {
 	.send = STORE_PREPARED, .text = "due", .what = "due", .want = PGRES_TUPLES_OK,
 };
 
+static void due_moved(struct due_cursor *c, int64_t front, int64_t now_ms);
 static void take_due(store *st, const PGresult *res, size_t limit, enum item_kind *kinds,
     int64_t *ids, size_t *ret_n);
 
@@ -173,6 +256,7 @@ static void
 take_due(store *st, const PGresult *res, size_t limit, enum item_kind *kinds, int64_t *ids,
     size_t *ret_n)
 {
+	int64_t now_ms = clock_ms();
 	size_t n;
 
 	for (int k = 0; k < ITEM_KIND_COUNT; k++)
@@ -184,6 +268,11 @@ take_due(store *st, const PGresult *res, size_t limit, enum item_kind *kinds, in
 		if (kind >= 2 && kind < 2 + ITEM_KIND_COUNT) {
 			snprintf(st->pause_note[kind - 2], sizeof(st->pause_note[0]), "%s",
 			    PQgetvalue(res, r, 2));
+			continue;
+		}
+		if (kind >= 4 && kind < 4 + ITEM_KIND_COUNT) {
+			due_moved(&st->cursor[kind - 4], strtoll(PQgetvalue(res, r, 1), NULL, 10),
+			    now_ms);
 			continue;
 		}
 		if (n == limit)
@@ -218,20 +307,26 @@ value_or_null(const PGresult *res, int row, int col)
 }
 
 /*
- * A claim's parameters, built in ARR (ids given) or LIM and LEASE (owned
- * by the caller, who keeps them until the statement is answered).
+ * A claim's parameters, built in ARR (ids given) or LIM, LEASE and CUR
+ * (owned by the caller, who keeps them until the statement is answered).
+ * Returns how many there are, or -1.
  */
 static int
-claim_params(store *st, const int64_t *ids, size_t nids, size_t limit, int lease_ms,
-    struct buf *arr, char lim[32], char lease[32], const char *params[3])
+claim_params(store *st, enum item_kind kind, const int64_t *ids, size_t nids, size_t limit,
+    int lease_ms, struct buf *arr, char lim[32], char lease[32], char cur[32],
+    const char *params[4])
 {
 	snprintf(lease, 32, "%d", lease_ms);
 	snprintf(lim, 32, "%zu", limit);
 	params[0] = st->worker_id;
 	params[1] = lease;
 	params[2] = lim;
-	if (ids == NULL)
-		return 0;
+	if (ids == NULL) {
+		/* Sent after a due query answered, so the cursor is known. */
+		snprintf(cur, 32, "%" PRId64, st->cursor[kind].at);
+		params[3] = cur;
+		return 4;
+	}
 	if (arr_open(arr) == -1)
 		goto oom;
 	for (size_t i = 0; i < nids; i++)
@@ -240,7 +335,7 @@ claim_params(store *st, const int64_t *ids, size_t nids, size_t limit, int lease
 	if (arr_close(arr) == -1)
 		goto oom;
 	params[2] = arr->data;
-	return 0;
+	return 3;
 oom:
 	store_errorf(st, "out of memory");
 	return -1;
@@ -290,19 +385,20 @@ int
 store_claim(store *st, enum item_kind kind, const int64_t *ids, size_t nids,
     size_t limit, int lease_ms, struct item *items, size_t *ret_n)
 {
-	char lease[32], lim[32], name[STMT_NAME_LEN];
-	const char *params[3];
+	char lease[32], lim[32], cur[32], name[STMT_NAME_LEN];
+	const char *params[4];
 	struct store_stmt stmt;
 	PGresult *res = NULL;
-	int ret;
+	int ret, nparams;
 
 	*ret_n = 0;
 	if (ids != NULL && nids == 0)
 		return 0;
-	if (claim_params(st, ids, nids, limit, lease_ms, &st->arr[0], lim, lease, params) == -1)
+	if ((nparams = claim_params(st, kind, ids, nids, limit, lease_ms, &st->arr[0], lim,
+	    lease, cur, params)) == -1)
 		return -1;
 	stmt = stmt_of(ids != NULL ? STMT_CLAIM_IDS : STMT_CLAIM_SKIP, kind, name);
-	if (store_run_retrying(st, &stmt, 3, params, &res, "claim of %ss",
+	if (store_run_retrying(st, &stmt, nparams, params, &res, "claim of %ss",
 	    item_kind_name(kind)) == -1)
 		return -1;
 	ret = take_claimed(st, kind, res, limit, items, ret_n);
@@ -316,27 +412,68 @@ store_claim(store *st, enum item_kind kind, const int64_t *ids, size_t nids,
  */
 struct due_op {
 	struct store_op op;
-	char lim[32];
-	const char *params[1];
+	char lim[32], from[ITEM_KIND_COUNT][32];
+	const char *params[1 + ITEM_KIND_COUNT];
 	size_t limit;
 };
 
 struct claim_op {
 	struct store_op op;
 	struct buf arr;
-	char lease[32], lim[32], name[STMT_NAME_LEN];
+	char lease[32], lim[32], cur[32], name[STMT_NAME_LEN];
 	struct store_stmt stmt;
-	const char *params[3];
+	const char *params[4];
 	size_t limit;
 };
+
+/*
+ * Where KIND's due query starts now (at NOW_MS): 0 for a lookup from
+ * scratch, the lowest front of the last DUE_LAG_MS for a sweep, else the
+ * cursor.
+ */
+static int64_t
+due_from(struct due_cursor *c, int64_t now_ms)
+{
+	int64_t from = c->at;
+
+	if (c->at == 0 || now_ms - c->deep_ms >= DUE_DEEP_MS) {
+		c->deep_ms = c->sweep_ms = now_ms;
+		return 0;
+	}
+	if (now_ms - c->sweep_ms < DUE_SWEEP_MS)
+		return from;
+	c->sweep_ms = now_ms;
+	for (int i = 0; i < c->nsamples; i++)
+		if (now_ms - c->sample_ms[i] <= DUE_LAG_MS && c->sample_at[i] < from)
+			from = c->sample_at[i];
+	return from;
+}
+
+/* KIND's front FRONT, found from where its due query started: the cursor moves there. */
+static void
+due_moved(struct due_cursor *c, int64_t front, int64_t now_ms)
+{
+	if (front <= 0)
+		return;
+	c->at = front;
+	if (c->nsamples > 0 && now_ms - c->sample_ms[(c->next_sample + DUE_CURSOR_SAMPLES - 1) %
+	    DUE_CURSOR_SAMPLES] < DUE_SAMPLE_MS)
+		return;
+	c->sample_ms[c->next_sample] = now_ms;
+	c->sample_at[c->next_sample] = front;
+	c->next_sample = (c->next_sample + 1) % DUE_CURSOR_SAMPLES;
+	if (c->nsamples < DUE_CURSOR_SAMPLES)
+		c->nsamples++;
+}
 
 int
 store_due_send(store *st, size_t limit)
 {
 	const struct store_stmt *stmts[1] = { &due_stmt };
 	const char *const *params[1];
-	int nparams[1] = { 1 };
+	int nparams[1] = { 1 + ITEM_KIND_COUNT };
 	struct due_op *d = st->due;
+	int64_t now_ms = clock_ms();
 
 	if (d == NULL && (d = st->due = calloc(1, sizeof(*d))) == NULL) {
 		store_errorf(st, "out of memory");
@@ -344,6 +481,11 @@ store_due_send(store *st, size_t limit)
 	}
 	snprintf(d->lim, sizeof(d->lim), "%zu", limit);
 	d->params[0] = d->lim;
+	for (int k = 0; k < ITEM_KIND_COUNT; k++) {
+		snprintf(d->from[k], sizeof(d->from[k]), "%" PRId64, due_from(&st->cursor[k],
+		    now_ms));
+		d->params[1 + k] = d->from[k];
+	}
 	d->limit = limit;
 	params[0] = d->params;
 	return store_op_send(st, &d->op, stmts, 1, nparams, params);
@@ -376,15 +518,15 @@ store_claim_send(store *st, enum item_kind kind, const int64_t *ids, size_t nids
 {
 	const struct store_stmt *stmts[1];
 	const char *const *params[1];
-	int nparams[1] = { 3 };
+	int nparams[1];
 	struct claim_op *c = st->claim[kind];
 
 	if (c == NULL && (c = st->claim[kind] = calloc(1, sizeof(*c))) == NULL) {
 		store_errorf(st, "out of memory");
 		return -1;
 	}
-	if (claim_params(st, ids, nids, limit, lease_ms, &c->arr, c->lim, c->lease,
-	    c->params) == -1)
+	if ((nparams[0] = claim_params(st, kind, ids, nids, limit, lease_ms, &c->arr, c->lim,
+	    c->lease, c->cur, c->params)) == -1)
 		return -1;
 	c->stmt = stmt_of(ids != NULL ? STMT_CLAIM_IDS : STMT_CLAIM_SKIP, kind, c->name);
 	c->limit = limit;

@@ -45,6 +45,19 @@ struct id_pos {
 /* How many statements store_prepare_all() prepares, with room to spare. */
 #define STORE_UNNAMED_MAX 16
 
+/*
+ * Where a kind's first attempts are looked for (schema version 10): at, the
+ * lowest id that may still be one as far as this worker knows, and what
+ * the sweeps for ids committed late need (claim.c).
+ */
+#define DUE_CURSOR_SAMPLES 16
+struct due_cursor {
+	int64_t at;                 /* 0: not known yet, looked up */
+	int64_t sweep_ms, deep_ms;  /* when the last sweep and lookup were sent */
+	int64_t sample_ms[DUE_CURSOR_SAMPLES], sample_at[DUE_CURSOR_SAMPLES];
+	int nsamples, next_sample;
+};
+
 struct store {
 	char *conninfo;
 	char *password;             /* the conninfo's, redacted from every message */
@@ -65,6 +78,7 @@ struct store {
 	uint64_t retries;
 	struct buf arr[13];
 	char pause_note[ITEM_KIND_COUNT][600]; /* from the last due query; "" = not paused */
+	struct due_cursor cursor[ITEM_KIND_COUNT];  /* where first attempts are looked for (claim.c) */
 	bool history;               /* completions write the attempts history */
 	/*
 	 * database.pooling = "transaction" (store_set_pooling): no named

@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""make bench-bloat: the fleet's cost of finding and claiming work while a
+long transaction pins the xmin horizon.
+
+A PostgreSQL queue rarely dies of a crash; it dies slowly when something
+(a report, a session idle in transaction, a standby with
+hot_standby_feedback) holds the oldest snapshot back: vacuum cannot remove
+the row versions every claim and completion leaves behind, and a poll that
+walks them gets slower with every minute.  This scenario measures it:
+
+  1. the fast-API capacity of the fleet (or --capacity ITEMS/S): the e2e
+     run of bench.py with --workers processes;
+  2. a producer INSERTs invoices at --fraction of it (a batch every 100 ms,
+     from its own connection, as producers do), the fleet works them;
+  3. phases: baseline (--baseline-seconds), pinned (--pin-seconds: one
+     session holds BEGIN; SELECT txid_current(); throughout), after
+     (--after-seconds, once it committed).
+
+Per phase: completions/s, the backlog at its end, n_dead_tup of invoices,
+and the mean execution time of the poll (due) and claim statements from
+pg_stat_statements, reset at each phase's start.  Targets: pinned
+throughput ≥ 95 % of the baseline's, backlog at the pinned phase's end
+≤ 2 × the baseline's, poll and claim means ≤ 3 × the baseline's.
+
+Usage: make bench-bloat [BLOAT_ARGS="--pin-seconds 120 --capacity 6000"]
+"""
+
+import argparse
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402
+
+# The statements that find due work and those that claim it, by the start of
+# their text in pg_stat_statements (both designs: the due query over the
+# pending index and the id cursor's).
+POLL_PATTERNS = ("SELECT kind, id, note FROM%", "WITH c AS (SELECT CASE WHEN $2::bigint > 0%")
+CLAIM_PATTERNS = ("UPDATE invoices AS t SET fence%",)
+# The completion, by primary key: what bloat costs the write path alone.
+COMPLETE_PATTERNS = ("WITH upd AS (UPDATE invoices AS t SET status%",)
+
+
+class Producer(threading.Thread):
+    """A steady INSERT rate from its own connection, a batch every 100 ms."""
+
+    def __init__(self, pg, rate):
+        super().__init__(daemon=True)
+        self.conn = pg.connect("bench")
+        self.rate = rate
+        self.inserted = 0
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+
+    def count(self):
+        with self.lock:
+            return self.inserted
+
+    def run(self):
+        t0 = time.monotonic()
+        tick = 0
+        with self.conn.cursor() as cur:
+            while not self.stopping.is_set():
+                tick += 1
+                want = int(self.rate * 0.1 * tick) - self.count()
+                if want > 0:
+                    cur.execute("INSERT INTO invoices (customer_id, amount_cents, currency) "
+                                "SELECT 'cus_' || g, 1000, 'usd' FROM generate_series(1, %s) g",
+                                (want,))
+                    with self.lock:
+                        self.inserted += want
+                delay = t0 + 0.1 * tick - time.monotonic()
+                if delay > 0:
+                    self.stopping.wait(delay)
+        self.conn.close()
+
+
+def mean_ms(b, patterns):
+    """Calls-weighted mean execution time of the statements matching PATTERNS."""
+    where = " OR ".join(["query LIKE %s"] * len(patterns))
+    calls, total = b.sql(f"SELECT coalesce(sum(calls), 0), coalesce(sum(total_exec_time), 0) "
+                         f"FROM pg_stat_statements WHERE {where}", patterns)[0]
+    return (float(total) / float(calls)) if calls else float("nan"), int(calls)
+
+
+def backlog(b):
+    return b.scalar("SELECT count(*) FROM invoices WHERE status = 'pending'")
+
+
+def dead_tuples(b):
+    b.sql("SELECT pg_stat_clear_snapshot()")
+    return b.scalar("SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = 'invoices'")
+
+
+def phase(b, prod, name, seconds, holder=None):
+    b.sql("SELECT pg_stat_statements_reset()")
+    n0, q0, t0 = prod.count(), backlog(b), time.monotonic()
+    if holder is not None:
+        holder.start()
+    time.sleep(seconds)
+    n1, q1, t1 = prod.count(), backlog(b), time.monotonic()
+    poll, ncall = mean_ms(b, POLL_PATTERNS)
+    claim, ccall = mean_ms(b, CLAIM_PATTERNS)
+    done_ms, _ = mean_ms(b, COMPLETE_PATTERNS)
+    r = {"phase": name, "seconds": t1 - t0, "done_s": ((n1 - n0) - (q1 - q0)) / (t1 - t0),
+         "in_s": (n1 - n0) / (t1 - t0), "backlog": q1, "dead": dead_tuples(b),
+         "poll_ms": poll, "poll_calls": ncall, "claim_ms": claim, "claim_calls": ccall,
+         "complete_ms": done_ms}
+    print(f"  {name:8s} {r['seconds']:5.0f} s: {r['done_s']:8,.0f} completions/s (inserted "
+          f"{r['in_s']:,.0f}/s), backlog {q1:,}, dead tuples {r['dead']:,}, poll "
+          f"{poll:.3f} ms ({ncall:,} calls), claim {claim:.3f} ms ({ccall:,} calls), completion "
+          f"{done_ms:.3f} ms", flush=True)
+    return r
+
+
+class Pin(threading.Thread):
+    """One session holding the xmin horizon: BEGIN; SELECT txid_current();"""
+
+    def __init__(self, pg, seconds):
+        super().__init__(daemon=True)
+        self.conn = pg.connect("bench", autocommit=False)
+        self.seconds = seconds
+
+    def run(self):
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT txid_current()")
+            time.sleep(self.seconds)
+        self.conn.commit()
+        self.conn.close()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--capacity", type=float, help="fast-API items/s of the fleet (measured if not given)")
+    ap.add_argument("--capacity-items", type=int, default=20000)
+    ap.add_argument("--fraction", type=float, default=0.7)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--lock-mode", choices=("redis", "skip-locked", "auto"), default="redis")
+    ap.add_argument("--baseline-seconds", type=float, default=60)
+    ap.add_argument("--pin-seconds", type=float, default=600)
+    ap.add_argument("--after-seconds", type=float, default=60)
+    ap.add_argument("--binary", type=Path, help="another build (e.g. of main), side by side")
+    ap.add_argument("--keep", action="store_true", help="keep the worker logs and configs")
+    a = ap.parse_args()
+    # Run in the background, SIGINT is ignored: SIGTERM cleans up as well.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    if a.binary is not None:
+        bench.BINARY = a.binary.resolve()
+    if not bench.BINARY.exists():
+        sys.exit(f"{bench.BINARY} is missing: run make")
+    a.only, a.items = ["e2e"], a.capacity_items
+    b = bench.Bench(a)
+    prod = None
+    procs = []
+    try:
+        b.start()
+        over = {"locks.mode": a.lock_mode}
+        cap = a.capacity
+        if cap is None:
+            cap = b.e2e(a.workers, **over)[0]
+            print(f"  capacity: {cap:,.0f} items/s ({a.workers} workers, fast API, "
+                  f"{a.capacity_items:,} invoices)", flush=True)
+        rate = cap * a.fraction
+        print(f"bench-bloat: {bench.BINARY}; {a.workers} workers, {a.lock_mode} locks; producer "
+              f"{rate:,.0f} invoices/s ({a.fraction:.0%} of {cap:,.0f}/s); phases {a.baseline_seconds:g}"
+              f" / {a.pin_seconds:g} / {a.after_seconds:g} s", flush=True)
+        b.reset()
+        procs = b.workers(a.workers, b.fast_url, **over)
+        prod = Producer(b.pg, rate)
+        prod.start()
+        # Into the steady state, with statistics: TRUNCATE left the planner
+        # an empty table, and claims planned for it take 500 ms at a real
+        # backlog until autovacuum's first ANALYZE (production has them).
+        time.sleep(10)
+        b.sql("ANALYZE invoices")
+        time.sleep(5)
+        res = [phase(b, prod, "baseline", a.baseline_seconds)]
+        pin = Pin(b.pg, a.pin_seconds)
+        res.append(phase(b, prod, "pinned", a.pin_seconds, holder=pin))
+        pin.join()
+        res.append(phase(b, prod, "after", a.after_seconds))
+        prod.stopping.set()
+        prod.join()
+        prod = None
+        b.stop_workers(procs)
+        procs = []
+        base, pinned = res[0], res[1]
+        print("\n| phase | s | completions/s | backlog at end | dead tuples | poll mean | "
+              "claim mean | completion mean |\n|---|---|---|---|---|---|---|---|")
+        for r in res:
+            print(f"| {r['phase']} | {r['seconds']:.0f} | {r['done_s']:,.0f} | {r['backlog']:,} | "
+                  f"{r['dead']:,} | {r['poll_ms']:.3f} ms | {r['claim_ms']:.3f} ms | "
+                  f"{r['complete_ms']:.3f} ms |")
+        print(f"\npinned / baseline: throughput {pinned['done_s'] / base['done_s']:.0%} (≥ 95 %), "
+              f"backlog {pinned['backlog'] / max(base['backlog'], 1):.2f} × (≤ 2 ×), poll "
+              f"{pinned['poll_ms'] / base['poll_ms']:.2f} × (≤ 3 ×), claim "
+              f"{pinned['claim_ms'] / base['claim_ms']:.2f} × (≤ 3 ×)")
+    finally:
+        if prod is not None:
+            prod.stopping.set()
+            prod.join()
+        for p in procs:
+            bench.stop(p)
+        b.close()
+
+
+if __name__ == "__main__":
+    main()
