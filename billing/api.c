@@ -2,6 +2,7 @@
 
 #include <errno.h>
 #include <poll.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -479,6 +480,17 @@ pollset_fit(api_client *api, int n)
 
 #define EVENTS_PER_WAIT 64
 
+/* libcurl's timer, if due: served, and true.  A timer it sets meanwhile stays. */
+static bool
+serve_timer(api_client *api, int *running)
+{
+	if (api->timer_at_ms < 0 || clock_ms() < api->timer_at_ms)
+		return false;
+	api->timer_at_ms = -1;
+	curl_multi_socket_action(api->multi, CURL_SOCKET_TIMEOUT, 0, running);
+	return true;
+}
+
 int
 api_wait(api_client *api, struct api_waitfd *extra, unsigned nextra, int timeout_ms)
 {
@@ -491,12 +503,8 @@ api_wait(api_client *api, struct api_waitfd *extra, unsigned nextra, int timeout
 	 * waits for their answers instead of returning at once for them.  A
 	 * call that ended in it (a refused connect) is collected at once.
 	 */
-	if (api->timer_at_ms >= 0 && clock_ms() >= api->timer_at_ms) {
-		api->timer_at_ms = -1;          /* a new timer set in the action stays */
-		curl_multi_socket_action(api->multi, CURL_SOCKET_TIMEOUT, 0, &running);
-		if (running < api->in_flight)
-			timeout_ms = 0;
-	}
+	if (serve_timer(api, &running) && running < api->in_flight)
+		timeout_ms = 0;
 	if (pollset_fit(api, n) == -1)
 		return -1;
 	for (unsigned i = 0; i < nextra; i++) {
@@ -526,10 +534,7 @@ api_wait(api_client *api, struct api_waitfd *extra, unsigned nextra, int timeout
 			curl_multi_socket_action(api->multi, ev[i].data.fd,
 			    select_mask(ev[i].events), &running);
 	}
-	if (api->timer_at_ms >= 0 && clock_ms() >= api->timer_at_ms) {
-		api->timer_at_ms = -1;
-		curl_multi_socket_action(api->multi, CURL_SOCKET_TIMEOUT, 0, &running);
-	}
+	serve_timer(api, &running);
 	return 0;
 }
 

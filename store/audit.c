@@ -33,6 +33,25 @@ struct check {
 	bool pending_only;      /* reads pending items only: the same in both modes */
 };
 
+/*
+ * The "redemption net" check's message and conditions, shared by the full
+ * audit and the incremental one, which differ only in the rows they read.
+ */
+#define NET_SELECT                                                             \
+	"SELECT format('redemption %s is %s but its ledger rows%s net to %s "  \
+	"(amount %s; expected %s)', r.id, r.status, CASE WHEN r.generation > 1 " \
+	"THEN format(' in generation %s', r.generation) ELSE '' END, coalesce(n.net, 0), " \
+	"r.amount_cents, CASE r.status WHEN 'redeemed' THEN (-r.amount_cents)::text " \
+	"WHEN 'failed' THEN '0' ELSE format('0 or %s', -r.amount_cents) END) "
+#define NET_WHERE_AND_OLD_GENERATIONS                                          \
+	"WHERE (r.status = 'redeemed' AND coalesce(n.net, 0) <> -r.amount_cents) " \
+	"OR (r.status = 'failed' AND coalesce(n.net, 0) <> 0) "                \
+	"OR (r.status = 'pending' AND coalesce(n.net, 0) NOT IN (0, -r.amount_cents)) " \
+	"UNION ALL "                                                           \
+	"SELECT format('redemption %s is in generation %s but its ledger rows in generation %s " \
+	"net to %s (expected 0: only the current generation may hold funds)', r.id, " \
+	"r.generation, l.generation, sum(l.amount_cents)) "
+
 static const struct check checks[] = {
 	{ "negative balance",
 	  "SELECT format('subsidy %s (\"%s\"): balance is %s cents, below zero', "
@@ -54,41 +73,21 @@ static const struct check checks[] = {
 	 * failed and given back, or never reserved, so it nets to zero.
 	 */
 	{ "redemption net",
-	  "SELECT format('redemption %s is %s but its ledger rows%s net to %s "
-	  "(amount %s; expected %s)', r.id, r.status, CASE WHEN r.generation > 1 "
-	  "THEN format(' in generation %s', r.generation) ELSE '' END, coalesce(n.net, 0), "
-	  "r.amount_cents, CASE r.status WHEN 'redeemed' THEN (-r.amount_cents)::text "
-	  "WHEN 'failed' THEN '0' ELSE format('0 or %s', -r.amount_cents) END) "
+	  NET_SELECT
 	  "FROM redemptions r LEFT JOIN (SELECT redemption_id, generation, sum(amount_cents) AS net "
 	  "FROM ledger_transactions WHERE redemption_id IS NOT NULL "
 	  "GROUP BY redemption_id, generation) n "
 	  "ON n.redemption_id = r.id AND n.generation = r.generation "
-	  "WHERE (r.status = 'redeemed' AND coalesce(n.net, 0) <> -r.amount_cents) "
-	  "OR (r.status = 'failed' AND coalesce(n.net, 0) <> 0) "
-	  "OR (r.status = 'pending' AND coalesce(n.net, 0) NOT IN (0, -r.amount_cents)) "
-	  "UNION ALL "
-	  "SELECT format('redemption %s is in generation %s but its ledger rows in generation %s "
-	  "net to %s (expected 0: only the current generation may hold funds)', r.id, "
-	  "r.generation, l.generation, sum(l.amount_cents)) "
+	  NET_WHERE_AND_OLD_GENERATIONS
 	  "FROM redemptions r JOIN ledger_transactions l ON l.redemption_id = r.id "
 	  "WHERE l.generation <> r.generation "
 	  "GROUP BY r.id, r.generation, l.generation HAVING sum(l.amount_cents) <> 0",
-	  "SELECT format('redemption %s is %s but its ledger rows%s net to %s "
-	  "(amount %s; expected %s)', r.id, r.status, CASE WHEN r.generation > 1 "
-	  "THEN format(' in generation %s', r.generation) ELSE '' END, coalesce(n.net, 0), "
-	  "r.amount_cents, CASE r.status WHEN 'redeemed' THEN (-r.amount_cents)::text "
-	  "WHEN 'failed' THEN '0' ELSE format('0 or %s', -r.amount_cents) END) "
+	  NET_SELECT
 	  "FROM (SELECT * FROM redemptions WHERE finished_at >= $1 "
 	  "      UNION ALL SELECT * FROM redemptions WHERE status = 'pending') r "
 	  "LEFT JOIN LATERAL (SELECT sum(amount_cents) AS net FROM ledger_transactions l "
 	  "  WHERE l.redemption_id = r.id AND l.generation = r.generation) n ON true "
-	  "WHERE (r.status = 'redeemed' AND coalesce(n.net, 0) <> -r.amount_cents) "
-	  "OR (r.status = 'failed' AND coalesce(n.net, 0) <> 0) "
-	  "OR (r.status = 'pending' AND coalesce(n.net, 0) NOT IN (0, -r.amount_cents)) "
-	  "UNION ALL "
-	  "SELECT format('redemption %s is in generation %s but its ledger rows in generation %s "
-	  "net to %s (expected 0: only the current generation may hold funds)', r.id, "
-	  "r.generation, l.generation, sum(l.amount_cents)) "
+	  NET_WHERE_AND_OLD_GENERATIONS
 	  "FROM (SELECT id, generation FROM redemptions WHERE finished_at >= $1 "
 	  "      UNION ALL SELECT id, generation FROM redemptions WHERE status = 'pending') r "
 	  "JOIN ledger_transactions l ON l.redemption_id = r.id "
