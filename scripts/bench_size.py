@@ -160,7 +160,7 @@ class Size:
             calls, total, rows = int(calls), float(total), int(rows)
             return {"calls": calls, "ms": total / calls if calls else float("nan"),
                     "rows": rows / calls if calls else 0.0}
-        return {"due": one("SELECT kind, id, note FROM (%"),
+        return {"due": one("%SELECT kind, id, note FROM (%"),
                 "claim": one("UPDATE invoices AS t SET fence%"),
                 "completion": one("WITH upd AS (UPDATE invoices AS t SET status%")}
 
