@@ -29,19 +29,29 @@ STATEMENTS = {"due query": "%SELECT kind, id, note FROM (%",
               "claim": "UPDATE invoices AS t SET fence%"}
 
 
-@pytest.fixture
-def stats_db():
+@pytest.fixture(scope="module")
+def stats_cluster():
     cluster = PgCluster(settings={"shared_preload_libraries": "'pg_stat_statements'",
                                   "pg_stat_statements.track": "all"})
     cluster.start()
-    admin = cluster.connect("postgres")
-    database = create_database(cluster, admin)
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
+@pytest.fixture
+def stats_db(stats_cluster):
+    """A database of its own per test; pg_stat_statements is reset by each test
+    before it measures, and its patterns match this database's statements only
+    while no other test runs in the cluster."""
+    admin = stats_cluster.connect("postgres")
+    database = create_database(stats_cluster, admin)
     try:
         yield database
     finally:
         drop_database(admin, database)
         admin.close()
-        cluster.cleanup()
 
 
 def buffers(db, pattern):
