@@ -206,6 +206,12 @@ fleet_limited(const fleet *f)
 }
 
 int
+fleet_workers(const fleet *f)
+{
+	return f->workers_seen;
+}
+
+int
 fleet_grant(fleet *f, bool shared, size_t want, size_t offered, size_t *ret_granted)
 {
 	struct redis_eval ev;

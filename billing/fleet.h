@@ -56,6 +56,12 @@ void fleet_grant_done(fleet *f, size_t *ret_granted);
 bool fleet_limited(const fleet *f);
 
 /*
+ * How many workers asked for a grant within the last 10 s, this one
+ * included, as the last shared grant counted them (1 before the first).
+ */
+int fleet_workers(const fleet *f);
+
+/*
  * After a shared grant of which UNUSED calls were not started (their items
  * could not be locked): puts them back in the fleet's bucket, so a claim
  * spends only the calls it makes.  Best effort; no-op when UNUSED is 0.
