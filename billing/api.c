@@ -491,6 +491,14 @@ serve_timer(api_client *api, int *running)
 	return true;
 }
 
+bool
+api_send_started(api_client *api)
+{
+	int running = api->in_flight;
+
+	return serve_timer(api, &running) && running < api->in_flight;
+}
+
 int
 api_wait(api_client *api, struct api_waitfd *extra, unsigned nextra, int timeout_ms)
 {

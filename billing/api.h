@@ -71,6 +71,14 @@ struct api_waitfd {
 };
 
 /*
+ * Sends the requests of the calls started since the last wait (libcurl's
+ * timer of 0 ms), so nothing the caller does before its wait holds them
+ * back.  Returns true when one of them has ended already (a refused
+ * connect, an answer read at once): the wait should not sleep.
+ */
+bool api_send_started(api_client *api);
+
+/*
  * Waits up to TIMEOUT_MS for progress on the calls or readiness of one of
  * the EXTRA descriptors, then advances the transfers.
  */

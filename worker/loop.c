@@ -324,21 +324,23 @@ calls_active(const struct loop *l)
 }
 
 /*
- * How far claims may run ahead of the calls: half the concurrency, at most
- * a batch.  None while outcomes cannot be recorded: then no more is taken
+ * How far claims may run ahead of the calls: a batch, at most the
+ * concurrency.  A whole batch, so the claim sent the moment the last one
+ * has launched its calls (take_work) is a full one: with half the
+ * concurrency, the default 64 / 64 claimed 32 at a time ahead, and four
+ * processes spent more of the database on claims than they gained in
+ * overlap.  None while outcomes cannot be recorded: then no more is taken
  * than calls can be made, and the outcomes waiting count as calls, so no
  * more calls are made than before whose outcomes only memory holds.
  */
 static int
 ahead_of_calls(const struct loop *l)
 {
-	int half = l->cfg->worker.concurrency / 2;
+	int batch = l->cfg->worker.batch_size;
 
 	if (l->flush_failing_since_ms != 0)
 		return 0;
-	if (half < 1)
-		half = 1;
-	return half < l->cfg->worker.batch_size ? half : l->cfg->worker.batch_size;
+	return batch < l->cfg->worker.concurrency ? batch : l->cfg->worker.concurrency;
 }
 
 /* What a claim's room is measured against: the calls, the items ahead of them. */
@@ -1909,9 +1911,17 @@ take_work(struct loop *l, int64_t now)
 			claim_failed(l);
 		else
 			r = claimed(l, n, more);
-		return claim_after(l, clock_ms(), r);
+		now = clock_ms();
+		if (claim_after(l, now, r))
+			return true;
+		/*
+		 * More due and room left: the next claim goes out in this turn,
+		 * before the wait that sends the calls just launched, so its
+		 * round trips overlap them instead of following them.
+		 */
 	}
-	if (l->stopping || now < l->next_poll_ms || claim_room(l) <= 0 ||
+	/* A stop signalled during this turn takes nothing new either. */
+	if (l->stopping || got_stop || now < l->next_poll_ms || claim_room(l) <= 0 ||
 	    !may_claim(l, now) || !store_connected(l->st))
 		return false;
 	if (claim_begin(l) == -1)
@@ -2039,21 +2049,41 @@ wait_budget_ms(const struct loop *l, int64_t now)
  * one turn instead of one turn each.  A turn costs the same for one answer
  * as for twenty (the poll, the clock, the statements' and Redis' upkeep),
  * so this is what keeps the CPU per item flat when the API answers fast;
- * it adds at most gather_us to a call's time in its slot.  A signal ends
- * the sleep early.
+ * it adds at most gather_us to a call's time in its slot.  Only the API's
+ * answers are gathered: the sleep is a poll on the other descriptors
+ * (WAKE, the signal pipe first), so a statement's or a Redis command's
+ * answer, or a signal, ends it at once.  A claim is three round trips
+ * (due query, locks, claims) and each used to wait out a whole gather
+ * behind the calls in flight, which bounded what one process could claim
+ * against a fast API.
  */
 static void
-gather(const struct loop *l, int wait_ms)
+gather(struct loop *l, const struct api_waitfd *wake, unsigned nwake, int wait_ms)
 {
+	struct pollfd pfd[8];
+	struct timespec ts;
 	double left;
+	unsigned n = 0;
 
 	if (l->cfg->worker.gather_us <= 0 || wait_ms <= 0 || api_in_flight(l->api) == 0)
 		return;
 	left = l->turn_start_s + l->cfg->worker.gather_us / 1e6 - stall_clock_s();
 	if (left > wait_ms / 1000.0)
 		left = wait_ms / 1000.0;
-	if (left > 0)
-		usleep((useconds_t)(left * 1e6));
+	if (left <= 0)
+		return;
+	for (unsigned i = 0; i < nwake && n < sizeof(pfd) / sizeof(pfd[0]); i++) {
+		if (wake[i].fd < 0 || wake[i].events == 0)
+			continue;
+		pfd[n].fd = wake[i].fd;
+		pfd[n].events = wake[i].events;
+		pfd[n].revents = 0;
+		n++;
+	}
+	ts.tv_sec = (time_t)left;
+	ts.tv_nsec = (long)((left - (double)ts.tv_sec) * 1e9);
+	/* EINTR (a signal) ends it as an answer would; the wait after sees why. */
+	(void)ppoll(pfd, n, &ts, NULL);
 }
 
 /*
@@ -2085,7 +2115,13 @@ wait_for_events(struct loop *l, int64_t now, int wait_ms)
 	 * idle loop does not.
 	 */
 	metrics_loop_stall(stall_clock_s() - l->turn_start_s);
-	gather(l, wait_ms);
+	/*
+	 * The calls started this turn go out before the gather, not after
+	 * it: they would otherwise sit unsent for up to worker.gather_us.
+	 */
+	if (api_send_started(l->api))
+		wait_ms = 0;
+	gather(l, wake, nwake, wait_ms);
 	if (api_wait(l->api, wake, nwake, wait_ms) == -1)
 		log_warnx("waiting on the billing API calls failed");
 	l->turn_start_s = stall_clock_s();
@@ -2101,24 +2137,32 @@ wait_for_events(struct loop *l, int64_t now, int wait_ms)
 }
 
 /*
- * One turn: signals, answers in, outcomes recorded, upkeep, new work, then
+ * One turn: signals, answers in, new work, outcomes recorded, upkeep, then
  * the wait.  Returns true when the loop should end.
  */
 static bool
 turn(struct loop *l, int *status)
 {
 	int64_t now = clock_ms();
+	bool done;
 
 	take_signals(l, now);
 	db_reconnect(l, 0);
 	redis_service(l, 0);
 	collect(l);
 	start_ready(l, now);
+	/*
+	 * New work before the outcomes: the claim's statements then go ahead
+	 * of the completion batch on the connection, and the calls they
+	 * allow wait for the database's answer to the claim only, not for a
+	 * batch of completions besides (about 1 ms each against a fast API).
+	 */
+	done = take_work(l, now);
 	flush(l);
 	reservations(l);
 	telemetry_tick(l->tm, now, calls_active(l), l->cfg->worker.concurrency, store_connected(l->st));
 	maintain(l, now);
-	if (take_work(l, now) || keep_patience(l, now, status) || stopped(l, now))
+	if (done || keep_patience(l, now, status) || stopped(l, now))
 		return true;
 	wait_for_events(l, now, wait_budget_ms(l, now));
 	return false;

@@ -81,6 +81,7 @@ static struct {
 	int batch_ms;                   /* a batch is answered this long after it was sent (0: by looks) */
 	size_t spins_while_recording;   /* waits of 0 ms with nothing to wait for but a batch */
 	size_t answered_this_wait;
+	size_t waits_without_claim;     /* waits with work due and room, but no claim out */
 } w;
 
 /*
@@ -459,7 +460,7 @@ claim_start(claimer *c, size_t limit)
 		w.claim_over_limit++;   /* one claim at a time */
 	/*
 	 * Items claimed and not yet answered within concurrency plus the
-	 * run-ahead (half of it, at most a batch); flights within three times it.
+	 * run-ahead (a batch, at most the concurrency); flights within three times it.
 	 */
 	if (w.busy_items - w.answered_items + limit > (size_t)(w.concurrency + w.ahead) ||
 	    w.busy_items + limit > 3 * (size_t)w.concurrency)
@@ -533,6 +534,7 @@ void api_client_set_limits(api_client *api, long a, long b, int c)
 	(void)c;
 }
 int api_in_flight(const api_client *api) { (void)api; return (int)w.ncalls; }
+bool api_send_started(api_client *api) { (void)api; return false; }
 
 void
 api_abort(api_client *api, int tag)
@@ -583,6 +585,11 @@ api_wait(api_client *api, struct api_waitfd *extra, unsigned nextra, int timeout
 	(void)extra;
 	(void)nextra;
 	w.answered_this_wait = 0;
+	/* Work due and room for a claim of one, but none out: a round trip lost. */
+	if (!claim_pending && w.ndue > 0 &&
+	    w.busy_items - w.answered_items + 1 <= (size_t)(w.concurrency + w.ahead) &&
+	    w.busy_items + 1 <= 3 * (size_t)w.concurrency)
+		w.waits_without_claim++;
 	if (w.ncalls == 0 && sent_pending && !claim_pending && timeout_ms == 0)
 		w.spins_while_recording++;
 	if ((w.ncalls == 0 || w.hold_answers) && timeout_ms == 0)
@@ -709,9 +716,7 @@ load_config(struct bw_config *cfg, int concurrency, int batch, const char *extra
 		fail_msg("config: %s", errors ? errors : "?");
 	free(errors);
 	w.concurrency = concurrency;
-	w.ahead = concurrency / 2 > 0 ? concurrency / 2 : 1;
-	if (w.ahead > batch)
-		w.ahead = batch;
+	w.ahead = batch < concurrency ? batch : concurrency;
 	log_init("unit", LOG_LEVEL_ERROR);
 }
 
@@ -806,8 +811,11 @@ test_refused_worker_probes_one_at_a_time(void **state)
 	w.answer_status = 401;
 	assert_int_equal(loop_run(&cfg, "token", NULL, true), 1);
 	assert_int_equal(w.recorded_done, 0);
-	/* The first batch, then one probe after 1 s; patience is 1 s. */
-	assert_in_range(w.api_started, 4, 4 + 2);
+	/*
+	 * The first batch and the run-ahead claim sent with it (a batch),
+	 * then one probe after 1 s; patience is 1 s.
+	 */
+	assert_in_range(w.api_started, 4, 4 + 4 + 1);
 	assert_int_equal(w.busy_items, 0);
 	config_free(&cfg);
 }
@@ -859,7 +867,7 @@ test_one_batch_in_flight_at_a_time(void **state)
  * database slower than the loop: outcomes being recorded hold no call
  * slot, so calls fill all 4 slots while a batch is being recorded (when
  * they counted against concurrency, none started then); and claims run
- * ahead of the calls by up to 2, so claims ask for more than the free
+ * ahead of the calls by up to a batch (4), so claims ask for more than the free
  * call slots at times (before, never).  Never more than 4 calls, nor a
  * claim beyond its room.
  */
@@ -882,6 +890,31 @@ test_calls_never_wait_for_the_database(void **state)
 	assert_true(w.claims_ahead > 0);
 	assert_true(w.busy_max <= 3 * 4);
 	assert_int_equal(w.busy_items, 0);
+	config_free(&cfg);
+}
+
+/*
+ * With more due and room left, the next claim goes out in the turn the
+ * last one answered, before the wait that sends its calls: its round trips
+ * then overlap them.  Before, it went out a turn later, after the calls,
+ * and one process against a fast API spent every claim's round trips
+ * with the database idle or the API idle, never both busy: one wait
+ * without a claim out per claim (15 here), now none.
+ */
+static void
+test_next_claim_goes_out_with_the_calls(void **state)
+{
+	struct bw_config cfg;
+
+	(void)state;
+	world_reset();
+	w.answers_per_wait = 2;     /* calls last a few turns, so room stays */
+	load_config(&cfg, 8, 4, "");
+	backlog(1, 64);
+	assert_int_equal(loop_run(&cfg, "token", NULL, true), 0);
+	assert_int_equal(w.recorded_done, 64);
+	assert_int_equal(w.claim_over_limit, 0);
+	assert_int_equal(w.waits_without_claim, 0);
 	config_free(&cfg);
 }
 
@@ -981,6 +1014,7 @@ main(void)
 		cmocka_unit_test(test_one_batch_in_flight_at_a_time),
 		cmocka_unit_test(test_calls_never_wait_for_the_database),
 		cmocka_unit_test(test_waiting_for_a_batch_does_not_spin),
+		cmocka_unit_test(test_next_claim_goes_out_with_the_calls),
 		cmocka_unit_test(test_stop_records_the_calls_in_flight),
 		cmocka_unit_test(test_stop_abandons_calls_at_the_deadline),
 	};
