@@ -172,6 +172,7 @@ struct loop {
 	int64_t db_connected_at_ms;     /* the last connect */
 	bool db_flapping;               /* connections die young: keep backing off */
 	bool db_proven;                 /* a statement worked on this connection */
+	bool api_proven;                /* the billing API let a call of this process in */
 	bool db_seen;           /* connected once: later connects are reconnects */
 	struct jitter rng;
 
@@ -329,16 +330,19 @@ calls_active(const struct loop *l)
  * has launched its calls (take_work) is a full one: with half the
  * concurrency, the default 64 / 64 claimed 32 at a time ahead, and four
  * processes spent more of the database on claims than they gained in
- * overlap.  None while outcomes cannot be recorded: then no more is taken
- * than calls can be made, and the outcomes waiting count as calls, so no
- * more calls are made than before whose outcomes only memory holds.
+ * overlap.  None before the API has let one of our calls in: a worker
+ * started with a wrong token or base URL calls one batch, not two, before
+ * the refusal stops it.  None while outcomes cannot be recorded: then no
+ * more is taken than calls can be made, and the outcomes waiting count as
+ * calls, so no more calls are made than before whose outcomes only memory
+ * holds.
  */
 static int
 ahead_of_calls(const struct loop *l)
 {
 	int batch = l->cfg->worker.batch_size;
 
-	if (l->flush_failing_since_ms != 0)
+	if (!l->api_proven || l->flush_failing_since_ms != 0)
 		return 0;
 	return batch < l->cfg->worker.concurrency ? batch : l->cfg->worker.concurrency;
 }
@@ -1307,6 +1311,7 @@ api_refused(struct loop *l, const struct api_verdict *v, long status, int64_t no
 static void
 api_admitted(struct loop *l, long status, int64_t now)
 {
+	l->api_proven = true;
 	if (!l->refused.on)
 		return;
 	log_info("the billing API lets this worker in again (http %ld) after %.1f s; taking "
