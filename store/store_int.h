@@ -53,6 +53,12 @@ struct id_pos {
 #define DUE_CURSOR_SAMPLES 16
 struct due_cursor {
 	int64_t at;                 /* 0: not known yet, looked up */
+	/*
+	 * Where the last poll's free first attempts began (0: unknown): the
+	 * next poll but a sweep looks for candidates from there, past the
+	 * rows in flight between the front and it.
+	 */
+	int64_t free_at;
 	int64_t sweep_ms, deep_ms;  /* when the last sweep and lookup were sent */
 	int64_t sample_ms[DUE_CURSOR_SAMPLES], sample_at[DUE_CURSOR_SAMPLES];
 	int nsamples, next_sample;
