@@ -78,6 +78,10 @@ static const char script_pause[] =
     "if untl > cur then redis.call('SET', pre .. 'rate:pause', untl, 'PX', ARGV[1]) end "
     "return {0}";
 
+/* Takes ARGV[1] out of the registry; ARGV[2] is the fleet's key prefix. */
+static const char script_leave[] =
+    "redis.call('ZREM', ARGV[2] .. 'workers', ARGV[1]) return {0}";
+
 struct fleet {
 	redis_conn *conn;               /* borrowed; NULL: never shared */
 	/* the shared grant's call, between fleet_grant_call() and fleet_grant_done() */
@@ -85,7 +89,7 @@ struct fleet {
 	const char *args[6];
 	long long out[3];
 	size_t want, offered;
-	int grant, give_back, pause;    /* script ids on conn */
+	int grant, give_back, pause, leave;     /* script ids on conn */
 	char *member;
 	int rate;
 	int workers_seen;               /* in the registry, at the last shared grant */
@@ -114,7 +118,8 @@ fleet_new(redis_conn *conn, const char *member, fleet **ret)
 	    (conn != NULL &&
 	    (redis_conn_script(conn, "rate", script_grant, &f->grant) == -1 ||
 	    redis_conn_script(conn, "rate", script_give_back, &f->give_back) == -1 ||
-	    redis_conn_script(conn, "rate", script_pause, &f->pause) == -1))) {
+	    redis_conn_script(conn, "rate", script_pause, &f->pause) == -1 ||
+	    redis_conn_script(conn, "rate", script_leave, &f->leave) == -1))) {
 		fleet_free(f);
 		return -1;
 	}
@@ -267,5 +272,20 @@ fleet_pause(fleet *f, int pause_ms)
 	if (redis_conn_eval(f->conn, f->pause, NULL, 0, args, 2, &ignored, 1) == -1 &&
 	    redis_conn_connected(f->conn))
 		log_warnx("could not set the fleet's 429 pause in redis: %s",
+		    redis_conn_errmsg(f->conn));
+}
+
+void
+fleet_leave(fleet *f)
+{
+	const char *args[2] = { f->member, NULL };
+	long long ignored;
+
+	if (f->conn == NULL || !redis_conn_connected(f->conn))
+		return;
+	args[1] = redis_conn_prefix(f->conn);
+	if (redis_conn_eval(f->conn, f->leave, NULL, 0, args, 2, &ignored, 1) == -1 &&
+	    redis_conn_connected(f->conn))
+		log_warnx("could not take this worker out of the fleet's registry in redis: %s",
 		    redis_conn_errmsg(f->conn));
 }

@@ -62,6 +62,13 @@ bool fleet_limited(const fleet *f);
 int fleet_workers(const fleet *f);
 
 /*
+ * At a clean stop: this worker out of the registry, so the others' share
+ * of the rate and their candidate window follow at once rather than 10 s
+ * later.  Waits for Redis (redis.command_timeout_ms at most); best effort.
+ */
+void fleet_leave(fleet *f);
+
+/*
  * After a shared grant of which UNUSED calls were not started (their items
  * could not be locked): puts them back in the fleet's bucket, so a claim
  * spends only the calls it makes.  Best effort; no-op when UNUSED is 0.

@@ -2204,6 +2204,8 @@ finish(struct loop *l)
 			l->itemp[n++] = &l->flights[i].item;
 	lock_release(l->locks, l->itemp, n);
 	redis_drain(l);
+	if (l->fleet != NULL)
+		fleet_leave(l->fleet);
 	if (store_connected(l->st) && store_worker_gone(l->st, l->cfg->worker.id) == -1)
 		log_warnx("%s", store_errmsg(l->st));
 	log_info("stopped: %" PRIu64 " done, %" PRIu64 " failed, %" PRIu64 " to retry, %" PRIu64

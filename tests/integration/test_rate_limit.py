@@ -118,3 +118,24 @@ def test_the_budget_pays_only_for_items_locked(tmp_path, db, redis, fake_api, bi
     wait_for(lambda: pending(db) == 0, 15, interval=0.2, message=w.log_tail)
     assert w.stop() == 0
     assert fake_api.state()["total_requests"] == 3
+
+
+def test_a_worker_that_stops_leaves_the_registry(tmp_path, db, redis, fake_api, binary):
+    """The registry counts the workers that asked for a grant in the last
+    10 s: each one's share of the rate is the rate over that count, and its
+    candidate window as many times its claim.  A worker that stopped
+    cleanly counted for 10 s more, so after a restart the survivors ran on
+    a smaller share and a wider window than the fleet had.  It leaves at
+    its stop now."""
+    fake_api.faults([], latency_ms=50)      # both claim while the backlog lasts
+    workers = start_fleet(tmp_path, db, redis, fake_api, ["redis", "redis"],
+                          **{"worker.concurrency": 4})
+    insert_invoices(db, 200)
+    wait_for(lambda: redis.command("ZCARD", "billing-worker:workers") == 2, 10,
+             message=workers[0].log_tail)
+    wait_for(lambda: pending(db) == 0, 30, interval=0.2)
+    assert workers[0].stop() == 0
+    members = redis.command("ZRANGE", "billing-worker:workers", 0, -1)
+    assert len(members) == 1, members
+    assert workers[1].stop() == 0
+    assert redis.command("ZCARD", "billing-worker:workers") == 0

@@ -136,6 +136,30 @@ test_a_429_pauses_the_local_share_too(void **state)
 
 /* ---- the shared budget ---- */
 
+/*
+ * A clean stop takes the worker out of the registry at once: it counted
+ * in the others' share of the rate and their candidate window for 10 s
+ * after it was gone.  Nothing is sent without a connection.
+ */
+static void
+test_leaving_takes_the_worker_out_of_the_registry(void **state)
+{
+	fleet *f;
+
+	(void)state;
+	assert_int_equal(fleet_new(&conn, "w1", &f), 0);
+	fleet_leave(f);
+	assert_int_equal(conn.evals, 1);
+	assert_int_equal(conn.last_script, 3);
+	assert_int_equal(conn.last_nargs, 2);
+	assert_string_equal(conn.last_args[0], "w1");
+	assert_string_equal(conn.last_args[1], "bw:");
+	conn.connected = false;
+	fleet_leave(f);
+	assert_int_equal(conn.evals, 1);
+	fleet_free(f);
+}
+
 static void
 test_shared_grant_asks_redis_and_gives_back_what_was_not_locked(void **state)
 {
@@ -144,7 +168,7 @@ test_shared_grant_asks_redis_and_gives_back_what_was_not_locked(void **state)
 
 	(void)state;
 	assert_int_equal(fleet_new(&conn, "w1", &f), 0);
-	assert_int_equal(conn.nscripts, 3);
+	assert_int_equal(conn.nscripts, 4);
 	fleet_set_rate(f, 1000);
 	conn.answer[0] = 8;
 	conn.answer[1] = 0;
@@ -214,6 +238,7 @@ main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test_setup(test_without_a_limit_everything_is_granted, reset),
+		cmocka_unit_test_setup(test_leaving_takes_the_worker_out_of_the_registry, reset),
 		cmocka_unit_test_setup(test_local_share_is_the_bucket_and_says_how_long_to_wait, reset),
 		cmocka_unit_test_setup(test_a_429_pauses_the_local_share_too, reset),
 		cmocka_unit_test_setup(test_shared_grant_asks_redis_and_gives_back_what_was_not_locked,

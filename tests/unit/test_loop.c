@@ -393,6 +393,7 @@ fleet_new(redis_conn *conn, const char *member, fleet **ret)
 void fleet_free(fleet *f) { (void)f; }
 void fleet_set_rate(fleet *f, int r) { (void)f; (void)r; }
 void fleet_pause(fleet *f, int ms) { (void)f; (void)ms; }
+void fleet_leave(fleet *f) { (void)f; }
 
 /* The claim step as a whole: the scripted backlog, oldest first. */
 struct claimer {
