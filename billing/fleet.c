@@ -93,6 +93,7 @@ struct fleet {
 	char *member;
 	int rate;
 	int workers_seen;               /* in the registry, at the last shared grant */
+	bool registry_read;             /* a shared grant has counted them */
 	bool short_grant;               /* the last grant was below the due items */
 	struct pace pace;               /* the local share, while Redis cannot be asked */
 	int64_t wait_ms;
@@ -198,6 +199,8 @@ fleet_grant_done(fleet *f, size_t *ret_granted)
 		*ret_granted = f->want;
 	f->wait_ms = f->out[1];
 	f->short_grant = *ret_granted < f->offered;
+	if (f->out[2] > 0)
+		f->registry_read = true;
 	if (f->out[2] > 0 && f->out[2] != f->workers_seen) {
 		f->workers_seen = (int)f->out[2];
 		pace_reset(f);
@@ -213,7 +216,7 @@ fleet_limited(const fleet *f)
 int
 fleet_workers(const fleet *f)
 {
-	return f->workers_seen;
+	return f->registry_read ? f->workers_seen : 0;
 }
 
 int

@@ -57,7 +57,7 @@ bool fleet_limited(const fleet *f);
 
 /*
  * How many workers asked for a grant within the last 10 s, this one
- * included, as the last shared grant counted them (1 before the first).
+ * included, as the last shared grant counted them; 0 before the first.
  */
 int fleet_workers(const fleet *f);
 

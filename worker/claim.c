@@ -680,7 +680,13 @@ candidate_factor(const claimer *c)
 {
 	int workers = c->fleet != NULL ? fleet_workers(c->fleet) : 1;
 
-	return workers < 1 ? 1 : workers > CANDIDATE_FACTOR ? CANDIDATE_FACTOR : (size_t)workers;
+	/*
+	 * Not counted yet (the first claim, when a fleet that starts together
+	 * would otherwise all offer the same oldest items): as in a fleet.
+	 */
+	if (workers < 1 || workers > CANDIDATE_FACTOR)
+		return CANDIDATE_FACTOR;
+	return (size_t)workers;
 }
 
 int

@@ -91,12 +91,15 @@ def test_two_fleets_with_their_own_prefix_share_one_redis(tmp_path, db, db2, red
         fleets.append((name, prefix, database, api, [Worker(c, f"{name}-{i}") for i, c in enumerate(cfgs)]))
 
     seen = set()
+    members = {prefix: set() for _, prefix, _, _, _ in fleets}
     for _, _, _, _, workers in fleets:
         for w in workers:
             w.start()
 
     def drained():
         seen.update(redis.keys())
+        for prefix in members:
+            members[prefix].update(redis.command("ZRANGE", f"{prefix}workers", 0, -1))
         return all(pending(database) == 0 for _, _, database, _, _ in fleets)
 
     wait_for(drained, 120, interval=0.02,
@@ -113,16 +116,15 @@ def test_two_fleets_with_their_own_prefix_share_one_redis(tmp_path, db, db2, red
     seen.update(left)
     assert sorted(k for k in seen if not k.startswith(("bw-staging:", "bw-production:"))) == []
     for name, prefix, _, _, workers in fleets:
-        assert f"{prefix}workers" in left
+        assert f"{prefix}workers" in seen
         assert f"{prefix}rate:bucket" in left
-        # Each fleet's registry holds its own workers, and only those.
-        members = redis.command("ZRANGE", f"{prefix}workers", 0, -1)
-        assert len(members) == 2, (name, members)
-        assert all(m.startswith("test-worker-") for m in members)
+        # Each fleet's registry held its own workers, and only those, while
+        # they ran; each left it at its stop.
+        assert len(members[prefix]) == 2, (name, members[prefix])
+        assert all(m.startswith("test-worker-") for m in members[prefix])
+        assert f"{prefix}workers" not in left
         assert redis.keys(f"{prefix}lock:*") == []
-    staging_members = set(redis.command("ZRANGE", "bw-staging:workers", 0, -1))
-    production_members = set(redis.command("ZRANGE", "bw-production:workers", 0, -1))
-    assert not staging_members & production_members
+    assert not members["bw-staging:"] & members["bw-production:"]
 
 
 def test_a_429_pauses_only_its_own_fleet(tmp_path, db, db2, redis, fake_api, fake_api2, binary):
@@ -165,7 +167,7 @@ def test_redis_db_keeps_every_key_in_that_database(tmp_path, db, redis, fake_api
     assert_each_paid_once(db, fake_api, 200)
     assert any(k.startswith("billing-worker:lock:invoice:") for k in seen)
     left = redis_in_db(redis, 3, "KEYS", "*")
-    assert "billing-worker:workers" in left and "billing-worker:rate:bucket" in left
+    assert "billing-worker:workers" in seen and "billing-worker:rate:bucket" in left
     for other in range(16):
         if other != 3:
             assert redis_in_db(redis, other, "DBSIZE") == 0, other
@@ -185,9 +187,9 @@ def test_redis_db_survives_a_reconnect(tmp_path, db, redis, fake_api, binary):
     redis.start()
     wait_for(lambda: pending(db) == 0, 30, message=lambda: w.log_tail())
     assert "redis reachable again" in w.log()
+    assert "billing-worker:workers" in redis_in_db(redis, 5, "KEYS", "*")
     assert w.stop() == 0
     assert redis.keys() == []
-    assert "billing-worker:workers" in redis_in_db(redis, 5, "KEYS", "*")
     assert_each_paid_once(db, fake_api, 20)
 
 
@@ -222,11 +224,12 @@ def test_acl_user_with_a_password_file(tmp_path, db, redis, fake_api, binary, ac
     insert_invoices(db, 50)
     w = Worker(cfg, "acl").start()
     wait_for(lambda: pending(db) == 0, 30, message=lambda: w.log_tail())
+    registry = "bw-acl:workers" in redis.keys()
     assert w.stop() == 0
     assert_each_paid_once(db, fake_api, 50)
     log = w.log()
     assert "redis unreachable" not in log and "NOPERM" not in log, log
-    assert "bw-acl:workers" in redis.keys()
+    assert registry
     assert password not in log
 
 

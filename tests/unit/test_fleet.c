@@ -173,8 +173,10 @@ test_shared_grant_asks_redis_and_gives_back_what_was_not_locked(void **state)
 	conn.answer[0] = 8;
 	conn.answer[1] = 0;
 	conn.answer[2] = 3;
+	assert_int_equal(fleet_workers(f), 0);  /* not counted yet */
 	assert_int_equal(fleet_grant(f, true, 10, 40, &n), 0);
 	assert_int_equal(n, 8);
+	assert_int_equal(fleet_workers(f), 3);
 	/* rate, burst (50 ms of 1000/s), want, offered, member, prefix */
 	assert_int_equal(conn.last_nargs, 6);
 	assert_string_equal(conn.last_args[0], "1000");
