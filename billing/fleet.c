@@ -199,11 +199,12 @@ fleet_grant_done(fleet *f, size_t *ret_granted)
 		*ret_granted = f->want;
 	f->wait_ms = f->out[1];
 	f->short_grant = *ret_granted < f->offered;
-	if (f->out[2] > 0)
+	if (f->out[2] > 0) {
 		f->registry_read = true;
-	if (f->out[2] > 0 && f->out[2] != f->workers_seen) {
-		f->workers_seen = (int)f->out[2];
-		pace_reset(f);
+		if (f->out[2] != f->workers_seen) {
+			f->workers_seen = (int)f->out[2];
+			pace_reset(f);
+		}
 	}
 }
 

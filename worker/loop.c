@@ -329,8 +329,8 @@ calls_active(const struct loop *l)
  * concurrency.  A whole batch, so the claim sent the moment the last one
  * has launched its calls (take_work) is a full one: with half the
  * concurrency, the default 64 / 64 claimed 32 at a time ahead, and four
- * processes spent more of the database on claims than they gained in
- * overlap.  None before the API has let one of our calls in: a worker
+ * processes made 0.85-0.88 x the items/s of 2886861 beside them, against
+ * 0.99-1.01 x with a full batch (medians of 3-4 alternating runs).  None before the API has let one of our calls in: a worker
  * started with a wrong token or base URL calls one batch, not two, before
  * the refusal stops it.  None while outcomes cannot be recorded: then no
  * more is taken than calls can be made, and the outcomes waiting count as
