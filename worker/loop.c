@@ -2025,8 +2025,15 @@ wait_budget_ms(const struct loop *l, int64_t now)
 		wait = store_listener_deadline(l->listener) - now;
 	if (redis_wake_at(l) - now < wait)
 		wait = redis_wake_at(l) - now;
-	/* Items claimed ahead, held back by our 429's pause: at its end. */
-	if (l->ready > 0 && l->calls_paused_until_ms - now < wait)
+	/*
+	 * Items claimed ahead, held back by our 429's pause: at its end.  Not
+	 * paused, they wait for a slot, and an answer frees it and wakes us:
+	 * taking the pause's end (0, long past) as a reason to wake spun the
+	 * loop at 0 ms waits whenever claims ran ahead of a slow API, about
+	 * 200 000 turns a second, a core the database and the API's host
+	 * shared with it.
+	 */
+	if (l->ready > 0 && l->calls_paused_until_ms > now && l->calls_paused_until_ms - now < wait)
 		wait = l->calls_paused_until_ms - now;
 	for (int i = 0; i < l->nflights; i++) {
 		if (l->flights[i].state != FLIGHT_DONE)
