@@ -464,7 +464,7 @@ claim_start(claimer *c, size_t limit)
 		w.claim_over_limit++;   /* one claim at a time */
 	/*
 	 * Items claimed and not yet answered within concurrency plus the
-	 * run-ahead (a batch, at most the concurrency); flights within three times it.
+	 * run-ahead (two batches, at most the concurrency); flights within three times it.
 	 */
 	if (w.busy_items - w.answered_items + limit > (size_t)(w.concurrency + w.ahead) ||
 	    w.busy_items + limit > 3 * (size_t)w.concurrency)
@@ -735,7 +735,7 @@ load_config(struct bw_config *cfg, int concurrency, int batch, const char *extra
 		fail_msg("config: %s", errors ? errors : "?");
 	free(errors);
 	w.concurrency = concurrency;
-	w.ahead = batch < concurrency ? batch : concurrency;
+	w.ahead = 2 * batch < concurrency ? 2 * batch : concurrency;
 	log_init("unit", LOG_LEVEL_ERROR);
 }
 
@@ -886,7 +886,7 @@ test_one_batch_in_flight_at_a_time(void **state)
  * database slower than the loop: outcomes being recorded hold no call
  * slot, so calls fill all 4 slots while a batch is being recorded (when
  * they counted against concurrency, none started then); and claims run
- * ahead of the calls by up to a batch (4), so claims ask for more than the free
+ * ahead of the calls by up to two batches (here 4, the concurrency), so claims ask for more than the free
  * call slots at times (before, never).  Never more than 4 calls, nor a
  * claim beyond its room.
  */
