@@ -279,7 +279,12 @@ demo: deps
 # PEER=graphile-worker runs that queue beside us in the same run (npm installs
 # it outside the project, in BW_PEER_DIR) and prints the ratio measured.
 PEER     ?=
-bench: all
+# The 100 ms API of make bench: one epoll thread, answers due in arrival order.
+$(BUILD)/delay_api: tests/bench/delay_api.c
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) $(CPPFLAGS) -o $@ $<
+
+bench: all $(BUILD)/delay_api
 	sh scripts/install-deps.sh nginx-light
 	$(PYTHON) scripts/bench.py $(BENCH_ARGS) $(if $(PEER),--peer $(PEER))
 
