@@ -20,6 +20,7 @@ peer through the same reset, the same INSERT and the same wait_drained.
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -268,13 +269,14 @@ def _run(bench, name, lines):
     k = bench.args.items / 1000
     for p in (1, 4):
         ours, theirs = [], []
-        for _ in range(2):
+        # Three alternating runs each, the medians (as bench.py's baseline rows).
+        for _ in range(3):
             ours.append(bench.e2e(p))
             theirs.append(peer.e2e(p))
-        rate_o = sum(r[0] for r in ours) / 2
-        rate_t = sum(r[0] for r in theirs) / 2
-        cpu_o = sum(r[1] for r in ours) / 2 / k
-        cpu_t = sum(r[1] for r in theirs) / 2 / k
+        rate_o = statistics.median(r[0] for r in ours)
+        rate_t = statistics.median(r[0] for r in theirs)
+        cpu_o = statistics.median(r[1] for r in ours) / k
+        cpu_t = statistics.median(r[1] for r in theirs) / k
         ratio = rate_o / rate_t
         print(f"  peer {name} {version}, {p} proc: ours {rate_o:,.0f} items/s "
               f"({', '.join(f'{r[0]:,.0f}' for r in ours)}), peer {rate_t:,.0f} items/s "
@@ -283,6 +285,8 @@ def _run(bench, name, lines):
               flush=True)
         target = TARGETS[p]
         lines.append(f"| e2e, {p} process{'es' if p > 1 else ''}, fast API: ours / {name} "
-                     f"{version} (mean of 2 alternating runs each; CPU s per 1 000 items "
+                     f"{version} (medians of 3 alternating runs: "
+                     f"{', '.join(f'{r[0]:,.0f}' for r in ours)} / "
+                     f"{', '.join(f'{r[0]:,.0f}' for r in theirs)}; CPU s per 1 000 items "
                      f"{cpu_o:.3f} / {cpu_t:.3f}) | {rate_o:,.0f} / {rate_t:,.0f} items/s | "
                      f"{ratio:.2f} × | ≥ {target:g} × |")
