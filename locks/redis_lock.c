@@ -50,8 +50,15 @@ struct sent_call {
 	size_t n;                       /* keys */
 };
 
-/* Releases in flight at once; more wait for their ttl. */
-#define RELEASES_IN_FLIGHT 16
+/*
+ * Releases in flight at once; more wait for their ttl.  The pool grows to
+ * this as needed, one call at a time (the connection holds pointers to
+ * their jobs, so none moves).  It was a fixed 16: a stop with more
+ * batches' releases still unanswered (Redis slow for a moment) dropped
+ * the rest, and their locks outlived the clean stop by their ttl, which
+ * test_concurrency caught once as keys left behind.
+ */
+#define RELEASES_IN_FLIGHT 1024
 
 struct redis_lock {
 	redis_conn *conn;
@@ -63,7 +70,8 @@ struct redis_lock {
 		size_t cap;
 	} acq;
 	char ttl[24], most[24];         /* the acquire call's own arguments */
-	struct sent_call releases[RELEASES_IN_FLIGHT];
+	struct sent_call **releases;    /* nreleases of them, each allocated once */
+	size_t nreleases;
 	struct sent_call renewal;
 	char renew_ttl[24];
 };
@@ -101,8 +109,11 @@ redis_lock_free(redis_lock *rl)
 		return;
 	free(rl->acq.args);
 	free(rl->acq.out);
-	for (int i = 0; i < RELEASES_IN_FLIGHT; i++)
-		sent_free(&rl->releases[i]);
+	for (size_t i = 0; i < rl->nreleases; i++) {
+		sent_free(rl->releases[i]);
+		free(rl->releases[i]);
+	}
+	free(rl->releases);
 	sent_free(&rl->renewal);
 	free(rl);
 }
@@ -222,8 +233,8 @@ redis_lock_reap(redis_lock *rl)
 {
 	int ret = 0;
 
-	for (int i = 0; i < RELEASES_IN_FLIGHT; i++) {
-		struct sent_call *sc = &rl->releases[i];
+	for (size_t i = 0; i < rl->nreleases; i++) {
+		struct sent_call *sc = rl->releases[i];
 
 		if (!sc->busy || !redis_conn_job_done(&sc->job))
 			continue;
@@ -238,13 +249,23 @@ int
 redis_lock_release_send(redis_lock *rl, const char *const *keys, const char *const *tokens,
     size_t n, int64_t now)
 {
+	struct sent_call **grown, *sc;
+
 	if (n == 0)
 		return 0;
-	for (int i = 0; i < RELEASES_IN_FLIGHT; i++)
-		if (!rl->releases[i].busy)
-			return sent_send(rl, &rl->releases[i], rl->release, keys, tokens, n, NULL, 0,
+	for (size_t i = 0; i < rl->nreleases; i++)
+		if (!rl->releases[i]->busy)
+			return sent_send(rl, rl->releases[i], rl->release, keys, tokens, n, NULL, 0,
 			    now);
-	return 1;
+	if (rl->nreleases == RELEASES_IN_FLIGHT)
+		return 1;
+	if ((grown = realloc(rl->releases, (rl->nreleases + 1) * sizeof(*grown))) == NULL)
+		return 1;
+	rl->releases = grown;
+	if ((sc = calloc(1, sizeof(*sc))) == NULL)
+		return 1;
+	rl->releases[rl->nreleases++] = sc;
+	return sent_send(rl, sc, rl->release, keys, tokens, n, NULL, 0, now);
 }
 
 int

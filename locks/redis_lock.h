@@ -41,9 +41,10 @@ void redis_lock_acquire_done(const redis_lock *rl, size_t n, bool *got);
  * Deletes each key that still holds its token, others left alone, without
  * waiting, on the connection's poll: the keys and tokens
  * are copied and the call sent; its answer comes in a later drive of the
- * connection.  A few releases may be in flight: send returns 1, sending
- * nothing, when that many are (the locks then expire by their ttl, which
- * costs only a little of other workers' time), 0 when sent, -1 when the
+ * connection.  Up to 1 024 releases may be in flight: send returns 1,
+ * sending nothing, when that many are or memory ran out (the locks then
+ * expire by their ttl, which costs only a little of other workers' time),
+ * 0 when sent, -1 when the
  * connection failed.  redis_lock_reap() frees the answered ones and
  * returns -1 when one of them failed (redis_conn_errmsg() says why).
  */

@@ -89,3 +89,38 @@ def test_a_redis_reconnect_to_a_frozen_server_does_not_stall_the_loop(tmp_path, 
         assert w.stop() == 0
     finally:
         server.cleanup()
+
+
+def test_a_clean_stop_releases_every_lock_after_redis_was_slow(tmp_path, db, fake_api, binary):
+    """Releases queue behind a Redis that answers late, and a clean stop
+    still gives every lock back.  The pool of releases in flight was a
+    fixed 16: with Redis frozen for a second, the completion batches of
+    the calls in flight (claims of 2, so a batch every few answers) sent
+    more releases than that, the rest were dropped, and their keys
+    outlived the stop by locks.ttl_ms."""
+    server = RedisServer()
+    server.start()
+    try:
+        cfg = make_config(tmp_path, db, RedisClient(server), fake_api, **{
+            "locks.mode": "redis", "redis.command_timeout_ms": 10000,
+            "worker.concurrency": 64, "worker.batch_size": 2, "worker.poll_interval_ms": 100})
+        migrate(cfg)
+        fake_api.faults([], latency_ms=100)
+        redis = RedisClient(server)
+        insert_invoices(db, 2000)
+        w = Worker(cfg, "w").start()
+        wait_for(lambda: paid(db) >= 200, 60, message=w.log)
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            time.sleep(1.0)     # the calls in flight are answered and recorded meanwhile
+            w.signal(signal.SIGTERM)
+            time.sleep(0.5)
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        assert w.wait(30) == 0, w.log()
+        left = redis.keys("billing-worker:lock:*")
+        print(f"paid {paid(db)}; lock keys left after the stop: {len(left)}")
+        assert left == [], w.log()
+        assert db.scalar("SELECT count(*) FROM invoices WHERE status NOT IN ('paid', 'pending')") == 0
+    finally:
+        server.cleanup()
