@@ -17,10 +17,12 @@ set -eu
 # clang and libclang-rt-14-dev (libFuzzer; only a Recommends of clang) for
 # `make fuzz`, valgrind for `make valgrind`, openssl for the TLS tests' CA,
 # prometheus for promtool (`make lint-rules`; it also starts a Prometheus
-# server on 9090 under systemd, which nothing here uses).
+# server on 9090 under systemd, which nothing here uses).  pgbouncer and
+# redis-sentinel for the pooling and failover tests, which start private ones
+# (the packages also start Debian's own on 6432 and 26379, unused here).
 PACKAGES="build-essential pkg-config libhiredis-dev libpq-dev libcurl4-openssl-dev
 libconfig-dev libcmocka-dev libjansson-dev libsystemd-dev libmicrohttpd-dev postgresql
-redis-server systemd mandoc prometheus
+redis-server redis-sentinel pgbouncer systemd mandoc prometheus
 python3 python3-psycopg2 python3-pytest curl procps iproute2
 clang libclang-rt-14-dev valgrind openssl"
 
