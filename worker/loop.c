@@ -862,7 +862,10 @@ flush(struct loop *l)
 /*
  * The flush of a loop that ends: sends what is queued and waits for the
  * answer, within the statement's deadline, the one wait outside the
- * loop's poll, made once nothing else is left to do.
+ * loop's poll, made once nothing else is left to do.  Each answer is
+ * followed by the next send: the outcomes queued behind a batch in flight
+ * (the calls abandoned at the deadline among them) go out after it.  It
+ * ends, since a failed batch is retried only after a delay (flush_due).
  */
 static void
 flush_waiting(struct loop *l)
@@ -878,7 +881,7 @@ flush_waiting(struct loop *l)
 		    errno != EINTR)
 			break;
 		store_drive(l->st, pfd.revents, clock_ms());
-		flush_answer(l);
+		flush(l);
 	}
 }
 
@@ -1055,6 +1058,8 @@ start_ready(struct loop *l, int64_t now)
 	}
 }
 
+#define REFUSED_PUT_BACK "not called: the billing API refuses this worker"
+
 /*
  * A freshly claimed item into a flight: begun when a call slot is free,
  * else waiting for one (claims run ahead of the calls); refusals and
@@ -1069,7 +1074,14 @@ launch(struct loop *l, struct item *it, const char *refuse, const char *defer)
 
 	if (f == NULL)
 		return;
-	if (refuse == NULL && defer == NULL && wait)
+	/*
+	 * Refused, a slot is only for a probe: the rest of a claim sent before
+	 * the refusal goes back, as the items claimed ahead did (api_refused).
+	 */
+	if (refuse == NULL && defer == NULL && wait && l->refused.on) {
+		start_flight(l, f, NULL, REFUSED_PUT_BACK);
+		f->done.delay_ms = 0;
+	} else if (refuse == NULL && defer == NULL && wait)
 		wait_for_slot(l, f);
 	else if (refuse == NULL && defer == NULL)
 		begin(l, f);
@@ -1282,6 +1294,23 @@ worker_seen(struct loop *l, int64_t now)
 }
 
 /*
+ * The items claimed ahead and not called yet go back to pending as they
+ * are, due again at once (for another worker, or a later claim): no call
+ * made, no attempt counted, the ambiguous flag kept (start_flight).
+ */
+static void
+put_back_ready(struct loop *l, const char *why)
+{
+	while (l->ready > 0) {
+		struct flight *f = &l->flights[l->ready_q[l->ready_head]];
+
+		l->ready_head = (l->ready_head + 1) % l->nflights;
+		start_flight(l, f, NULL, why);
+		f->done.delay_ms = 0;
+	}
+}
+
+/*
  * The billing API answered 401, 403, 404 or 405: the token or the base URL
  * is wrong, for every item alike.  Stop taking items (each would only get
  * the same answer) and say so once; the items stay pending, and one item
@@ -1313,6 +1342,12 @@ api_refused(struct loop *l, const struct api_verdict *v, long status, int64_t no
 	metrics_set_api_blocked(true);
 	telemetry_api_refused(l->tm, l->refused.reason);
 	worker_seen(l, now);
+	/*
+	 * Each would get the same answer, and slot_free() lets one start as
+	 * each refusal comes back: up to two batches of calls in a row, with
+	 * no backoff, which the probes are there to avoid.
+	 */
+	put_back_ready(l, REFUSED_PUT_BACK);
 }
 
 /* An answer that got past authentication and routing: the worker is let in. */
@@ -1568,13 +1603,7 @@ reload(struct loop *l)
 static void
 abandon_calls(struct loop *l)
 {
-	while (l->ready > 0) {
-		struct flight *f = &l->flights[l->ready_q[l->ready_head]];
-
-		l->ready_head = (l->ready_head + 1) % l->nflights;
-		start_flight(l, f, NULL, "not called before the shutdown deadline");
-		f->done.delay_ms = 0;
-	}
+	put_back_ready(l, "not called before the shutdown deadline");
 	for (int i = 0; i < l->nflights; i++) {
 		struct flight *f = &l->flights[i];
 
@@ -2033,6 +2062,9 @@ wait_budget_ms(const struct loop *l, int64_t now)
 		wait = store_listener_deadline(l->listener) - now;
 	if (redis_wake_at(l) - now < wait)
 		wait = redis_wake_at(l) - now;
+	/* Stopping: the deadline is kept whether or not anything answers. */
+	if (l->stopping && l->stop_deadline_ms - now < wait)
+		wait = l->stop_deadline_ms - now;
 	/*
 	 * Items claimed ahead, held back by our 429's pause: at its end.  Not
 	 * paused, they wait for a slot, and an answer frees it and wakes us:

@@ -9,6 +9,8 @@
  * records completions and can refuse them.  Real outcome, config, log and metrics modules.
  */
 
+#include <inttypes.h>
+#include <poll.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -70,8 +72,12 @@ static struct {
 
 	size_t recorded_done, recorded_retry, parked, complete_calls, api_started, zero_waits;
 	size_t aborted;
-	int shutdown_timeout_ms;        /* worker.shutdown_timeout_ms; 0: 30 s */
+	int shutdown_timeout_ms;        /* worker.shutdown_timeout_ms; 0: 30 s, -1: 0 */
 	bool hold_answers;              /* the API answers nothing until it is cleared */
+	bool whole_waits;               /* held answers: a wait sleeps all it is given, not 50 ms */
+	size_t refuse_after;            /* answers before the API refuses the worker (0: never) */
+	size_t answers;                 /* calls answered so far */
+	size_t started_after_refusal;   /* calls started once a refusal was answered */
 	size_t stop_at_call;            /* SIGTERM as this call starts (0: never) */
 	int concurrency;
 	int ahead;                      /* how far claims may run ahead of the calls */
@@ -573,6 +579,8 @@ api_start(api_client *api, const struct item *it, int tag)
 	if (sent_pending && w.ncalls > w.calls_while_recording)
 		w.calls_while_recording = w.ncalls;
 	w.api_started++;
+	if (w.refuse_after != 0 && w.answers > w.refuse_after)
+		w.started_after_refusal++;
 	if (w.ncalls > w.in_flight_max)
 		w.in_flight_max = w.ncalls;
 	if (w.stop_at_call != 0 && w.api_started == w.stop_at_call)
@@ -589,7 +597,6 @@ int
 api_wait(api_client *api, struct api_waitfd *extra, unsigned nextra, int timeout_ms)
 {
 	(void)api;
-	(void)extra;
 	(void)nextra;
 	w.answered_this_wait = 0;
 	/* Work due and room for a claim of one, but none out: a round trip lost. */
@@ -601,8 +608,24 @@ api_wait(api_client *api, struct api_waitfd *extra, unsigned nextra, int timeout
 		w.spins_while_recording++;
 	if ((w.ncalls == 0 || w.hold_answers) && timeout_ms == 0)
 		w.zero_waits++;
-	if ((w.ncalls == 0 || w.hold_answers) && timeout_ms > 0)
+	if (w.whole_waits && w.hold_answers && timeout_ms > 0) {
+		/* As the real wait: to its end, unless a descriptor (the signal pipe) wakes it. */
+		struct pollfd pfd[8];
+		unsigned at[8];
+		nfds_t n = 0;
+
+		for (unsigned i = 0; i < nextra && n < 8; i++) {
+			if (extra[i].fd < 0 || extra[i].events == 0)
+				continue;
+			at[n] = i;
+			pfd[n++] = (struct pollfd){ .fd = extra[i].fd, .events = extra[i].events };
+		}
+		if (poll(pfd, n, timeout_ms) > 0)
+			for (nfds_t i = 0; i < n; i++)
+				extra[at[i]].revents = pfd[i].revents;
+	} else if ((w.ncalls == 0 || w.hold_answers) && timeout_ms > 0) {
 		usleep((useconds_t)(timeout_ms < 50 ? timeout_ms : 50) * 1000);
+	}
 	/* Calls answered by the clock: sleeps until the first is due, as its socket would wake us. */
 	if (w.call_ms > 0 && w.ncalls > 0 && !w.hold_answers) {
 		int64_t due = w.call_started_ms[0] + w.call_ms - clock_ms();
@@ -635,8 +658,9 @@ api_next_result(api_client *api, int *tag, struct api_verdict *v, double *latenc
 	memset(v, 0, sizeof(*v));
 	v->retry_after_s = -1;
 	*latency_ms = 1;
-	*http_status = w.answer_status;
-	if (w.answer_status == 200) {
+	*http_status = w.refuse_after != 0 && w.answers >= w.refuse_after ? 401 : w.answer_status;
+	w.answers++;
+	if (*http_status == 200) {
 		v->cls = API_SUCCESS;
 		snprintf(v->id, sizeof(v->id), "ch_fake");
 	} else {
@@ -729,7 +753,8 @@ load_config(struct bw_config *cfg, int concurrency, int batch, const char *extra
 	    "billing_api = { base_url = \"http://127.0.0.1:9\"; backoff_initial_ms = 1;"
 	    " backoff_max_ms = 5; };\n"
 	    "log = { level = \"error\"; };\n%s", concurrency, batch,
-	    w.shutdown_timeout_ms != 0 ? w.shutdown_timeout_ms : 30000, extra);
+	    w.shutdown_timeout_ms < 0 ? 0 : w.shutdown_timeout_ms != 0 ? w.shutdown_timeout_ms :
+	    30000, extra);
 	memset(cfg, 0, sizeof(*cfg));
 	if (config_load_string(text, "unit.conf", cfg, &errors) != 0)
 		fail_msg("config: %s", errors ? errors : "?");
@@ -1047,6 +1072,88 @@ test_stop_abandons_calls_at_the_deadline(void **state)
 	config_free(&cfg);
 }
 
+/*
+ * The deadline comes while a batch is in flight (a call answered in the
+ * deadline's turn sent it): the calls abandoned then queue behind it, and
+ * must still be recorded once it is answered.  They were not: the last
+ * flush only took answers, and the worker exited with two outcomes only
+ * its memory held, their leases left to run out and the calls repeated.
+ */
+static void
+test_stop_records_abandoned_calls_behind_a_batch(void **state)
+{
+	struct bw_config cfg;
+
+	(void)state;
+	world_reset();
+	w.shutdown_timeout_ms = -1;     /* 0: the deadline is the stop's own turn */
+	load_config(&cfg, 4, 4, "");
+	backlog(1, 4);
+	w.answers_per_wait = 2;         /* two answered, two still out at the deadline */
+	w.stop_at_call = 4;
+	assert_int_equal(loop_run(&cfg, "token", NULL, true), 0);
+	assert_int_equal(w.aborted, 2);
+	assert_int_equal(w.recorded_done, 2);
+	assert_int_equal(w.recorded_retry, 2);
+	assert_int_equal(w.busy_items, 0);
+	config_free(&cfg);
+}
+
+/*
+ * A stop ends at worker.shutdown_timeout_ms even when the API answers
+ * nothing and every wait is slept to its end: the wait is cut at the
+ * deadline.  It was not, and a stop overran its bound by up to a second.
+ */
+static void
+test_stop_wait_ends_at_the_deadline(void **state)
+{
+	struct bw_config cfg;
+	int64_t start, took;
+
+	(void)state;
+	world_reset();
+	w.shutdown_timeout_ms = 200;
+	load_config(&cfg, 4, 4, "");
+	backlog(1, 40);
+	w.hold_answers = true;
+	w.whole_waits = true;
+	w.stop_at_call = 4;
+	start = clock_ms();
+	assert_int_equal(loop_run(&cfg, "token", NULL, true), 0);
+	took = clock_ms() - start;
+	print_message("stop took %" PRId64 " ms (deadline 200 ms)\n", took);
+	assert_in_range(took, 200, 200 + 100);
+	assert_int_equal(w.aborted, 4);
+	assert_int_equal(w.recorded_retry, 4);
+	assert_int_equal(w.busy_items, 0);
+	config_free(&cfg);
+}
+
+/*
+ * The API starts refusing the worker (a token revoked) while items are
+ * claimed ahead: those are put back, not called one after another as each
+ * refusal comes back.  After the refusal only probes call, the first a
+ * second later; once's patience is a second.
+ */
+static void
+test_refusal_puts_back_the_items_claimed_ahead(void **state)
+{
+	struct bw_config cfg;
+
+	(void)state;
+	world_reset();
+	load_config(&cfg, 8, 4, "");
+	backlog(1, 200);
+	w.answers_per_wait = 1;         /* calls last a few turns, so claims run ahead */
+	w.refuse_after = 12;
+	assert_int_equal(loop_run(&cfg, "token", NULL, true), 1);
+	print_message("calls started after the refusal: %zu (of %zu)\n",
+	    w.started_after_refusal, w.api_started);
+	assert_true(w.started_after_refusal <= 2);
+	assert_int_equal(w.busy_items, 0);
+	config_free(&cfg);
+}
+
 int
 main(void)
 {
@@ -1063,6 +1170,9 @@ main(void)
 		cmocka_unit_test(test_items_waiting_for_a_slot_do_not_spin),
 		cmocka_unit_test(test_stop_records_the_calls_in_flight),
 		cmocka_unit_test(test_stop_abandons_calls_at_the_deadline),
+		cmocka_unit_test(test_stop_records_abandoned_calls_behind_a_batch),
+		cmocka_unit_test(test_stop_wait_ends_at_the_deadline),
+		cmocka_unit_test(test_refusal_puts_back_the_items_claimed_ahead),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
