@@ -153,13 +153,17 @@ class Size:
         b.stop_workers(procs)
 
         def one(pattern):
-            calls, total, rows = b.sql(
+            calls, total, rows, hit, read, dirtied, written, fpi = b.sql(
                 "SELECT coalesce(sum(calls), 0), coalesce(sum(total_exec_time), 0), "
-                "coalesce(sum(rows), 0) FROM pg_stat_statements WHERE query LIKE %s",
-                (pattern,))[0]
+                "coalesce(sum(rows), 0), coalesce(sum(shared_blks_hit), 0), "
+                "coalesce(sum(shared_blks_read), 0), coalesce(sum(shared_blks_dirtied), 0), "
+                "coalesce(sum(shared_blks_written), 0), coalesce(sum(wal_fpi), 0) "
+                "FROM pg_stat_statements WHERE query LIKE %s", (pattern,))[0]
             calls, total, rows = int(calls), float(total), int(rows)
+            per = (lambda v: float(v) / calls) if calls else (lambda v: 0.0)
             return {"calls": calls, "ms": total / calls if calls else float("nan"),
-                    "rows": rows / calls if calls else 0.0}
+                    "rows": per(rows), "hit": per(hit), "read": per(read),
+                    "dirtied": per(dirtied), "written": per(written), "fpi": per(fpi)}
         return {"due": one("%SELECT kind, id, note FROM (%"),
                 "claim": one("UPDATE invoices AS t SET fence%"),
                 "completion": one("WITH upd AS (UPDATE invoices AS t SET status%")}
@@ -195,6 +199,11 @@ def run(b, lines):
         print(f"  size: {pending:,} pending: due {m['due']['ms']:.2f} ms, claim "
               f"{m['claim']['ms']:.2f} ms ({m['claim']['rows']:.0f} rows), completion "
               f"{m['completion']['ms']:.2f} ms ({m['completion']['rows']:.0f} rows)", flush=True)
+        for what in ("due", "claim", "completion"):
+            x = m[what]
+            print(f"  size:   {what}: {x['calls']} calls; per call {x['hit']:.0f} buffers hit, "
+                  f"{x['read']:.1f} read, {x['dirtied']:.1f} dirtied, {x['written']:.1f} "
+                  f"written, {x['fpi']:.1f} full-page images", flush=True)
         if i == 0:
             inc_s, inc_out = s.cli("audit", "--since-last-clean")
             print(f"  size: incremental audit {inc_s * 1000:.0f} ms", flush=True)
