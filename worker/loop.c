@@ -173,7 +173,12 @@ struct loop {
 	bool db_flapping;               /* connections die young: keep backing off */
 	bool db_proven;                 /* a statement worked on this connection */
 	bool api_proven;                /* the billing API let a call of this process in */
-	bool call_ended_sending;        /* a call ended as this turn sent its calls: collect at once */
+	/*
+	 * A call slot freed after this turn's start_ready (a call ended as the
+	 * turn sent its calls, a redemption's claim was lost before its hold):
+	 * the wait is 0, so the next turn collects it and fills the slot.
+	 */
+	bool slot_freed_late;
 	bool db_seen;           /* connected once: later connects are reconnects */
 	struct jitter rng;
 
@@ -1174,6 +1179,8 @@ reservations_answered(struct loop *l)
 			l->itemp[0] = &f->item;
 			lock_release(l->locks, l->itemp, 1);
 			release_flight(l, l->reserve_slot[j]);
+			/* No outcome to wake us: the items claimed ahead take its slot now. */
+			l->slot_freed_late = true;
 			break;
 		case RESERVE_BUSY:
 			defer_busy(l, f);
@@ -2177,9 +2184,9 @@ wait_for_events(struct loop *l, int64_t now, int wait_ms)
 	 * The calls started this turn go out before the gather, not after
 	 * it: they would otherwise sit unsent for up to worker.gather_us.
 	 */
-	if (api_send_started(l->api) || l->call_ended_sending)
+	if (api_send_started(l->api) || l->slot_freed_late)
 		wait_ms = 0;
-	l->call_ended_sending = false;
+	l->slot_freed_late = false;
 	gather(l, wake, nwake, wait_ms);
 	if (api_wait(l->api, wake, nwake, wait_ms) == -1)
 		log_warnx("waiting on the billing API calls failed");
@@ -2215,7 +2222,7 @@ turn(struct loop *l, int *status)
 	 * are built and sent: each of them waits on its slot for the API,
 	 * which a 100 ms API makes the bound.
 	 */
-	l->call_ended_sending = api_send_started(l->api);
+	l->slot_freed_late = api_send_started(l->api);
 	/*
 	 * New work before the outcomes: the claim's statements then go ahead
 	 * of the completion batch on the connection, and the calls they

@@ -47,6 +47,7 @@ static int sent_looked;
 static int64_t sent_at_ms;
 static size_t reserve_n;
 static bool reserve_pending;
+static int reserve_looked;
 
 /* The scripted world the fakes share; reset by world_reset(). */
 static struct {
@@ -78,6 +79,11 @@ static struct {
 	size_t refuse_after;            /* answers before the API refuses the worker (0: never) */
 	size_t answers;                 /* calls answered so far */
 	size_t started_after_refusal;   /* calls started once a refusal was answered */
+	int poll_interval_ms;           /* worker.poll_interval_ms; 0: 10 */
+	int reserve_looks;              /* looks before a reservation is answered (default 1) */
+	int64_t lost_first, lost_last;  /* redemptions whose claim is lost before their hold */
+	int64_t lost_at_ms;             /* when their reservation was answered */
+	int64_t started_ms[ANSWERED_MAX];       /* when each item's call started, by id */
 	size_t stop_at_call;            /* SIGTERM as this call starts (0: never) */
 	int concurrency;
 	int ahead;                      /* how far claims may run ahead of the calls */
@@ -278,7 +284,7 @@ store_park(store *st, const struct completion *c, int64_t delay_ms, const char *
 	return 0;
 }
 
-/* Reservations: every one holds, answered at the next look. */
+/* Reservations: every one holds, answered at the second look. */
 int
 store_reserve_send(store *st, struct item *const *items, size_t n)
 {
@@ -286,6 +292,7 @@ store_reserve_send(store *st, struct item *const *items, size_t n)
 	(void)items;
 	reserve_n = n;
 	reserve_pending = true;
+	reserve_looked = 0;
 	return 0;
 }
 
@@ -295,9 +302,21 @@ int
 store_reserve_take(store *st, enum reserve_result *results)
 {
 	(void)st;
+	/* Answered at a later look, as a claim is: the claim sent with it may come first. */
+	if (reserve_looked < (w.reserve_looks > 0 ? w.reserve_looks : 1)) {
+		reserve_looked++;
+		return 0;
+	}
 	reserve_pending = false;
-	for (size_t i = 0; i < reserve_n; i++)
+	for (size_t i = 0; i < reserve_n; i++) {
 		results[i] = RESERVE_HELD;
+		if (w.lost_last != 0) {
+			/* Every redemption here is one whose claim was lost: it leaves us. */
+			results[i] = RESERVE_LOST;
+			w.lost_at_ms = clock_ms();
+			w.busy_items--;
+		}
+	}
 	return 1;
 }
 
@@ -506,6 +525,10 @@ claim_poll(claimer *c, struct item *items, size_t *ret_n, bool *more)
 		it->id = w.due[0];
 		it->fence = 1;
 		it->amount_cents = 100;
+		if (it->id >= w.lost_first && it->id <= w.lost_last) {
+			it->kind = ITEM_REDEMPTION;
+			it->subsidy_id = 1;
+		}
 		assert_int_equal(item_set_strings(it, "cus_1", "usd"), 0);
 		memmove(w.due, w.due + 1, --w.ndue * sizeof(w.due[0]));
 		w.busy_items++;
@@ -573,6 +596,8 @@ api_start(api_client *api, const struct item *it, int tag)
 	assert_true(w.ncalls < CALLS_MAX);
 	w.call_ids[w.ncalls] = it->id;
 	w.call_started_ms[w.ncalls] = clock_ms();
+	if (it->id >= 0 && it->id < ANSWERED_MAX)
+		w.started_ms[it->id] = clock_ms();
 	w.calls[w.ncalls++] = tag;
 	if (w.ncalls > (size_t)w.concurrency)
 		w.calls_over_limit++;
@@ -746,13 +771,14 @@ load_config(struct bw_config *cfg, int concurrency, int batch, const char *extra
 	char *errors = NULL;
 
 	snprintf(text, sizeof(text),
-	    "worker = { id = \"unit\"; concurrency = %d; batch_size = %d; poll_interval_ms = 10;"
+	    "worker = { id = \"unit\"; concurrency = %d; batch_size = %d; poll_interval_ms = %d;"
 	    " once_patience_ms = 1000; shutdown_timeout_ms = %d; };\n"
 	    "database = { conninfo = \"dbname=none\"; };\n"
 	    "locks = { mode = \"skip-locked\"; };\n"
 	    "billing_api = { base_url = \"http://127.0.0.1:9\"; backoff_initial_ms = 1;"
 	    " backoff_max_ms = 5; };\n"
 	    "log = { level = \"error\"; };\n%s", concurrency, batch,
+	    w.poll_interval_ms != 0 ? w.poll_interval_ms : 10,
 	    w.shutdown_timeout_ms < 0 ? 0 : w.shutdown_timeout_ms != 0 ? w.shutdown_timeout_ms :
 	    30000, extra);
 	memset(cfg, 0, sizeof(*cfg));
@@ -1154,6 +1180,35 @@ test_refusal_puts_back_the_items_claimed_ahead(void **state)
 	config_free(&cfg);
 }
 
+/*
+ * A redemption whose claim was lost before its funds were reserved gives
+ * its slot back with no outcome to record: the items claimed ahead and
+ * waiting take it at once, not at the next poll or a call's answer.
+ */
+static void
+test_a_lost_reservation_gives_its_slot_to_the_items_waiting(void **state)
+{
+	struct bw_config cfg;
+	int64_t waited;
+
+	(void)state;
+	world_reset();
+	w.poll_interval_ms = 2000;
+	load_config(&cfg, 2, 2, "");
+	backlog(1, 6);
+	w.lost_first = 4;               /* 1, 2: invoices, which let the API prove us */
+	w.lost_last = 4;                /* 3 calls, 4 is lost; 5, 6 wait for their slots */
+	w.call_ms = 300;                /* 3's call is still out meanwhile */
+	w.reserve_looks = 2;            /* the claim of 5 and 6, sent after it, comes first */
+	assert_int_equal(loop_run(&cfg, "token", NULL, true), 0);
+	waited = w.started_ms[5] - w.lost_at_ms;
+	print_message("item 5 called %" PRId64 " ms after the lost reservation\n", waited);
+	assert_true(w.lost_at_ms != 0);
+	assert_in_range(waited, 0, 100);
+	assert_int_equal(w.recorded_done, 5);
+	config_free(&cfg);
+}
+
 int
 main(void)
 {
@@ -1173,6 +1228,7 @@ main(void)
 		cmocka_unit_test(test_stop_records_abandoned_calls_behind_a_batch),
 		cmocka_unit_test(test_stop_wait_ends_at_the_deadline),
 		cmocka_unit_test(test_refusal_puts_back_the_items_claimed_ahead),
+		cmocka_unit_test(test_a_lost_reservation_gives_its_slot_to_the_items_waiting),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
