@@ -29,7 +29,16 @@ from test_durability import CRASH_SETTINGS, facts, settle_wal
 WORKERS = 3
 INVOICES = 1200
 REDEMPTIONS = 600
-ROUNDS = 2
+ROUNDS = 3
+# The bound is for a pooler that breaks the fleet's throughput (a statement
+# failing and retried, every worker serialised on one server connection:
+# a third of it), not for the cost of planning at every call under
+# transaction pooling.  Over repeated runs on 2 cores, with two rounds
+# each and the best of each compared, the ratio moved from 0.59 (a whole
+# make test, transaction pooling) to 1.14; one build fell below the old
+# bound of 0.7 once in four runs of the transaction case alone, a build
+# without any change to the store or the pooling paths.
+MIN_RATIO = 0.5
 # Each worker's share of the lock modes: two in redis mode and one claiming
 # with FOR UPDATE SKIP LOCKED, so both claim statements run through the pooler.
 MODES = ["redis", "redis", "skip-locked"]
@@ -130,15 +139,15 @@ def once_ends(tmp_path, db, redis, fake_api, label, keys):
 
 def test_three_workers_drain_through_pgbouncer(tmp_path, db, redis, fake_api, binary, bouncer):
     """Every item final, each charged once, the books clean, `once` ends,
-    and throughput within 30 % of a direct connection measured here (the
-    same items, workers and lock modes, drained first directly)."""
+    and throughput at least MIN_RATIO of a direct connection's measured
+    here (the same items, workers and lock modes, drained first directly)."""
     cfg = make_config(tmp_path, db, redis, fake_api)
     migrate(cfg)
     # First, and a warm-up for both runs that follow.
     once_ends(tmp_path, db, redis, fake_api, f"once-{bouncer.pool_mode}", pooled(db, bouncer))
-    # Alternating, twice each, and the best of each compared: one drain is
-    # about a second on a small machine, where another process's burst
-    # shows in a single run.
+    # Alternating, ROUNDS times each, and the best of each compared: one
+    # drain is about a second on a small machine, where another process's
+    # burst shows in a single run.
     direct_s, pooled_s, inv, red = [], [], [], []
     for round_ in range(ROUNDS):
         direct_s.append(drain(tmp_path, db, redis, fake_api, f"direct{round_}", {})[2])
@@ -168,7 +177,7 @@ def test_three_workers_drain_through_pgbouncer(tmp_path, db, redis, fake_api, bi
     assert r.returncode == 0 and "audit: clean" in r.stdout, r.stdout + r.stderr
     r = run_cli(pcfg, "status")
     assert r.returncode == 0, r.stderr
-    assert pooled_rate >= 0.7 * direct_rate, (direct_rate, pooled_rate)
+    assert pooled_rate >= MIN_RATIO * direct_rate, (direct_rate, pooled_rate)
 
 
 def test_transaction_pooling_leaks_no_setting_and_commits_claims_synchronously(
