@@ -1066,6 +1066,18 @@ start_ready(struct loop *l, int64_t now)
 #define REFUSED_PUT_BACK "not called: the billing API refuses this worker"
 
 /*
+ * F, claimed and not called, goes back to pending as it is, due again at
+ * once (for another worker, or a later claim): no call made, no attempt
+ * counted, the ambiguous flag kept (start_flight).
+ */
+static void
+put_back(struct loop *l, struct flight *f, const char *why)
+{
+	start_flight(l, f, NULL, why);
+	f->done.delay_ms = 0;
+}
+
+/*
  * A freshly claimed item into a flight: begun when a call slot is free,
  * else waiting for one (claims run ahead of the calls); refusals and
  * deferrals at once.  See start_flight().
@@ -1079,19 +1091,20 @@ launch(struct loop *l, struct item *it, const char *refuse, const char *defer)
 
 	if (f == NULL)
 		return;
-	/*
-	 * Refused, a slot is only for a probe: the rest of a claim sent before
-	 * the refusal goes back, as the items claimed ahead did (api_refused).
-	 */
-	if (refuse == NULL && defer == NULL && wait && l->refused.on) {
-		start_flight(l, f, NULL, REFUSED_PUT_BACK);
-		f->done.delay_ms = 0;
-	} else if (refuse == NULL && defer == NULL && wait)
-		wait_for_slot(l, f);
-	else if (refuse == NULL && defer == NULL)
-		begin(l, f);
-	else
+	if (refuse != NULL || defer != NULL)
 		start_flight(l, f, refuse, defer);
+	else if (!wait)
+		begin(l, f);
+	else if (l->refused.on) {
+		/*
+		 * Refused, a slot is only for a probe: the rest of a claim sent
+		 * before the refusal goes back, as the items claimed ahead did
+		 * (api_refused).
+		 */
+		put_back(l, f, REFUSED_PUT_BACK);
+	} else {
+		wait_for_slot(l, f);
+	}
 }
 
 /*
@@ -1300,11 +1313,7 @@ worker_seen(struct loop *l, int64_t now)
 		log_warnx("%s", store_errmsg(l->st));
 }
 
-/*
- * The items claimed ahead and not called yet go back to pending as they
- * are, due again at once (for another worker, or a later claim): no call
- * made, no attempt counted, the ambiguous flag kept (start_flight).
- */
+/* Every item claimed ahead and not called yet goes back (put_back). */
 static void
 put_back_ready(struct loop *l, const char *why)
 {
@@ -1312,8 +1321,7 @@ put_back_ready(struct loop *l, const char *why)
 		struct flight *f = &l->flights[l->ready_q[l->ready_head]];
 
 		l->ready_head = (l->ready_head + 1) % l->nflights;
-		start_flight(l, f, NULL, why);
-		f->done.delay_ms = 0;
+		put_back(l, f, why);
 	}
 }
 
