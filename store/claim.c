@@ -221,29 +221,27 @@ static const char sql_claim_skip[] =
     "FOR UPDATE SKIP LOCKED) || ARRAY(SELECT i.id FROM unnest(ARRAY(SELECT id FROM "
     FIRST_FROM("%1$s", "$4::bigint") " WHERE " FIRST_ATTEMPT " AND next_attempt_at <= now() "
     "ORDER BY id LIMIT 4 * $3::bigint)) AS x(id) JOIN %1$s i ON i.id = x.id "
-    "WHERE (i.status = 'pending') IS TRUE AND (i.next_attempt_at <= now()) IS TRUE "
+    "WHERE " PENDING_BY_ID("i") " AND (i.next_attempt_at <= now()) IS TRUE "
     "ORDER BY i.id LIMIT $3 FOR UPDATE OF i SKIP LOCKED))[1:$3::int]) " CLAIM_NOT_PAUSED "%2$s";
 
 /*
  * The ids come from us, so only the primary key may serve this: the due
- * and status tests are written "IS TRUE" so no stale estimate can make the
- * planner scan the due index for them instead, or any pending-only index
- * (a plain status test matches their predicate: with statistics from before
- * a bulk load, every claim read every pending row; test_due_plan.py).
+ * test is written "IS TRUE" so no stale estimate can make the planner scan
+ * the due index for them instead, and the status test so no pending-only
+ * index matches it (PENDING_BY_ID).
  */
 static const char sql_claim_ids[] =
     "UPDATE %1$s AS t " CLAIM_SET
     "WHERE t.id = ANY (ARRAY(SELECT i.id FROM unnest($3::bigint[]) AS x(id) "
-    "JOIN %1$s i ON i.id = x.id WHERE (i.status = 'pending') IS TRUE "
+    "JOIN %1$s i ON i.id = x.id WHERE " PENDING_BY_ID("i") " "
     "AND (i.next_attempt_at <= now()) IS TRUE FOR UPDATE OF i SKIP LOCKED)) "
     CLAIM_NOT_PAUSED "%2$s";
 
-/* By primary key only, as a completion (store/complete.c, COMPLETE_WHERE). */
 static const char sql_renew[] =
     "UPDATE %1$s AS t SET lease_until = now() + $3 * interval '1 millisecond', "
     "next_attempt_at = now() + $3 * interval '1 millisecond' "
     "FROM unnest($1::bigint[], $2::bigint[]) AS u(id, fence) "
-    "WHERE t.id = u.id AND t.fence = u.fence AND (t.status = 'pending') IS TRUE "
+    "WHERE t.id = u.id AND t.fence = u.fence AND " PENDING_BY_ID("t") " "
     "RETURNING t.id";
 
 /* Prepared once per kind, as NAME_KIND: "claim_ids_invoice". */

@@ -40,16 +40,8 @@
 	"locked_by = NULL, lease_until = NULL, updated_at = now(), "           \
 	"finished_at = CASE WHEN u.state = 'retry' THEN NULL ELSE now() END "
 
-/*
- * The rows are named by id, so only the primary key may serve them: the
- * status test is written "IS TRUE" so no pending-only index matches it.
- * Written plainly, statistics from before a bulk load (a few pending rows
- * counted, thousands there) made the planner read every pending row through
- * invoices_pending_age and hash them to update a batch, in most statements
- * (tests/integration/test_due_plan.py).
- */
 #define COMPLETE_WHERE                                                         \
-	"WHERE t.id = u.id AND t.fence = u.fence AND (t.status = 'pending') IS TRUE "
+	"WHERE t.id = u.id AND t.fence = u.fence AND " PENDING_BY_ID("t") " "
 
 /*
  * What a completion hands to the history: the outcomes that applied (a

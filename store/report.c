@@ -475,8 +475,9 @@ store_status_failed(store *st, FILE *out, bool json)
 /*
  * The due count reads the due index of version 1 (pending rows by time,
  * no longer the poll's: that walks the primary key from its cursor) and
- * stops at the cap; the oldest pending row is the first entry of the pending rows'
- * created_at index (schema version 9), whatever the table's size.
+ * stops at the cap; the oldest pending row is the first entry of the
+ * pending rows' created_at index (schema version 9), whatever the table's
+ * size.
  */
 static const char sql_backlog[] =
     "SELECT 0, (SELECT count(*) FROM (SELECT 1 FROM invoices WHERE status = 'pending' "

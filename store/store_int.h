@@ -42,6 +42,18 @@ struct id_pos {
 	size_t pos;
 };
 
+/*
+ * The pending test of a statement that names its rows by id (a claim by
+ * ids, a renewal, a completion), on the table aliased ALIAS.  Written
+ * "IS TRUE", the same test, so that no pending-only index's predicate
+ * matches it and only the primary key serves the ids: written plainly,
+ * statistics from before a bulk load (a few pending rows counted,
+ * thousands there) made the planner read every pending row through
+ * invoices_pending_age and hash them, in most statements
+ * (tests/integration/test_due_plan.py).
+ */
+#define PENDING_BY_ID(alias) "(" alias ".status = 'pending') IS TRUE"
+
 /* How many statements store_prepare_all() prepares, with room to spare. */
 #define STORE_UNNAMED_MAX 16
 
