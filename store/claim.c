@@ -22,15 +22,18 @@ static const char *const table_of[ITEM_KIND_COUNT] = { "invoices", "redemptions"
  * Pending rows in two disjoint sets (sql/010_due_cursor.sql): first
  * attempts, found by id from a cursor on the primary key, and the rest
  * (retries, deferrals, reclaims), found by time through the small
- * *_retry partial index.  Written exactly as the index's predicate, so the
- * planner matches it; the one is the other's negation.
+ * *_retry_due partial index (sql/011_retry_index.sql).  Written exactly as
+ * the index's predicate, so the planner matches it, and its status test
+ * "IS TRUE" so that no pending-only index matches it; the one set is the
+ * other's negation.
  */
 #define FIRST_ATTEMPT                                                          \
 	"status = 'pending' AND attempts = 0 AND fence <= 1 AND generation <= 1 "  \
 	"AND last_error IS NULL AND (lease_until IS NOT NULL OR next_attempt_at <= created_at)"
 #define RETRY                                                                  \
-	"status = 'pending' AND (attempts <> 0 OR fence > 1 OR generation > 1 "  \
-	"OR last_error IS NOT NULL OR (lease_until IS NULL AND next_attempt_at > created_at))"
+	"(status = 'pending') IS TRUE AND (attempts <> 0 OR fence > 1 "          \
+	"OR generation > 1 OR last_error IS NOT NULL "                            \
+	"OR (lease_until IS NULL AND next_attempt_at > created_at))"
 
 /*
  * Due items of both kinds, oldest first, in one statement: an idle worker
@@ -48,7 +51,7 @@ static const char *const table_of[ITEM_KIND_COUNT] = { "invoices", "redemptions"
  * a row of kind 4 + its kind: the lowest first attempt at or past the
  * cursor, pending, in flight or not, or past the newest row; the cursor
  * moves there (store_due_take), never past a row still in the first set.
- * The rest come from the *_retry index, small whatever the history.
+ * The rest come from the *_retry_due index, small whatever the history.
  */
 /*
  * The fleet's pauses (schema version 5) ride along: a paused kind's branch
