@@ -455,6 +455,31 @@ store_run_retrying(store *st, const struct store_stmt *stmt, int nparams,
 }
 
 /*
+ * PostgreSQL plans a prepared statement anew at every run (a custom plan)
+ * for as long as the plans it made for the parameters' values look
+ * cheaper than one plan for any values, and on a table of some size (any
+ * production table, analyzed or not) the due query's always do: 0.9-1.7
+ * ms of planning at each poll, against 0.2 ms for its run, where a small
+ * new table's made it plan once after five runs (BENCHMARKS.md).  So
+ * a job whose statements are written to be planned once sets the plan
+ * cache's mode for its own transaction first.  Not for the session: the
+ * other statements that run on it (the history's prune, which walks a
+ * range) are better planned for their values.  Under transaction pooling
+ * every statement is unnamed and planned at every run anyway.
+ */
+static const char sql_generic_plan[] =
+    "SELECT set_config('plan_cache_mode', 'force_generic_plan', true)";
+
+static bool
+wants_generic_plan(const struct store_stmt *const *stmts, int n)
+{
+	for (int i = 0; i < n; i++)
+		if (stmts[i]->generic_plan)
+			return true;
+	return false;
+}
+
+/*
  * The loop's asynchronous statements.  An op is one job: the caller's
  * statements, one implicit transaction up to the job's sync (they commit
  * or fail together, and a pooler keeps the server connection until the
@@ -484,6 +509,8 @@ store_op_send(store *st, struct store_op *op, const struct store_stmt *const *st
 	memset(&op->job, 0, sizeof(op->job));
 	if (st->txn_pooling)
 		op->job.stmts[j++] = (struct pq_stmt){ .sql = st->tx_settings };
+	else if (wants_generic_plan(stmts, n))
+		op->job.stmts[j++] = (struct pq_stmt){ .sql = sql_generic_plan };
 	op->first = j;
 	for (int i = 0; i < n; i++)
 		if (job_stmt(st, stmts[i], nparams[i], params[i], &op->job.stmts[j++]) == -1) {

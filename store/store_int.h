@@ -193,6 +193,14 @@ struct store_stmt {
 	 * operator runs by hand and whose DDL may rightly take long.
 	 */
 	bool no_deadline;
+	/*
+	 * true: planned once, whatever the statistics say (the job carries a
+	 * plan_cache_mode of force_generic_plan for its own transaction).  For
+	 * a prepared statement written so that its plan does not depend on its
+	 * parameters, and whose planning costs more than its run: see
+	 * store_op_send().
+	 */
+	bool generic_plan;
 };
 
 /*
