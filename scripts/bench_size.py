@@ -23,8 +23,9 @@ Then, with those rows present:
                    execution time of the worker's own statements: the due
                    query, the claim (redis mode: by ids) and the completion
                    batch.  Measured from the worker's real traffic, with its
-                   prepared statements' real (generic) plans, rather than by
-                   hand.
+                   prepared statements' real plans, rather than by hand; with
+                   how often each was planned and what planning cost a call,
+                   which the execution time leaves out.
 """
 
 import re
@@ -153,15 +154,17 @@ class Size:
         b.stop_workers(procs)
 
         def one(pattern):
-            calls, total, rows, hit, read, dirtied, written, fpi = b.sql(
+            calls, total, rows, hit, read, dirtied, written, fpi, plans, plan_ms = b.sql(
                 "SELECT coalesce(sum(calls), 0), coalesce(sum(total_exec_time), 0), "
                 "coalesce(sum(rows), 0), coalesce(sum(shared_blks_hit), 0), "
                 "coalesce(sum(shared_blks_read), 0), coalesce(sum(shared_blks_dirtied), 0), "
-                "coalesce(sum(shared_blks_written), 0), coalesce(sum(wal_fpi), 0) "
+                "coalesce(sum(shared_blks_written), 0), coalesce(sum(wal_fpi), 0), "
+                "coalesce(sum(plans), 0), coalesce(sum(total_plan_time), 0) "
                 "FROM pg_stat_statements WHERE query LIKE %s", (pattern,))[0]
-            calls, total, rows = int(calls), float(total), int(rows)
+            calls, total, rows, plan_ms = int(calls), float(total), int(rows), float(plan_ms)
             per = (lambda v: float(v) / calls) if calls else (lambda v: 0.0)
             return {"calls": calls, "ms": total / calls if calls else float("nan"),
+                    "plans": int(plans), "plan_ms": per(plan_ms),
                     "rows": per(rows), "hit": per(hit), "read": per(read),
                     "dirtied": per(dirtied), "written": per(written), "fpi": per(fpi)}
         return {"due": one("%SELECT kind, id, note FROM (%"),
@@ -170,6 +173,19 @@ class Size:
 
 
 def run(b, lines):
+    # Planning counted too, for these rows only (it costs a little at every
+    # plan, and the baseline rows compare builds): a statement planned at
+    # every call pays it beside its run, which total_exec_time leaves out.
+    b.sql("ALTER SYSTEM SET pg_stat_statements.track_planning = on")
+    b.sql("SELECT pg_reload_conf()")
+    try:
+        _run(b, lines)
+    finally:
+        b.sql("ALTER SYSTEM RESET pg_stat_statements.track_planning")
+        b.sql("SELECT pg_reload_conf()")
+
+
+def _run(b, lines):
     s = Size(b)
     n = s.n
     s.load()
@@ -201,7 +217,8 @@ def run(b, lines):
               f"{m['completion']['ms']:.2f} ms ({m['completion']['rows']:.0f} rows)", flush=True)
         for what in ("due", "claim", "completion"):
             x = m[what]
-            print(f"  size:   {what}: {x['calls']} calls; per call {x['hit']:.0f} buffers hit, "
+            print(f"  size:   {what}: {x['calls']} calls, {x['plans']} plans ({x['plan_ms']:.2f} ms "
+                  f"of planning a call); per call {x['hit']:.0f} buffers hit, "
                   f"{x['read']:.1f} read, {x['dirtied']:.1f} dirtied, {x['written']:.1f} "
                   f"written, {x['fpi']:.1f} full-page images", flush=True)
         if i == 0:
@@ -215,7 +232,8 @@ def run(b, lines):
             ratio = x["ms"] / base[what]["ms"] if base[what]["ms"] else float("nan")
             target = "≤ 1.5 × at 1 000" if what == "claim" and pending >= 1_000_000 else ""
             lines.append(f"| {name}, {pending:,} pending + {label}: mean per call "
-                         f"(pg_stat_statements, {x['calls']} calls, {x['rows']:.0f} rows each) | "
+                         f"(pg_stat_statements, {x['calls']} calls, {x['rows']:.0f} rows each; "
+                         f"{x['plans']} plans, {x['plan_ms']:.2f} ms of planning a call) | "
                          f"{x['ms']:.2f} ms | {ratio:.2f} × at {results[0][0]:,} | {target} |")
     lines.append(f"| `audit --since-last-clean`, {label} (after {results[0][0]:,} finished "
                  f"since the full run) | {inc_s * 1000:.0f} ms | {inc_s / au_s:.1%} of the full "
