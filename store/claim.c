@@ -259,7 +259,6 @@ static const char *const stmt_names[STMT_COUNT] = { "claim_skip", "claim_ids", "
 
 static const struct store_stmt due_stmt = {
 	.send = STORE_PREPARED, .text = "due", .what = "due", .want = PGRES_TUPLES_OK,
-	.generic_plan = true,
 };
 
 static void due_moved(struct due_cursor *c, int64_t front, int64_t now_ms);

@@ -78,6 +78,14 @@ job_stmt(const store *st, const struct store_stmt *stmt, int nparams,
 	return out->sql != NULL || out->name != NULL ? 0 : -1;
 }
 
+/*
+ * The daemon's session plans every statement once (session_setup()); a
+ * statement marked custom_plan is planned for its values again, in its
+ * own job's transaction only.
+ */
+static const char sql_custom_plan[] =
+    "SELECT set_config('plan_cache_mode', 'auto', true)";
+
 /* Sends STMT and collects its answer; the caller PQclear()s it. */
 static PGresult *
 send_collect(store *st, const struct store_stmt *stmt, int nparams, const char *const *params)
@@ -86,11 +94,13 @@ send_collect(store *st, const struct store_stmt *stmt, int nparams, const char *
 	const char *sql;
 
 	if (st->conn == NULL) {
-		struct pq_stmt one;
+		/* The daemon's: a custom_plan statement after its plan mode. */
+		struct pq_stmt two[2] = { { .sql = sql_custom_plan } };
+		int from = stmt->custom_plan && !st->txn_pooling ? 0 : 1;
 
-		if (st->engine == NULL || job_stmt(st, stmt, nparams, params, &one) == -1)
+		if (st->engine == NULL || job_stmt(st, stmt, nparams, params, &two[1]) == -1)
 			return NULL;
-		return job_collect(st, &one, 1, 0, timeout_ms);
+		return job_collect(st, two + from, 2 - from, 1 - from, timeout_ms);
 	}
 	switch (stmt->send) {
 	case STORE_SIMPLE:
@@ -455,31 +465,6 @@ store_run_retrying(store *st, const struct store_stmt *stmt, int nparams,
 }
 
 /*
- * PostgreSQL plans a prepared statement anew at every run (a custom plan)
- * for as long as the plans it made for the parameters' values look
- * cheaper than one plan for any values, and on a table of some size (any
- * production table, analyzed or not) the due query's always do: 0.9-1.7
- * ms of planning at each poll, against 0.2 ms for its run, where a small
- * new table's made it plan once after five runs (BENCHMARKS.md).  So
- * a job whose statements are written to be planned once sets the plan
- * cache's mode for its own transaction first.  Not for the session: the
- * other statements that run on it (the history's prune, which walks a
- * range) are better planned for their values.  Under transaction pooling
- * every statement is unnamed and planned at every run anyway.
- */
-static const char sql_generic_plan[] =
-    "SELECT set_config('plan_cache_mode', 'force_generic_plan', true)";
-
-static bool
-wants_generic_plan(const struct store_stmt *const *stmts, int n)
-{
-	for (int i = 0; i < n; i++)
-		if (stmts[i]->generic_plan)
-			return true;
-	return false;
-}
-
-/*
  * The loop's asynchronous statements.  An op is one job: the caller's
  * statements, one implicit transaction up to the job's sync (they commit
  * or fail together, and a pooler keeps the server connection until the
@@ -509,8 +494,6 @@ store_op_send(store *st, struct store_op *op, const struct store_stmt *const *st
 	memset(&op->job, 0, sizeof(op->job));
 	if (st->txn_pooling)
 		op->job.stmts[j++] = (struct pq_stmt){ .sql = st->tx_settings };
-	else if (wants_generic_plan(stmts, n))
-		op->job.stmts[j++] = (struct pq_stmt){ .sql = sql_generic_plan };
 	op->first = j;
 	for (int i = 0; i < n; i++)
 		if (job_stmt(st, stmts[i], nparams[i], params[i], &op->job.stmts[j++]) == -1) {

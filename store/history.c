@@ -35,7 +35,7 @@ store_prune_history(store *st, int days, int limit, int *ret_n)
 	const char *params[2] = { d, lim };
 	static const struct store_stmt prune = {
 		.send = STORE_PARAMS, .text = sql_prune, .what = "could not prune the history",
-		.want = PGRES_COMMAND_OK,
+		.want = PGRES_COMMAND_OK, .custom_plan = true,
 	};
 	PGresult *res = NULL;
 

@@ -322,13 +322,31 @@ session_setup(store *st)
 	    "set_config('idle_in_transaction_session_timeout', '60s', true)",
 	    st->query_timeout_ms, lock_ms);
 	if (!st->txn_pooling) {
-		/* One statement, so it can go as one job of a pipeline too. */
+		/*
+		 * One statement, so it can go as one job of a pipeline too.
+		 *
+		 * The daemon's session plans each statement once, for any values.
+		 * PostgreSQL plans a prepared statement anew at every run (a custom
+		 * plan) for as long as plans for the parameters' values look
+		 * cheaper than one plan for any, and on a table of some size (any
+		 * production table, analyzed or not) the due query's always did:
+		 * 0.9-1.7 ms of planning at every poll against 0.2 ms of running,
+		 * on the path every claim waits for, where a small new table's
+		 * settled after five runs (BENCHMARKS.md).  Its statements are
+		 * written to be served by the same indexes whatever the values.
+		 * The few better planned for their values (custom_plan: the
+		 * history's prune) say so, and set it back for their own
+		 * transaction.  Under transaction pooling every statement is
+		 * unnamed and planned at every run anyway; the commands' sessions
+		 * (status, audit) keep the default.
+		 */
 		snprintf(settings, sizeof(settings), "SELECT "
 		    "set_config('synchronous_commit', 'on', false), "
 		    "set_config('statement_timeout', '%d', false), "
 		    "set_config('lock_timeout', '%d', false), "
-		    "set_config('idle_in_transaction_session_timeout', '60s', false)",
-		    st->query_timeout_ms, lock_ms);
+		    "set_config('idle_in_transaction_session_timeout', '60s', false)%s",
+		    st->query_timeout_ms, lock_ms, st->pipeline ?
+		    ", set_config('plan_cache_mode', 'force_generic_plan', false)" : "");
 		if (store_run(st, &(const struct store_stmt){ .send = STORE_SIMPLE,
 		    .text = settings, .what = "could not configure the session",
 		    .want = PGRES_TUPLES_OK }, 0, NULL, NULL) == -1)

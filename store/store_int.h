@@ -194,13 +194,13 @@ struct store_stmt {
 	 */
 	bool no_deadline;
 	/*
-	 * true: planned once, whatever the statistics say (the job carries a
-	 * plan_cache_mode of force_generic_plan for its own transaction).  For
-	 * a prepared statement written so that its plan does not depend on its
-	 * parameters, and whose planning costs more than its run: see
-	 * store_op_send().
+	 * true: planned for its parameters' values on the daemon's connection
+	 * too, whose session plans every statement once, for any values
+	 * (session_setup()).  For a statement whose best plan depends on them,
+	 * such as the history's prune over a range of time: its job sets
+	 * plan_cache_mode back to auto for its own transaction (send_collect()).
 	 */
-	bool generic_plan;
+	bool custom_plan;
 };
 
 /*

@@ -16,6 +16,8 @@ in a cluster of this test's own: the shared buffers each touches
 per call, with 40 000 pending behind 300 000 finished.
 """
 
+import time
+
 import pytest
 
 from harness import PgCluster, Worker, create_database, drop_database, make_config, migrate, wait_for
@@ -330,3 +332,33 @@ def test_the_due_query_is_planned_once_whatever_the_statistics(tmp_path, stats_d
     # Once per connection (the worker has one for its statements).  Before,
     # analyzed: 43 plans for 42 polls here, 70.8 ms of planning.
     assert calls >= 40 and plans <= 2, (calls, plans, w.log())
+
+
+def test_an_idle_poll_is_one_statement(tmp_path, stats_db, redis, fake_api, binary):
+    """An idle worker's cost is one due query per poll and a registry
+    heartbeat every 10 s (≤ 1 query/s in make bench).  Planning the due
+    query once must not cost a statement of its own at every poll, as a
+    set_config before each due query did (1.90 statements/s idle)."""
+    db = stats_db
+    cfg = make_config(tmp_path, db, redis, fake_api, **{"worker.poll_interval_ms": 200})
+    migrate(cfg)
+    db.execute("CREATE EXTENSION pg_stat_statements")
+    w = Worker(cfg, "w").start()
+    # Past its start (session settings, prepares, the first lookups).
+    wait_for(lambda: db.scalar("SELECT coalesce(sum(calls), 0) FROM pg_stat_statements "
+                               "WHERE query LIKE %s", (STATEMENTS["due query"],)) >= 3,
+             30, message=w.log)
+    db.execute("SELECT pg_stat_statements_reset()")
+    time.sleep(4)
+    rows = db.query("SELECT calls, left(query, 60) FROM pg_stat_statements s "
+                    "JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = current_database() "
+                    "AND query NOT LIKE '%%pg_stat_statements%%'")
+    assert w.stop() == 0
+    polls = sum(c for c, q in rows if q.startswith("WITH c AS"))
+    others = [(c, q) for c, q in rows if not q.startswith("WITH c AS")]
+    print(f"idle 4 s: {polls} polls, others {others}")
+    # About 20 polls at 200 ms.  Besides them only what runs once or every
+    # 10 s: the heartbeat, the LISTEN session's start (its settings, the
+    # schema check, LISTEN).  The set_config before each due query was 20.
+    assert polls >= 10, (rows, w.log())
+    assert max((c for c, _ in others), default=0) <= 2, others
