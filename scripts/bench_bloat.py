@@ -117,9 +117,9 @@ def phase(b, prod, name, seconds, holder=None):
     time.sleep(seconds)
     n1, q1, t1 = prod.count(), backlog(b), time.monotonic()
     poll, ncall, nplan, poll_plan = stmt_stats(b, POLL_PATTERNS)
-    claim, ccall = mean_ms(b, CLAIM_PATTERNS)
     if ncall == 0:
         raise RuntimeError(f"{name}: no poll matched {POLL_PATTERNS} in pg_stat_statements")
+    claim, ccall = mean_ms(b, CLAIM_PATTERNS)
     done_ms, _ = mean_ms(b, COMPLETE_PATTERNS)
     r = {"phase": name, "seconds": t1 - t0, "done_s": ((n1 - n0) - (q1 - q0)) / (t1 - t0),
          "in_s": (n1 - n0) / (t1 - t0), "backlog": q1, "dead": dead_tuples(b),

@@ -96,7 +96,7 @@ send_collect(store *st, const struct store_stmt *stmt, int nparams, const char *
 	if (st->conn == NULL) {
 		/* The daemon's: a custom_plan statement after its plan mode. */
 		struct pq_stmt two[2] = { { .sql = sql_custom_plan } };
-		int from = stmt->custom_plan && !st->txn_pooling ? 0 : 1;
+		int from = stmt->custom_plan && store_plans_once(st) ? 0 : 1;
 
 		if (st->engine == NULL || job_stmt(st, stmt, nparams, params, &two[1]) == -1)
 			return NULL;

@@ -115,6 +115,12 @@ store_client_deadline_ms(const store *st)
 }
 
 bool
+store_plans_once(const store *st)
+{
+	return st->pipeline && !st->txn_pooling;
+}
+
+bool
 store_connected(const store *st)
 {
 	if (st->conn != NULL)
@@ -345,7 +351,7 @@ session_setup(store *st)
 		    "set_config('statement_timeout', '%d', false), "
 		    "set_config('lock_timeout', '%d', false), "
 		    "set_config('idle_in_transaction_session_timeout', '60s', false)%s",
-		    st->query_timeout_ms, lock_ms, st->pipeline ?
+		    st->query_timeout_ms, lock_ms, store_plans_once(st) ?
 		    ", set_config('plan_cache_mode', 'force_generic_plan', false)" : "");
 		if (store_run(st, &(const struct store_stmt){ .send = STORE_SIMPLE,
 		    .text = settings, .what = "could not configure the session",

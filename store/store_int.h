@@ -152,6 +152,12 @@ int store_start_conn(pq *c, const char *conninfo, const char *application_name)
 int store_client_deadline_ms(const store *st);
 
 /*
+ * Whether ST's session plans every statement once, for any values: the
+ * daemon's, on a direct connection (session_setup()).
+ */
+bool store_plans_once(const store *st);
+
+/*
  * Prepares every statement of the daemon on ST's connection (claim.c,
  * complete.c, reserve.c); store_run() calls it before the first prepared
  * statement of a connection, so migrate and status work on any schema.
@@ -199,6 +205,8 @@ struct store_stmt {
 	 * (session_setup()).  For a statement whose best plan depends on them,
 	 * such as the history's prune over a range of time: its job sets
 	 * plan_cache_mode back to auto for its own transaction (send_collect()).
+	 * Honored by store_run(), the statements waited for; the loop's
+	 * asynchronous ones (store_op_send()) are all written to be planned once.
 	 */
 	bool custom_plan;
 };

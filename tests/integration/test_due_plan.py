@@ -308,7 +308,9 @@ def test_the_due_query_is_planned_once_whatever_the_statistics(tmp_path, stats_d
     planning against 0.25 ms of running, on the path every claim waits
     on (make bench, after a row that analyzed a loaded table).  Without
     statistics it was planned once after five runs.  It is written to be
-    planned once (store/claim.c), and now is, either way."""
+    served by the same indexes whatever the values (store/claim.c), and
+    the daemon's session now plans it once (store/store.c, session_setup),
+    either way."""
     db = stats_db
     cfg = make_config(tmp_path, db, redis, fake_api)
     migrate(cfg)
