@@ -473,20 +473,22 @@ store_status_failed(store *st, FILE *out, bool json)
 }
 
 /*
- * The due count reads the due index of version 1 (pending rows by time,
- * no longer the poll's: that walks the primary key from its cursor) and
- * stops at the cap; the oldest pending row is the first entry of the
- * pending rows' created_at index (schema version 9), whatever the table's
- * size.
+ * The due count reads the index of the pending rows no lease holds, by
+ * time (schema version 12), and stops at the cap; the predicate is written
+ * as the index's, so the planner matches it.  A claimed row is left out
+ * because it is leased, not because its next_attempt_at moved to the
+ * lease's end: so a claim writes no entry there.  The oldest pending row
+ * is the first entry of the pending rows' created_at index (schema version
+ * 9), whatever the table's size.
  */
 static const char sql_backlog[] =
     "SELECT 0, (SELECT count(*) FROM (SELECT 1 FROM invoices WHERE status = 'pending' "
-    "  AND next_attempt_at <= now() LIMIT $1) d), "
+    "  AND lease_until IS NULL AND next_attempt_at <= now() LIMIT $1) d), "
     " coalesce(extract(epoch FROM now() - (SELECT min(created_at) FROM invoices "
     "  WHERE status = 'pending')), 0)::float8 "
     "UNION ALL "
     "SELECT 1, (SELECT count(*) FROM (SELECT 1 FROM redemptions WHERE status = 'pending' "
-    "  AND next_attempt_at <= now() LIMIT $1) d), "
+    "  AND lease_until IS NULL AND next_attempt_at <= now() LIMIT $1) d), "
     " coalesce(extract(epoch FROM now() - (SELECT min(created_at) FROM redemptions "
     "  WHERE status = 'pending')), 0)::float8";
 

@@ -34,8 +34,8 @@ int store_status_failed(store *st, FILE *out, bool json)
 #define STORE_BACKLOG_CAP 100000
 
 /*
- * The backlog, per kind (indexed by enum item_kind): items due now and not
- * claimed, up to STORE_BACKLOG_CAP, and the age in seconds of the oldest
+ * The backlog, per kind (indexed by enum item_kind): items due now that no
+ * lease holds, up to STORE_BACKLOG_CAP, and the age in seconds of the oldest
  * pending item (0 when none).  One short statement.
  */
 int store_backlog(store *st, int64_t due[ITEM_KIND_COUNT],
