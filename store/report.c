@@ -481,7 +481,7 @@ store_status_failed(store *st, FILE *out, bool json)
  * is the first entry of the pending rows' created_at index (schema version
  * 9), whatever the table's size.
  */
-static const char sql_backlog[] =
+const char store_sql_backlog[] =
     "SELECT 0, (SELECT count(*) FROM (SELECT 1 FROM invoices WHERE status = 'pending' "
     "  AND lease_until IS NULL AND next_attempt_at <= now() LIMIT $1) d), "
     " coalesce(extract(epoch FROM now() - (SELECT min(created_at) FROM invoices "
@@ -492,21 +492,11 @@ static const char sql_backlog[] =
     " coalesce(extract(epoch FROM now() - (SELECT min(created_at) FROM redemptions "
     "  WHERE status = 'pending')), 0)::float8";
 
-int
-store_backlog(store *st, int64_t due[ITEM_KIND_COUNT], double oldest_pending_s[ITEM_KIND_COUNT])
+void
+store_backlog_read(const PGresult *res, int64_t due[ITEM_KIND_COUNT],
+    double oldest_pending_s[ITEM_KIND_COUNT])
 {
-	char cap[16];
-	const char *params[1] = { cap };
-	PGresult *res;
-
 	_Static_assert(ITEM_INVOICE == 0 && ITEM_REDEMPTION == 1, "kinds are numbered in the SQL");
-	if (!store_connected(st)) {
-		store_errorf(st, "not connected to the database");
-		return -1;
-	}
-	snprintf(cap, sizeof(cap), "%d", STORE_BACKLOG_CAP);
-	if ((res = query(st, sql_backlog, 1, params)) == NULL)
-		return -1;
 	for (int r = 0; r < PQntuples(res); r++) {
 		int k = atoi(PQgetvalue(res, r, 0));
 
@@ -515,6 +505,23 @@ store_backlog(store *st, int64_t due[ITEM_KIND_COUNT], double oldest_pending_s[I
 		due[k] = strtoll(PQgetvalue(res, r, 1), NULL, 10);
 		oldest_pending_s[k] = strtod(PQgetvalue(res, r, 2), NULL);
 	}
+}
+
+int
+store_backlog(store *st, int64_t due[ITEM_KIND_COUNT], double oldest_pending_s[ITEM_KIND_COUNT])
+{
+	char cap[16];
+	const char *params[1] = { cap };
+	PGresult *res;
+
+	if (!store_connected(st)) {
+		store_errorf(st, "not connected to the database");
+		return -1;
+	}
+	snprintf(cap, sizeof(cap), "%d", STORE_BACKLOG_CAP);
+	if ((res = query(st, store_sql_backlog, 1, params)) == NULL)
+		return -1;
+	store_backlog_read(res, due, oldest_pending_s);
 	PQclear(res);
 	return 0;
 }

@@ -387,6 +387,24 @@ int64_t store_listener_deadline(const store_listener *sl);
 int store_listener_drive(store_listener *sl, short revents, int64_t now,
     bool *ret_listening_now) __attribute__((warn_unused_result));
 const char *store_listener_errmsg(const store_listener *sl);
+/*
+ * The backlog query of store_backlog(), sent on the LISTEN connection, so
+ * that however long it runs no claim or completion waits behind it and
+ * the loop does not wait at all.  0 when sent; 1 when it cannot be now
+ * (not listening yet, or the last one still out); -1 when sending failed
+ * (the connection is closed, as by store_listener_drive()), with
+ * store_listener_errmsg() set.  A missed TIMEOUT_MS closes the connection.
+ */
+int store_listener_backlog_send(store_listener *sl, int timeout_ms, int64_t now)
+	__attribute__((warn_unused_result));
+/*
+ * After store_listener_drive(): 1 with the answer in DUE and
+ * OLDEST_PENDING_S (as store_backlog()) when it came in; 0 when none did;
+ * -1 when the query failed (store_listener_errmsg() says why; the
+ * connection stays up).
+ */
+int store_listener_backlog(store_listener *sl, int64_t due[ITEM_KIND_COUNT],
+    double oldest_pending_s[ITEM_KIND_COUNT]) __attribute__((warn_unused_result));
 
 /* What the registry says of a worker; the strings are the caller's. */
 struct worker_info {

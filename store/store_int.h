@@ -148,6 +148,15 @@ PGconn *store_open_conn(const char *conninfo, const char *application_name);
 int store_start_conn(pq *c, const char *conninfo, const char *application_name)
 	__attribute__((warn_unused_result));
 
+/*
+ * The backlog query (store/report.c): run by store_backlog() on ST, and in
+ * a daemon on the LISTEN connection (store/listen.c).  $1 is the cap.
+ * store_backlog_read() takes its rows into DUE and OLDEST_PENDING_S.
+ */
+extern const char store_sql_backlog[];
+void store_backlog_read(const PGresult *res, int64_t due[ITEM_KIND_COUNT],
+    double oldest_pending_s[ITEM_KIND_COUNT]);
+
 /* How long the client waits for an answer: the server's own timeout fires first. */
 int store_client_deadline_ms(const store *st);
 

@@ -23,6 +23,7 @@
 #include "common/metrics.h"
 #include "common/redis.h"
 #include "locks/lock.h"
+#include "store/report.h"
 #include "store/store.h"
 #include "worker/claim.h"
 #include "worker/secret.h"
@@ -1635,7 +1636,8 @@ abandon_calls(struct loop *l)
 
 /*
  * Keeps the LISTEN connection up: reconnects with backoff when it is down,
- * and turns what arrived on it into an early claim.  Polling every
+ * turns what arrived on it into an early claim, and hands the backlog
+ * query's answer (backlog_service) to telemetry.  Polling every
  * poll_interval_ms goes on regardless, so nothing waits on this.
  */
 static void
@@ -1643,6 +1645,8 @@ listen_service(struct loop *l, short revents)
 {
 	int64_t now = clock_ms();
 	bool was_listening = l->listening, now_listening;
+	int64_t due[ITEM_KIND_COUNT];
+	double oldest[ITEM_KIND_COUNT];
 	int n;
 
 	if (l->listener == NULL)
@@ -1673,12 +1677,60 @@ listen_service(struct loop *l, short revents)
 		log_info("listening for new items");
 		backoff_reset(&l->listen_backoff);
 	}
+	switch (store_listener_backlog(l->listener, due, oldest)) {
+	case 1:
+		telemetry_backlog(l->tm, due, oldest);
+		break;
+	case -1:
+		log_warnx("%s", store_listener_errmsg(l->listener));
+		break;
+	default:
+		break;
+	}
 	if (n > 0) {
 		int64_t at = now + (int64_t)(jitter_next(&l->rng) % (NOTIFY_JITTER_MS + 1));
 
 		if (at < l->next_poll_ms)
 			l->next_poll_ms = at;
 	}
+}
+
+/*
+ * The backlog gauges' query, when telemetry wants it: on the LISTEN
+ * connection, whose answer listen_service() hands over, so that a slow one
+ * (a pinned xmin horizon makes it walk every row version since the pin)
+ * holds up neither the loop nor the claims and completions queued on our
+ * own connection.  Without a LISTEN connection up (a once run, a
+ * transaction pooler and no database.listen_conninfo, a reconnect) it runs
+ * on our own, as a statement the loop waits for, bounded by its deadline.
+ */
+static void
+backlog_service(struct loop *l, int64_t now)
+{
+	int64_t due[ITEM_KIND_COUNT];
+	double oldest[ITEM_KIND_COUNT];
+
+	if (!telemetry_backlog_wanted(l->tm))
+		return;
+	if (l->listener != NULL && l->listening) {
+		/* The main connection's client deadline: the server's timeout and 1 s. */
+		int r = store_listener_backlog_send(l->listener,
+		    l->cfg->database.query_timeout_ms + 1000, now);
+
+		if (r == 1)
+			return;     /* the last one is still out: asked once it is in */
+		telemetry_backlog_asked(l->tm, now);
+		if (r == -1) {
+			l->listening = false;
+			log_warnx("%s; polling every %d ms until it returns",
+			    store_listener_errmsg(l->listener), l->cfg->worker.poll_interval_ms);
+			l->next_listen_try_ms = now + backoff_peek(&l->listen_backoff);
+		}
+		return;
+	}
+	telemetry_backlog_asked(l->tm, now);
+	if (store_connected(l->st) && store_backlog(l->st, due, oldest) == 0)
+		telemetry_backlog(l->tm, due, oldest);
 }
 
 /*
@@ -1758,7 +1810,7 @@ loop_setup(struct loop *l, const char *token, const char *redis_password)
 	store_set_pipeline(l->st, true);
 	store_set_history(l->st, cfg->history.enabled);
 	fleet_set_rate(l->fleet, cfg->billing_api.max_requests_per_second);
-	if (telemetry_new(cfg, l->st, l->once, &l->tm) == -1)
+	if (telemetry_new(cfg, l->once, &l->tm) == -1)
 		return -1;
 	if (api_client_new(&ao, &l->api, err, sizeof(err)) == -1) {
 		log_error("could not set up the billing API client: %s", err);
@@ -2208,6 +2260,7 @@ wait_for_events(struct loop *l, int64_t now, int wait_ms)
 	redis_service(l, wake[3].fd >= 0 ? wake[3].revents : 0);
 	listen_service(l, wake[1].fd >= 0 ? wake[1].revents : 0);
 	telemetry_after_wait(l->tm);
+	backlog_service(l, clock_ms());
 }
 
 /*

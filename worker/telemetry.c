@@ -8,7 +8,6 @@
 
 #include "common/log.h"
 #include "common/metrics.h"
-#include "store/report.h"
 #include "worker/metrics_http.h"
 #include "worker/notify.h"
 
@@ -22,11 +21,11 @@
 #define STATUS_EVERY_MS 2000
 
 struct telemetry {
-	store *st;
 	metrics_http *http;
 	bool stopping;
 	bool backlog_known;
-	int64_t backlog_at_ms;
+	bool backlog_wanted;    /* stale: the loop is to ask the database */
+	int64_t backlog_at_ms;  /* when it was last asked for */
 	int64_t due[ITEM_KIND_COUNT];
 	double oldest_s[ITEM_KIND_COUNT];
 	int64_t status_at_ms;
@@ -36,19 +35,44 @@ struct telemetry {
 	char paused[ITEM_KIND_COUNT][600]; /* why each kind is paused; "" if it is not */
 };
 
-/* Queries the backlog when the last answer is older than MAX_AGE_MS. */
+/*
+ * Wants the backlog asked for again when it was last asked for more than
+ * MAX_AGE_MS ago.  The loop runs the query (telemetry_backlog_asked()) and
+ * hands the answer in when it comes (telemetry_backlog()); meanwhile the
+ * gauges show the last answer.  A query that failed or never came back is
+ * not asked again before MAX_AGE_MS either.
+ */
 static void
 refresh_backlog(telemetry *t, int64_t now, int64_t max_age_ms)
 {
-	if (t->backlog_known && now - t->backlog_at_ms < max_age_ms)
+	if (t->backlog_at_ms != 0 && now - t->backlog_at_ms < max_age_ms)
 		return;
-	/* A failure is not retried before MAX_AGE_MS either: the loop has the outage. */
-	t->backlog_at_ms = now;
-	if (!store_connected(t->st) || store_backlog(t->st, t->due, t->oldest_s) == -1)
-		return;
+	t->backlog_wanted = true;
+}
+
+bool
+telemetry_backlog_wanted(const telemetry *t)
+{
+	return t->backlog_wanted;
+}
+
+void
+telemetry_backlog_asked(telemetry *t, int64_t now_ms)
+{
+	t->backlog_wanted = false;
+	t->backlog_at_ms = now_ms;
+}
+
+void
+telemetry_backlog(telemetry *t, const int64_t due[ITEM_KIND_COUNT],
+    const double oldest_pending_s[ITEM_KIND_COUNT])
+{
 	t->backlog_known = true;
-	for (int k = 0; k < ITEM_KIND_COUNT; k++)
-		metrics_set_backlog(k, t->due[k], t->oldest_s[k]);
+	for (int k = 0; k < ITEM_KIND_COUNT; k++) {
+		t->due[k] = due[k];
+		t->oldest_s[k] = oldest_pending_s[k];
+		metrics_set_backlog(k, due[k], oldest_pending_s[k]);
+	}
 }
 
 static void
@@ -61,7 +85,7 @@ on_scrape(void *arg)
 }
 
 int
-telemetry_new(const struct bw_config *cfg, store *st, bool once, telemetry **ret)
+telemetry_new(const struct bw_config *cfg, bool once, telemetry **ret)
 {
 	telemetry *t;
 	char err[256];
@@ -70,7 +94,6 @@ telemetry_new(const struct bw_config *cfg, store *st, bool once, telemetry **ret
 		log_error("out of memory");
 		return -1;
 	}
-	t->st = st;
 	notify_init();
 	if (!once && cfg->metrics.listen[0] != '\0') {
 		if (metrics_http_start(cfg->metrics.listen, on_scrape, t, &t->http, err,

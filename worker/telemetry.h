@@ -19,11 +19,20 @@ typedef struct telemetry telemetry;
 
 /*
  * Sets up notifications and, unless ONCE, the metrics endpoint on
- * metrics.listen.  ST is borrowed for the backlog query and must outlive
- * the handle.  Returns -1 (logged) when the endpoint cannot listen.
+ * metrics.listen.  Returns -1 (logged) when the endpoint cannot listen.
  */
-int telemetry_new(const struct bw_config *cfg, store *st, bool once, telemetry **ret)
+int telemetry_new(const struct bw_config *cfg, bool once, telemetry **ret)
 	__attribute__((warn_unused_result));
+/*
+ * The backlog gauges cost a query, which the loop runs: wanted when a
+ * scrape or the status line found the last answer stale; asked for when
+ * the loop sent it; and the answer, when it came, in store_backlog()'s
+ * form.  Meanwhile the gauges keep the last answer.
+ */
+bool telemetry_backlog_wanted(const telemetry *t);
+void telemetry_backlog_asked(telemetry *t, int64_t now_ms);
+void telemetry_backlog(telemetry *t, const int64_t due[ITEM_KIND_COUNT],
+    const double oldest_pending_s[ITEM_KIND_COUNT]);
 void telemetry_free(telemetry *t);
 
 /* Connected and the schema checked: READY=1. */

@@ -31,6 +31,7 @@
 #include "worker/claim.h"
 #include "worker/loop.h"
 #include "worker/secret.h"
+#include "store/report.h"
 #include "worker/telemetry.h"
 
 #define BACKLOG_MAX 256
@@ -343,6 +344,34 @@ store_listener_drive(store_listener *sl, short revents, int64_t now, bool *liste
 	return -1;
 }
 const char *store_listener_errmsg(const store_listener *sl) { (void)sl; return ""; }
+
+int
+store_listener_backlog_send(store_listener *sl, int timeout_ms, int64_t now)
+{
+	(void)sl;
+	(void)timeout_ms;
+	(void)now;
+	return 1;
+}
+
+int
+store_listener_backlog(store_listener *sl, int64_t due[ITEM_KIND_COUNT],
+    double oldest_pending_s[ITEM_KIND_COUNT])
+{
+	(void)sl;
+	(void)due;
+	(void)oldest_pending_s;
+	return 0;
+}
+
+int
+store_backlog(store *st, int64_t due[ITEM_KIND_COUNT], double oldest_pending_s[ITEM_KIND_COUNT])
+{
+	(void)st;
+	(void)due;
+	(void)oldest_pending_s;
+	return -1;
+}
 
 /* ---- the lock manager and the claim step ---- */
 
@@ -703,10 +732,9 @@ struct telemetry {
 static struct telemetry the_telemetry;
 
 int
-telemetry_new(const struct bw_config *cfg, store *st, bool once, telemetry **ret)
+telemetry_new(const struct bw_config *cfg, bool once, telemetry **ret)
 {
 	(void)cfg;
-	(void)st;
 	(void)once;
 	*ret = &the_telemetry;
 	return 0;
@@ -753,6 +781,16 @@ unsigned telemetry_wait_fds(telemetry *t, int64_t now, struct api_waitfd *fds, i
 	return 0;
 }
 void telemetry_after_wait(telemetry *t) { (void)t; }
+bool telemetry_backlog_wanted(const telemetry *t) { (void)t; return false; }
+void telemetry_backlog_asked(telemetry *t, int64_t now) { (void)t; (void)now; }
+void
+telemetry_backlog(telemetry *t, const int64_t due[ITEM_KIND_COUNT],
+    const double oldest_pending_s[ITEM_KIND_COUNT])
+{
+	(void)t;
+	(void)due;
+	(void)oldest_pending_s;
+}
 
 int
 secret_api_token(const struct bw_config *cfg, char *buf, size_t len)
