@@ -10,7 +10,7 @@ consistent by construction, so the audit is clean), then VACUUM ANALYZE.
 Then, with those rows present:
   status, status --json, backlog   wall time of `billing-worker status` (the
                    process, connect included), and the metrics' backlog query
-                   (store/report.c sql_backlog, read from the source so it
+                   (store/report.c store_sql_backlog, read from the source so it
                    cannot drift) run by hand: median of 5 each
   audit            `billing-worker audit` (full), then, after the 1 000 items
                    of the first step were finished by a worker,
@@ -49,9 +49,9 @@ def quick(a):
 
 
 def backlog_sql():
-    """sql_backlog of store/report.c, its string literals joined."""
+    """store_sql_backlog of store/report.c, its string literals joined."""
     src = (bench.ROOT / "store" / "report.c").read_text()
-    body = src[src.index("static const char sql_backlog[] ="):]
+    body = src[src.index("const char store_sql_backlog[] ="):]
     body = body[:body.index(";\n")]
     return "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', body)).replace("$1", "%(cap)s")
 
