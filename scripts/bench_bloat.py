@@ -18,7 +18,10 @@ walks them gets slower with every minute.  This scenario measures it:
 
 Per phase: completions/s, the backlog at its end, n_dead_tup of invoices,
 and the mean execution time of the poll (due) and claim statements from
-pg_stat_statements, reset at each phase's start.  Targets: pinned
+pg_stat_statements, reset at each phase's start.  Every worker's /metrics
+is scraped every 5 s, as a Prometheus server would (the backlog gauges cost
+a query, which a pin slows too), and each phase says how many turns of the
+workers' loops took over 50 ms.  Targets: pinned
 throughput ≥ 95 % of the baseline's, backlog at the pinned phase's end
 ≤ 2 × the baseline's, poll and claim means ≤ 3 × the baseline's.
 
@@ -109,9 +112,10 @@ def dead_tuples(b):
     return b.scalar("SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = 'invoices'")
 
 
-def phase(b, prod, name, seconds, holder=None):
+def phase(b, prod, scraper, name, seconds, holder=None):
     b.sql("SELECT pg_stat_statements_reset()")
     n0, q0, t0 = prod.count(), backlog(b), time.monotonic()
+    slow0 = scraper.slow_turns()
     if holder is not None:
         holder.start()
     time.sleep(seconds)
@@ -124,13 +128,42 @@ def phase(b, prod, name, seconds, holder=None):
     r = {"phase": name, "seconds": t1 - t0, "done_s": ((n1 - n0) - (q1 - q0)) / (t1 - t0),
          "in_s": (n1 - n0) / (t1 - t0), "backlog": q1, "dead": dead_tuples(b),
          "poll_ms": poll, "poll_calls": ncall, "poll_plans": nplan, "poll_plan_ms": poll_plan,
-         "claim_ms": claim, "claim_calls": ccall, "complete_ms": done_ms}
+         "claim_ms": claim, "claim_calls": ccall, "complete_ms": done_ms,
+         "slow_turns": scraper.slow_turns() - slow0}
     print(f"  {name:8s} {r['seconds']:5.0f} s: {r['done_s']:8,.0f} completions/s (inserted "
           f"{r['in_s']:,.0f}/s), backlog {q1:,}, dead tuples {r['dead']:,}, poll "
           f"{poll:.3f} ms ({ncall:,} calls; {nplan:,} plans, {poll_plan:.3f} ms of planning a "
           f"call), claim {claim:.3f} ms ({ccall:,} calls), completion "
-          f"{done_ms:.3f} ms", flush=True)
+          f"{done_ms:.3f} ms, loop turns over 50 ms {r['slow_turns']:.0f}", flush=True)
     return r
+
+
+class Scraper(threading.Thread):
+    """GET /metrics of each port every INTERVAL s; keeps the last answers."""
+
+    def __init__(self, ports, interval=5.0):
+        super().__init__(daemon=True)
+        self.ports, self.interval = ports, interval
+        self.last = {}
+        self.stopping = threading.Event()
+
+    def run(self):
+        while not self.stopping.wait(self.interval):
+            for port in self.ports:
+                try:
+                    self.last[port] = bench.Bench.scrape(port)
+                except OSError:
+                    pass
+
+    def slow_turns(self):
+        """Turns over 50 ms so far, all workers, as of the last scrapes."""
+        return sum(m["billing_worker_loop_stall_seconds_count"] -
+                   m['billing_worker_loop_stall_seconds_bucket{le="0.05"}']
+                   for m in self.last.values())
+
+    def longest_ms(self):
+        return max((m["billing_worker_loop_stall_max_seconds"] * 1000
+                    for m in self.last.values()), default=0.0)
 
 
 class Pin(threading.Thread):
@@ -189,7 +222,11 @@ def main():
               f"{rate:,.0f} invoices/s ({a.fraction:.0%} of {cap:,.0f}/s); phases {a.baseline_seconds:g}"
               f" / {a.pin_seconds:g} / {a.after_seconds:g} s", flush=True)
         b.reset()
-        procs = b.workers(a.workers, b.fast_url, **over)
+        ports = [bench.harness.free_port() for _ in range(a.workers)]
+        for port in ports:
+            procs += b.workers(1, b.fast_url, **over, **{"metrics.listen": f"127.0.0.1:{port}"})
+        scraper = Scraper(ports)
+        scraper.start()
         prod = Producer(b.pg, rate)
         prod.start()
         # Into the steady state, with statistics: TRUNCATE left the planner
@@ -208,11 +245,12 @@ def main():
             time.sleep(0.5)
         print(f"  warm-up: backlog {backlog(b):,} after {time.monotonic() - t_warm + 15:.0f} s",
               flush=True)
-        res = [phase(b, prod, "baseline", a.baseline_seconds)]
+        res = [phase(b, prod, scraper, "baseline", a.baseline_seconds)]
         pin = Pin(b.pg, a.pin_seconds)
-        res.append(phase(b, prod, "pinned", a.pin_seconds, holder=pin))
+        res.append(phase(b, prod, scraper, "pinned", a.pin_seconds, holder=pin))
         pin.join()
-        res.append(phase(b, prod, "after", a.after_seconds))
+        res.append(phase(b, prod, scraper, "after", a.after_seconds))
+        scraper.stopping.set()
         prod.stopping.set()
         prod.join()
         prod = None
@@ -220,15 +258,16 @@ def main():
         procs = []
         base, pinned = res[0], res[1]
         print("\n| phase | s | completions/s | backlog at end | dead tuples | poll mean | "
-              "poll plans, planning a call | claim mean | completion mean |\n"
-              "|---|---|---|---|---|---|---|---|---|")
+              "poll plans, planning a call | claim mean | completion mean | loop turns over 50 ms |\n"
+              "|---|---|---|---|---|---|---|---|---|---|")
         for r in res:
             print(f"| {r['phase']} | {r['seconds']:.0f} | {r['done_s']:,.0f} | {r['backlog']:,} | "
                   f"{r['dead']:,} | {r['poll_ms']:.3f} ms | {r['poll_plans']:,} of "
                   f"{r['poll_calls']:,}, {r['poll_plan_ms']:.3f} ms | {r['claim_ms']:.3f} ms | "
-                  f"{r['complete_ms']:.3f} ms |")
+                  f"{r['complete_ms']:.3f} ms | {r['slow_turns']:.0f} |")
         print(f"\ncompletions / inserts: " + ", ".join(f"{r['phase']} {r['done_s'] / r['in_s']:.1%}"
                                                     for r in res))
+        print(f"longest turn of any worker's loop: {scraper.longest_ms():.0f} ms")
         print(f"pinned / baseline: throughput {pinned['done_s'] / base['done_s']:.0%} (≥ 95 %), "
               f"backlog {pinned['backlog'] / max(base['backlog'], 1):.2f} × (≤ 2 ×), poll "
               f"{pinned['poll_ms'] / base['poll_ms']:.2f} × (≤ 3 ×), claim "
