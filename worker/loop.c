@@ -1700,23 +1700,28 @@ listen_service(struct loop *l, short revents)
  * connection, whose answer listen_service() hands over, so that a slow one
  * (a pinned xmin horizon makes it walk every row version since the pin)
  * holds up neither the loop nor the claims and completions queued on our
- * own connection.  Without a LISTEN connection up (a once run, a
- * transaction pooler and no database.listen_conninfo, a reconnect) it runs
- * on our own, as a statement the loop waits for, bounded by its deadline.
+ * own connection.  While that connection is down (reconnecting, or its
+ * last backlog query missed the deadline) the gauges keep their last
+ * answer: the query that took it down would take ours down next.  Without
+ * one at all (a once run, a transaction pooler and no
+ * database.listen_conninfo) it runs on our own, as a statement the loop
+ * waits for, bounded by its deadline.
  */
 static void
 backlog_service(struct loop *l, int64_t now)
 {
 	int64_t due[ITEM_KIND_COUNT];
 	double oldest[ITEM_KIND_COUNT];
+	int r;
 
 	if (!telemetry_backlog_wanted(l->tm))
 		return;
-	if (l->listener != NULL && l->listening) {
+	if (l->listener != NULL) {
+		if (!l->listening)
+			return;
 		/* The main connection's client deadline: the server's timeout and 1 s. */
-		int r = store_listener_backlog_send(l->listener,
-		    l->cfg->database.query_timeout_ms + 1000, now);
-
+		r = store_listener_backlog_send(l->listener, l->cfg->database.query_timeout_ms + 1000,
+		    now);
 		if (r == 1)
 			return;     /* the last one is still out: asked once it is in */
 		telemetry_backlog_asked(l->tm, now);
