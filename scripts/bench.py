@@ -184,12 +184,11 @@ class Bench:
         # in our favour.
         if getattr(self.args, "baseline", None) is not None:
             self._create_database("bench_baseline", self.args.baseline)
-        self.conn, self.dsn, self.dbname = self.databases["bench"]
-        for name in ("bench", "bench_baseline"):
-            if name in self.databases:
-                with self.databases[name][0].cursor() as cur:
-                    cur.execute("SELECT max(version) FROM schema_version")
-                    print(f"  database {name}: schema version {cur.fetchone()[0]}", flush=True)
+        self.conn, self.dsn, self.dbname = self.databases[BINARY]
+        for conn, _, name in self.databases.values():
+            with conn.cursor() as cur:
+                cur.execute("SELECT max(version) FROM schema_version")
+                print(f"  database {name}: schema version {cur.fetchone()[0]}", flush=True)
         # The fast API only for the rows that call it: the others run without nginx.
         if {"e2e", "idle", "baseline"} & set(self.args.only) or self.args.peer:
             self.nginx, self.fast_url = start_nginx(self.work)
@@ -201,7 +200,7 @@ class Bench:
         admin.close()
         self.conn = self.pg.connect(name)
         self.dsn = f"host=127.0.0.1 port={self.pg.port} dbname={name} user={self.pg.superuser}"
-        self.databases[binary] = self.databases[name] = (self.conn, self.dsn, name)
+        self.databases[binary] = (self.conn, self.dsn, name)
         cfg = self.config("http://127.0.0.1:1")
         r = subprocess.run([str(binary), "-c", str(cfg), "migrate"], capture_output=True, text=True)
         if r.returncode != 0:

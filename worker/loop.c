@@ -1635,6 +1635,20 @@ abandon_calls(struct loop *l)
 }
 
 /*
+ * The LISTEN connection could not be opened, or was lost: said, and tried
+ * again after a backoff, or soon when it had been up.
+ */
+static void
+listen_lost(struct loop *l, int64_t now, bool was_up)
+{
+	l->listening = false;
+	log_warnx("%s; polling every %d ms until it returns",
+	    store_listener_errmsg(l->listener), l->cfg->worker.poll_interval_ms);
+	l->next_listen_try_ms = now + (was_up ? backoff_peek(&l->listen_backoff) :
+	    backoff_take(&l->listen_backoff));
+}
+
+/*
  * Keeps the LISTEN connection up: reconnects with backoff when it is down,
  * turns what arrived on it into an early claim, and hands the backlog
  * query's answer (backlog_service) to telemetry.  Polling every
@@ -1655,9 +1669,7 @@ listen_service(struct loop *l, short revents)
 		if (now < l->next_listen_try_ms || !store_connected(l->st))
 			return;
 		if (store_listener_connect(l->listener) == -1) {
-			log_warnx("%s; polling every %d ms until it returns",
-			    store_listener_errmsg(l->listener), l->cfg->worker.poll_interval_ms);
-			l->next_listen_try_ms = now + backoff_take(&l->listen_backoff);
+			listen_lost(l, now, false);
 			return;
 		}
 		revents = 0;        /* a connect just started: nothing to read yet */
@@ -1665,11 +1677,7 @@ listen_service(struct loop *l, short revents)
 	n = store_listener_drive(l->listener, revents, now, &now_listening);
 	if (n == -1) {
 		/* A connect that failed backs off; a connection that was up retries soon. */
-		l->listening = false;
-		log_warnx("%s; polling every %d ms until it returns",
-		    store_listener_errmsg(l->listener), l->cfg->worker.poll_interval_ms);
-		l->next_listen_try_ms = now + (was_listening ? backoff_peek(&l->listen_backoff) :
-		    backoff_take(&l->listen_backoff));
+		listen_lost(l, now, was_listening);
 		return;
 	}
 	if (now_listening) {
@@ -1717,20 +1725,14 @@ backlog_service(struct loop *l, int64_t now)
 	if (!telemetry_backlog_wanted(l->tm))
 		return;
 	if (l->listener != NULL) {
-		if (!l->listening)
-			return;
 		/* The main connection's client deadline: the server's timeout and 1 s. */
 		r = store_listener_backlog_send(l->listener, l->cfg->database.query_timeout_ms + 1000,
 		    now);
 		if (r == 1)
-			return;     /* the last one is still out: asked once it is in */
+			return;     /* not listening, or the last one still out */
 		telemetry_backlog_asked(l->tm, now);
-		if (r == -1) {
-			l->listening = false;
-			log_warnx("%s; polling every %d ms until it returns",
-			    store_listener_errmsg(l->listener), l->cfg->worker.poll_interval_ms);
-			l->next_listen_try_ms = now + backoff_peek(&l->listen_backoff);
-		}
+		if (r == -1)
+			listen_lost(l, now, true);
 		return;
 	}
 	telemetry_backlog_asked(l->tm, now);
